@@ -6,8 +6,9 @@
 Outputs, all deterministic for a given WordNet:
   supersense_train.jsonl / supersense_eval.jsonl  noun definitions labelled by
       their lexicographer file (supersense), TRAIN_PER_CLASS / EVAL_PER_CLASS each
-  pretrain.txt  one gloss per line from all parts of speech, minus every synset
-      used in the labelled files, capped at PRETRAIN_LINES lines
+  pretrain.txt / pretrain_eval.txt  one gloss per line from all parts of speech,
+      minus every synset used in the labelled files: PRETRAIN_LINES to train on and
+      PRETRAIN_EVAL_LINES held out for the masked-LM evaluation
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ CLASSES = {5: "animal", 6: "artifact", 8: "body", 13: "food", 15: "location", 18
 TRAIN_PER_CLASS = 100
 EVAL_PER_CLASS = 100
 PRETRAIN_LINES = 40_000
+PRETRAIN_EVAL_LINES = 1_000
 SEED = 20261129
 
 
@@ -69,14 +71,15 @@ def main() -> None:
         for offset, _, gloss in read_synsets(args.wordnet / f"data.{pos}"):
             if f"{letter}{offset}" not in used:
                 corpus.append(gloss)
-    corpus = rng.sample(corpus, min(PRETRAIN_LINES, len(corpus)))
+    corpus = rng.sample(corpus, PRETRAIN_LINES + PRETRAIN_EVAL_LINES)
 
     args.out.mkdir(parents=True, exist_ok=True)
     for name, rows in (("supersense_train.jsonl", train), ("supersense_eval.jsonl", evaluation)):
         with (args.out / name).open("w", encoding="utf-8") as f:
             f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    (args.out / "pretrain.txt").write_text("\n".join(corpus) + "\n", encoding="utf-8")
-    print(f"{len(train)} train, {len(evaluation)} eval, {len(corpus)} pretraining lines -> {args.out}")
+    (args.out / "pretrain.txt").write_text("\n".join(corpus[:PRETRAIN_LINES]) + "\n", encoding="utf-8")
+    (args.out / "pretrain_eval.txt").write_text("\n".join(corpus[PRETRAIN_LINES:]) + "\n", encoding="utf-8")
+    print(f"{len(train)} train, {len(evaluation)} eval, {PRETRAIN_LINES}+{PRETRAIN_EVAL_LINES} pretraining lines -> {args.out}")
 
 
 if __name__ == "__main__":

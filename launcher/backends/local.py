@@ -1,0 +1,88 @@
+"""Run a stage on this machine under torchrun.
+
+torchrun starts in its own session, so a Ctrl-C in the terminal reaches the
+driver only; the driver forwards one SIGTERM, torchrun forwards it to every rank,
+and the ranks finish their step, checkpoint and exit 75. A second Ctrl-C kills.
+If the driver itself dies, the kernel sends torchrun SIGTERM (PR_SET_PDEATHSIG),
+so no stage trains on without a driver to record it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+# how long torchrun waits for ranks to checkpoint after a signal before it kills them
+SHUTDOWN_TIMEOUT_S = 600
+PR_SET_PDEATHSIG = 1
+
+
+class LocalBackend:
+    name = "local"
+
+    def command(self, kind: str, spec_path: Path, nproc_per_node: int, log_dir: Path) -> list[str]:
+        return [
+            sys.executable, "-m", "torch.distributed.run",
+            "--standalone", "--nnodes", "1", "--nproc-per-node", str(nproc_per_node),
+            "--max-restarts", "0",
+            "--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
+            "--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S),
+            "--log-dir", str(log_dir), "--tee", "3", "--local-ranks-filter", "0",
+            "-m", f"stages.{kind}", "--spec", str(spec_path),
+        ]
+
+    def launch(self, argv: list[str]) -> tuple[int, bool]:
+        """Run `argv` to the end; return (exit code, whether a signal asked it to stop)."""
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH")) if p)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        proc = subprocess.Popen(argv, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+        interrupted = False
+
+        def forward(signum: int, _frame: object) -> None:
+            nonlocal interrupted
+            if interrupted:  # asked twice: stop waiting for the checkpoint
+                print("baton: second signal, killing the stage", file=sys.stderr, flush=True)
+                _kill_tree(proc.pid)
+                return
+            interrupted = True
+            print(f"baton: {signal.Signals(signum).name}: asking the stage to checkpoint and stop "
+                  "(again to kill)", file=sys.stderr, flush=True)
+            proc.send_signal(signal.SIGTERM)
+
+        previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+        try:
+            return proc.wait(), interrupted
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when the driver dies (Linux; elsewhere a no-op)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL torchrun and its ranks (each rank runs in a session of its own)."""
+    try:
+        import psutil  # a dependency of deepspeed, present wherever stages run
+        procs = psutil.Process(pid).children(recursive=True) + [psutil.Process(pid)]
+    except Exception:
+        procs = []
+    for p in procs:
+        try:
+            p.kill()
+        except Exception:
+            pass
+    if not procs:
+        os.kill(pid, signal.SIGKILL)

@@ -1,0 +1,128 @@
+"""ds_configs/*.json + a stage's settings -> the final DeepSpeed config of that stage.
+
+The shipped templates say "auto" where the manifest decides (batch sizes, optimizer
+hyper-parameters, clipping, precision). A concrete value in a template or in the
+manifest's overrides must agree with the manifest, or loading fails naming both.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+from launcher.errors import ConfigError
+
+DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
+
+
+def template_path(config: str, manifest_dir: Path) -> Path:
+    """A template by name (zero2) or a JSON path relative to the manifest."""
+    if "/" not in config and not config.endswith(".json"):
+        return DS_CONFIG_DIR / f"{config}.json"
+    return (manifest_dir / config).resolve()
+
+
+def known_templates() -> list[str]:
+    return sorted(p.stem for p in DS_CONFIG_DIR.glob("*.json"))
+
+
+def read_template(path: Path, where: str) -> dict[str, Any]:
+    if not path.is_file():
+        hint = f"; shipped configs: {', '.join(known_templates())}" if path.parent == DS_CONFIG_DIR else ""
+        raise ConfigError(f"{where}: DeepSpeed config not found: {path}{hint}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}:{e.lineno} invalid JSON: {e.msg}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}:1 a DeepSpeed config is a JSON object")
+    return data
+
+
+def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Deep merge: nested mappings merge key by key, everything else replaces."""
+    out = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def fill(config: dict[str, Any], train: dict[str, Any], precision: str, world_size: int, source: str) -> dict[str, Any]:
+    """Replace "auto" with the manifest's values; check concrete values agree with it.
+
+    `train` is the stage's resolved train settings (micro_batch_size, grad_accum, lr, …);
+    `source` names the template and the overrides for error messages.
+    """
+    cfg = copy.deepcopy(config)
+    problems: list[str] = []
+    if "scheduler" in cfg:
+        problems.append(f"{source}: scheduler: remove it; the schedule comes from the stage's train.schedule and warmup_steps")
+    micro, accum = train["micro_batch_size"], train["grad_accum"]
+    wanted = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": micro * accum * world_size,
+        "gradient_clipping": train["max_grad_norm"] or 0.0,
+    }
+    for key, value in wanted.items():
+        _settle(cfg, (key,), value, source, problems, f"train settings × world size {world_size}")
+    optimizer = cfg.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    if str(optimizer.get("type", "")).lower() not in ("adamw", "adam"):
+        problems.append(f"{source}: optimizer.type: {optimizer.get('type')!r}; baton fills AdamW/Adam settings, use one of those")
+    for key, value in (("lr", train["lr"]), ("betas", list(train["betas"])), ("eps", train["eps"]),
+                       ("weight_decay", train["weight_decay"])):
+        _settle(cfg, ("optimizer", "params", key), value, source, problems, f"train.{key}")
+    for mode in ("bf16", "fp16"):
+        _settle(cfg, (mode, "enabled"), precision == mode, source, problems, f"precision {precision}")
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def _settle(cfg: dict, path: tuple[str, ...], value: Any, source: str, problems: list[str], origin: str) -> None:
+    node = cfg
+    for key in path[:-1]:
+        node = node.setdefault(key, {})
+    key = path[-1]
+    current = node.get(key, "auto")
+    if current == "auto":
+        node[key] = value
+    elif _differs(current, value):
+        problems.append(
+            f"{source}: {'.'.join(path)}: is {current!r} but the manifest gives {value!r} ({origin}); "
+            "set it to \"auto\" or change the manifest"
+        )
+
+
+def _differs(a: Any, b: Any) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return abs(float(a) - float(b)) > 1e-12 * max(1.0, abs(float(b)))
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) != len(b) or any(_differs(x, y) for x, y in zip(a, b))
+    return a != b
+
+
+def check_with_deepspeed(config: dict[str, Any], source: str) -> None:
+    """Let DeepSpeed's own config parser judge the final config (imports deepspeed: ~2 s)."""
+    import contextlib
+    import io
+    import os
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # DeepSpeed checks train_batch_size against the world size it sees (1 here, no process group);
+    # the launcher has already checked the arithmetic for the real world size.
+    probe = copy.deepcopy(config)
+    probe["train_batch_size"] = probe["train_micro_batch_size_per_gpu"] * probe["gradient_accumulation_steps"]
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        from deepspeed.runtime.config import DeepSpeedConfig
+
+        try:
+            DeepSpeedConfig(probe)
+        except Exception as e:  # DeepSpeed raises pydantic errors, ValueError, AssertionError …
+            detail = " ".join(str(e).split())
+            raise ConfigError(f"{source}: DeepSpeed rejects the config: {detail[:600]}") from None

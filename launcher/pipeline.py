@@ -1,0 +1,190 @@
+"""The driver: manifest -> plan -> back-end -> ledger, one stage at a time."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from launcher import dsconfig, ledger
+from launcher.backends.local import LocalBackend
+from launcher.digest import file_digest
+from launcher.errors import ConfigError
+from launcher.manifest import load
+from launcher.plan import Step, complete_checkpoint, make_plan, outputs_of
+from launcher.resolve import Resolved, build_spec, default_run_dir, resolve, settings, stage_dir
+
+EX_TEMPFAIL = 75
+
+
+def prepare(manifest: Path, run_dir: Path | None) -> tuple[list[Resolved], Path, Path]:
+    loaded = load(manifest)
+    stages = resolve(loaded)
+    for r in stages:
+        if r.nnodes > 1:
+            raise ConfigError(
+                f"{loaded.where(('stages', r.index, 'launcher', 'nnodes'))}: {r.nnodes} nodes; "
+                "this machine runs one node with torchrun (multi-node runs go through Slurm)"
+            )
+    return stages, (run_dir or default_run_dir(loaded)).resolve(), manifest.resolve()
+
+
+def validate(manifest: Path) -> list[Resolved]:
+    """Schema, references, files and DeepSpeed's own verdict on every stage's config."""
+    stages, _, _ = prepare(manifest, None)
+    check_deepspeed(stages)
+    return stages
+
+
+def check_deepspeed(stages: list[Resolved]) -> None:
+    problems = []
+    for r in stages:
+        if r.base["deepspeed"] is not None:
+            try:
+                dsconfig.check_with_deepspeed(r.base["deepspeed"], f"stage {r.name} ({r.ds_source})")
+            except ConfigError as e:
+                problems += e.problems
+    if problems:
+        raise ConfigError(problems)
+
+
+def run(manifest: Path, run_dir: Path | None = None, dry_run: bool = False,
+        only: str | None = None, start: str | None = None) -> int:
+    stages, run_dir, manifest = prepare(manifest, run_dir)
+    backend = LocalBackend()
+    if dry_run:
+        steps = make_plan(stages, ledger.read(run_dir), run_dir, only, start)
+        check_deepspeed([s.stage for s in steps if s.action != "skip"])
+        print_plan(steps, run_dir, backend)
+        return 0
+    with ledger.Ledger(run_dir) as led:
+        adopt_finished(led, stages, run_dir)
+        steps = make_plan(stages, led.data, run_dir, only, start)
+        todo = [s for s in steps if s.action != "skip"]
+        if not todo:
+            print(f"{run_dir}: nothing to do; every selected stage is done and unchanged")
+            return 0
+        check_deepspeed([s.stage for s in todo])
+        led.data.setdefault("created", ledger.now())
+        led.data.update(run=stages[0].base["run_name"], manifest=str(manifest), manifest_digest=file_digest(manifest))
+        ledger.atomic_write_text(run_dir / "manifest.yaml", manifest.read_text(encoding="utf-8"))
+        led.save()
+        for step in steps:
+            if step.action == "skip":
+                print(f"== {step.stage.name}: skip ({step.reason})")
+                continue
+            code = run_stage(step, led, run_dir, backend)
+            if code != 0:
+                return code
+    return 0
+
+
+def resume(run_dir: Path) -> int:
+    """`baton run` with the manifest recorded in the run's ledger."""
+    recorded = ledger.read(run_dir).get("manifest")
+    if not recorded:
+        raise ConfigError(f"{run_dir}: no run recorded here (no {ledger.LEDGER} with a manifest)")
+    manifest = Path(recorded)
+    if not manifest.is_file():
+        raise ConfigError(f"{run_dir}: the run's manifest {manifest} is gone; a copy is in {run_dir / 'manifest.yaml'}")
+    return run(manifest, run_dir)
+
+
+def run_stage(step: Step, led: ledger.Ledger, run_dir: Path, backend: LocalBackend) -> int:
+    r = step.stage
+    spec = step.spec or build_spec(r, run_dir, outputs_of(led.data))
+    assert spec is not None, f"{r.name}: upstream outputs must exist by now"
+    folder = stage_dir(run_dir, r.name)
+    if step.action != "resume" or complete_checkpoint(folder, spec["fingerprint"]) is None:
+        shutil.rmtree(folder, ignore_errors=True)  # a changed stage starts clean: no stale checkpoints
+    folder.mkdir(parents=True, exist_ok=True)
+    spec_path = folder / "spec.json"
+    ledger.atomic_write_text(spec_path, json.dumps(spec, indent=2) + "\n")
+
+    entry = led.stage(r.name)
+    attempt_no = len(entry["attempts"]) + 1
+    argv = backend.command(r.kind, spec_path, r.nproc_per_node, folder / "logs" / f"attempt-{attempt_no}")
+    resumed_from = complete_checkpoint(folder, spec["fingerprint"])
+    entry.update(state="running", kind=r.kind, fingerprint=spec["fingerprint"], settings=settings(spec),
+                 inputs=inputs_of(spec), output=None, metrics=None)
+    attempt: dict[str, Any] = {"attempt": attempt_no, "backend": backend.name, "started": ledger.now(),
+                               "resumed_from": resumed_from, "command": argv}
+    entry["attempts"].append(attempt)
+    led.save()
+    print(f"== {r.name} ({r.kind}): {step.action} ({step.reason}), {r.world_size} process(es)", flush=True)
+
+    t0 = time.monotonic()
+    code, interrupted = backend.launch(argv)
+    result = read_result(folder, spec["fingerprint"])
+    attempt.update(ended=ledger.now(), exit_code=code, wall_s=round(time.monotonic() - t0, 1))
+    if code == 0 and result is not None:
+        entry.update(state="done", output=result["output"], metrics=result.get("metrics"), steps=result.get("steps"))
+        outcome, ret = "done", 0
+    elif interrupted or code == EX_TEMPFAIL:
+        checkpoint = complete_checkpoint(folder, spec["fingerprint"])
+        entry["state"] = "preempted" if checkpoint else "failed"
+        outcome, ret = f"stopped at {checkpoint or 'no checkpoint'}; `baton run` again resumes", EX_TEMPFAIL
+    else:
+        entry["state"] = "failed"
+        outcome, ret = f"failed with exit code {code}; logs in {folder / 'logs'}", code or 1
+    attempt["outcome"] = entry["state"]
+    led.save()
+    print(f"== {r.name}: {outcome} ({attempt['wall_s']} s)", flush=True)
+    return ret
+
+
+def inputs_of(spec: dict[str, Any]) -> dict[str, Any]:
+    """Which checkpoint and which files fed a stage, with their digests."""
+    refs = {k: {f: spec[k][f] for f in ("source", "stage", "path", "digest")} for k in ("init", "tokenizer") if spec[k]}
+    return refs | {"data": spec["data"]["digests"]}
+
+
+def read_result(folder: Path, fingerprint: str) -> dict[str, Any] | None:
+    try:
+        result = json.loads((folder / "result.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    ok = result.get("status") == "done" and result.get("fingerprint") == fingerprint
+    return result if ok else None
+
+
+def adopt_finished(led: ledger.Ledger, stages: list[Resolved], run_dir: Path) -> None:
+    """A stage that finished after its driver died has a result.json the ledger never saw: record it."""
+    for r in stages:
+        entry = led.data["stages"].get(r.name)
+        if entry and entry.get("state") in ("running", "preempted", "failed") and entry.get("fingerprint"):
+            result = read_result(stage_dir(run_dir, r.name), entry["fingerprint"])
+            if result is not None:
+                entry.update(state="done", output=result["output"], metrics=result.get("metrics"),
+                             steps=result.get("steps"))
+                led.save()
+
+
+def print_plan(steps: list[Step], run_dir: Path, backend: LocalBackend) -> None:
+    print(f"run folder {run_dir}  (back-end: {backend.name})")
+    for n, step in enumerate(steps, 1):
+        r = step.stage
+        print(f"{n}. {r.name} [{r.kind}] {step.action.upper()}: {step.reason}")
+        if step.action == "skip":
+            continue
+        base = step.spec or r.base
+        for key in ("init", "tokenizer"):
+            ref = base.get(key)
+            if ref:
+                what = ref["path"] or f"stages/{ref['stage']}/final (digest known after {ref['stage']} runs)"
+                if ref["source"] == "config":
+                    what = f"new {ref['config']['model_type']} model from config"
+                print(f"   {key}: {what}" + (f"  {ref['digest']}" if ref.get("digest") else ""))
+        for f, digest in base["data"]["digests"].items():
+            print(f"   data: {f}  {digest}")
+        if step.resume_tag:
+            print(f"   resume: {stage_dir(run_dir, r.name) / 'ckpt' / step.resume_tag}")
+        folder = stage_dir(run_dir, r.name)
+        argv = backend.command(r.kind, folder / "spec.json", r.nproc_per_node, folder / "logs" / "attempt-N")
+        print(f"   output: {folder / 'final'}")
+        print(f"   command: {shlex.join(argv)}")
+    sys.stdout.flush()

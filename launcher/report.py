@@ -1,0 +1,92 @@
+"""`baton status` and `baton lineage`: read-only views of a run folder (no lock, no torch)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from launcher import ledger
+from launcher.errors import BatonError
+from launcher.resolve import stage_dir
+
+METRIC_ORDER = ("accuracy", "macro_f1", "eval_loss", "perplexity", "vocab_size")
+
+
+def short(digest: str | None) -> str:
+    return digest.split(":", 1)[-1][:12] if digest else "-"
+
+
+def _load(run_dir: Path) -> dict[str, Any]:
+    if not (run_dir / ledger.LEDGER).is_file():
+        raise BatonError(f"{run_dir}: no {ledger.LEDGER} here; is this a run folder (runs/<name>)?")
+    return ledger.read(run_dir)
+
+
+def last_progress(folder: Path) -> dict[str, Any]:
+    """The newest train record and the start-up time from a stage's metrics.jsonl."""
+    out: dict[str, Any] = {}
+    try:
+        lines = (folder / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a crash
+        if rec.get("event") == "train":
+            out["step"] = rec.get("step")
+        elif rec.get("event") == "first_step":
+            out["startup_s"] = rec.get("startup_s")
+    return out
+
+
+def status(run_dir: Path) -> str:
+    data = _load(run_dir)
+    rows = [("stage", "kind", "state", "steps", "metrics", "input -> output", "tries", "start-up")]
+    for name, e in data["stages"].items():
+        folder = stage_dir(run_dir, name)
+        progress = last_progress(folder)
+        steps = e.get("steps") if e.get("state") == "done" else progress.get("step")
+        metrics = e.get("metrics") or {}
+        shown = ", ".join(f"{k} {_num(metrics[k])}" for k in METRIC_ORDER if k in metrics) or "-"
+        inputs = [short(ref.get("digest")) for k, ref in (e.get("inputs") or {}).items() if k != "data" and ref]
+        inputs = [i for i in dict.fromkeys(inputs) if i != "-"] or ["data"]
+        io = f"{','.join(inputs)} -> {short((e.get('output') or {}).get('digest'))}"
+        startup = f"{progress['startup_s']:.1f} s" if progress.get("startup_s") is not None else "-"
+        rows.append((name, e.get("kind", "?"), e.get("state", "?"), str(steps if steps is not None else "-"),
+                     shown, io, str(len(e.get("attempts", []))), startup))
+    return f"run {data.get('run', '?')}  ({run_dir})\n" + _table(rows)
+
+
+def lineage(run_dir: Path) -> str:
+    data = _load(run_dir)
+    stages = data["stages"]
+    lines = [f"run {data.get('run', '?')}  manifest {data.get('manifest', '?')} {short(data.get('manifest_digest'))}"]
+    for name, e in stages.items():
+        lines.append(f"{name} [{e.get('kind', '?')}] {e.get('state', '?')}")
+        for key, ref in (e.get("inputs") or {}).items():
+            if key == "data":
+                lines += [f"  <- data {path}  {short(d)}" for path, d in ref.items()]
+            elif ref["source"] == "stage":
+                upstream = (stages.get(ref["stage"], {}).get("output") or {}).get("digest")
+                mark = "ok" if upstream == ref["digest"] else f"STALE: {ref['stage']} now gives {short(upstream)}"
+                lines.append(f"  <- {key} {ref['stage']}/final  {short(ref['digest'])}  ({mark})")
+            elif ref["source"] == "pretrained":
+                lines.append(f"  <- {key} {ref['path']}  {short(ref.get('digest'))}")
+            else:
+                lines.append(f"  <- {key} built from a config")
+        out = e.get("output")
+        if out:
+            lines.append(f"  -> {out['path']}  {short(out['digest'])}")
+    return "\n".join(lines)
+
+
+def _num(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _table(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
