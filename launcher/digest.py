@@ -1,0 +1,46 @@
+"""Content digests of input and output artifacts ("sha256:<hex>").
+
+Standard library only: the launcher (which never imports torch) and the stages
+both use these, so a digest written by one is checked by the other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+_CHUNK = 1 << 20
+
+
+def file_digest(path: str | os.PathLike[str]) -> str:
+    """sha256 of one file's bytes."""
+    return "sha256:" + _file_hex(Path(path))
+
+
+def dir_digest(path: str | os.PathLike[str]) -> str:
+    """sha256 over the sorted (relative path, file sha256) pairs of every file below `path`.
+
+    Names and contents count, timestamps and permissions do not, so a copied or
+    re-downloaded folder keeps its digest.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise NotADirectoryError(f"{root}: not a directory")
+    h = hashlib.sha256()
+    for rel in sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()):
+        h.update(f"{rel}\0{_file_hex(root / rel)}\n".encode())
+    return "sha256:" + h.hexdigest()
+
+
+def digest(path: str | os.PathLike[str]) -> str:
+    """`dir_digest` for a folder, `file_digest` for a file."""
+    return dir_digest(path) if Path(path).is_dir() else file_digest(path)
+
+
+def _file_hex(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
