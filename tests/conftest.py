@@ -1,0 +1,105 @@
+"""Shared fixtures: the real CLI as a subprocess, small copies of the shipped WordNet data,
+and one tiny trained tokenizer → mlm → classify run that the heavy tests share."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDNET = ROOT / "examples" / "data" / "wordnet"
+
+
+@pytest.fixture(scope="session")
+def hf_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Environment for every subprocess: offline, caches in a temp folder."""
+    home = tmp_path_factory.mktemp("hf_home")
+    env = dict(os.environ)
+    env.update(HF_HOME=str(home), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    os.environ.update({k: env[k] for k in ("HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")})
+    return env
+
+
+def baton(*args: str | Path, env: dict[str, str], cwd: Path | None = None, timeout: float = 600,
+          check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run the real `baton` CLI; fail with its output when `check` and the exit code is not 0."""
+    proc = subprocess.run([sys.executable, "-m", "launcher.cli", *map(str, args)], env=env, cwd=cwd or ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"baton {' '.join(map(str, args))} -> {proc.returncode}\n"
+                             f"--- stdout\n{proc.stdout[-6000:]}\n--- stderr\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def write_data(folder: Path, pretrain_lines: int = 3000, per_class: int = 30) -> Path:
+    """Small copies of the shipped WordNet files: pretraining text and a balanced labelled set."""
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = (WORDNET / "pretrain.txt").read_text().splitlines()
+    (folder / "pretrain.txt").write_text("\n".join(lines[:pretrain_lines]) + "\n")
+    (folder / "pretrain_eval.txt").write_text("\n".join(lines[pretrain_lines:pretrain_lines + 200]) + "\n")
+    for split, limit in (("train", per_class), ("eval", per_class // 2)):
+        rows, counts = [], {}
+        for line in (WORDNET / f"supersense_{split}.jsonl").read_text().splitlines():
+            label = json.loads(line)["label"]
+            if counts.get(label, 0) < limit:
+                counts[label] = counts.get(label, 0) + 1
+                rows.append(line)
+        (folder / f"{split}.jsonl").write_text("\n".join(rows) + "\n")
+    return folder
+
+
+TINY_BERT = """      config:
+        model_type: bert
+        hidden_size: 32
+        num_hidden_layers: 2
+        num_attention_heads: 2
+        intermediate_size: 64
+        max_position_embeddings: 64"""
+
+
+def pipeline_manifest(*, pretrain_lr: str = "1.0e-3", finetune_lr: str = "5.0e-4", zero: str = "zero2") -> str:
+    return f"""version: 1
+run: {{name: tiny}}
+defaults:
+  launcher: {{nproc_per_node: 2}}
+  deepspeed: {{config: {zero}}}
+  seed: 7
+stages:
+  - name: tokenizer
+    kind: tokenizer
+    data: {{train: data/pretrain.txt}}
+    sentencepiece: {{vocab_size: 600}}
+  - name: pretrain
+    kind: mlm
+    init:
+{TINY_BERT}
+    tokenizer: {{from: tokenizer}}
+    data: {{train: data/pretrain.txt, eval: data/pretrain_eval.txt, max_length: 32}}
+    train: {{max_steps: 24, micro_batch_size: 16, lr: {pretrain_lr}, warmup_steps: 4}}
+    checkpoint: {{every_steps: 8, keep_last: 2}}
+  - name: finetune
+    kind: classify
+    init: {{from: pretrain}}
+    data: {{train: data/train.jsonl, eval: data/eval.jsonl, max_length: 32}}
+    train: {{max_steps: 16, micro_batch_size: 8, lr: {finetune_lr}}}
+    checkpoint: {{every_steps: 8}}
+"""
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, hf_env: dict[str, str]) -> dict[str, Path]:
+    """One trained tokenizer → mlm → classify run (ZeRO-2, 2 processes), shared by the heavy tests."""
+    root = tmp_path_factory.mktemp("tiny")
+    write_data(root / "data")
+    manifest = root / "tiny.yaml"
+    manifest.write_text(pipeline_manifest())
+    run_dir = root / "run"
+    baton("run", manifest, "--run-dir", run_dir, env=hf_env)
+    return {"root": root, "manifest": manifest, "run_dir": run_dir}

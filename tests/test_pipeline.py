@@ -1,0 +1,111 @@
+"""The quickstart-shaped pipeline end to end: tokenizer → mlm → classify under torchrun + ZeRO-2.
+
+All tests share one trained run (the `tiny_run` fixture); the ones that change the
+manifest run last, on their own copy of the run folder.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from launcher.digest import dir_digest, file_digest
+from tests.conftest import baton, pipeline_manifest
+
+pytestmark = pytest.mark.slow
+
+
+def ledger(run_dir: Path) -> dict:
+    return json.loads((run_dir / "ledger.json").read_text())
+
+
+def test_every_stage_done_with_lineage_matching_the_files(tiny_run: dict[str, Path], hf_env: dict[str, str]) -> None:
+    run_dir = tiny_run["run_dir"]
+    stages = ledger(run_dir)["stages"]
+    assert list(stages) == ["tokenizer", "pretrain", "finetune"]
+    for name, entry in stages.items():
+        assert entry["state"] == "done", name
+        final = run_dir / "stages" / name / "final"
+        assert entry["output"]["path"] == str(final)
+        assert entry["output"]["digest"] == dir_digest(final), f"{name}: ledger digest differs from final/"
+        for path, digest in entry["inputs"]["data"].items():
+            assert digest == file_digest(path)
+    # each stage was fed exactly the output its upstream recorded
+    assert stages["pretrain"]["inputs"]["tokenizer"]["digest"] == stages["tokenizer"]["output"]["digest"]
+    assert stages["finetune"]["inputs"]["init"]["digest"] == stages["pretrain"]["output"]["digest"]
+    assert stages["finetune"]["inputs"]["tokenizer"]["digest"] == stages["pretrain"]["output"]["digest"]
+    text = baton("lineage", run_dir, env=hf_env).stdout
+    assert "STALE" not in text and text.count("(ok)") == 3
+    status = baton("status", run_dir, env=hf_env).stdout
+    assert "accuracy" in status and status.count(" done ") == 3
+
+
+def test_final_model_gives_the_logits_the_engine_gave(tiny_run: dict[str, Path]) -> None:
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    folder = tiny_run["run_dir"] / "stages" / "finetune"
+    model = AutoModelForSequenceClassification.from_pretrained(folder / "final").eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder / "final")
+    rows = [json.loads(line) for line in (tiny_run["root"] / "data" / "eval.jsonl").read_text().splitlines()]
+    predictions = [json.loads(line) for line in (folder / "eval_predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == len(rows)
+    batch = tokenizer([r["text"] for r in rows], truncation=True, max_length=32, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**batch).logits
+    expected = torch.tensor([p["logits"] for p in predictions])
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+    assert [model.config.id2label[i] for i in logits.argmax(-1).tolist()] == [p["pred"] for p in predictions]
+
+
+def test_dry_run_prints_the_plan_and_launches_nothing(tiny_run: dict[str, Path], hf_env: dict[str, str],
+                                                      tmp_path: Path) -> None:
+    fresh = tmp_path / "fresh"
+    out = baton("run", tiny_run["manifest"], "--run-dir", fresh, "--dry-run", env=hf_env).stdout
+    assert "torch.distributed.run" in out and "-m stages.mlm" in out and "--nproc-per-node 2" in out
+    assert not (fresh / "ledger.json").exists()
+    out = baton("run", tiny_run["manifest"], "--run-dir", tiny_run["run_dir"], "--dry-run", env=hf_env).stdout
+    assert out.count("SKIP: done, unchanged") == 3
+
+
+def test_rerun_is_a_no_op(tiny_run: dict[str, Path], hf_env: dict[str, str]) -> None:
+    run_dir = tiny_run["run_dir"]
+    before = (run_dir / "ledger.json").read_text()
+    t0 = time.monotonic()
+    out = baton("run", tiny_run["manifest"], "--run-dir", run_dir, env=hf_env).stdout
+    print(f"no-op rerun took {time.monotonic() - t0:.2f} s")
+    assert "nothing to do" in out
+    assert (run_dir / "ledger.json").read_text() == before
+    assert not (run_dir / ".baton.lock").exists()
+
+
+def attempts(run_dir: Path) -> dict[str, int]:
+    return {name: len(e["attempts"]) for name, e in ledger(run_dir)["stages"].items()}
+
+
+def test_changed_settings_rerun_that_stage_and_its_descendants_only(tiny_run: dict[str, Path],
+                                                                    hf_env: dict[str, str]) -> None:
+    root = tiny_run["root"]
+    run_dir = root / "run-changed"
+    shutil.copytree(tiny_run["run_dir"], run_dir)
+    assert attempts(run_dir) == {"tokenizer": 1, "pretrain": 1, "finetune": 1}
+
+    changed = root / "changed-finetune.yaml"
+    changed.write_text(pipeline_manifest(finetune_lr="1.0e-4"))
+    plan = baton("run", changed, "--run-dir", run_dir, "--dry-run", env=hf_env).stdout
+    assert "finetune [classify] RERUN: changed: train.lr 0.0005 -> 0.0001" in plan
+    baton("run", changed, "--run-dir", run_dir, env=hf_env)
+    assert attempts(run_dir) == {"tokenizer": 1, "pretrain": 1, "finetune": 2}
+
+    changed = root / "changed-pretrain.yaml"
+    changed.write_text(pipeline_manifest(pretrain_lr="2.0e-3", finetune_lr="1.0e-4"))
+    old_pretrain = ledger(run_dir)["stages"]["pretrain"]["output"]["digest"]
+    baton("run", changed, "--run-dir", run_dir, env=hf_env)
+    stages = ledger(run_dir)["stages"]
+    assert attempts(run_dir) == {"tokenizer": 1, "pretrain": 2, "finetune": 3}
+    assert stages["pretrain"]["output"]["digest"] != old_pretrain
+    assert stages["finetune"]["inputs"]["init"]["digest"] == stages["pretrain"]["output"]["digest"]
