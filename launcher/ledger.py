@@ -70,7 +70,11 @@ class Ledger:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         _acquire(self.run_dir / LOCK)
         self._locked = True
-        self.data = read(self.run_dir)
+        try:
+            self.data = read(self.run_dir)
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -163,7 +163,7 @@ class SentencePiece(Strict):
 
 
 class TokenizerStage(StageBase):
-    kind: Literal["tokenizer"]
+    kind: Literal["tokenizer"] = Field(description="Train a SentencePiece tokenizer; saves a Hugging Face tokenizer folder.")
     sentencepiece: SentencePiece = Field(default_factory=SentencePiece, description="Tokenizer training settings.")
 
 
@@ -180,12 +180,12 @@ class ModelStage(StageBase):
 
 
 class MlmStage(ModelStage):
-    kind: Literal["mlm"]
+    kind: Literal["mlm"] = Field(description="Masked-LM pretraining or continued (domain-adaptive) pretraining.")
     mlm: MlmOptions = Field(default_factory=MlmOptions, description="Masking settings.")
 
 
 class ClassifyStage(ModelStage):
-    kind: Literal["classify"]
+    kind: Literal["classify"] = Field(description="Sequence-classification fine-tuning; eval: accuracy, macro-F1.")
 
 
 Stage = Annotated[Union[TokenizerStage, MlmStage, ClassifyStage], Field(discriminator="kind")]  # noqa: UP007
@@ -297,13 +297,13 @@ def _describe(err: dict[str, Any], data: Any, file: Path, lines: dict[Path_, int
 
 def _data_path(data: Any, loc: tuple) -> Path_:
     """The pydantic error location as a path into the YAML data (drops union tags)."""
+    if len(loc) > 2 and loc[0] == "stages" and isinstance(loc[1], int):
+        loc = (*loc[:2], *loc[3:])  # stages[i].<kind tag>.key -> stages[i].key
     path: list[str | int] = []
     node = data
     for part in loc:
         if isinstance(node, dict) and part in node or isinstance(node, list) and isinstance(part, int) and part < len(node):
             node = node[part]
-        elif isinstance(node, dict) and node.get("kind") == part:
-            continue  # the discriminated union's tag
         else:
             path.append(part)  # missing key: keep it so the message names it
             break

@@ -14,30 +14,28 @@ from launcher import dsconfig, ledger
 from launcher.backends.local import LocalBackend
 from launcher.digest import file_digest
 from launcher.errors import ConfigError
-from launcher.manifest import load
+from launcher.manifest import Loaded, load
 from launcher.plan import Step, complete_checkpoint, make_plan, outputs_of
 from launcher.resolve import Resolved, build_spec, default_run_dir, resolve, settings, stage_dir
 
 EX_TEMPFAIL = 75
 
 
-def prepare(manifest: Path, run_dir: Path | None) -> tuple[list[Resolved], Path, Path]:
-    loaded = load(manifest)
-    stages = resolve(loaded)
-    for r in stages:
-        if r.nnodes > 1:
-            raise ConfigError(
-                f"{loaded.where(('stages', r.index, 'launcher', 'nnodes'))}: {r.nnodes} nodes; "
-                "this machine runs one node with torchrun (multi-node runs go through Slurm)"
-            )
-    return stages, (run_dir or default_run_dir(loaded)).resolve(), manifest.resolve()
-
-
 def validate(manifest: Path) -> list[Resolved]:
     """Schema, references, files and DeepSpeed's own verdict on every stage's config."""
-    stages, _, _ = prepare(manifest, None)
+    stages = resolve(load(manifest))
     check_deepspeed(stages)
     return stages
+
+
+def check_one_node(loaded: Loaded, stages: list[Resolved]) -> None:
+    """The local back-end runs torchrun on this machine only."""
+    for r in stages:
+        if r.nnodes > 1:
+            own = loaded.manifest.stages[r.index].launcher.nnodes is not None
+            path = ("stages", r.index, "launcher", "nnodes") if own else ("defaults", "launcher", "nnodes")
+            raise ConfigError(f"{loaded.where(path)}: {r.nnodes} nodes; the local back-end runs one node "
+                              "with torchrun (multi-node runs need Slurm)")
 
 
 def check_deepspeed(stages: list[Resolved]) -> None:
@@ -45,7 +43,7 @@ def check_deepspeed(stages: list[Resolved]) -> None:
     for r in stages:
         if r.base["deepspeed"] is not None:
             try:
-                dsconfig.check_with_deepspeed(r.base["deepspeed"], f"stage {r.name} ({r.ds_source})")
+                dsconfig.check_with_deepspeed(r.base["deepspeed"], r.ds_source)
             except ConfigError as e:
                 problems += e.problems
     if problems:
@@ -54,21 +52,23 @@ def check_deepspeed(stages: list[Resolved]) -> None:
 
 def run(manifest: Path, run_dir: Path | None = None, dry_run: bool = False,
         only: str | None = None, start: str | None = None) -> int:
-    stages, run_dir, manifest = prepare(manifest, run_dir)
+    loaded = load(manifest)
+    stages = resolve(loaded)
+    check_one_node(loaded, stages)
+    run_dir, manifest = (run_dir or default_run_dir(loaded)).resolve(), manifest.resolve()
     backend = LocalBackend()
+    # everything that can refuse the manifest runs before the run folder is touched
+    steps = make_plan(stages, ledger.read(run_dir), run_dir, only, start)
+    check_deepspeed([s.stage for s in steps if s.action != "skip"])
     if dry_run:
-        steps = make_plan(stages, ledger.read(run_dir), run_dir, only, start)
-        check_deepspeed([s.stage for s in steps if s.action != "skip"])
         print_plan(steps, run_dir, backend)
         return 0
     with ledger.Ledger(run_dir) as led:
         adopt_finished(led, stages, run_dir)
-        steps = make_plan(stages, led.data, run_dir, only, start)
-        todo = [s for s in steps if s.action != "skip"]
-        if not todo:
+        steps = make_plan(stages, led.data, run_dir, only, start)  # again, under the lock
+        if all(s.action == "skip" for s in steps):
             print(f"{run_dir}: nothing to do; every selected stage is done and unchanged")
             return 0
-        check_deepspeed([s.stage for s in todo])
         led.data.setdefault("created", ledger.now())
         led.data.update(run=stages[0].base["run_name"], manifest=str(manifest), manifest_digest=file_digest(manifest))
         ledger.atomic_write_text(run_dir / "manifest.yaml", manifest.read_text(encoding="utf-8"))

@@ -53,7 +53,7 @@ def resolve(loaded: Loaded) -> list[Resolved]:
         try:
             out.append(_resolve_stage(loaded, i, stage))
         except ConfigError as e:
-            problems += e.problems
+            problems += [p for p in e.problems if p not in problems]
     if problems:
         raise ConfigError(problems)
     return out
@@ -97,9 +97,10 @@ def _resolve_stage(loaded: Loaded, i: int, stage: TokenizerStage | MlmStage | Cl
             )
         train["global_batch_size"] = global_batch
         ds_name = stage.deepspeed.config or d.deepspeed.config or DEFAULT_DS
-        where = loaded.where(("stages", i, "deepspeed", "config") if stage.deepspeed.config else ("defaults", "deepspeed"))
+        section = ("stages", i, "deepspeed") if ("stages", i, "deepspeed") in loaded.lines else ("defaults", "deepspeed")
+        where = loaded.where((*section, "config"))
         path = dsconfig.template_path(ds_name, base_dir)
-        ds_source = f"{path} + overrides of {loaded.file}"
+        ds_source = f"{loaded.where(section)} (stage {stage.name}: {path.name} + overrides)"
         template = dsconfig.read_template(path, where)
         merged = dsconfig.merge(dsconfig.merge(template, d.deepspeed.overrides), stage.deepspeed.overrides)
         spec |= {

@@ -55,7 +55,10 @@ def load_yaml(file: Path) -> tuple[Any, dict[Path_, int]]:
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = mark.line + 1 if mark else 1
-        raise ConfigError(f"{source}:{line} invalid YAML: {e.problem or e.context}") from None
+        detail = e.problem or e.context
+        if e.problem and e.context and e.context_mark:
+            detail += f" ({e.context} at line {e.context_mark.line + 1})"
+        raise ConfigError(f"{source}:{line} invalid YAML: {detail}") from None
     finally:
         loader.dispose()
 

@@ -1,0 +1,107 @@
+"""Everything baton ships must load: the example manifests, the DeepSpeed templates, the JSON Schema."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from launcher import dsconfig
+from launcher.errors import ConfigError
+from launcher.manifest import KINDS
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = sorted((REPO / "examples").rglob("*.yaml")) + sorted((REPO / "examples").rglob("*.yml"))
+DS_CONFIGS = sorted((REPO / "ds_configs").glob("*.json"))
+
+
+def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "launcher.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_there_is_something_to_check() -> None:
+    assert EXAMPLES, "no example manifests found"
+    assert {p.stem for p in DS_CONFIGS} >= {"zero0", "zero1", "zero2", "zero3", "zero3_offload"}
+
+
+@pytest.mark.parametrize("manifest", EXAMPLES, ids=[str(p.relative_to(REPO)) for p in EXAMPLES])
+def test_example_validates(manifest: Path, tmp_path: Path) -> None:
+    proc = cli("validate", str(manifest), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    assert proc.stdout.startswith(f"{manifest}: ok, "), proc.stdout
+    assert list(tmp_path.iterdir()) == []  # validating writes nothing
+
+
+TRAIN: dict[str, Any] = {"micro_batch_size": 8, "grad_accum": 2, "lr": 3e-4, "betas": [0.9, 0.999], "eps": 1e-8,
+                         "weight_decay": 0.01, "max_grad_norm": 1.0}
+
+
+def autos(node: Any, path: str = "") -> list[str]:
+    """Key paths still saying "auto"."""
+    if isinstance(node, dict):
+        return [p for k, v in node.items() for p in autos(v, f"{path}.{k}" if path else k)]
+    return [path] if node == "auto" else []
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("world_size", [1, 2])
+@pytest.mark.parametrize("template", DS_CONFIGS, ids=[p.stem for p in DS_CONFIGS])
+def test_ds_config_filled_is_accepted_by_deepspeed(template: Path, world_size: int, precision: str) -> None:
+    config = dsconfig.fill(dsconfig.read_template(template, template.name), TRAIN, precision, world_size, template.name)
+    assert autos(config) == []
+    assert config["train_batch_size"] == 8 * 2 * world_size
+    assert config["optimizer"]["params"]["lr"] == 3e-4
+    assert config["bf16"]["enabled"] is (precision == "bf16")
+    assert "scheduler" not in config  # the stage builds the schedule from train
+    dsconfig.check_with_deepspeed(config, template.name)
+
+
+def test_deepspeed_check_can_say_no() -> None:
+    """The check above means something: DeepSpeed does reject a bad filled config."""
+    template = REPO / "ds_configs" / "zero2.json"
+    config = dsconfig.fill(dsconfig.read_template(template, "zero2"), TRAIN, "fp32", 2, "zero2")
+    config["zero_optimization"]["stage"] = 7
+    with pytest.raises(ConfigError, match="DeepSpeed rejects"):
+        dsconfig.check_with_deepspeed(config, "zero2")
+
+
+def refs(node: Any) -> list[str]:
+    if isinstance(node, dict):
+        return ([node["$ref"]] if isinstance(node.get("$ref"), str) else []) + [r for v in node.values() for r in refs(v)]
+    if isinstance(node, list):
+        return [r for v in node for r in refs(v)]
+    return []
+
+
+def test_schema_is_json_and_knows_every_kind(tmp_path: Path) -> None:
+    proc = cli("schema", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    schema = json.loads(proc.stdout)
+    defs = schema["$defs"]
+
+    assert set(schema["required"]) >= {"run", "stages"}
+    assert schema["additionalProperties"] is False
+    stages = schema["properties"]["stages"]["items"]
+    assert set(stages["discriminator"]["mapping"]) == set(KINDS)
+    for kind, ref in stages["discriminator"]["mapping"].items():
+        stage = defs[ref.removeprefix("#/$defs/")]
+        assert stage["properties"]["kind"]["const"] == kind
+        assert stage["additionalProperties"] is False
+    assert {"from", "pretrained", "config"} <= set(defs["Init"]["properties"])  # aliases, as written in YAML
+    for ref in refs(schema):
+        assert ref.startswith("#/$defs/") and ref.removeprefix("#/$defs/") in defs, ref
+
+
+def undocumented(schema: dict[str, Any]) -> list[str]:
+    return [f"{name}.{key}" for name, model in schema["$defs"].items()
+            for key, field in model.get("properties", {}).items() if not field.get("description")]
+
+
+def test_schema_documents_every_field(tmp_path: Path) -> None:
+    assert undocumented(json.loads(cli("schema", cwd=tmp_path).stdout)) == []

@@ -1,0 +1,296 @@
+"""Malformed manifests through the real CLI.
+
+Every case must end the same way: exit code 2, one clean stderr line that names
+`file:line key.path` (and the valid choices, where baton knows them), no traceback,
+nothing printed to stdout, and no run folder. A manifest is BASE with one edit;
+the line of the edited manifest that ends in `#!` is the line the error must name.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+WORDNET = REPO / "examples" / "data" / "wordnet"
+SHIPPED_DS = ", ".join(sorted(p.stem for p in (REPO / "ds_configs").glob("*.json")))
+
+BASE = """\
+version: 1
+run: {name: bad}
+defaults:
+  launcher: {nproc_per_node: 2}
+stages:
+  - name: tok
+    kind: tokenizer
+    data: {train: train.txt}
+    sentencepiece: {vocab_size: 100}
+  - name: pre
+    kind: mlm
+    init:
+      config: {model_type: bert, hidden_size: 32}
+    tokenizer: {from: tok}
+    data: {train: train.txt, eval: eval.txt}
+    train: {max_steps: 10, micro_batch_size: 4}
+  - name: cls
+    kind: classify
+    init: {from: pre}
+    data: {train: train.jsonl}
+    train: {epochs: 1, micro_batch_size: 4}
+"""
+
+
+def edit(old: str, new: str) -> str:
+    """BASE with `old` (which must occur exactly once) replaced by `new`."""
+    assert BASE.count(old) == 1, f"test bug: {old!r} occurs {BASE.count(old)} times in BASE"
+    return BASE.replace(old, new)
+
+
+@dataclass(frozen=True)
+class Case:
+    text: str
+    where: str  # the key path after `file:line` ("" when the error has none, e.g. invalid YAML)
+    says: tuple[str, ...] = ()  # further fragments the message must contain: valid choices, the bad value …
+    command: str = "validate"
+
+
+CLS_TRAIN = "    train: {epochs: 1, micro_batch_size: 4}\n"
+
+CASES: dict[str, Case] = {
+    "unknown-top-level-key": Case(
+        BASE + "stagez: []  #!\n", "stagez", ("unknown key", "valid keys here: version, run, defaults, stages")),
+    "unknown-key-in-train": Case(
+        edit(CLS_TRAIN, "    train: {epochs: 1, micro_batch_size: 4, learning_rate: 0.1}  #!\n"),
+        "stages[2].train.learning_rate", ("unknown key", "max_steps, epochs, micro_batch_size", "lr")),
+    "unknown-key-in-sentencepiece": Case(
+        edit("sentencepiece: {vocab_size: 100}", "sentencepiece: {vocab: 100}  #!"),
+        "stages[0].sentencepiece.vocab", ("valid keys here: vocab_size, model_type",)),
+    "training-section-on-tokenizer": Case(
+        edit("    sentencepiece: {vocab_size: 100}\n",
+             "    sentencepiece: {vocab_size: 100}\n    train: {max_steps: 3}  #!\n"),
+        "stages[0].train", ("unknown key", "sentencepiece")),
+    "unknown-kind": Case(
+        edit("kind: classify", "kind: clasify  #!"), "stages[2].kind",
+        ("unknown kind 'clasify'", "valid kinds: tokenizer, mlm, classify")),
+    "missing-kind": Case(
+        edit("  - name: cls\n    kind: classify\n", "  - name: cls  #!\n"), "stages[2].kind",
+        ("missing kind", "valid kinds: tokenizer, mlm, classify")),
+    "init-from-later-stage": Case(
+        edit("    init:\n      config: {model_type: bert, hidden_size: 32}\n", "    init: {from: cls}  #!\n"),
+        "stages[1].init.from", ("'cls'", "comes later")),
+    "init-from-itself": Case(
+        edit("init: {from: pre}", "init: {from: cls}  #!"), "stages[2].init.from", ("'cls'", "comes later")),
+    "init-from-missing-stage": Case(
+        edit("init: {from: pre}", "init: {from: pretrain}  #!"), "stages[2].init.from",
+        ("unknown earlier stage 'pretrain'", "known: tok, pre")),
+    "init-from-tokenizer-stage": Case(
+        edit("init: {from: pre}", "init: {from: tok}  #!"), "stages[2].init.from",
+        ("'tok' is a tokenizer", "tokenizer.from")),
+    "tokenizer-from-missing-stage": Case(
+        edit("tokenizer: {from: tok}", "tokenizer: {from: spm}  #!"), "stages[1].tokenizer.from",
+        ("unknown earlier stage 'spm'", "known: tok")),
+    "duplicate-stage-name": Case(
+        edit("  - name: cls\n", "  - name: pre  #!\n"), "stages[2].name", ("duplicate stage name 'pre'",)),
+    "missing-data-file": Case(
+        edit("data: {train: train.jsonl}", "data: {train: gone.jsonl}  #!"), "stages[2].data.train",
+        ("not found", "gone.jsonl")),
+    "missing-data-file-in-list": Case(
+        edit("    data: {train: train.txt, eval: eval.txt}\n",
+             "    data:\n      train:\n        - train.txt\n        - more.txt  #!\n      eval: eval.txt\n"),
+        "stages[1].data.train[1]", ("not found", "more.txt")),
+    "batch-arithmetic": Case(
+        edit(CLS_TRAIN, "    train: {epochs: 1, micro_batch_size: 4, grad_accum: 2, global_batch_size: 10}  #!\n"),
+        "stages[2].train.global_batch_size", ("10", "micro_batch_size 4", "grad_accum 2", "world size 2", "= 16")),
+    "unknown-ds-config-name": Case(
+        edit(CLS_TRAIN, "    deepspeed: {config: zero9}  #!\n" + CLS_TRAIN), "stages[2].deepspeed.config",
+        ("zero9", f"shipped configs: {SHIPPED_DS}")),
+    "both-max-steps-and-epochs": Case(
+        edit(CLS_TRAIN, "    train: {epochs: 1, max_steps: 5, micro_batch_size: 4}  #!\n"), "stages[2].train",
+        ("exactly one of: max_steps, epochs", "got max_steps, epochs")),
+    "neither-max-steps-nor-epochs": Case(
+        edit(CLS_TRAIN, "    train: {micro_batch_size: 4}  #!\n"), "stages[2].train",
+        ("exactly one of: max_steps, epochs", "got none")),
+    "invalid-yaml-syntax": Case(
+        edit(CLS_TRAIN, CLS_TRAIN + "    eval: every_steps: 5  #!\n"), "", ("invalid YAML",)),
+    "duplicate-yaml-key": Case(
+        edit("    init: {from: pre}\n", "    init: {from: pre}\n    init: {from: tok}  #!\n"), "stages[2].init",
+        ("duplicate key", "first at line 19")),
+    "wrong-type-lr": Case(
+        edit(CLS_TRAIN, '    train: {epochs: 1, micro_batch_size: 4, lr: "fast"}  #!\n'), "stages[2].train.lr",
+        ("valid number",)),
+    "negative-warmup": Case(
+        edit(CLS_TRAIN, "    train: {epochs: 1, micro_batch_size: 4, warmup_steps: -5}  #!\n"),
+        "stages[2].train.warmup_steps", ("greater than or equal to 0",)),
+    "zero-nproc": Case(
+        edit("launcher: {nproc_per_node: 2}", "launcher: {nproc_per_node: 0}  #!"),
+        "defaults.launcher.nproc_per_node", ("greater than or equal to 1",)),
+    "precision-not-in-set": Case(
+        edit(CLS_TRAIN, "    precision: fp8  #!\n" + CLS_TRAIN), "stages[2].precision",
+        ("'fp32', 'bf16' or 'fp16'", "fp8")),
+    "version-not-1": Case(edit("version: 1", "version: 2  #!"), "version", ("Input should be 1", "got 2")),
+    "init-with-two-sources": Case(
+        edit("init: {from: pre}", "init: {from: pre, pretrained: bert-base-uncased}  #!"), "stages[2].init",
+        ("exactly one of: from, pretrained, config", "got from, pretrained")),
+    "init-config-without-model-type": Case(
+        edit("    init:\n      config: {model_type: bert, hidden_size: 32}\n", "    init: {config: {hidden_size: 32}}  #!\n"),
+        "stages[1].init",
+        ("model_type",)),
+    "model-from-config-without-tokenizer": Case(
+        edit("      config: {model_type: bert, hidden_size: 32}\n    tokenizer: {from: tok}\n",
+             "      config: {model_type: bert, hidden_size: 32}  #!\n"),
+        "stages[1].init.config", ("tokenizer.from or tokenizer.pretrained",)),
+    "local-pretrained-folder-missing": Case(
+        edit("init: {from: pre}", "init: {pretrained: ./my-bert}  #!"), "stages[2].init.pretrained",
+        ("not found", "my-bert")),
+    "format-not-inferable": Case(
+        edit("data: {train: train.jsonl}", "data: {train: train.dat}  #!"), "stages[2].data",
+        (".dat", "json, csv, parquet, text")),
+    "format-mixed": Case(
+        edit("data: {train: train.jsonl}", "data: {train: train.jsonl, eval: eval.txt}  #!"), "stages[2].data",
+        (".jsonl, .txt", "json, csv, parquet, text")),
+    "repeated-labels": Case(
+        edit("data: {train: train.jsonl}", "data: {train: train.jsonl, labels: [plant, body, plant]}  #!"),
+        "stages[2].data.labels", ("repeat",)),
+    "run-name-with-slash": Case(edit("run: {name: bad}", "run: {name: a/b}  #!"), "run.name", ("pattern",)),
+    "missing-run": Case(edit("run: {name: bad}\n", ""), "run", ("required",)),
+    "empty-stage-list": Case("run: {name: bad}\nstages: []  #!\n", "stages", ("at least 1",)),
+    "empty-file": Case("", "", ("empty",)),
+    "only-comments": Case("# a manifest, some day\n", "", ("empty",)),
+    "top-level-list": Case("- name: tok  #!\n- name: pre\n", "", ("mapping", "list")),
+    "nnodes-2-on-run": Case(
+        edit(CLS_TRAIN, "    launcher: {nnodes: 2}  #!\n" + CLS_TRAIN), "stages[2].launcher.nnodes",
+        ("2 nodes", "Slurm"), command="run"),
+    "unknown-kind-on-run": Case(
+        edit("kind: classify", "kind: clasify  #!"), "stages[2].kind",
+        ("valid kinds: tokenizer, mlm, classify",), command="run"),
+    "missing-data-file-on-run": Case(
+        edit("data: {train: train.jsonl}", "data: {train: gone.jsonl}  #!"), "stages[2].data.train",
+        ("not found",), command="run"),
+    "batch-arithmetic-on-run": Case(
+        edit(CLS_TRAIN, "    train: {epochs: 1, micro_batch_size: 4, global_batch_size: 4}  #!\n"),
+        "stages[2].train.global_batch_size", ("= 8",), command="run"),
+}
+
+# Known bugs: the message is clean and exit 2, but the location is wrong or missing.
+# Each of these also runs through test_fails_cleanly below, which must pass.
+CASES |= {
+    "mlm-option-out-of-range": Case(edit("    train: {max_steps: 10", "    mlm: {mask_prob: 1.5}  #!\n    train: {max_steps: 10"),
+         "stages[1].mlm.mask_prob", ("less than 1",)),
+    "unknown-key-in-mlm-options": Case(edit("    train: {max_steps: 10", "    mlm: {mask: 0.2}  #!\n    train: {max_steps: 10"),
+         "stages[1].mlm.mask", ("valid keys here: mask_prob",)),
+    "nnodes-from-defaults-on-run": Case(edit("launcher: {nproc_per_node: 2}", "launcher: {nproc_per_node: 2, nnodes: 2}  #!"),
+         "defaults.launcher.nnodes", ("2 nodes", "Slurm"), command="run"),
+    "deepspeed-rejects-zero-stage-7": Case(edit(CLS_TRAIN, "    deepspeed: {overrides: {zero_optimization: {stage: 7}}}  #!\n" + CLS_TRAIN),
+         "stages[2].deepspeed", ("DeepSpeed rejects", "stage", "7", "cls")),
+    "deepspeed-rejects-zero-stage-7-on-run": Case(edit(CLS_TRAIN, "    deepspeed: {overrides: {zero_optimization: {stage: 7}}}  #!\n" + CLS_TRAIN),
+         "stages[2].deepspeed", ("DeepSpeed rejects", "cls"), command="run"),
+    "deepspeed-rejects-unknown-zero-key": Case(edit(CLS_TRAIN, "    deepspeed: {overrides: {zero_optimization: {bogus_knob: 1}}}  #!\n" + CLS_TRAIN),
+         "stages[2].deepspeed", ("DeepSpeed rejects", "bogus_knob", "cls")),
+    "ds-override-conflicts-with-manifest": Case(edit(CLS_TRAIN, "    deepspeed: {overrides: {train_batch_size: 999}}  #!\n" + CLS_TRAIN),
+         "stages[2].deepspeed", ("train_batch_size", "999", "8")),
+    "ds-template-value-conflicts-with-manifest": Case(edit(CLS_TRAIN, "    deepspeed: {config: ./custom.json}  #!\n" + CLS_TRAIN),
+         "stages[2].deepspeed", ("custom.json", "optimizer.params.lr", "0.1", "train.lr")),
+}
+
+CUSTOM_DS = '{"zero_optimization": {"stage": 1}, "optimizer": {"type": "AdamW", "params": {"lr": 0.1}}}\n'
+
+
+def write_inputs(folder: Path) -> None:
+    """The small data files BASE refers to (a few real WordNet lines), plus a DeepSpeed JSON."""
+    glosses = (WORDNET / "pretrain.txt").read_text(encoding="utf-8").splitlines()[:20]
+    labelled = (WORDNET / "supersense_train.jsonl").read_text(encoding="utf-8").splitlines()[:20]
+    (folder / "train.txt").write_text("\n".join(glosses[:15]) + "\n", encoding="utf-8")
+    (folder / "eval.txt").write_text("\n".join(glosses[15:]) + "\n", encoding="utf-8")
+    (folder / "train.jsonl").write_text("\n".join(labelled) + "\n", encoding="utf-8")
+    (folder / "train.dat").write_text("\n".join(labelled) + "\n", encoding="utf-8")
+    (folder / "custom.json").write_text(CUSTOM_DS, encoding="utf-8")
+
+
+def marked_line(text: str) -> int:
+    """1-based line ending in `#!`; 1 when none is marked (errors about the whole file)."""
+    return next((n for n, line in enumerate(text.splitlines(), 1) if line.rstrip().endswith("#!")), 1)
+
+
+def baton(tmp_path: Path, case: Case) -> tuple[subprocess.CompletedProcess[str], Path, Path]:
+    """Write the case and run the real CLI on it from tmp_path; return (process, manifest, run dir)."""
+    write_inputs(tmp_path)
+    manifest = tmp_path / "bad.yaml"
+    manifest.write_text(case.text, encoding="utf-8")
+    run_dir = tmp_path / "run"
+    argv = [sys.executable, "-m", "launcher.cli", case.command, str(manifest)]
+    if case.command == "run":
+        argv += ["--run-dir", str(run_dir)]
+    proc = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    return proc, manifest, run_dir
+
+
+def assert_clean_failure(proc: subprocess.CompletedProcess[str], case: Case, tmp_path: Path, run_dir: Path) -> str:
+    """Exit 2, one `baton: …` line holding every expected fragment, nothing launched; returns that line."""
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("baton: "), proc.stderr
+    for fragment in case.says:
+        assert fragment in lines[0], f"{fragment!r} missing from: {lines[0]}"
+    assert proc.stdout == ""  # no plan printed, no stage started
+    assert not (tmp_path / "runs").exists()  # the manifest's default run folder
+    assert not run_dir.exists() or not any(run_dir.iterdir()), sorted(run_dir.iterdir())
+    return lines[0]
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_rejected_with_location(tmp_path: Path, case: Case) -> None:
+    proc, manifest, run_dir = baton(tmp_path, case)
+    line = assert_clean_failure(proc, case, tmp_path, run_dir)
+    location = f"{manifest}:{marked_line(case.text)}"
+    assert line.startswith(f"baton: {location} {case.where}" if case.where else f"baton: {location} "), line
+
+
+UNCLOSED_QUOTE = Case(edit("run: {name: bad}", 'run: {name: "bad}'), "", ("invalid YAML",))
+
+
+def test_unclosed_quote_points_at_its_line(tmp_path: Path) -> None:
+    proc, _, run_dir = baton(tmp_path, UNCLOSED_QUOTE)
+    assert_clean_failure(proc, UNCLOSED_QUOTE, tmp_path, run_dir)
+    proc, manifest, _ = baton(tmp_path, UNCLOSED_QUOTE)
+    assert f"{manifest}:2 " in proc.stderr or "line 2" in proc.stderr, proc.stderr
+
+
+def test_manifest_file_missing(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.yaml"
+    proc = subprocess.run([sys.executable, "-m", "launcher.cli", "validate", str(missing)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"baton: {missing}: cannot read"), proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_every_problem_reported_at_once(tmp_path: Path) -> None:
+    """Two independent mistakes give two lines, in file order (fix them all in one go)."""
+    text = edit("init: {from: pre}", "init: {from: pretrain}").replace(
+        "data: {train: train.txt, eval: eval.txt}", "data: {train: train.txt, eval: gone.txt}")
+    proc, manifest, _ = baton(tmp_path, Case(text, ""))
+    assert proc.returncode == 2
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 2, proc.stderr
+    assert lines[0].startswith(f"baton: {manifest}:15 stages[1].data.eval: "), lines[0]
+    assert lines[1].startswith(f"baton: {manifest}:19 stages[2].init.from: "), lines[1]
+
+
+def test_bad_manifest_leaves_an_existing_run_untouched(tmp_path: Path) -> None:
+    """Refused after the run's lock is taken (DeepSpeed's check comes last): the ledger is not rewritten."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    recorded = '{"version": 1, "stages": {}, "run": "bad", "note": "from an earlier run"}\n'
+    (run_dir / "ledger.json").write_text(recorded)
+    case = Case(edit(CLS_TRAIN, "    deepspeed: {overrides: {zero_optimization: {stage: 7}}}\n" + CLS_TRAIN), "",
+                command="run")
+    proc, _, _ = baton(tmp_path, case)
+    assert proc.returncode == 2, proc.stderr
+    assert "DeepSpeed rejects" in proc.stderr
+    assert sorted(p.name for p in run_dir.iterdir()) == ["ledger.json"]  # no lock, manifest copy or stage folder
+    assert (run_dir / "ledger.json").read_text() == recorded
