@@ -196,7 +196,7 @@ def stage_dir(run_dir: Path, name: str) -> Path:
 def build_spec(r: Resolved, run_dir: Path, outputs: dict[str, dict[str, str]]) -> dict[str, Any] | None:
     """The spec.json of a stage, or None while an upstream stage has no output yet.
 
-    `outputs` maps a finished stage's name to {"path", "digest"} of its final/.
+    `outputs` maps a finished stage's name to {"digest", …} of its final/.
     """
     spec = json.loads(json.dumps(r.base))
     for key in ("init", "tokenizer"):
@@ -205,7 +205,8 @@ def build_spec(r: Resolved, run_dir: Path, outputs: dict[str, dict[str, str]]) -
             out = outputs.get(ref["stage"])
             if out is None:
                 return None
-            ref["path"], ref["digest"] = out["path"], out["digest"]
+            # the folder as it is now (a run folder may have moved); the digest as the ledger recorded it
+            ref["path"], ref["digest"] = str(stage_dir(run_dir, ref["stage"]) / "final"), out["digest"]
     spec["stage_dir"] = str(stage_dir(run_dir, r.name))
     spec["cache_dir"] = str(run_dir / "cache")
     spec["fingerprint"] = fingerprint(spec)
