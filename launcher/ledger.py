@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher.errors import LedgerError
+from launcher.files import write_atomic
 
 LEDGER = "ledger.json"
 LOCK = ".baton.lock"
@@ -26,21 +27,6 @@ VERSION = 1
 
 def now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` so that readers see the old or the new file, never a part."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def read(run_dir: Path) -> dict[str, Any]:
@@ -88,7 +74,7 @@ class Ledger:
     def save(self) -> None:
         assert self._locked, "the ledger is written only under its lock"
         self.data["updated"] = now()
-        atomic_write_text(self.path, json.dumps(self.data, indent=2, sort_keys=False) + "\n")
+        write_atomic(self.path, json.dumps(self.data, indent=2, sort_keys=False) + "\n")
 
 
 def _acquire(lock: Path) -> None:

@@ -12,8 +12,8 @@ from typing import Any
 
 from launcher import dsconfig, ledger
 from launcher.backends.local import LocalBackend
-from launcher.digest import file_digest
 from launcher.errors import ConfigError
+from launcher.files import file_digest, write_atomic
 from launcher.manifest import Loaded, load
 from launcher.plan import Step, complete_checkpoint, make_plan, outputs_of
 from launcher.resolve import Resolved, build_spec, default_run_dir, resolve, settings, stage_dir
@@ -71,7 +71,7 @@ def run(manifest: Path, run_dir: Path | None = None, dry_run: bool = False,
             return 0
         led.data.setdefault("created", ledger.now())
         led.data.update(run=stages[0].base["run_name"], manifest=str(manifest), manifest_digest=file_digest(manifest))
-        ledger.atomic_write_text(run_dir / "manifest.yaml", manifest.read_text(encoding="utf-8"))
+        write_atomic(run_dir / "manifest.yaml", manifest.read_text(encoding="utf-8"))
         led.save()
         for step in steps:
             if step.action == "skip":
@@ -103,7 +103,7 @@ def run_stage(step: Step, led: ledger.Ledger, run_dir: Path, backend: LocalBacke
         shutil.rmtree(folder, ignore_errors=True)  # a changed stage starts clean: no stale checkpoints
     folder.mkdir(parents=True, exist_ok=True)
     spec_path = folder / "spec.json"
-    ledger.atomic_write_text(spec_path, json.dumps(spec, indent=2) + "\n")
+    write_atomic(spec_path, json.dumps(spec, indent=2) + "\n")
 
     entry = led.stage(r.name)
     attempt_no = len(entry["attempts"]) + 1

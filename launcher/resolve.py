@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from launcher import dsconfig
-from launcher.digest import dir_digest, file_digest
 from launcher.errors import ConfigError
+from launcher.files import dir_digest, file_digest
 from launcher.manifest import ClassifyStage, Loaded, MlmStage, ModelStage, TokenizerStage
 
 SPEC_VERSION = 1

@@ -1,0 +1,1 @@
+"""What every stage shares: spec, distributed state, engine, data, checkpoints, export, signals, metrics, the loop."""

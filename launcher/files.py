@@ -1,14 +1,17 @@
-"""Content digests of input and output artifacts ("sha256:<hex>").
+"""Files the launcher and the stages both read and write: content digests ("sha256:<hex>")
+and atomic writes.
 
-Standard library only: the launcher (which never imports torch) and the stages
-both use these, so a digest written by one is checked by the other.
+Standard library only: the launcher never imports torch, and a digest written by
+one side is checked by the other.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 _CHUNK = 1 << 20
 
@@ -44,3 +47,27 @@ def _file_hex(path: Path) -> str:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
     return h.hexdigest()
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: str | os.PathLike[str], text: str) -> None:
+    """Write so that readers see the old or the new file, never a part: temp file, fsync, rename, fsync the folder."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    write_atomic(path, json.dumps(obj, indent=2) + "\n")

@@ -1,0 +1,176 @@
+"""Datasets: load and tokenize once per run (cached), and a deterministic, restorable sample order.
+
+The order is one global stream, the concatenation of per-epoch permutations
+seeded by (seed, epoch). Optimizer step s consumes stream items
+[s·G, (s+1)·G) for global batch G; within it micro-step k gives rank r the
+slice at k·M·W + r·M (micro batch M, world size W). The position is therefore
+just "samples consumed", and a resumed run sees exactly the samples an
+uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from launcher.files import digest
+from stages.runtime import dist
+from stages.runtime.spec import Data, Spec, SpecError
+
+_BUILDERS = {"json": "json", "csv": "csv", "parquet": "parquet", "text": "text"}
+
+
+def load_raw(spec: Spec) -> dict[str, Any]:
+    """{"train": Dataset, "eval": Dataset | None}; rank 0 fills the datasets cache first."""
+    with _rank0_first():
+        return _load_raw(spec.data, os.path.join(spec.cache_dir, "datasets"))
+
+
+def _load_raw(data: Data, cache_dir: str) -> dict[str, Any]:
+    import datasets
+
+    datasets.disable_progress_bars()
+    if data.hub is not None:
+        hub = data.hub
+        try:
+            load = lambda split: datasets.load_dataset(hub.name, hub.config, split=split, cache_dir=cache_dir)  # noqa: E731
+            return {"train": load(hub.train_split), "eval": load(hub.eval_split) if hub.eval_split else None}
+        except Exception as e:  # datasets raises many types for "not found / offline"
+            raise SpecError(f"data.hub: cannot load {hub.name!r}: {type(e).__name__}: {e}") from None
+    for key, files in (("data.train_files", data.train_files), ("data.eval_files", data.eval_files)):
+        for path in files:
+            if not os.path.isfile(path):
+                raise SpecError(f"{key}: {path}: no such file")
+    if not data.train_files:
+        raise SpecError("data.train_files: empty and no data.hub")
+    if data.format is None:
+        raise SpecError("data.format: null without data.hub")
+    files = {"train": data.train_files} | ({"eval": data.eval_files} if data.eval_files else {})
+    ds = datasets.load_dataset(_BUILDERS[data.format], data_files=files, cache_dir=cache_dir)
+    for split, d in ds.items():
+        if data.text_field not in d.column_names:
+            raise SpecError(f"data.text_field: column {data.text_field!r} not in {files[split]} (columns: {d.column_names})")
+    return {"train": ds["train"], "eval": ds.get("eval")}
+
+
+def tokenize(spec: Spec, raw: dict[str, Any], tokenizer, tokenizer_digest: str) -> dict[str, Any]:
+    """Token ids per split (no padding: batches pad to their longest row), cached under cache_dir."""
+    data = spec.data
+    out_dir = Path(spec.cache_dir, "tokenized")
+    keep = [c for c in tokenizer.model_input_names if c != "attention_mask"]
+
+    def encode(batch: dict[str, list]) -> dict[str, list]:
+        pair = batch[data.text_pair_field] if data.text_pair_field else None
+        enc = tokenizer(batch[data.text_field], pair, truncation=True, max_length=data.max_length)
+        return {k: enc[k] for k in keep if k in enc}
+
+    out = {}
+    with _rank0_first():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for split, ds in raw.items():
+            if ds is None:
+                out[split] = None
+                continue
+            key = _hash(tokenizer_digest, ds._fingerprint, data.text_field, data.text_pair_field, data.max_length, keep)
+            drop = [c for c in ds.column_names if c != data.label_field]
+            out[split] = ds.map(
+                encode, batched=True, remove_columns=drop, new_fingerprint=key,
+                cache_file_name=str(out_dir / f"{split}-{key}.arrow"),
+            )
+    return out
+
+
+def tokenizer_digest(spec: Spec) -> str:
+    ref = spec.tokenizer
+    if ref is None:
+        raise SpecError("spec tokenizer: missing (required for this kind)")
+    if ref.digest:
+        return ref.digest
+    return digest(ref.path) if os.path.exists(ref.path) else ref.path
+
+
+def _hash(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:24]
+
+
+class _rank0_first:
+    """Rank 0 runs the block first (filling caches), the others then read what it wrote."""
+
+    def __enter__(self):
+        if not dist.is_main():
+            dist.barrier()
+
+    def __exit__(self, exc_type, exc, tb):
+        # On an exception the other ranks fail the same way on their own turn, or time out; no barrier then.
+        if exc_type is None and dist.is_main():
+            dist.barrier()
+
+
+def collate(ds, indices: Sequence[int], pad_id: int) -> dict[str, torch.Tensor]:
+    """Rows `indices` of a tokenized split, padded to the longest; attention_mask from the lengths."""
+    rows = ds[list(indices)]
+    ids = rows["input_ids"]
+    width = max(len(r) for r in ids)
+    batch = {"attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in ids])}
+    for key, values in rows.items():
+        if key == "input_ids" or key == "token_type_ids":
+            fill = pad_id if key == "input_ids" else 0
+            batch[key] = torch.tensor([r + [fill] * (width - len(r)) for r in values])
+    return batch
+
+
+class StreamSampler:
+    """This rank's micro-batches, step by step, of the global stream described in the module docstring."""
+
+    def __init__(self, num_samples: int, *, seed: int, micro_batch: int, grad_accum: int, world_size: int,
+                 rank: int, samples: int = 0) -> None:
+        if num_samples == 0:
+            raise SpecError("data: the train split is empty")
+        self.n, self.seed, self.micro, self.accum = num_samples, seed, micro_batch, grad_accum
+        self.world, self.rank = world_size, rank
+        self.samples = samples
+        self._perms: dict[int, torch.Tensor] = {}
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro * self.accum * self.world
+
+    def next_step(self) -> list[list[tuple[int, int]]]:
+        """grad_accum micro-batches of (dataset index, epoch); advances the position by one global batch."""
+        micro = []
+        for k in range(self.accum):
+            start = self.samples + k * self.micro * self.world + self.rank * self.micro
+            micro.append([self._at(start + j) for j in range(self.micro)])
+        self.samples += self.global_batch
+        return micro
+
+    def _at(self, i: int) -> tuple[int, int]:
+        epoch, j = divmod(i, self.n)
+        if epoch not in self._perms:
+            g = torch.Generator().manual_seed(seed_of(self.seed, "epoch", epoch))
+            self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}
+            self._perms[epoch] = torch.randperm(self.n, generator=g)
+        return int(self._perms[epoch][j]), epoch
+
+
+def seed_of(*parts: Any) -> int:
+    """A 63-bit seed from any tuple: distinct tuples give unrelated streams (unlike seed + epoch)."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "big") >> 1
+
+
+def eval_shards(num_samples: int, batch_size: int, world_size: int, rank: int) -> list[list[int]]:
+    """This rank's eval batches, strided over the split; -1 marks padding rows.
+
+    Every rank gets the same number of equally sized batches, because ZeRO-3
+    gathers parameters collectively in each forward pass.
+    """
+    per_rank = -(-num_samples // world_size)
+    mine = list(range(rank, num_samples, world_size))
+    mine += [-1] * (per_rank - len(mine))
+    return [mine[i : i + batch_size] for i in range(0, per_rank, batch_size)]

@@ -1,0 +1,94 @@
+"""The one place for distributed state: init, rank queries, rank-0 output, and how a stage ends."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True, slots=True)
+class Dist:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+
+_state: Dist | None = None
+
+
+def init() -> Dist:
+    """Start the process group (nccl on GPUs, gloo on CPU) from torchrun's environment."""
+    global _state
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        # Must precede `import deepspeed`: it picks its accelerator at import time.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    # On CPU, init_distributed would JIT-compile a shared-memory comm op (40–70 s);
+    # gloo alone gives identical results.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    _state = Dist(
+        rank=torch.distributed.get_rank(),
+        local_rank=local_rank,
+        world_size=torch.distributed.get_world_size(),
+        device=torch.device("cuda", local_rank) if cuda else torch.device("cpu"),
+    )
+    return _state
+
+
+def rank() -> int:
+    # Before init (e.g. a bad spec), torchrun's RANK is all there is.
+    return _state.rank if _state else int(os.environ.get("RANK", 0))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def print0(*args, **kwargs) -> None:
+    if is_main():
+        print(*args, **kwargs, flush=True)
+
+
+def barrier() -> None:
+    if _state is not None and _state.world_size > 1:
+        torch.distributed.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """In place, and returned; a no-op on one rank."""
+    if _state is not None and _state.world_size > 1:
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+    return t
+
+
+def all_gather_objects(obj: object) -> list[object]:
+    if _state is None or _state.world_size == 1:
+        return [obj]
+    out: list[object] = [None] * _state.world_size
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def finish(code: int, *, sync: bool = True) -> None:
+    """End the process with `code`, skipping interpreter finalisation.
+
+    ZeRO-3 on gloo intermittently aborts at exit (a pending all-gather work
+    object destroyed during finalisation, SIGABRT), which would turn a finished
+    stage into a failure; `os._exit` after a barrier ends it honestly. `sync`
+    is false on error paths, where the other ranks may never reach a barrier.
+    """
+    if sync:
+        barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -1,0 +1,109 @@
+"""The DeepSpeed engine: config, ZeRO-3 model construction, optimizer groups and the LR schedule."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from stages.runtime.spec import Spec, Train
+
+# transformers finds the DeepSpeed config through a weakref; this keeps its target alive.
+_zero3_config: _Zero3Config | None = None
+
+
+class _Zero3Config:
+    """What transformers asks of `HfDeepSpeedConfig` (`is_zero3()`, `.config`).
+
+    The real class needs `accelerate`, which baton does not depend on.
+    """
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+
+    def is_zero3(self) -> bool:
+        return True
+
+
+def zero_stage(spec: Spec) -> int:
+    return int(spec.deepspeed.get("zero_optimization", {}).get("stage", 0))
+
+
+def prepare_model_construction(spec: Spec) -> None:
+    """Call before building the model. Under ZeRO-3, transformers then builds it partitioned.
+
+    `deepspeed.zero.Init()` around the constructor crashes in transformers 5;
+    letting `from_pretrained` / `from_config` see the config works.
+    """
+    global _zero3_config
+    if zero_stage(spec) == 3:
+        from transformers.integrations.deepspeed import set_hf_deepspeed_config
+
+        _zero3_config = _Zero3Config(ds_config(spec))
+        set_hf_deepspeed_config(_zero3_config)
+
+
+def ds_config(spec: Spec) -> dict[str, Any]:
+    cfg = copy.deepcopy(spec.deepspeed)
+    if not torch.cuda.is_available():
+        # DeepSpeed's own Adam kernels JIT-compile C++ for over a minute on CPU.
+        cfg.setdefault("optimizer", {}).setdefault("params", {}).setdefault("torch_adam", True)
+    return cfg
+
+
+def initialize(model: torch.nn.Module, spec: Spec, max_steps: int):
+    """deepspeed.initialize with decay/no-decay groups and our schedule, so checkpoints hold its state."""
+    import deepspeed
+
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        model_parameters=param_groups(model, spec.train.weight_decay),
+        config=ds_config(spec),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(spec.train, max_steps)),
+        dist_init_required=False,
+    )
+    return engine
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    # Biases and norm weights are 1-D; decaying them only hurts (BERT, GPT-2 and HF Trainer all exempt them).
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if _ndim(p) >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _ndim(p: torch.nn.Parameter) -> int:
+    # A ZeRO-3 partitioned parameter is empty locally; ds_shape is its real shape.
+    return len(getattr(p, "ds_shape", p.shape))
+
+
+def lr_lambda(train: Train, max_steps: int) -> Callable[[int], float]:
+    """Multiplier of train.lr at optimizer step `s`: linear warm-up, then constant / linear / cosine to 0."""
+    warmup = train.warmup_steps
+
+    def f(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / (warmup + 1)
+        if train.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (s - warmup) / max(1, max_steps - warmup))
+        if train.schedule == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+def max_steps(train: Train, num_samples: int) -> int:
+    if train.max_steps is not None:
+        return train.max_steps
+    return math.ceil(train.epochs * num_samples / train.global_batch_size)
+
+
+def current_lr(engine) -> float:
+    return float(engine.get_lr()[0])

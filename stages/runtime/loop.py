@@ -1,0 +1,68 @@
+"""The training loop every stage shares: a function, so stage scripts read top to bottom."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from stages.runtime import checkpoint, dist, signals
+from stages.runtime.checkpoint import Position
+from stages.runtime.data import StreamSampler
+from stages.runtime.engine import current_lr
+from stages.runtime.metrics import Metrics
+from stages.runtime.spec import Spec
+
+MicroStep = Callable[[list[tuple[int, int]]], torch.Tensor]
+Evaluate = Callable[[int], dict[str, float]]
+
+
+def fit(engine, spec: Spec, sampler: StreamSampler, micro_step: MicroStep, evaluate: Evaluate, *,
+        pos: Position, max_steps: int, metrics: Metrics) -> tuple[bool, Position]:
+    """Train from `pos` to `max_steps`. Returns (stopped by a signal, position reached).
+
+    `micro_step(items)` returns the loss of one micro-batch of (index, epoch)
+    items; `evaluate(step)` is collective and returns metrics. Checkpoints
+    every `checkpoint.every_steps` and on a stop request, then returns at once.
+    """
+    every_ckpt, every_eval = spec.checkpoint.every_steps, spec.eval.every_steps
+    start = step = pos.step
+    window = torch.zeros(2, dtype=torch.float64)  # loss sum, micro-batch count since the last log line
+    engine.train()
+    while step < max_steps:
+        for items in sampler.next_step():
+            loss = micro_step(items)
+            engine.backward(loss)
+            engine.step()
+            window += torch.tensor([loss.item(), 1.0], dtype=torch.float64)
+        step += 1
+        if step == start + 1:
+            metrics.first_step(step)
+        if step % spec.train.log_every == 0 or step == max_steps:
+            dist.all_reduce_sum(window)
+            metrics.train(step, sampler.samples, float(window[0] / window[1]), current_lr(engine))
+            window.zero_()
+        pos = Position(step=step, samples=sampler.samples)
+        stop = signals.stop_requested()
+        if stop or (every_ckpt and step % every_ckpt == 0 and step < max_steps):
+            tag = checkpoint.save(engine, spec, pos)
+            metrics.log("checkpoint", step=step, tag=tag)
+        if stop:
+            metrics.log("stop", step=step, reason="signal")
+            dist.print0(f"stopped on a signal at step {step}; checkpoint saved, exit 75")
+            return True, pos
+        if every_eval and step % every_eval == 0 and step < max_steps:
+            record_eval(spec, metrics, step, evaluate(step))
+            engine.train()
+    return False, pos
+
+
+def record_eval(spec: Spec, metrics: Metrics, step: int, values: dict[str, float]) -> None:
+    from launcher.files import write_json
+
+    if not values:  # no eval data
+        return
+    metrics.log("eval", step=step, **values)
+    if dist.is_main():
+        write_json(f"{spec.stage_dir}/eval.json", {"step": step, **values})
+        dist.print0("eval " + "  ".join(f"{k} {v:.4f}" for k, v in values.items()))

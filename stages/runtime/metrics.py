@@ -1,0 +1,62 @@
+"""metrics.jsonl records and the rank-0 progress line."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from stages.runtime import dist
+
+
+def process_start_time() -> float:
+    """Unix time this process started (from /proc), so start-up includes interpreter and imports."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return _IMPORT_TIME
+
+
+_IMPORT_TIME = time.time()
+
+
+class Metrics:
+    """Appends one JSON object per line to `<stage_dir>/metrics.jsonl` on rank 0; other ranks write nothing."""
+
+    def __init__(self, stage_dir: str, max_steps: int) -> None:
+        self.path = Path(stage_dir) / "metrics.jsonl"
+        self.max_steps = max_steps
+        self._window: tuple[float, int] | None = None
+
+    def log(self, event: str, **fields: Any) -> None:
+        if not dist.is_main():
+            return
+        record = {"event": event, "time": time.time(), **fields}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def start(self, step: int, world_size: int) -> None:
+        self.log("start", step=step, world_size=world_size)
+        self._window = (time.perf_counter(), step)
+
+    def first_step(self, step: int) -> None:
+        startup = time.time() - process_start_time()
+        self.log("first_step", startup_s=round(startup, 3))
+        dist.print0(f"first step after {startup:.1f} s")
+        # The rate then measures steady state, not the first step's warm-up.
+        self._window = (time.perf_counter(), step)
+
+    def train(self, step: int, samples: int, loss: float, lr: float) -> None:
+        t0, s0 = self._window or (time.perf_counter(), step)
+        now = time.perf_counter()
+        rate = (step - s0) / (now - t0) if now > t0 and step > s0 else 0.0
+        self._window = (now, step)
+        self.log("train", step=step, samples=samples, loss=loss, lr=lr, steps_per_s=round(rate, 3))
+        eta = (self.max_steps - step) / rate if rate else float("nan")
+        dist.print0(f"step {step}/{self.max_steps}  loss {loss:.4f}  lr {lr:.3e}  {rate:.2f} steps/s  eta {eta:.0f} s")

@@ -1,0 +1,114 @@
+"""Train a SentencePiece tokenizer (unigram or BPE) and save it as a Hugging Face tokenizer folder.
+
+    python -m torch.distributed.run --nproc_per_node 1 -m stages.tokenizer --spec spec.json
+
+final/ loads with `AutoTokenizer.from_pretrained` and has the special tokens
+BERT-style models need: <pad> 0, <unk> 1, [CLS] 2, [SEP] 3, [MASK] 4. It
+encodes like the SentencePiece model itself. Rank 0 does the work; other
+ranks (if any) only wait.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import time
+from pathlib import Path
+
+from launcher.files import fsync_dir
+from stages.runtime import data, dist, entry
+from stages.runtime.dist import Dist
+from stages.runtime.metrics import Metrics
+from stages.runtime.spec import Spec, SpecError
+
+SPECIALS = {"pad": "<pad>", "unk": "<unk>", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"}
+SPM_FILE = "sentencepiece.model"  # kept beside tokenizer.json for tools that want the original model
+
+
+def train_sentencepiece(sentences, *, vocab_size: int, model_type: str, character_coverage: float,
+                        max_sentences: int, lowercase: bool, seed: int) -> bytes:
+    import sentencepiece as spm
+
+    spm.set_random_generator_seed(seed)  # input_sentence_size sampling
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=sentences, model_writer=model,
+        vocab_size=vocab_size, model_type=model_type, character_coverage=character_coverage,
+        input_sentence_size=max_sentences, shuffle_input_sentence=True,
+        pad_id=0, unk_id=1, bos_id=-1, eos_id=-1, control_symbols=["[CLS]", "[SEP]", "[MASK]"],
+        # Case folding inside SentencePiece's normaliser travels into tokenizer.json with its charsmap.
+        normalization_rule_name="nmt_nfkc_cf" if lowercase else "nmt_nfkc",
+        num_threads=os.cpu_count() or 1, minloglevel=2,
+    )
+    return model.getvalue()
+
+
+def hf_tokenizer(spm_path: Path, max_length: int):
+    """A `tokenizers`-backed tokenizer equivalent to the SentencePiece model, with BERT-style templates.
+
+    `AlbertTokenizer(vocab_file=...)` no longer converts a .model file in
+    transformers 5 (it keeps only its 5 special tokens) and is unigram-only,
+    so build from the model proto, as transformers' own converter does.
+    """
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import SentencePieceExtractor, SpmConverter
+
+    extractor = SentencePieceExtractor(str(spm_path))
+    vocab = extractor.extract(None)["vocab"]
+    backend = SpmConverter.build_tokenizer_from_spm_proto(extractor.proto, vocab, None)
+    cls_id, sep_id = backend.token_to_id(SPECIALS["cls"]), backend.token_to_id(SPECIALS["sep"])
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS]:0 $A:0 [SEP]:0", pair="[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, model_max_length=max_length, **{f"{k}_token": v for k, v in SPECIALS.items()}
+    )
+
+
+def main(spec: Spec, d: Dist) -> int:
+    opts = {k: spec.option(k) for k in ("vocab_size", "model_type", "character_coverage", "max_sentences", "lowercase")}
+    if opts["model_type"] not in ("unigram", "bpe"):
+        raise SpecError(f"options.model_type: {opts['model_type']!r} is not one of 'unigram', 'bpe'")
+    metrics = Metrics(spec.stage_dir, max_steps=0)
+    metrics.start(0, d.world_size)
+    digest = None
+    final = Path(spec.stage_dir, "final")
+    if dist.is_main():
+        raw = data.load_raw(spec)["train"]
+        fields = [f for f in (spec.data.text_field, spec.data.text_pair_field) if f]
+        sentences = (s for row in raw.select_columns(fields) for f in fields if (s := row[f]) and s.strip())
+        t0 = time.perf_counter()
+        model = train_sentencepiece(sentences, seed=spec.seed, **opts)
+        dist.print0(f"{spec.stage}: trained a {opts['vocab_size']}-piece {opts['model_type']} model "
+                    f"in {time.perf_counter() - t0:.1f} s")
+        digest = _save(model, final, spec.data.max_length)
+    else:
+        # Keep collective order identical: load_raw's rank-0-first barrier.
+        data.load_raw(spec)
+    entry.write_result(spec, steps=0, samples=0, output=str(final), digest=digest,
+                       metrics={"vocab_size": opts["vocab_size"]})
+    return entry.EXIT_DONE
+
+
+def _save(model: bytes, final: Path, max_length: int) -> str:
+    from launcher.files import dir_digest
+
+    tmp = final.with_name("final.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    (tmp / SPM_FILE).write_bytes(model)
+    hf_tokenizer(tmp / SPM_FILE, max_length).save_pretrained(tmp)
+    for p in tmp.iterdir():
+        with open(p, "rb") as f:
+            os.fsync(f.fileno())
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+    return dir_digest(final)
+
+
+if __name__ == "__main__":
+    entry.run(main)
