@@ -26,7 +26,7 @@ VERSION = 1
 
 
 def now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
 
 
 def read(run_dir: Path) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,8 @@ def _load(run_dir: Path) -> dict[str, Any]:
     return ledger.read(run_dir)
 
 
-def last_progress(folder: Path) -> dict[str, Any]:
-    """The newest train record and the start-up time from a stage's metrics.jsonl."""
+def last_progress(folder: Path, launched: str | None) -> dict[str, Any]:
+    """The newest train step, and the start-up time (launch -> first step) of the attempt launched at `launched`."""
     out: dict[str, Any] = {}
     try:
         lines = (folder / "metrics.jsonl").read_text().splitlines()
@@ -37,17 +38,17 @@ def last_progress(folder: Path) -> dict[str, Any]:
             continue  # a line cut by a crash
         if rec.get("event") == "train":
             out["step"] = rec.get("step")
-        elif rec.get("event") == "first_step":
-            out["startup_s"] = rec.get("startup_s")
+        elif rec.get("event") == "first_step" and launched and "time" in rec:
+            out["startup_s"] = rec["time"] - dt.datetime.fromisoformat(launched).timestamp()
     return out
 
 
 def status(run_dir: Path) -> str:
     data = _load(run_dir)
-    rows = [("stage", "kind", "state", "steps", "metrics", "input -> output", "tries", "start-up")]
+    rows = [("stage", "kind", "state", "steps", "metrics", "input -> output", "tries", "launch -> step 1")]
     for name, e in data["stages"].items():
         folder = stage_dir(run_dir, name)
-        progress = last_progress(folder)
+        progress = last_progress(folder, (e.get("attempts") or [{}])[-1].get("started"))
         steps = e.get("steps") if e.get("state") == "done" else progress.get("step")
         metrics = e.get("metrics") or {}
         shown = ", ".join(f"{k} {_num(metrics[k])}" for k in METRIC_ORDER if k in metrics) or "-"
