@@ -102,6 +102,7 @@ def run_stage(step: Step, led: ledger.Ledger, run_dir: Path, backend: LocalBacke
     if step.action != "resume" or complete_checkpoint(folder, spec["fingerprint"]) is None:
         shutil.rmtree(folder, ignore_errors=True)  # a changed stage starts clean: no stale checkpoints
     folder.mkdir(parents=True, exist_ok=True)
+    (folder / "error.json").unlink(missing_ok=True)
     spec_path = folder / "spec.json"
     write_atomic(spec_path, json.dumps(spec, indent=2) + "\n")
 
@@ -128,6 +129,10 @@ def run_stage(step: Step, led: ledger.Ledger, run_dir: Path, backend: LocalBacke
         checkpoint = complete_checkpoint(folder, spec["fingerprint"])
         entry["state"] = "preempted" if checkpoint else "failed"
         outcome, ret = f"stopped at {checkpoint or 'no checkpoint'}; `baton run` again resumes", EX_TEMPFAIL
+    elif (bad_input := read_json(folder / "error.json")) is not None:
+        entry["state"] = "failed"
+        attempt["error"] = bad_input.get("message")
+        outcome, ret = f"bad input: {bad_input.get('message')}", 2
     else:
         entry["state"] = "failed"
         outcome, ret = f"failed with exit code {code}; logs in {folder / 'logs'}", code or 1
@@ -143,10 +148,16 @@ def inputs_of(spec: dict[str, Any]) -> dict[str, Any]:
     return refs | {"data": spec["data"]["digests"]}
 
 
-def read_result(folder: Path, fingerprint: str) -> dict[str, Any] | None:
+def read_json(path: Path) -> dict[str, Any] | None:
     try:
-        result = json.loads((folder / "result.json").read_text())
+        return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
+        return None
+
+
+def read_result(folder: Path, fingerprint: str) -> dict[str, Any] | None:
+    result = read_json(folder / "result.json")
+    if result is None:
         return None
     ok = result.get("status") == "done" and result.get("fingerprint") == fingerprint
     return result if ok else None

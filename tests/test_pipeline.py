@@ -111,3 +111,24 @@ def test_changed_settings_rerun_that_stage_and_its_descendants_only(tiny_run: di
     assert attempts(run_dir) == {"tokenizer": 1, "pretrain": 2, "finetune": 3}
     assert stages["pretrain"]["output"]["digest"] != old_pretrain
     assert stages["finetune"]["inputs"]["init"]["digest"] == stages["pretrain"]["output"]["digest"]
+
+
+def test_bad_input_found_by_a_stage_exits_2(tiny_run: dict[str, Path], hf_env: dict[str, str], tmp_path: Path) -> None:
+    """A column missing from the data is found inside the stage, under torchrun; baton still says 2 and why."""
+    final = tiny_run["run_dir"] / "stages" / "pretrain" / "final"
+    manifest = tmp_path / "bad.yaml"
+    manifest.write_text(f"""version: 1
+run: {{name: bad}}
+defaults: {{launcher: {{nproc_per_node: 2}}}}
+stages:
+  - name: finetune
+    kind: classify
+    init: {{pretrained: {final}}}
+    data: {{train: {tiny_run['root'] / 'data' / 'train.jsonl'}, text_field: definition}}
+    train: {{max_steps: 2, micro_batch_size: 4}}
+""")
+    proc = baton("run", manifest, "--run-dir", tmp_path / "run", env=hf_env, check=False)
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "bad input: data.text_field: column 'definition'" in proc.stdout
+    entry = ledger(tmp_path / "run")["stages"]["finetune"]
+    assert entry["state"] == "failed" and "definition" in entry["attempts"][0]["error"]

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 
 from launcher.files import write_json
 from stages.runtime import dist, signals
@@ -32,6 +34,10 @@ def run(main: Callable[[Spec, Dist], int]) -> None:
     except SpecError as e:
         if dist.is_main():
             print(f"baton stage error: {e}", file=sys.stderr)
+            # torchrun reports any failing rank as its own exit 1; this file tells the launcher it was bad input
+            stage_dir = json.loads(Path(args.spec).read_text()).get("stage_dir") if Path(args.spec).is_file() else None
+            if stage_dir and Path(stage_dir).is_dir():
+                write_json(Path(stage_dir) / "error.json", {"exit_code": EXIT_BAD_INPUT, "message": str(e)})
         dist.finish(EXIT_BAD_INPUT, sync=False)
     except BaseException:
         traceback.print_exc()
