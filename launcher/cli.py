@@ -25,6 +25,20 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument("--only", metavar="STAGE", help="consider this stage alone (its inputs must be done)")
     group.add_argument("--from", dest="start", metavar="STAGE", help="consider this stage and the ones after it")
 
+    p = sub.add_parser("submit", help="queue the stages the plan needs as Slurm jobs (afterok chain) and return")
+    p.add_argument("manifest", type=Path)
+    p.add_argument("--run-dir", type=Path, help="run folder (default: run.dir, or runs/<run.name>)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--only", metavar="STAGE", help="submit this stage alone (its inputs must be done)")
+    group.add_argument("--from", dest="start", metavar="STAGE", help="submit this stage and the ones after it")
+
+    p = sub.add_parser("cancel", help="cancel a run's queued and running Slurm jobs")
+    p.add_argument("run_dir", type=Path)
+
+    p = sub.add_parser("job")  # the body of a stage's sbatch job; not for people
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("stage")
+
     p = sub.add_parser("resume", help="run again the manifest a run folder was made from")
     p.add_argument("run_dir", type=Path)
 
@@ -54,6 +68,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "run":
         return pipeline.run(args.manifest, args.run_dir, args.dry_run, args.only, args.start)
+    if args.command in ("submit", "cancel", "job"):
+        from launcher.backends import slurm
+
+        if args.command == "submit":
+            return slurm.submit(args.manifest, args.run_dir, args.only, args.start)
+        if args.command == "cancel":
+            return slurm.cancel(args.run_dir)
+        return slurm.run_job(args.run_dir, args.stage)
     if args.command == "resume":
         return pipeline.resume(args.run_dir)
     if args.command == "status":

@@ -9,11 +9,13 @@ a dead process on this host is taken over.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,15 +48,16 @@ def read(run_dir: Path) -> dict[str, Any]:
 class Ledger:
     """The ledger of one run folder, held under its lock. Use as a context manager."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, wait_s: float = 0):
         self.run_dir = run_dir
         self.path = run_dir / LEDGER
         self.data: dict[str, Any] = {}
+        self.wait_s = wait_s  # how long to wait for another holder (jobs updating the ledger take turns)
         self._locked = False
 
     def __enter__(self) -> Ledger:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        _acquire(self.run_dir / LOCK)
+        _acquire(self.run_dir / LOCK, self.wait_s)
         self._locked = True
         try:
             self.data = read(self.run_dir)
@@ -71,23 +74,41 @@ class Ledger:
     def stage(self, name: str) -> dict[str, Any]:
         return self.data["stages"].setdefault(name, {"state": "pending", "attempts": []})
 
+    @contextlib.contextmanager
+    def edit(self) -> Iterator[Ledger]:
+        """Change the ledger and save it: under the lock this object holds (a driver), or else taking
+        the lock just for the change and reading the ledger afresh (a Slurm job, between long waits)."""
+        if self._locked:
+            yield self
+            self.save()
+            return
+        with self:
+            yield self
+            self.save()
+
     def save(self) -> None:
         assert self._locked, "the ledger is written only under its lock"
         self.data["updated"] = now()
         write_atomic(self.path, json.dumps(self.data, indent=2, sort_keys=False) + "\n")
 
 
-def _acquire(lock: Path) -> None:
+def _acquire(lock: Path, wait_s: float = 0) -> None:
     me = {"pid": os.getpid(), "host": socket.gethostname(), "since": now()}
-    for _ in range(2):
+    deadline = time.monotonic() + wait_s
+    takeovers = 0
+    while True:
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             holder = _holder(lock)
             dead_here = holder.get("host") == me["host"] and not _alive(holder.get("pid"))
             torn = not holder and time.time() - lock.stat().st_mtime > 10  # creator died before writing it
-            if dead_here or torn:
+            if (dead_here or torn) and takeovers < 2:
                 lock.unlink(missing_ok=True)  # left by a driver that died on this host
+                takeovers += 1
+                continue
+            if time.monotonic() < deadline:
+                time.sleep(0.2)
                 continue
             raise LedgerError(
                 f"{lock.parent}: another baton driver holds this run (pid {holder.get('pid')} on "
@@ -96,7 +117,6 @@ def _acquire(lock: Path) -> None:
         with os.fdopen(fd, "w") as f:
             json.dump(me, f)
         return
-    raise LedgerError(f"{lock}: could not take the run's lock")
 
 
 def _holder(lock: Path) -> dict[str, Any]:

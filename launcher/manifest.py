@@ -52,11 +52,36 @@ class DeepSpeedSettings(Strict):
     )
 
 
+class SlurmSettings(Strict):
+    """sbatch settings; a stage's values override defaults.slurm field by field."""
+
+    partition: str | None = Field(None, description="Partition (--partition).")
+    account: str | None = Field(None, description="Account to charge (--account).")
+    qos: str | None = Field(None, description="Quality of service (--qos).")
+    constraint: str | None = Field(None, description="Node features (--constraint).")
+    time: str | None = Field(None, description="Time limit, as sbatch takes it: minutes, HH:MM:SS or D-HH:MM:SS.")
+    mem: str | None = Field(None, description="Memory per node (--mem), e.g. 64G.")
+    cpus_per_task: int | None = Field(None, ge=1, description="CPUs for each node's torchrun (--cpus-per-task).")
+    gpus_per_node: int | None = Field(None, ge=0, description="GPUs per node (--gpus-per-node); default none.")
+    extra: dict[str, str | int | None] | None = Field(
+        None, description="More sbatch flags: {flag: value}, or {flag: null} for a bare flag such as exclusive."
+    )
+    preamble: str | None = Field(
+        None, description="A shell file (relative to the manifest) pasted into the job script before baton starts: "
+        "module loads, environment activation."
+    )
+    signal_before_s: int | None = Field(None, ge=10, description="Seconds before the time limit that Slurm warns the "
+                                        "stage (USR1), so it checkpoints and requeues. Default 120.")
+    max_requeues: int | None = Field(None, ge=0, description="How often a preempted or timed-out stage requeues itself. "
+                                     "Default 3.")
+
+
 class Defaults(Strict):
     launcher: LauncherSettings = Field(default_factory=LauncherSettings, description="How many processes and nodes.")
     deepspeed: DeepSpeedSettings = Field(default_factory=DeepSpeedSettings, description="DeepSpeed config and overrides.")
     seed: int | None = Field(None, description="Seed for model init, data order, masking and dropout. Default 1234.")
     precision: Literal["fp32", "bf16", "fp16"] | None = Field(None, description="Training precision. Default fp32.")
+    slurm: SlurmSettings = Field(default_factory=SlurmSettings, description="sbatch settings for `baton submit`.")
 
 
 class Init(Strict):
@@ -151,6 +176,7 @@ class StageBase(Strict):
     deepspeed: DeepSpeedSettings = Field(default_factory=DeepSpeedSettings, description="Overrides defaults.deepspeed.")
     seed: int | None = Field(None, description="Overrides defaults.seed.")
     precision: Literal["fp32", "bf16", "fp16"] | None = Field(None, description="Overrides defaults.precision.")
+    slurm: SlurmSettings = Field(default_factory=SlurmSettings, description="Overrides defaults.slurm, field by field.")
     data: Data = Field(description="What the stage reads.")
 
 

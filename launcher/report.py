@@ -46,6 +46,12 @@ def last_progress(folder: Path, launched: str | None) -> dict[str, Any]:
 def status(run_dir: Path) -> str:
     data = _load(run_dir)
     rows = [("stage", "kind", "state", "steps", "metrics", "input -> output", "tries", "launch -> step 1")]
+    jobs: dict[str, str] = {}
+    if any(e.get("slurm") for e in data["stages"].values()):
+        from launcher.backends.slurm import slurm_column
+
+        jobs = slurm_column(data["stages"])
+        rows[0] += ("slurm",)
     for name, e in data["stages"].items():
         folder = stage_dir(run_dir, name)
         progress = last_progress(folder, (e.get("attempts") or [{}])[-1].get("started"))
@@ -56,8 +62,9 @@ def status(run_dir: Path) -> str:
         inputs = [i for i in dict.fromkeys(inputs) if i != "-"] or ["data"]
         io = f"{','.join(inputs)} -> {short((e.get('output') or {}).get('digest'))}"
         startup = f"{progress['startup_s']:.1f} s" if progress.get("startup_s") is not None else "-"
-        rows.append((name, e.get("kind", "?"), e.get("state", "?"), str(steps if steps is not None else "-"),
-                     shown, io, str(len(e.get("attempts", []))), startup))
+        row = (name, e.get("kind", "?"), e.get("state", "?"), str(steps if steps is not None else "-"),
+               shown, io, str(len(e.get("attempts", []))), startup)
+        rows.append(row + ((jobs.get(name, "-"),) if jobs else ()))
     return f"run {data.get('run', '?')}  ({run_dir})\n" + _table(rows)
 
 

@@ -35,6 +35,7 @@ class Resolved:
     upstream: tuple[str, ...]  # stages whose final/ this stage reads
     base: dict[str, Any]  # the spec without run paths and upstream digests
     ds_source: str  # where the DeepSpeed config came from, for messages
+    slurm: dict[str, Any]  # sbatch settings (not part of the fingerprint: where a stage runs does not change it)
 
     @property
     def world_size(self) -> int:
@@ -113,7 +114,23 @@ def _resolve_stage(loaded: Loaded, i: int, stage: TokenizerStage | MlmStage | Cl
             "deepspeed": dsconfig.fill(merged, train, precision, world, ds_source),
         }
         upstream = [r.from_ for r in (stage.init, stage.tokenizer) if r is not None and r.from_ is not None]
-    return Resolved(i, stage.name, stage.kind, nproc, nnodes, tuple(dict.fromkeys(upstream)), spec, ds_source)
+    slurm = _slurm(loaded, i, stage, base_dir)
+    return Resolved(i, stage.name, stage.kind, nproc, nnodes, tuple(dict.fromkeys(upstream)), spec, ds_source, slurm)
+
+
+SLURM_DEFAULTS = {"signal_before_s": 120, "max_requeues": 3}
+
+
+def _slurm(loaded: Loaded, i: int, stage: Any, base_dir: Path) -> dict[str, Any]:
+    own = stage.slurm.model_dump(exclude_none=True)
+    merged = SLURM_DEFAULTS | loaded.manifest.defaults.slurm.model_dump(exclude_none=True) | own
+    if "preamble" in merged:
+        path = (base_dir / merged["preamble"]).resolve()
+        if not path.is_file():
+            where = ("stages", i, "slurm", "preamble") if "preamble" in own else ("defaults", "slurm", "preamble")
+            raise ConfigError(f"{loaded.where(where)}: preamble file not found: {path}")
+        merged["preamble"] = str(path)
+    return merged
 
 
 def _data(loaded: Loaded, i: int, stage: Any, base_dir: Path) -> dict[str, Any]:

@@ -24,17 +24,11 @@ PR_SET_PDEATHSIG = 1
 
 class LocalBackend:
     name = "local"
+    stop_signal = signal.SIGTERM  # what the driver sends its child to ask for checkpoint-and-exit
 
-    def command(self, kind: str, spec_path: Path, nproc_per_node: int, log_dir: Path) -> list[str]:
-        return [
-            sys.executable, "-m", "torch.distributed.run",
-            "--standalone", "--nnodes", "1", "--nproc-per-node", str(nproc_per_node),
-            "--max-restarts", "0",
-            "--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
-            "--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S),
-            "--log-dir", str(log_dir), "--tee", "3", "--local-ranks-filter", "0",
-            "-m", f"stages.{kind}", "--spec", str(spec_path),
-        ]
+    def command(self, kind: str, spec_path: Path, nproc_per_node: int, log_dir: Path, nnodes: int = 1) -> list[str]:
+        assert nnodes == 1, "the local back-end runs one node"
+        return torchrun(["--standalone", "--nnodes", "1"], kind, spec_path, nproc_per_node, log_dir)
 
     def launch(self, argv: list[str]) -> tuple[int, bool]:
         """Run `argv` to the end; return (exit code, whether a signal asked it to stop)."""
@@ -54,7 +48,7 @@ class LocalBackend:
             interrupted = True
             print(f"baton: {signal.Signals(signum).name}: asking the stage to checkpoint and stop "
                   "(again to kill)", file=sys.stderr, flush=True)
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(self.stop_signal)
 
         previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
         try:
@@ -62,6 +56,18 @@ class LocalBackend:
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+
+
+def torchrun(rendezvous: list[str], kind: str, spec_path: Path, nproc_per_node: int, log_dir: Path) -> list[str]:
+    """The torchrun command of a stage, given how its nodes meet."""
+    return [
+        sys.executable, "-m", "torch.distributed.run", *rendezvous,
+        "--nproc-per-node", str(nproc_per_node), "--max-restarts", "0",
+        "--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
+        "--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S),
+        "--log-dir", str(log_dir), "--tee", "3", "--local-ranks-filter", "0",
+        "-m", f"stages.{kind}", "--spec", str(spec_path),
+    ]
 
 
 def _die_with_parent() -> None:
