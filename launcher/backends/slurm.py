@@ -108,13 +108,16 @@ def submit(manifest: Path, run_dir: Path | None = None, only: str | None = None,
 
 def write_script(r: Resolved, run_dir: Path) -> Path:
     folder = stage_dir(run_dir, r.name) / "slurm"
+    if "%" in str(folder):
+        raise ConfigError(f"{folder}: Slurm reads % in a log path as a pattern (%j, %N …); "
+                          "use a run folder and stage name without %")
     folder.mkdir(parents=True, exist_ok=True)
     preamble = Path(r.slurm["preamble"]).read_text() if r.slurm.get("preamble") else ""
     try:
         text = sbatch.render(
             job_name=f"baton.{r.base['run_name']}.{r.name}",
             nodes=r.nnodes,
-            output=str(folder).replace("%", "%%") + "/job-%j.out",
+            output=f"{folder}/job-%j.out",
             settings=r.slurm,
             command=[sys.executable, "-m", "launcher.cli", "job", str(run_dir), r.name],
             preamble=preamble,
