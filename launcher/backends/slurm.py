@@ -189,6 +189,13 @@ def job_states(job_ids: list[str]) -> dict[str, tuple[str, str]]:
         if "JobState" in fields:
             reason = fields.get("Reason", "")
             states[job] = (fields["JobState"], "" if reason in ("None", "(null)") else reason)
+    forgotten = [job for job in job_ids if job not in states]
+    if forgotten and shutil.which("sacct"):  # finished long ago: only accounting remembers, where it runs
+        out = subprocess.run(["sacct", "-X", "-n", "-P", "-j", ",".join(forgotten), "-o", "JobID,State,Reason"],
+                             capture_output=True, text=True)
+        for line in out.stdout.splitlines() if out.returncode == 0 else []:
+            job, state, reason = (line.split("|") + ["", ""])[:3]
+            states[job] = (state, "" if reason in ("None", "(null)") else reason)
     return states
 
 
