@@ -7,6 +7,7 @@ and raises them together as one ConfigError.
 
 from __future__ import annotations
 
+import os
 import types
 import typing
 from pathlib import Path
@@ -288,7 +289,11 @@ def check_references(loaded: Loaded) -> list[str]:
             files = getattr(stage.data, key)
             for j, name in enumerate([files] if isinstance(files, str) else files or []):
                 path = ("stages", i, "data", key) + ((j,) if isinstance(files, list) else ())
-                if not (base / name).is_file():
+                if os.path.expanduser(os.path.expandvars(name)) != name:
+                    # datasets expands $VAR and ~ in data file paths, where the manifest means them literally
+                    problems.append(f"{loaded.where(path)}: {name!r}: $VAR and ~ are not allowed in data paths "
+                                    "(the data loader would expand them)")
+                elif not (base / name).is_file():
                     problems.append(f"{loaded.where(path)}: data file not found: {base / name}")
         seen[stage.name] = stage.kind
     return problems

@@ -145,7 +145,9 @@ def run_stage(step: Step, led: ledger.Ledger, run_dir: Path, backend: LocalBacke
         entry = led.stage(r.name)
         attempt = entry["attempts"][-1]
         attempt.update(ended=ledger.now(), exit_code=code, wall_s=round(time.monotonic() - t0, 1))
-        if code == 0 and result is not None:
+        if entry["state"] == "cancelled":  # `baton cancel` stopped it: that is the story, whatever the exit
+            outcome, ret = "cancelled", code or EX_TEMPFAIL
+        elif code == 0 and result is not None:
             entry.update(state="done", output=result["output"], metrics=result.get("metrics"), steps=result.get("steps"))
             outcome, ret = "done", 0
         elif (interrupted or code == EX_TEMPFAIL) and checkpoint:

@@ -156,9 +156,13 @@ def run_job(run_dir: Path, name: str) -> int:
     code = run_stage(step, led, run_dir, SrunBackend(), attempt_info=info)
     if code != 75:
         return code
+    state, _ = job_states([job_id]).get(job_id, ("", ""))
     with led.edit():
         entry = led.stage(name)
-        if entry.get("state") == "cancelled":
+        if entry["state"] == "cancelled":
+            return code
+        if state != "RUNNING":  # Slurm is ending the job (scancel, a requeue by hand): leave it to Slurm
+            print(f"== {name}: job {job_id} is {state or 'gone'}; not requeueing it", flush=True)
             return code
         if restart >= r.slurm["max_requeues"]:
             print(f"== {name}: stopped {restart + 1} times; max_requeues {r.slurm['max_requeues']} spent", flush=True)

@@ -1,0 +1,443 @@
+"""The Slurm back-end end to end, on a real one-node cluster (the `slurm_cluster` fixture).
+
+`baton submit` queues one sbatch job per stage; inside each job baton runs the stage
+with srun + torchrun and keeps the ledger. These tests wait for the jobs by reading
+the ledger and `scontrol show job`, interrupt them the ways a cluster does (requeue,
+the time-limit warning USR1), and compare against local `baton run`s of the same
+manifests: the same lineage, and bitwise the same weights after a resume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, TINY_BERT, baton, write_data
+
+pytestmark = [pytest.mark.slow, pytest.mark.slurm]
+
+STEPS = 300  # long enough (about 15 s) to interrupt mid-run, checkpoint every CKPT steps
+CKPT = 30
+SLURM_DEFAULTS = """  slurm:
+    partition: debug
+    time: "00:10:00"
+    mem: 2G
+    cpus_per_task: 2
+    extra: {comment: "baton test"}"""
+
+
+# ----------------------------------------------------------------- helpers
+
+
+def ledger(run_dir: Path) -> dict:
+    return json.loads((run_dir / "ledger.json").read_text())
+
+
+def show_job(job_id: str, env: dict[str, str]) -> dict[str, str]:
+    """`scontrol show job` as a dict ({} once Slurm has forgotten the job)."""
+    out = subprocess.run(["scontrol", "-o", "show", "job", job_id], env=env, capture_output=True, text=True)
+    return dict(re.findall(r"(\w+)=(\S*)", out.stdout)) if out.returncode == 0 else {}
+
+
+def describe(run_dir: Path, env: dict[str, str]) -> str:
+    """Everything that explains a stuck or failed run: ledger, queue, each job's output."""
+    parts = [f"--- {run_dir / 'ledger.json'}"]
+    try:
+        parts.append((run_dir / "ledger.json").read_text()[-6000:])
+    except OSError as e:
+        parts.append(str(e))
+    squeue = subprocess.run(["squeue", "-o", "%i %j %T %r"], env=env, capture_output=True, text=True)
+    parts += ["--- squeue", squeue.stdout + squeue.stderr]
+    for out in sorted(run_dir.glob("stages/*/slurm/job-*.out")):
+        parts += [f"--- {out}", out.read_text(errors="replace")[-4000:]]
+    return "\n".join(parts)
+
+
+def submit(manifest: Path, run_dir: Path, env: dict[str, str], cwd: Path) -> dict[str, str]:
+    """`baton submit`; returns {stage: job id} from its output."""
+    t0 = time.monotonic()
+    out = baton("submit", manifest, "--run-dir", run_dir, env=env, cwd=cwd, timeout=120).stdout
+    jobs = dict(re.findall(r"^submitted (.+): job (\d+)$", out, re.M))
+    assert jobs, out
+    print(f"submit took {time.monotonic() - t0:.1f} s: {jobs}")
+    return jobs
+
+
+ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+
+
+def wait_states(run_dir: Path, env: dict[str, str], want: dict[str, set[str]], timeout: float = 300) -> dict:
+    """Poll the ledger until every named stage is in one of its wanted states, or until Slurm has ended
+    the jobs of those that are not (twice in a row: a requeue passes through short states); then return
+    the ledger's stages. Fail with the whole story after `timeout`."""
+    deadline = time.monotonic() + timeout
+    ended_before = False
+    while time.monotonic() < deadline:
+        if (run_dir / "ledger.json").exists():
+            stages = ledger(run_dir)["stages"]
+            waiting = [n for n, states in want.items() if stages.get(n, {}).get("state") not in states]
+            if not waiting:
+                return stages
+            jobs = [(stages.get(n, {}).get("slurm") or {}).get("job_id") for n in waiting]
+            ended = all(job and show_job(job, env).get("JobState") in ENDED for job in jobs)
+            if ended and ended_before:
+                return ledger(run_dir)["stages"]
+            ended_before = ended
+        time.sleep(1)
+    raise AssertionError(f"stages not {want} after {timeout} s\n{describe(run_dir, env)}")
+
+
+def job_end(job_id: str, env: dict[str, str], timeout: float = 60) -> dict[str, str]:
+    """`scontrol show job` once the job has ended (the ledger is final a moment before the job exits)."""
+    deadline = time.monotonic() + timeout
+    while (job := show_job(job_id, env)).get("JobState") not in ENDED and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return job
+
+
+def wait_for_checkpoint(run_dir: Path, stage: str, env: dict[str, str], min_step: int, timeout: float = 240) -> int:
+    """The step of the newest complete checkpoint once it is at least `min_step` (the stage must still run)."""
+    latest = run_dir / "stages" / stage / "ckpt" / "LATEST"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if latest.exists():
+            tag = latest.read_text().strip()
+            try:
+                step = json.loads((latest.parent / tag / "COMPLETE").read_text())["step"]
+            except (OSError, ValueError):  # replaced under our feet by a newer one
+                continue
+            if step >= min_step:
+                return step
+        state = ledger(run_dir)["stages"].get(stage, {}).get("state") if (run_dir / "ledger.json").exists() else None
+        assert state in (None, "queued", "running"), f"stage left before an interruption\n{describe(run_dir, env)}"
+        time.sleep(0.05)
+    raise AssertionError(f"no complete checkpoint at step >= {min_step}\n{describe(run_dir, env)}")
+
+
+def lineage(run_dir: Path) -> dict[str, dict]:
+    """Per stage: fingerprint, the digests of its inputs (paths of upstream folders differ by run) and of its output."""
+    out = {}
+    for name, e in ledger(run_dir)["stages"].items():
+        inputs = {k: v["digest"] for k, v in e["inputs"].items() if k != "data"}
+        out[name] = {"fingerprint": e["fingerprint"], "inputs": inputs, "data": e["inputs"]["data"],
+                     "output": e["output"]["digest"]}
+    return out
+
+
+def final_weights(run_dir: Path, stage: str = "mlm") -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(run_dir / "stages" / stage / "final" / "model.safetensors")
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    import torch
+
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"weights differ (bitwise) in {different[:5]}"
+
+
+def assert_slurm_attempts(entry: dict, job_id: str) -> None:
+    assert entry["slurm"]["job_id"] == job_id
+    assert entry["slurm"]["job_ids"] == [job_id]
+    for attempt in entry["attempts"]:
+        assert attempt["backend"] == "slurm" and str(attempt["job_id"]) == job_id, attempt
+
+
+def job_log(run_dir: Path, stage: str, job_id: str) -> str:
+    return (run_dir / "stages" / stage / "slurm" / f"job-{job_id}.out").read_text(errors="replace")
+
+
+# ----------------------------------------------------------------- manifests and shared runs
+
+
+def two_stage_manifest() -> str:
+    return f"""version: 1
+run: {{name: slurm-two}}
+defaults:
+  launcher: {{nproc_per_node: 2}}
+  deepspeed: {{config: zero2}}
+  seed: 7
+{SLURM_DEFAULTS}
+stages:
+  - name: tokenizer
+    kind: tokenizer
+    data: {{train: data/pretrain.txt}}
+    sentencepiece: {{vocab_size: 600}}
+  - name: mlm
+    kind: mlm
+    init:
+{TINY_BERT}
+    tokenizer: {{from: tokenizer}}
+    data: {{train: data/pretrain.txt, eval: data/pretrain_eval.txt, max_length: 32}}
+    train: {{max_steps: 24, micro_batch_size: 16, lr: 1.0e-3, warmup_steps: 4}}
+    checkpoint: {{every_steps: 8, keep_last: 2}}
+    slurm: {{time: "00:15:00"}}
+"""
+
+
+def long_mlm_manifest(tokenizer: Path) -> str:
+    return f"""version: 1
+run: {{name: slurm-long}}
+defaults:
+  launcher: {{nproc_per_node: 2}}
+  deepspeed: {{config: zero2}}
+  seed: 11
+{SLURM_DEFAULTS}
+stages:
+  - name: mlm
+    kind: mlm
+    init:
+{TINY_BERT}
+    tokenizer: {{pretrained: {json.dumps(str(tokenizer))}}}
+    data: {{train: data/pretrain.txt, max_length: 32}}
+    train: {{max_steps: {STEPS}, micro_batch_size: 8, grad_accum: 2, lr: 1.0e-3, warmup_steps: 5, schedule: cosine,
+             log_every: 50}}
+    checkpoint: {{every_steps: {CKPT}, keep_last: 2}}
+    eval: {{at_end: false}}
+"""
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("slurm-e2e")
+    write_data(folder / "data")
+    (folder / "two.yaml").write_text(two_stage_manifest())
+    return folder
+
+
+@pytest.fixture(scope="module")
+def local_two(root: Path, hf_env: dict[str, str]) -> Path:
+    """The two-stage manifest run locally (`baton run`): the lineage to match, and a tokenizer to share."""
+    run_dir = root / "local-two"
+    baton("run", root / "two.yaml", "--run-dir", run_dir, env=hf_env)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def long_mlm(root: Path, local_two: Path, hf_env: dict[str, str]) -> dict:
+    """A one-stage mlm manifest long enough to interrupt, and the weights of its uninterrupted local run."""
+    manifest = root / "long.yaml"
+    manifest.write_text(long_mlm_manifest(local_two / "stages" / "tokenizer" / "final"))
+    run_dir = root / "local-long"
+    baton("run", manifest, "--run-dir", run_dir, env=hf_env)
+    return {"manifest": manifest, "weights": final_weights(run_dir)}
+
+
+# ----------------------------------------------------------------- tests
+
+
+def test_submitted_pipeline_has_the_lineage_of_a_local_run(slurm_cluster: dict, root: Path, local_two: Path) -> None:
+    env = slurm_cluster["env"]
+    run_dir = root / "slurm-two"
+    jobs = submit(root / "two.yaml", run_dir, env, cwd=root)
+    assert list(jobs) == ["tokenizer", "mlm"]
+
+    queued = ledger(run_dir)["stages"]
+    for name, job_id in jobs.items():
+        slurm = queued[name]["slurm"]
+        assert slurm["job_id"] == job_id and slurm["job_ids"] == [job_id]
+        assert slurm["script"] == str(run_dir / "stages" / name / "slurm" / "job.sbatch")
+        assert Path(slurm["script"]).is_file()
+    # the chain and the manifest's settings as Slurm sees them (defaults.slurm, mlm overriding the time)
+    mlm = show_job(jobs["mlm"], env)
+    assert f"afterok:{jobs['tokenizer']}" in mlm.get("Dependency", "") or mlm.get("JobState") != "PENDING", mlm
+    for name, limit in (("tokenizer", "00:10:00"), ("mlm", "00:15:00")):
+        job = show_job(jobs[name], env)
+        assert job["TimeLimit"] == limit and job["Partition"] == "debug", job
+        assert job["MinMemoryNode"] == "2G" and job["MinCPUsNode"] == "2", job
+        assert job["Requeue"] == "1", job
+
+    stages = wait_states(run_dir, env, {"tokenizer": {"done", "failed"}, "mlm": {"done", "failed"}})
+    assert {n: e["state"] for n, e in stages.items()} == {"tokenizer": "done", "mlm": "done"}, describe(run_dir, env)
+    for name, job_id in jobs.items():
+        assert_slurm_attempts(stages[name], job_id)
+        assert stages[name]["attempts"][-1]["outcome"] == "done"
+        assert stages[name]["attempts"][-1]["restart"] == 0
+        assert job_log(run_dir, name, job_id).strip(), f"job {job_id} wrote no output"
+    for job_id in jobs.values():  # Slurm agrees: both jobs completed with exit code 0
+        job = job_end(job_id, env)
+        assert job.get("JobState") == "COMPLETED" and job.get("ExitCode") == "0:0", job
+
+    assert lineage(run_dir) == lineage(local_two)
+    status = baton("status", run_dir, env=env).stdout
+    assert "slurm" in status.splitlines()[1] and f"{jobs['mlm']} COMPLETED" in status, status
+
+
+def test_requeue_mid_training_resumes_to_the_same_weights(slurm_cluster: dict, root: Path, long_mlm: dict) -> None:
+    env = slurm_cluster["env"]
+    run_dir = root / "slurm-requeue"
+    job_id = submit(long_mlm["manifest"], run_dir, env, cwd=root)["mlm"]
+    step = wait_for_checkpoint(run_dir, "mlm", env, min_step=CKPT)
+    subprocess.run(["scontrol", "requeue", job_id], env=env, check=True)
+
+    entry = wait_states(run_dir, env, {"mlm": {"done", "failed"}})["mlm"]
+    story = describe(run_dir, env)
+    assert entry["state"] == "done", story
+    assert_slurm_attempts(entry, job_id)
+    last = entry["attempts"][-1]
+    assert last["restart"] == 1 and last["outcome"] == "done", story
+    assert last["resumed_from"] is not None and int(last["resumed_from"].removeprefix("step")) >= step, story
+    assert int(last["resumed_from"].removeprefix("step")) < STEPS
+    assert job_log(run_dir, "mlm", job_id).count("== mlm (mlm):") >= 2, "the requeued run did not append to the log"
+    assert job_end(job_id, env).get("Restarts") == "1"
+    assert_same_weights(long_mlm["weights"], final_weights(run_dir))
+
+
+def test_usr1_warning_checkpoints_requeues_and_resumes(slurm_cluster: dict, root: Path, long_mlm: dict) -> None:
+    env = slurm_cluster["env"]
+    run_dir = root / "slurm-usr1"
+    job_id = submit(long_mlm["manifest"], run_dir, env, cwd=root)["mlm"]
+    wait_for_checkpoint(run_dir, "mlm", env, min_step=CKPT)
+    # what Slurm sends signal_before_s before the time limit (--signal=B:USR1@...), sent now
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], env=env, check=True)
+
+    entry = wait_states(run_dir, env, {"mlm": {"done", "failed"}})["mlm"]
+    story = describe(run_dir, env)
+    assert entry["state"] == "done", story
+    assert_slurm_attempts(entry, job_id)
+    outcomes = [(a["restart"], a["outcome"]) for a in entry["attempts"]]
+    assert outcomes == [(0, "requeued"), (1, "done")], story
+    records = [json.loads(line) for line in (run_dir / "stages/mlm/metrics.jsonl").read_text().splitlines()]
+    stop = [r for r in records if r["event"] == "stop"]
+    assert len(stop) == 1 and stop[0]["step"] < STEPS, story
+    assert entry["attempts"][1]["resumed_from"] == f"step{stop[0]['step']:08d}", story
+    assert_same_weights(long_mlm["weights"], final_weights(run_dir))
+
+
+def test_failed_stage_gets_its_dependant_cancelled(slurm_cluster: dict, root: Path, local_two: Path) -> None:
+    env = slurm_cluster["env"]
+    tokenizer = local_two / "stages" / "tokenizer" / "final"
+    manifest = root / "bad.yaml"
+    manifest.write_text(f"""version: 1
+run: {{name: slurm-bad}}
+defaults:
+  launcher: {{nproc_per_node: 2}}
+{SLURM_DEFAULTS}
+stages:
+  - name: bad
+    kind: classify
+    init:
+{TINY_BERT}
+    tokenizer: {{pretrained: {json.dumps(str(tokenizer))}}}
+    data: {{train: data/train.jsonl, text_field: definition, max_length: 32}}
+    train: {{max_steps: 2, micro_batch_size: 4}}
+  - name: after
+    kind: classify
+    init: {{from: bad}}
+    data: {{train: data/train.jsonl, max_length: 32}}
+    train: {{max_steps: 2, micro_batch_size: 4}}
+""")
+    run_dir = root / "slurm-bad"
+    jobs = submit(manifest, run_dir, env, cwd=root)
+    stages = wait_states(run_dir, env, {"bad": {"done", "failed"}}, timeout=180)
+    story = describe(run_dir, env)
+    assert stages["bad"]["state"] == "failed", story
+    assert "definition" in (stages["bad"]["attempts"][-1].get("error") or ""), story
+    assert job_end(jobs["bad"], env).get("JobState") == "FAILED", story
+
+    deadline = time.monotonic() + 60  # kill_invalid_depend: Slurm cancels the dependant, it does not pend forever
+    while show_job(jobs["after"], env).get("JobState") == "PENDING" and time.monotonic() < deadline:
+        time.sleep(1)
+    after = show_job(jobs["after"], env)
+    assert after.get("JobState") == "CANCELLED", f"{after}\n{describe(run_dir, env)}"
+    pending = subprocess.run(["squeue", "-h", "-j", ",".join(jobs.values())], env=env, capture_output=True, text=True)
+    assert not pending.stdout.strip(), pending.stdout
+    status = baton("status", run_dir, env=env).stdout
+    assert f"{jobs['after']} CANCELLED" in status and f"{jobs['bad']} FAILED" in status, status
+    assert ledger(run_dir)["stages"]["after"]["attempts"] == []  # it never ran
+
+
+def test_shell_metacharacters_in_names_and_paths_reach_no_shell(slurm_cluster: dict, root: Path, local_two: Path,
+                                                                 tmp_path: Path) -> None:
+    env = slurm_cluster["env"]
+    stage = "x$(touch PWNED);y"
+    data = tmp_path / "d a't\"a$(touch PWNED)"
+    data.mkdir()
+    lines = (root / "data" / "pretrain.txt").read_text().splitlines()
+    (data / "pretrain.txt").write_text("\n".join(lines[:600]) + "\n")
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(f"""version: 1
+run: {{name: "q`touch PWNED`"}}
+defaults:
+  launcher: {{nproc_per_node: 2}}
+{SLURM_DEFAULTS}
+stages:
+  - name: {json.dumps(stage)}
+    kind: tokenizer
+    data: {{train: {json.dumps(str(data / 'pretrain.txt'))}}}
+    sentencepiece: {{vocab_size: 300}}
+  - name: "m;`touch PWNED` $(touch PWNED)"
+    kind: mlm
+    init:
+{TINY_BERT}
+    tokenizer: {{from: {json.dumps(stage)}}}
+    data: {{train: {json.dumps(str(data / 'pretrain.txt'))}, max_length: 32}}
+    train: {{max_steps: 4, micro_batch_size: 8}}
+    eval: {{at_end: false}}
+""")
+    run_dir = tmp_path / "run $(touch PWNED) 'r' $HOME"
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    jobs = submit(manifest, run_dir, env, cwd=cwd)
+    assert len(jobs) == 2 and stage in jobs, jobs
+    stages = wait_states(run_dir, env, {name: {"done", "failed"} for name in jobs})
+    story = describe(run_dir, env)
+    assert all(e["state"] == "done" for e in stages.values()), story
+    assert (run_dir / "stages" / stage / "final").is_dir()
+    assert list(stages[stage]["inputs"]["data"]) == [str(data / "pretrain.txt")]
+    for name, job_id in jobs.items():
+        assert stages[name]["slurm"]["script"] == str(run_dir / "stages" / name / "slurm" / "job.sbatch")
+        assert job_log(run_dir, name, job_id).strip()
+
+    found = []
+    deep = [tmp_path.parent, slurm_cluster["dir"], ROOT]  # pytest's temp folders (run, data, cwd, cluster), the repo
+    for top in deep:
+        for folder, dirs, files in os.walk(top):
+            dirs[:] = [d for d in dirs if not (folder == str(ROOT) and d in (".venv", ".git"))]
+            found += [Path(folder, f) for f in files + dirs if f == "PWNED"]
+    found += [p for top in (Path("/tmp"), Path.home(), Path("/")) for p in top.glob("PWNED")]
+    assert not found, f"a shell ran a name: {found}"
+
+
+def test_status_shows_the_queue_and_cancel_stops_the_run_for_good(slurm_cluster: dict, root: Path,
+                                                                 long_mlm: dict) -> None:
+    env = slurm_cluster["env"]
+    manifest = root / "cancel.yaml"
+    manifest.write_text(long_mlm["manifest"].read_text() + """  - name: after
+    kind: mlm
+    init: {from: mlm}
+    data: {train: data/pretrain.txt, max_length: 32}
+    train: {max_steps: 4, micro_batch_size: 8}
+""")
+    run_dir = root / "slurm-cancel"
+    jobs = submit(manifest, run_dir, env, cwd=root)
+    wait_for_checkpoint(run_dir, "mlm", env, min_step=CKPT)  # mid-training: the stage has something to save
+    status = baton("status", run_dir, env=env).stdout
+    assert f"{jobs['mlm']} RUNNING" in status and f"{jobs['after']} PENDING (Dependency)" in status, status
+
+    out = baton("cancel", run_dir, env=env).stdout
+    assert jobs["mlm"] in out and jobs["after"] in out, out
+    # the cancelled stage checkpoints on its way out but must not requeue itself (cred_expire is 10 s here)
+    seen: list[str] = []
+    deadline = time.monotonic() + 25
+    while time.monotonic() < deadline:
+        seen.append(show_job(jobs["mlm"], env).get("JobState", "?"))
+        time.sleep(1)
+    story = describe(run_dir, env)
+    first_end = next((i for i, s in enumerate(seen) if s in ENDED), None)
+    assert first_end is not None and set(seen[first_end:]) == {"CANCELLED"}, f"{seen}\n{story}"
+    assert job_end(jobs["after"], env).get("JobState") == "CANCELLED", story
+    pending = subprocess.run(["squeue", "-h", "-j", ",".join(jobs.values())], env=env, capture_output=True, text=True)
+    assert not pending.stdout.strip(), pending.stdout
+    states = {n: e["state"] for n, e in ledger(run_dir)["stages"].items()}
+    assert not set(states.values()) & {"queued", "running", "requeued"}, f"{states}\n{story}"
+    status = baton("status", run_dir, env=env).stdout
+    assert f"{jobs['mlm']} CANCELLED" in status and f"{jobs['after']} CANCELLED" in status, status
