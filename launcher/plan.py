@@ -24,11 +24,17 @@ class Step:
 
 
 def complete_checkpoint(stage_folder: Path, fingerprint: str | None) -> str | None:
-    """The newest complete checkpoint tag of a stage folder, if it was made with `fingerprint`."""
-    ckpt = stage_folder / "ckpt"
+    """The newest complete checkpoint tag of a stage folder, if it was made with `fingerprint`.
+
+    Like the stage, trust the COMPLETE markers rather than LATEST alone: a stage killed
+    between writing the two resumes from the newer one.
+    """
+    tags = sorted(p.parent.name for p in (stage_folder / "ckpt").glob("step*/COMPLETE"))
+    if not tags:
+        return None
+    tag = tags[-1]
     try:
-        tag = (ckpt / "LATEST").read_text().strip()
-        marker = json.loads((ckpt / tag / "COMPLETE").read_text())
+        marker = json.loads((stage_folder / "ckpt" / tag / "COMPLETE").read_text())
     except (OSError, json.JSONDecodeError):
         return None
     return tag if fingerprint is None or marker.get("fingerprint") == fingerprint else None

@@ -303,15 +303,26 @@ def test_interrupted_stage_with_complete_checkpoint_resumes(tmp_path: Path, run_
     assert "step00000200" in steps[1].reason
 
 
-@pytest.mark.parametrize("broken", ["other-fingerprint", "no-COMPLETE", "no-LATEST"])
+@pytest.mark.parametrize("broken", ["other-fingerprint", "no-COMPLETE"])
 def test_incomplete_or_foreign_checkpoint_is_not_resumed(tmp_path: Path, run_dir: Path, broken: str) -> None:
     stages = stages_of(write_manifest(tmp_path))
     ledger, fp = interrupt(stages, run_dir, "preempted")
-    marker = {"other-fingerprint": "sha256:" + "0" * 64, "no-COMPLETE": None, "no-LATEST": fp}[broken]
-    write_checkpoint(run_dir, "step00000200", marker, latest=broken != "no-LATEST")
+    marker = {"other-fingerprint": "sha256:" + "0" * 64, "no-COMPLETE": None}[broken]
+    write_checkpoint(run_dir, "step00000200", marker)
     steps = make_plan(stages, ledger, run_dir)
     assert actions(steps)["pre"] == "rerun"
     assert steps[1].resume_tag is None
+
+
+def test_a_complete_checkpoint_newer_than_latest_is_the_one_resumed(tmp_path: Path, run_dir: Path) -> None:
+    """Killed between COMPLETE and LATEST: the plan, like the stage, resumes from the newer complete one."""
+    stages = stages_of(write_manifest(tmp_path))
+    ledger, fp = interrupt(stages, run_dir, "running")
+    write_checkpoint(run_dir, "step00000100", fp)
+    write_checkpoint(run_dir, "step00000200", fp, latest=False)
+    write_checkpoint(run_dir, "step00000300", None, latest=False)  # a folder the kill left half-written
+    steps = make_plan(stages, ledger, run_dir)
+    assert actions(steps)["pre"] == "resume" and steps[1].resume_tag == "step00000200"
 
 
 def test_only_a_stage_whose_input_never_ran_is_refused(tmp_path: Path, run_dir: Path) -> None:
