@@ -19,7 +19,7 @@ demo: $(BIN)/.installed
 	$(BIN)/baton status runs/quickstart
 
 lint: $(BIN)/.installed
-	$(BIN)/ruff check launcher stages tests examples
+	$(BIN)/ruff check launcher stages tests examples bench
 
 test: lint
 	$(BIN)/python -m pytest -q --durations=10

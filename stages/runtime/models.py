@@ -37,6 +37,9 @@ def load_tokenizer(spec: Spec):
         raise SpecError(f"tokenizer.path: {ref.path}: cannot load a tokenizer: {e}") from None
     if tok.pad_token_id is None:
         raise SpecError(f"tokenizer.path: {ref.path}: the tokenizer has no pad token")
+    # transformers saves how it was loaded (offline or not) into tokenizer_config.json; the same
+    # tokenizer must give the same final/ digest wherever the stage ran
+    tok.init_kwargs.pop("local_files_only", None)
     return tok
 
 
