@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import shutil
 import sys
@@ -93,7 +94,7 @@ def run(manifest: Path, run_dir: Path | None = None, dry_run: bool = False,
             if step.action == "skip":
                 print(f"== {step.stage.name}: skip ({step.reason})")
                 continue
-            code = run_stage(step, led, run_dir, backend)
+            code = run_stage(step, led, run_dir, backend, {"job_id": os.environ["SLURM_JOB_ID"]} if nodes else None)
             if code != 0:
                 return code
     return 0

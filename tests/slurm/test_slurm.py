@@ -13,6 +13,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -441,3 +442,21 @@ def test_status_shows_the_queue_and_cancel_stops_the_run_for_good(slurm_cluster:
     assert not set(states.values()) & {"queued", "running", "requeued"}, f"{states}\n{story}"
     status = baton("status", run_dir, env=env).stdout
     assert f"{jobs['mlm']} CANCELLED" in status and f"{jobs['after']} CANCELLED" in status, status
+
+
+def test_whole_manifest_inside_one_allocation(slurm_cluster: dict, root: Path, local_two: Path) -> None:
+    """slurm/allocation.sbatch: `baton run` inside the job sees SLURM_JOB_ID and starts each stage with srun."""
+    env = slurm_cluster["env"] | {"BATON": str(Path(sys.executable).parent / "baton")}
+    run_dir = root / "allocation"
+    out = subprocess.run(["sbatch", "--parsable", "--cpus-per-task=2", f"--chdir={root}", "--output=allocation-%j.out",
+                          str(ROOT / "slurm" / "allocation.sbatch"), "two.yaml", "--run-dir", str(run_dir)],
+                         env=env, capture_output=True, text=True, check=True)
+    job_id = out.stdout.strip().split(";")[0]
+    job = job_end(job_id, env, timeout=300)
+    story = describe(run_dir, env) + (root / f"allocation-{job_id}.out").read_text(errors="replace")[-4000:]
+    assert job.get("JobState") == "COMPLETED", f"{job}\n{story}"
+    stages = ledger(run_dir)["stages"]
+    for entry in stages.values():
+        assert [(a["backend"], a["job_id"], a["outcome"]) for a in entry["attempts"]] == [("slurm", job_id, "done")]
+        assert entry["attempts"][0]["command"][0] == "srun", entry["attempts"][0]["command"]
+    assert lineage(run_dir) == lineage(local_two)
