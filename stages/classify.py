@@ -68,7 +68,7 @@ def main(spec: Spec, d: Dist) -> int:
     eval_labels = torch.tensor(label_ids(evalset, field, label2id, "eval")) if evalset is not None else None
 
     def batch_of(split, indices: list[int]) -> dict[str, torch.Tensor]:
-        return data.collate(split, indices, tokenizer.pad_token_id)
+        return dist.to_device(data.collate(split, indices, tokenizer.pad_token_id))
 
     # Model and engine; a complete checkpoint beats init.
     max_steps = engine.max_steps(spec.train, len(train))
@@ -91,7 +91,7 @@ def main(spec: Spec, d: Dist) -> int:
     def micro_step(keys: list[tuple[int, int]]) -> torch.Tensor:
         indices = [i for i, _ in keys]
         logits = net(**batch_of(train, indices)).logits
-        return F.cross_entropy(logits.float(), train_labels[indices])
+        return F.cross_entropy(logits.float(), train_labels[indices].to(logits.device))
 
     def evaluate(step: int, predictions_path: str | None = None) -> dict[str, float]:
         if evalset is None:
@@ -106,7 +106,7 @@ def main(spec: Spec, d: Dist) -> int:
                 # Padding rows (index -1) run through the model with zero weight: ZeRO-3 needs equal forward counts.
                 real = torch.tensor(indices) >= 0
                 safe = [max(i, 0) for i in indices]
-                logits = net(**batch_of(evalset, safe)).logits.float()
+                logits = net(**batch_of(evalset, safe)).logits.float().cpu()  # metrics on the CPU
                 labels, preds = eval_labels[safe], logits.argmax(-1)
                 loss_sum += (F.cross_entropy(logits, labels, reduction="none") * real).sum().double()
                 confusion += torch.bincount((labels * k + preds)[real], minlength=k * k).double()

@@ -116,7 +116,7 @@ def main(spec: Spec, d: Dist) -> int:
     )
 
     def micro_step(keys: list[tuple[int, int]]) -> torch.Tensor:
-        loss_sum, n = net(**batch_of(train, keys))
+        loss_sum, n = net(**dist.to_device(batch_of(train, keys)))
         return loss_sum / n
 
     def evaluate(step: int) -> dict[str, float]:
@@ -128,7 +128,7 @@ def main(spec: Spec, d: Dist) -> int:
             for indices in data.eval_shards(len(evalset), spec.train.micro_batch_size, d.world_size, d.rank):
                 batch = batch_of(evalset, [(max(i, 0), EVAL_EPOCH) for i in indices])
                 batch["labels"][torch.tensor(indices) < 0] = -100  # padding rows: forward pass only
-                loss_sum, n = net(**batch)
+                loss_sum, n = net(**dist.to_device(batch))
                 total += torch.tensor([loss_sum.item(), n.item()], dtype=torch.float64)
         dist.all_reduce_sum(total)
         loss = float(total[0] / total[1]) if total[1] else float("nan")

@@ -65,10 +65,19 @@ def barrier() -> None:
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """In place, and returned; a no-op on one rank."""
+    """In place, and returned; a no-op on one rank. Takes CPU tensors on any back-end (nccl reduces on the GPU)."""
     if _state is not None and _state.world_size > 1:
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+        buf = t.to(_state.device)
+        torch.distributed.all_reduce(buf, op=torch.distributed.ReduceOp.SUM)
+        if buf is not t:
+            t.copy_(buf)
     return t
+
+
+def to_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A collated batch (built on the CPU) on this rank's device."""
+    device = _state.device if _state is not None else torch.device("cpu")
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def all_gather_objects(obj: object) -> list[object]:
