@@ -6,6 +6,7 @@ absolute paths, the final DeepSpeed config, data digests, and the fingerprint.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -105,8 +106,8 @@ def _resolve_stage(loaded: Loaded, i: int, stage: TokenizerStage | MlmStage | Cl
         template = dsconfig.read_template(path, where)
         merged = dsconfig.merge(dsconfig.merge(template, d.deepspeed.overrides), stage.deepspeed.overrides)
         spec |= {
-            "init": _init(loaded, i, stage, base_dir),
-            "tokenizer": _tokenizer(loaded, i, stage, base_dir),
+            "init": (init := _init(loaded, i, stage, base_dir)),
+            "tokenizer": _tokenizer(loaded, i, stage, base_dir, init),
             "train": train,
             "checkpoint": stage.checkpoint.model_dump(),
             "eval": stage.eval.model_dump(),
@@ -162,8 +163,19 @@ def _data(loaded: Loaded, i: int, stage: Any, base_dir: Path) -> dict[str, Any]:
         "label_field": data.label_field,
         "labels": data.labels,
         "max_length": data.max_length,
-        "digests": {f: file_digest(Path(f)) for f in files["train"] + files["eval"]},
+        "digests": {f: _file_digest(f) for f in files["train"] + files["eval"]},
     }
+
+
+def _file_digest(path: str) -> str:
+    """A data file is hashed once however many stages read it (keyed by its stat, so an edit is seen)."""
+    st = Path(path).stat()
+    return _digest_of(path, st.st_size, st.st_mtime_ns)
+
+
+@functools.cache
+def _digest_of(path: str, size: int, mtime_ns: int) -> str:
+    return file_digest(Path(path))
 
 
 def _local_or_hub(name: str, base_dir: Path) -> tuple[str, str | None]:
@@ -189,10 +201,9 @@ def _init(loaded: Loaded, i: int, stage: ModelStage, base_dir: Path) -> dict[str
     return {"source": "config", "stage": None, "path": None, "digest": None, "config": dict(init.config or {})}
 
 
-def _tokenizer(loaded: Loaded, i: int, stage: ModelStage, base_dir: Path) -> dict[str, Any]:
+def _tokenizer(loaded: Loaded, i: int, stage: ModelStage, base_dir: Path, init: dict[str, Any]) -> dict[str, Any]:
     ref = stage.tokenizer
-    if ref is None:  # the tokenizer saved with the init model
-        init = _init(loaded, i, stage, base_dir)
+    if ref is None:  # the tokenizer saved with the init model (its folder is hashed once, for init)
         return {k: init[k] for k in ("source", "stage", "path", "digest")}
     if ref.from_ is not None:
         return {"source": "stage", "stage": ref.from_, "path": None, "digest": None}
