@@ -61,7 +61,8 @@ def main() -> None:
     a, b = full_step().item(), sparse_step().item()
     assert abs(a - b) < 1e-4 * max(1.0, abs(a)), (a, b)
     full, fast = step_time(full_step, args.steps), step_time(sparse_step, args.steps)
-    print(f"threads {torch.get_num_threads()}  vocab {args.vocab}  hidden {args.hidden}  batch {args.batch}x{args.length}")
+    print(f"threads {torch.get_num_threads()}  vocab {args.vocab}  hidden {args.hidden}  "
+          f"batch {args.batch}x{args.length}")
     print(f"full vocabulary projection  {full * 1000:7.1f} ms/step")
     print(f"masked positions only       {fast * 1000:7.1f} ms/step")
     print(f"ratio full / sparse         {full / fast:7.2f}x   (same loss: {a:.5f} vs {b:.5f})")

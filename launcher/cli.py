@@ -69,7 +69,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
         return pipeline.run(args.manifest, args.run_dir, args.dry_run, args.only, args.start)
     if args.command in ("submit", "cancel", "job"):
-        from launcher.backends import slurm
+        from launcher import slurm
 
         if args.command == "submit":
             return slurm.submit(args.manifest, args.run_dir, args.only, args.start)

@@ -61,7 +61,8 @@ def fill(config: dict[str, Any], train: dict[str, Any], precision: str, world_si
     cfg = copy.deepcopy(config)
     problems: list[str] = []
     if "scheduler" in cfg:
-        problems.append(f"{source}: scheduler: remove it; the schedule comes from the stage's train.schedule and warmup_steps")
+        problems.append(f"{source}: scheduler: remove it; the schedule comes from the stage's train.schedule "
+                        "and warmup_steps")
     micro, accum = train["micro_batch_size"], train["grad_accum"]
     wanted = {
         "train_micro_batch_size_per_gpu": micro,
@@ -73,7 +74,8 @@ def fill(config: dict[str, Any], train: dict[str, Any], precision: str, world_si
         _settle(cfg, (key,), value, source, problems, f"train settings × world size {world_size}")
     optimizer = cfg.setdefault("optimizer", {"type": "AdamW", "params": {}})
     if str(optimizer.get("type", "")).lower() not in ("adamw", "adam"):
-        problems.append(f"{source}: optimizer.type: {optimizer.get('type')!r}; baton fills AdamW/Adam settings, use one of those")
+        problems.append(f"{source}: optimizer.type: {optimizer.get('type')!r}; "
+                        "baton fills AdamW/Adam settings, use one of those")
     for key, value in (("lr", train["lr"]), ("betas", list(train["betas"])), ("eps", train["eps"]),
                        ("weight_decay", train["weight_decay"])):
         _settle(cfg, ("optimizer", "params", key), value, source, problems, f"train.{key}")

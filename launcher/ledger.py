@@ -17,14 +17,18 @@ import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from contract.files import write_atomic
 from launcher.errors import LedgerError
-from launcher.files import write_atomic
 
 LEDGER = "ledger.json"
 LOCK = ".baton.lock"
 VERSION = 1
+
+# A stage's state; only `set_state` writes it.
+State = Literal["pending", "queued", "running", "requeued", "preempted", "done", "failed", "cancelled"]
+ACTIVE: tuple[State, ...] = ("queued", "running", "requeued")  # a Slurm job of the stage is live
 
 
 def now() -> str:
@@ -90,6 +94,11 @@ class Ledger:
         assert self._locked, "the ledger is written only under its lock"
         self.data["updated"] = now()
         write_atomic(self.path, json.dumps(self.data, indent=2, sort_keys=False) + "\n")
+
+
+def set_state(entry: dict[str, Any], state: State, **fields: Any) -> None:
+    """Change a stage entry's state (and any other fields with it)."""
+    entry.update(fields, state=state)
 
 
 def _acquire(lock: Path, wait_s: float = 0) -> None:

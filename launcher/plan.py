@@ -8,8 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from contract.layout import resumable, stage_dir
+from contract.spec import Spec
 from launcher.errors import ConfigError
-from launcher.resolve import Resolved, build_spec, settings, stage_dir
+from launcher.resolve import Resolved, build_spec, settings
 
 Action = Literal["skip", "run", "resume", "rerun"]
 
@@ -20,28 +22,12 @@ class Step:
     action: Action
     reason: str
     resume_tag: str | None = None
-    spec: dict[str, Any] | None = None  # None until every upstream stage has its output
-
-
-def complete_checkpoint(stage_folder: Path, fingerprint: str | None) -> str | None:
-    """The newest complete checkpoint tag of a stage folder, if it was made with `fingerprint`.
-
-    Like the stage, trust the COMPLETE markers rather than LATEST alone: a stage killed
-    between writing the two resumes from the newer one.
-    """
-    tags = sorted(p.parent.name for p in (stage_folder / "ckpt").glob("step*/COMPLETE"))
-    if not tags:
-        return None
-    tag = tags[-1]
-    try:
-        marker = json.loads((stage_folder / "ckpt" / tag / "COMPLETE").read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return tag if fingerprint is None or marker.get("fingerprint") == fingerprint else None
+    spec: Spec | None = None  # None until every upstream stage has its output
 
 
 def outputs_of(ledger: dict[str, Any]) -> dict[str, dict[str, str]]:
-    return {name: e["output"] for name, e in ledger.get("stages", {}).items() if e.get("state") == "done" and e.get("output")}
+    return {name: e["output"] for name, e in ledger.get("stages", {}).items()
+            if e.get("state") == "done" and e.get("output")}
 
 
 def make_plan(stages: list[Resolved], ledger: dict[str, Any], run_dir: Path,
@@ -59,7 +45,8 @@ def make_plan(stages: list[Resolved], ledger: dict[str, Any], run_dir: Path,
         entry = entries.get(r.name, {})
         if r.name not in selected:
             done = entry.get("state") == "done"
-            steps.append(Step(r, "skip", "not selected" + ("" if done else f" (state {entry.get('state', 'never run')})")))
+            steps.append(Step(r, "skip",
+                              "not selected" + ("" if done else f" (state {entry.get('state', 'never run')})")))
             continue
         stale = [u for u in r.upstream if u in changing]
         missing = [u for u in r.upstream if u not in outputs and u not in changing]
@@ -76,18 +63,18 @@ def make_plan(stages: list[Resolved], ledger: dict[str, Any], run_dir: Path,
     return steps
 
 
-def _decide(r: Resolved, entry: dict[str, Any], spec: dict[str, Any] | None, stale: list[str], folder: Path) -> Step:
+def _decide(r: Resolved, entry: dict[str, Any], spec: Spec | None, stale: list[str], folder: Path) -> Step:
     state = entry.get("state")
     if spec is None:
         return Step(r, "rerun" if state else "run", f"input from {', '.join(stale)} will change")
-    fp = spec["fingerprint"]
+    fp = spec.fingerprint
     if not entry or state == "pending":
         return Step(r, "run", "new", spec=spec)
     if entry.get("fingerprint") != fp:
         return Step(r, "rerun", "changed: " + diff(entry.get("settings") or {}, settings(spec)), spec=spec)
     if state == "done" and (folder / "result.json").is_file():
         return Step(r, "skip", "done, unchanged", spec=spec)
-    tag = complete_checkpoint(folder, fp)
+    tag = resumable(folder, fp)
     if tag:
         return Step(r, "resume", f"{state}; resume from {tag}", resume_tag=tag, spec=spec)
     return Step(r, "rerun", f"{state}; no complete checkpoint, starting over", spec=spec)

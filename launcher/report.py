@@ -7,11 +7,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from contract.layout import stage_dir
 from launcher import ledger
 from launcher.errors import BatonError
-from launcher.resolve import stage_dir
-
-METRIC_ORDER = ("accuracy", "macro_f1", "eval_loss", "perplexity", "vocab_size")
 
 
 def short(digest: str | None) -> str:
@@ -45,10 +43,11 @@ def last_progress(folder: Path, launched: str | None) -> dict[str, Any]:
 
 def status(run_dir: Path) -> str:
     data = _load(run_dir)
-    rows = [("stage", "kind", "state", "steps", "metrics", "input -> output", "tries", "launch -> step 1")]
+    rows: list[tuple[str, ...]] = [
+        ("stage", "kind", "state", "steps", "metrics", "input -> output", "tries", "launch -> step 1")]
     jobs: dict[str, str] = {}
     if any(e.get("slurm") for e in data["stages"].values()):
-        from launcher.backends.slurm import slurm_column
+        from launcher.jobs import slurm_column
 
         jobs = slurm_column(data["stages"])
         rows[0] += ("slurm",)
@@ -57,9 +56,9 @@ def status(run_dir: Path) -> str:
         progress = last_progress(folder, (e.get("attempts") or [{}])[-1].get("started"))
         steps = e.get("steps") if e.get("state") == "done" else progress.get("step")
         metrics = e.get("metrics") or {}
-        shown = ", ".join(f"{k} {_num(metrics[k])}" for k in METRIC_ORDER if k in metrics) or "-"
-        inputs = [short(ref.get("digest")) for k, ref in (e.get("inputs") or {}).items() if k != "data" and ref]
-        inputs = [i for i in dict.fromkeys(inputs) if i != "-"] or ["data"]
+        shown = ", ".join(f"{k} {_num(v)}" for k, v in metrics.items()) or "-"  # in the order the stage gave them
+        refs = [ref for k, value in (e.get("inputs") or {}).items() if k != "data" for ref in _each(value)]
+        inputs = [i for i in dict.fromkeys(short(ref.get("digest")) for ref in refs) if i != "-"] or ["data"]
         io = f"{','.join(inputs)} -> {short((e.get('output') or {}).get('digest'))}"
         startup = f"{progress['startup_s']:.1f} s" if progress.get("startup_s") is not None else "-"
         row = (name, e.get("kind", "?"), e.get("state", "?"), str(steps if steps is not None else "-"),
@@ -74,21 +73,31 @@ def lineage(run_dir: Path) -> str:
     lines = [f"run {data.get('run', '?')}  manifest {data.get('manifest', '?')} {short(data.get('manifest_digest'))}"]
     for name, e in stages.items():
         lines.append(f"{name} [{e.get('kind', '?')}] {e.get('state', '?')}")
-        for key, ref in (e.get("inputs") or {}).items():
+        for key, value in (e.get("inputs") or {}).items():
             if key == "data":
-                lines += [f"  <- data {path}  {short(d)}" for path, d in ref.items()]
-            elif ref["source"] == "stage":
-                upstream = (stages.get(ref["stage"], {}).get("output") or {}).get("digest")
-                mark = "ok" if upstream == ref["digest"] else f"STALE: {ref['stage']} now gives {short(upstream)}"
-                lines.append(f"  <- {key} {ref['stage']}/final  {short(ref['digest'])}  ({mark})")
-            elif ref["source"] == "pretrained":
-                lines.append(f"  <- {key} {ref['path']}  {short(ref.get('digest'))}")
-            else:
-                lines.append(f"  <- {key} built from a config")
+                lines += [f"  <- data {path}  {short(d)}" for path, d in value.items()]
+                continue
+            for ref in _each(value):
+                lines.append(_input_line(key, ref, stages))
         out = e.get("output")
         if out:
             lines.append(f"  -> {out['path']}  {short(out['digest'])}")
     return "\n".join(lines)
+
+
+def _each(value: Any) -> list[dict[str, Any]]:
+    """An input's references: one, or a list (ensemble members …)."""
+    return value if isinstance(value, list) else [value] if value else []
+
+
+def _input_line(key: str, ref: dict[str, Any], stages: dict[str, Any]) -> str:
+    if ref["source"] == "stage":
+        upstream = (stages.get(ref["stage"], {}).get("output") or {}).get("digest")
+        mark = "ok" if upstream == ref["digest"] else f"STALE: {ref['stage']} now gives {short(upstream)}"
+        return f"  <- {key} {ref['stage']}/final  {short(ref['digest'])}  ({mark})"
+    if ref["source"] == "pretrained":
+        return f"  <- {key} {ref['path']}  {short(ref.get('digest'))}"
+    return f"  <- {key} built from a config"
 
 
 def _num(v: Any) -> str:

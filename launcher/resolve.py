@@ -13,15 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from contract.files import dir_digest, file_digest
+from contract.layout import final_dir, stage_dir
+from contract.sections import RefBase, StageBase, TrainingStage, inherit
+from contract.spec import SPEC_VERSION, Spec
 from launcher import dsconfig
+from launcher.backends import sbatch
 from launcher.errors import ConfigError
-from launcher.files import dir_digest, file_digest
-from launcher.manifest import ClassifyStage, Loaded, MlmStage, ModelStage, TokenizerStage
+from launcher.manifest import Loaded, flat_references
 
-SPEC_VERSION = 1
 FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text", ".text": "text"}
-DEFAULT_SEED = 1234
-DEFAULT_DS = "zero2"
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,7 @@ class Resolved:
     nproc_per_node: int
     nnodes: int
     upstream: tuple[str, ...]  # stages whose final/ this stage reads
-    base: dict[str, Any]  # the spec without run paths and upstream digests
+    base: dict[str, Any]  # the spec without run paths, fingerprint and upstream paths/digests
     ds_source: str  # where the DeepSpeed config came from, for messages
     slurm: dict[str, Any]  # sbatch settings (not part of the fingerprint: where a stage runs does not change it)
 
@@ -61,35 +62,30 @@ def resolve(loaded: Loaded) -> list[Resolved]:
     return out
 
 
-def _resolve_stage(loaded: Loaded, i: int, stage: TokenizerStage | MlmStage | ClassifyStage) -> Resolved:
+def _resolve_stage(loaded: Loaded, i: int, stage: StageBase) -> Resolved:
     m, base_dir = loaded.manifest, loaded.file.parent
     d = m.defaults
-    seed = stage.seed if stage.seed is not None else (d.seed if d.seed is not None else DEFAULT_SEED)
-    precision = stage.precision or d.precision or "fp32"
-    if isinstance(stage, TokenizerStage):
-        nproc, nnodes = 1, 1  # SentencePiece trains in one process
-    else:
-        nproc = stage.launcher.nproc_per_node or d.launcher.nproc_per_node or 1
-        nnodes = stage.launcher.nnodes or d.launcher.nnodes or 1
+    launcher = inherit(d.launcher, stage.launcher)
+    nproc, nnodes = (1, 1) if stage.one_process else (launcher.nproc_per_node, launcher.nnodes)
     world = nproc * nnodes
+    precision = stage.precision or d.precision
+    inputs, upstream = _inputs(loaded, i, stage, base_dir)
     spec: dict[str, Any] = {
         "spec_version": SPEC_VERSION,
         "run_name": m.run.name,
         "stage": stage.name,
         "kind": stage.kind,
-        "seed": seed,
+        "seed": stage.seed if stage.seed is not None else d.seed,
         "precision": precision,
         "world_size": world,
+        "inputs": inputs,
         "data": _data(loaded, i, stage, base_dir),
+        "train": None, "checkpoint": None, "eval": None, "deepspeed": None,
+        "options": stage.options(),
     }
-    upstream: list[str] = []
     ds_source = ""
-    if isinstance(stage, TokenizerStage):
-        spec |= {"init": None, "tokenizer": None, "train": None, "checkpoint": None, "eval": None, "deepspeed": None,
-                 "options": stage.sentencepiece.model_dump()}
-    else:
-        train = stage.train.model_dump()
-        train["betas"] = list(train["betas"])
+    if isinstance(stage, TrainingStage):
+        train = stage.train.model_dump(mode="json")
         global_batch = stage.train.micro_batch_size * stage.train.grad_accum * world
         if stage.train.global_batch_size not in (None, global_batch):
             raise ConfigError(
@@ -98,33 +94,67 @@ def _resolve_stage(loaded: Loaded, i: int, stage: TokenizerStage | MlmStage | Cl
                 f"{world} (nproc_per_node {nproc} × nnodes {nnodes}) = {global_batch}"
             )
         train["global_batch_size"] = global_batch
-        ds_name = stage.deepspeed.config or d.deepspeed.config or DEFAULT_DS
-        section = ("stages", i, "deepspeed") if ("stages", i, "deepspeed") in loaded.lines else ("defaults", "deepspeed")
-        where = loaded.where((*section, "config"))
+        ds_name = inherit(d.deepspeed, stage.deepspeed).config
+        own = ("stages", i, "deepspeed")
+        section = own if own in loaded.lines else ("defaults", "deepspeed")
         path = dsconfig.template_path(ds_name, base_dir)
         ds_source = f"{loaded.where(section)} (stage {stage.name}: {path.name} + overrides)"
-        template = dsconfig.read_template(path, where)
+        template = dsconfig.read_template(path, loaded.where((*section, "config")))
         merged = dsconfig.merge(dsconfig.merge(template, d.deepspeed.overrides), stage.deepspeed.overrides)
         spec |= {
-            "init": (init := _init(loaded, i, stage, base_dir)),
-            "tokenizer": _tokenizer(loaded, i, stage, base_dir, init),
             "train": train,
-            "checkpoint": stage.checkpoint.model_dump(),
-            "eval": stage.eval.model_dump(),
-            "options": stage.mlm.model_dump() if isinstance(stage, MlmStage) else {},
+            "checkpoint": stage.checkpoint.model_dump(mode="json"),
+            "eval": stage.eval.model_dump(mode="json"),
             "deepspeed": dsconfig.fill(merged, train, precision, world, ds_source),
         }
-        upstream = [r.from_ for r in (stage.init, stage.tokenizer) if r is not None and r.from_ is not None]
     slurm = _slurm(loaded, i, stage, base_dir)
-    return Resolved(i, stage.name, stage.kind, nproc, nnodes, tuple(dict.fromkeys(upstream)), spec, ds_source, slurm)
+    return Resolved(i, stage.name, spec["kind"], nproc, nnodes, upstream, spec, ds_source, slurm)
 
 
-SLURM_DEFAULTS = {"signal_before_s": 120, "max_requeues": 3}
+def _inputs(loaded: Loaded, i: int, stage: StageBase, base_dir: Path) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """The stage's named references as spec inputs, and the stages they come from.
+
+    An earlier stage's output gets its path and digest in `build_spec`, once that stage is done.
+    """
+    inputs: dict[str, Any] = {}
+    upstream: list[str] = []
+    for name, j, ref in flat_references(stage.references()):
+        where = ("stages", i, name, *(() if j is None else (j,)), "pretrained")
+        resolved = _reference(loaded, where, ref, base_dir)
+        if j is None:
+            inputs[name] = resolved
+        else:
+            inputs.setdefault(name, []).append(resolved)
+        if ref.from_ is not None:
+            upstream.append(ref.from_)
+    return inputs, tuple(dict.fromkeys(upstream))
 
 
-def _slurm(loaded: Loaded, i: int, stage: Any, base_dir: Path) -> dict[str, Any]:
-    own = stage.slurm.model_dump(exclude_none=True)
-    merged = SLURM_DEFAULTS | loaded.manifest.defaults.slurm.model_dump(exclude_none=True) | own
+def _reference(loaded: Loaded, where: tuple, ref: RefBase, base_dir: Path) -> dict[str, Any]:
+    if ref.from_ is not None:
+        return {"source": "stage", "stage": ref.from_, "path": None, "digest": None, "config": None}
+    if ref.pretrained is not None:
+        local = (base_dir / ref.pretrained).resolve()
+        if local.is_dir():
+            return {"source": "pretrained", "stage": None, "path": str(local), "digest": _dir_digest(local),
+                    "config": None}
+        if ref.pretrained.startswith((".", "/")):
+            raise ConfigError(f"{loaded.where(where)}: local folder not found: {local}")
+        return {"source": "pretrained", "stage": None, "path": ref.pretrained, "digest": None, "config": None}
+    config = getattr(ref, "config", None)
+    assert config is not None, "the reference models require one source"
+    return {"source": "config", "stage": None, "path": None, "digest": None, "config": dict(config)}
+
+
+def _slurm(loaded: Loaded, i: int, stage: StageBase, base_dir: Path) -> dict[str, Any]:
+    defaults = loaded.manifest.defaults.slurm
+    merged = inherit(defaults, stage.slurm).model_dump(exclude_none=True)
+    own = stage.slurm.model_fields_set
+    section = ("stages", i, "slurm") if "extra" in own else ("defaults", "slurm")
+    problems = [f"{loaded.where((*section, 'extra', flag))}: {problem}"
+                for flag, problem in sbatch.check_extra(merged.get("extra") or {}).items()]
+    if problems:
+        raise ConfigError(problems)
     if "preamble" in merged:
         path = (base_dir / merged["preamble"]).resolve()
         if not path.is_file():
@@ -134,11 +164,11 @@ def _slurm(loaded: Loaded, i: int, stage: Any, base_dir: Path) -> dict[str, Any]
     return merged
 
 
-def _data(loaded: Loaded, i: int, stage: Any, base_dir: Path) -> dict[str, Any]:
+def _data(loaded: Loaded, i: int, stage: StageBase, base_dir: Path) -> dict[str, Any]:
     data = stage.data
     files = {k: [str((base_dir / f).resolve()) for f in ([v] if isinstance(v, str) else v or [])]
              for k, v in (("train", data.train), ("eval", data.eval))}
-    fmt = data.format
+    fmt: str | None = data.format
     if fmt == "auto" and data.hub is None:
         found = {FORMATS.get(Path(f).suffix.lower()) for f in files["train"] + files["eval"]}
         if None in found or len(found) != 1:
@@ -150,9 +180,8 @@ def _data(loaded: Loaded, i: int, stage: Any, base_dir: Path) -> dict[str, Any]:
         fmt = found.pop()
     hub = None
     if data.hub is not None:
-        hub = {"name": data.hub, "config": data.hub_config, "train_split": data.train_split, "eval_split": data.eval_split}
-    if isinstance(stage, ClassifyStage) and data.labels is not None and len(set(data.labels)) != len(data.labels):
-        raise ConfigError(f"{loaded.where(('stages', i, 'data', 'labels'))}: labels repeat")
+        hub = {"name": data.hub, "config": data.hub_config, "train_split": data.train_split,
+               "eval_split": data.eval_split}
     return {
         "train_files": files["train"],
         "eval_files": files["eval"],
@@ -178,91 +207,63 @@ def _digest_of(path: str, size: int, mtime_ns: int) -> str:
     return file_digest(Path(path))
 
 
-def _local_or_hub(name: str, base_dir: Path) -> tuple[str, str | None]:
-    """A path that exists locally (relative to the manifest) is used with its digest; otherwise a hub name."""
-    local = (base_dir / name).resolve()
-    if local.is_dir():
-        return str(local), dir_digest(local)
-    if name.startswith((".", "/")):
-        raise ConfigError(f"local folder not found: {local}")
-    return name, None
+def _dir_digest(path: Path) -> str:
+    """A local model folder is hashed once however many inputs name it (keyed by its files' stats)."""
+    stats = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(path.rglob("*")) if p.is_file())
+    return _dir_digest_of(str(path), stats)
 
 
-def _init(loaded: Loaded, i: int, stage: ModelStage, base_dir: Path) -> dict[str, Any]:
-    init = stage.init
-    if init.from_ is not None:
-        return {"source": "stage", "stage": init.from_, "path": None, "digest": None, "config": None}
-    if init.pretrained is not None:
-        try:
-            path, digest = _local_or_hub(init.pretrained, base_dir)
-        except ConfigError as e:
-            raise ConfigError(f"{loaded.where(('stages', i, 'init', 'pretrained'))}: {e}") from None
-        return {"source": "pretrained", "stage": None, "path": path, "digest": digest, "config": None}
-    return {"source": "config", "stage": None, "path": None, "digest": None, "config": dict(init.config or {})}
-
-
-def _tokenizer(loaded: Loaded, i: int, stage: ModelStage, base_dir: Path, init: dict[str, Any]) -> dict[str, Any]:
-    ref = stage.tokenizer
-    if ref is None:  # the tokenizer saved with the init model (its folder is hashed once, for init)
-        return {k: init[k] for k in ("source", "stage", "path", "digest")}
-    if ref.from_ is not None:
-        return {"source": "stage", "stage": ref.from_, "path": None, "digest": None}
-    try:
-        path, digest = _local_or_hub(ref.pretrained or "", base_dir)
-    except ConfigError as e:
-        raise ConfigError(f"{loaded.where(('stages', i, 'tokenizer', 'pretrained'))}: {e}") from None
-    return {"source": "pretrained", "stage": None, "path": path, "digest": digest}
+@functools.cache
+def _dir_digest_of(path: str, stats: tuple) -> str:
+    return dir_digest(path)
 
 
 # ----------------------------------------------------------------- spec and fingerprint
 
 
-def stage_dir(run_dir: Path, name: str) -> Path:
-    return run_dir / "stages" / name
-
-
-def build_spec(r: Resolved, run_dir: Path, outputs: dict[str, dict[str, str]]) -> dict[str, Any] | None:
+def build_spec(r: Resolved, run_dir: Path, outputs: dict[str, dict[str, str]]) -> Spec | None:
     """The spec.json of a stage, or None while an upstream stage has no output yet.
 
     `outputs` maps a finished stage's name to {"digest", …} of its final/.
     """
     spec = json.loads(json.dumps(r.base))
-    for key in ("init", "tokenizer"):
-        ref = spec[key]
-        if ref is not None and ref["source"] == "stage":
-            out = outputs.get(ref["stage"])
-            if out is None:
-                return None
-            # the folder as it is now (a run folder may have moved); the digest as the ledger recorded it
-            ref["path"], ref["digest"] = str(stage_dir(run_dir, ref["stage"]) / "final"), out["digest"]
+    for value in spec["inputs"].values():
+        for ref in value if isinstance(value, list) else [value]:
+            if ref["source"] == "stage":
+                out = outputs.get(ref["stage"])
+                if out is None:
+                    return None
+                # the folder as it is now (a run folder may have moved); the digest as the ledger recorded it
+                ref["path"], ref["digest"] = str(final_dir(stage_dir(run_dir, ref["stage"]))), out["digest"]
     spec["stage_dir"] = str(stage_dir(run_dir, r.name))
     spec["cache_dir"] = str(run_dir / "cache")
-    spec["fingerprint"] = fingerprint(spec)
-    return spec
+    spec["fingerprint"] = ""
+    made = Spec.model_validate(spec)
+    return made.model_copy(update={"fingerprint": fingerprint(made)})
 
 
-def settings(spec: dict[str, Any]) -> dict[str, Any]:
+def settings(spec: Spec) -> dict[str, Any]:
     """What decides a stage's result: its spec without places on disk and without bookkeeping.
 
     Inputs count by digest, not by path (a moved data file with the same bytes changes
     nothing); checkpoint frequency and logging do not change what is trained.
     """
-    s = json.loads(json.dumps(spec))
+    s = spec.model_dump(mode="json")
     for key in ("run_name", "stage", "stage_dir", "cache_dir", "fingerprint", "checkpoint"):
         s.pop(key, None)
     data = s["data"]
     data["train"] = [data["digests"][f] for f in data.pop("train_files")]
     data["eval"] = [data["digests"][f] for f in data.pop("eval_files")]
     data.pop("digests")
-    for key in ("init", "tokenizer"):
-        ref = s.get(key)
-        if ref and ref.get("digest"):
-            ref.pop("path")  # the digest says it all
+    for value in s["inputs"].values():
+        for ref in value if isinstance(value, list) else [value]:
+            if ref.get("digest"):
+                ref.pop("path")  # the digest says it all
     if s.get("train"):
         s["train"].pop("log_every")
     return s
 
 
-def fingerprint(spec: dict[str, Any]) -> str:
+def fingerprint(spec: Spec) -> str:
     blob = json.dumps(settings(spec), sort_keys=True, separators=(",", ":")).encode()
     return "sha256:" + hashlib.sha256(blob).hexdigest()

@@ -23,15 +23,17 @@ def _build(node: yaml.Node, path: Path_, lines: dict[Path_, int], loader: _Loade
         out: dict[Any, Any] = {}
         for key_node, value_node in node.value:
             key = loader.construct_object(key_node, deep=True)
-            if not isinstance(key, (str, int, float, bool)):
-                raise ConfigError(f"{source}:{key_node.start_mark.line + 1} {dotted(path) or '<top>'}: keys must be plain scalars")
+            if not isinstance(key, (str, int)):
+                raise ConfigError(
+                    f"{source}:{key_node.start_mark.line + 1} {dotted(path) or '<top>'}: keys must be plain scalars")
+            key_path: Path_ = path + (key,)
             if key in out:
                 raise ConfigError(
-                    f"{source}:{key_node.start_mark.line + 1} {dotted((*path, key))}: duplicate key"
-                    f" (first at line {lines[(*path, key)]})"
+                    f"{source}:{key_node.start_mark.line + 1} {dotted(key_path)}: duplicate key"
+                    f" (first at line {lines[key_path]})"
                 )
-            lines[(*path, key)] = key_node.start_mark.line + 1
-            out[key] = _build(value_node, (*path, key), lines, loader, source)
+            lines[key_path] = key_node.start_mark.line + 1
+            out[key] = _build(value_node, key_path, lines, loader, source)
         return out
     if isinstance(node, yaml.SequenceNode):
         return [_build(item, (*path, i), lines, loader, source) for i, item in enumerate(node.value)]
@@ -55,7 +57,7 @@ def load_yaml(file: Path) -> tuple[Any, dict[Path_, int]]:
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = mark.line + 1 if mark else 1
-        detail = e.problem or e.context
+        detail = e.problem or e.context or "unreadable"
         if e.problem and e.context and e.context_mark:
             detail += f" ({e.context} at line {e.context_mark.line + 1})"
         raise ConfigError(f"{source}:{line} invalid YAML: {detail}") from None

@@ -15,11 +15,10 @@ import json
 import torch
 import torch.nn.functional as F
 
-from stages.runtime import checkpoint, data, dist, engine, entry, export, loop, models
-from stages.runtime.checkpoint import Position
+from contract.layout import EXIT_STOPPED
+from stages.runtime import data, dist, entry, lifecycle, models
 from stages.runtime.dist import Dist
-from stages.runtime.metrics import Metrics
-from stages.runtime.spec import Spec, SpecError
+from stages.runtime.spec import Spec, SpecError, training
 
 
 def label_names(spec: Spec, raw: dict) -> list[str | int]:
@@ -56,6 +55,7 @@ def macro_f1(confusion: torch.Tensor) -> float:
 def main(spec: Spec, d: Dist) -> int:
     from transformers import AutoModelForSequenceClassification
 
+    micro = training(spec).train.micro_batch_size
     # Tokenizer, labels and data.
     tokenizer = models.load_tokenizer(spec)
     raw = data.load_raw(spec)
@@ -70,43 +70,33 @@ def main(spec: Spec, d: Dist) -> int:
     def batch_of(split, indices: list[int]) -> dict[str, torch.Tensor]:
         return dist.to_device(data.collate(split, indices, tokenizer.pad_token_id))
 
-    # Model and engine; a complete checkpoint beats init.
-    max_steps = engine.max_steps(spec.train, len(train))
-    tag = checkpoint.find_latest(spec)
-    model = models.build_model(
-        spec, AutoModelForSequenceClassification, tokenizer, resume=tag is not None,
-        num_labels=len(names), id2label={i: str(n) for i, n in enumerate(names)}, label2id=label2id,
-    )
-    net = engine.initialize(model, spec, max_steps)
-    models.seed_dropout(spec, d.rank)
-    pos = checkpoint.load(net, spec, tag) if tag else Position(step=0, samples=0)
-    dist.print0(f"{spec.stage}: classify, {len(names)} labels, {len(train)} train samples, {max_steps} steps, "
-                f"ZeRO-{engine.zero_stage(spec)}" + (f", resuming from {tag}" if tag else ""))
-
-    sampler = data.StreamSampler(
-        len(train), seed=spec.seed, micro_batch=spec.train.micro_batch_size, grad_accum=spec.train.grad_accum,
-        world_size=d.world_size, rank=d.rank, samples=pos.samples,
+    t = lifecycle.start(
+        spec, d, num_samples=len(train), what=f"classify, {len(names)} labels, {len(train)} train samples",
+        build=lambda resume: models.build_model(
+            spec, AutoModelForSequenceClassification, tokenizer, resume=resume,
+            num_labels=len(names), id2label={i: str(n) for i, n in enumerate(names)}, label2id=label2id,
+        ),
     )
 
     def micro_step(keys: list[tuple[int, int]]) -> torch.Tensor:
         indices = [i for i, _ in keys]
-        logits = net(**batch_of(train, indices)).logits
+        logits = t.engine(**batch_of(train, indices)).logits
         return F.cross_entropy(logits.float(), train_labels[indices].to(logits.device))
 
     def evaluate(step: int, predictions_path: str | None = None) -> dict[str, float]:
-        if evalset is None:
+        if evalset is None or eval_labels is None:
             return {}
-        net.eval()
+        t.engine.eval()
         k = len(names)
         confusion = torch.zeros(k * k, dtype=torch.float64)
         loss_sum = torch.zeros(1, dtype=torch.float64)
         rows = []
         with torch.no_grad():
-            for indices in data.eval_shards(len(evalset), spec.train.micro_batch_size, d.world_size, d.rank):
+            for indices in data.eval_shards(len(evalset), micro, d.world_size, d.rank):
                 # Padding rows (index -1) run through the model with zero weight: ZeRO-3 needs equal forward counts.
                 real = torch.tensor(indices) >= 0
                 safe = [max(i, 0) for i in indices]
-                logits = net(**batch_of(evalset, safe)).logits.float().cpu()  # metrics on the CPU
+                logits = t.engine(**batch_of(evalset, safe)).logits.float().cpu()  # metrics on the CPU
                 labels, preds = eval_labels[safe], logits.argmax(-1)
                 loss_sum += (F.cross_entropy(logits, labels, reduction="none") * real).sum().double()
                 confusion += torch.bincount((labels * k + preds)[real], minlength=k * k).double()
@@ -123,24 +113,12 @@ def main(spec: Spec, d: Dist) -> int:
                     f.writelines(json.dumps(r) + "\n" for r in ordered)
         confusion = confusion.view(k, k)
         total = float(confusion.sum())
-        return {"eval_loss": float(loss_sum) / total, "accuracy": float(confusion.trace()) / total,
-                "macro_f1": macro_f1(confusion)}
+        return {"accuracy": float(confusion.trace()) / total, "macro_f1": macro_f1(confusion),
+                "eval_loss": float(loss_sum) / total}
 
-    # Train.
-    metrics = Metrics(spec.stage_dir, max_steps)
-    metrics.start(pos.step, d.world_size)
-    stopped, pos = loop.fit(net, spec, sampler, micro_step, evaluate, pos=pos, max_steps=max_steps, metrics=metrics)
-    if stopped:
-        return entry.EXIT_STOPPED
-
-    # Eval, export, result.
-    final_metrics: dict[str, float] = {}
-    if spec.eval.at_end:
-        final_metrics = evaluate(pos.step, predictions_path=f"{spec.stage_dir}/eval_predictions.jsonl")
-        loop.record_eval(spec, metrics, pos.step, final_metrics)
-    path, digest = export.save_final(model, tokenizer, spec.stage_dir, zero_stage=engine.zero_stage(spec))
-    entry.write_result(spec, steps=pos.step, samples=pos.samples, output=path, digest=digest, metrics=final_metrics)
-    return entry.EXIT_DONE
+    if t.fit(micro_step, evaluate):
+        return EXIT_STOPPED
+    return t.finish(lambda step: evaluate(step, f"{spec.stage_dir}/eval_predictions.jsonl"), tokenizer)
 
 
 if __name__ == "__main__":

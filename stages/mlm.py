@@ -11,16 +11,17 @@ positions.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stages.runtime import checkpoint, data, dist, engine, entry, export, loop, models
-from stages.runtime.checkpoint import Position
+from contract.kinds.mlm import MlmOptions
+from contract.layout import EXIT_STOPPED
+from stages.runtime import data, dist, entry, lifecycle, models
 from stages.runtime.dist import Dist
-from stages.runtime.metrics import Metrics
-from stages.runtime.spec import Spec, SpecError
+from stages.runtime.spec import Spec, SpecError, training
 
 EVAL_EPOCH = -1  # masking stream of the eval split, apart from every training epoch
 
@@ -36,7 +37,7 @@ class MaskedLMLoss(nn.Module):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        self.model = model
+        self.model: Any = model  # a transformers PreTrainedModel (base_model, base_model_prefix, a head)
         heads = [name for name, _ in model.named_children() if name != model.base_model_prefix]
         self.head = heads[0] if len(heads) == 1 else None
 
@@ -83,9 +84,8 @@ class Masker:
 
 
 def main(spec: Spec, d: Dist) -> int:
-    mask_prob = float(spec.option("mask_prob"))
-    if not 0 < mask_prob < 1:
-        raise SpecError(f"options.mask_prob: {mask_prob} is not in (0, 1)")
+    opts = spec.options_as(MlmOptions)
+    micro = training(spec).train.micro_batch_size
 
     # Tokenizer and data.
     from transformers import AutoModelForMaskedLM
@@ -93,62 +93,40 @@ def main(spec: Spec, d: Dist) -> int:
     tokenizer = models.load_tokenizer(spec)
     splits = data.tokenize(spec, data.load_raw(spec), tokenizer, data.tokenizer_digest(spec))
     train, evalset = splits["train"], splits["eval"]
-    masker = Masker(tokenizer, mask_prob, spec.seed)
+    masker = Masker(tokenizer, opts.mask_prob, spec.seed)
 
     def batch_of(split, keys: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
         batch = data.collate(split, [i for i, _ in keys], tokenizer.pad_token_id)
         masker(batch, keys)
         return batch
 
-    # Model and engine; a complete checkpoint beats init.
-    max_steps = engine.max_steps(spec.train, len(train))
-    tag = checkpoint.find_latest(spec)
-    model = models.build_model(spec, AutoModelForMaskedLM, tokenizer, resume=tag is not None)
-    net = engine.initialize(MaskedLMLoss(model), spec, max_steps)
-    models.seed_dropout(spec, d.rank)
-    pos = checkpoint.load(net, spec, tag) if tag else Position(step=0, samples=0)
-    dist.print0(f"{spec.stage}: mlm, {len(train)} train samples, {max_steps} steps, ZeRO-{engine.zero_stage(spec)}"
-                + (f", resuming from {tag}" if tag else ""))
-
-    sampler = data.StreamSampler(
-        len(train), seed=spec.seed, micro_batch=spec.train.micro_batch_size, grad_accum=spec.train.grad_accum,
-        world_size=d.world_size, rank=d.rank, samples=pos.samples,
+    t = lifecycle.start(
+        spec, d, num_samples=len(train), what=f"mlm, {len(train)} train samples", wrap=MaskedLMLoss,
+        build=lambda resume: models.build_model(spec, AutoModelForMaskedLM, tokenizer, resume=resume),
     )
 
     def micro_step(keys: list[tuple[int, int]]) -> torch.Tensor:
-        loss_sum, n = net(**dist.to_device(batch_of(train, keys)))
+        loss_sum, n = t.engine(**dist.to_device(batch_of(train, keys)))
         return loss_sum / n
 
     def evaluate(step: int) -> dict[str, float]:
         if evalset is None:
             return {}
-        net.eval()
+        t.engine.eval()
         total = torch.zeros(2, dtype=torch.float64)
         with torch.no_grad():
-            for indices in data.eval_shards(len(evalset), spec.train.micro_batch_size, d.world_size, d.rank):
+            for indices in data.eval_shards(len(evalset), micro, d.world_size, d.rank):
                 batch = batch_of(evalset, [(max(i, 0), EVAL_EPOCH) for i in indices])
                 batch["labels"][torch.tensor(indices) < 0] = -100  # padding rows: forward pass only
-                loss_sum, n = net(**dist.to_device(batch))
+                loss_sum, n = t.engine(**dist.to_device(batch))
                 total += torch.tensor([loss_sum.item(), n.item()], dtype=torch.float64)
         dist.all_reduce_sum(total)
         loss = float(total[0] / total[1]) if total[1] else float("nan")
         return {"eval_loss": loss, "perplexity": math.exp(min(loss, 80.0))}
 
-    # Train.
-    metrics = Metrics(spec.stage_dir, max_steps)
-    metrics.start(pos.step, d.world_size)
-    stopped, pos = loop.fit(net, spec, sampler, micro_step, evaluate, pos=pos, max_steps=max_steps, metrics=metrics)
-    if stopped:
-        return entry.EXIT_STOPPED
-
-    # Eval, export, result.
-    final_metrics: dict[str, float] = {}
-    if spec.eval.at_end:
-        final_metrics = evaluate(pos.step)
-        loop.record_eval(spec, metrics, pos.step, final_metrics)
-    path, digest = export.save_final(model, tokenizer, spec.stage_dir, zero_stage=engine.zero_stage(spec))
-    entry.write_result(spec, steps=pos.step, samples=pos.samples, output=path, digest=digest, metrics=final_metrics)
-    return entry.EXIT_DONE
+    if t.fit(micro_step, evaluate):
+        return EXIT_STOPPED
+    return t.finish(evaluate, tokenizer)
 
 
 if __name__ == "__main__":

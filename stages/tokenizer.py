@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
 import time
 from pathlib import Path
 
-from launcher.files import fsync_dir
-from stages.runtime import data, dist, entry
+from contract.kinds.tokenizer import SentencePiece
+from contract.layout import EXIT_DONE, final_dir
+from stages.runtime import data, dist, entry, export
 from stages.runtime.dist import Dist
 from stages.runtime.metrics import Metrics
-from stages.runtime.spec import Spec, SpecError
+from stages.runtime.spec import Spec
 
 SPECIALS = {"pad": "<pad>", "unk": "<unk>", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"}
 SPM_FILE = "sentencepiece.model"  # kept beside tokenizer.json for tools that want the original model
@@ -56,7 +56,7 @@ def hf_tokenizer(spm_path: Path, max_length: int):
     from transformers.convert_slow_tokenizer import SentencePieceExtractor, SpmConverter
 
     extractor = SentencePieceExtractor(str(spm_path))
-    vocab = extractor.extract(None)["vocab"]
+    vocab = extractor.extract(None)["vocab"]  # type: ignore[call-overload]  # a dict at run time, as in transformers' own converters
     backend = SpmConverter.build_tokenizer_from_spm_proto(extractor.proto, vocab, None)
     cls_id, sep_id = backend.token_to_id(SPECIALS["cls"]), backend.token_to_id(SPECIALS["sep"])
     backend.post_processor = processors.TemplateProcessing(
@@ -69,45 +69,29 @@ def hf_tokenizer(spm_path: Path, max_length: int):
 
 
 def main(spec: Spec, d: Dist) -> int:
-    opts = {k: spec.option(k) for k in ("vocab_size", "model_type", "character_coverage", "max_sentences", "lowercase")}
-    if opts["model_type"] not in ("unigram", "bpe"):
-        raise SpecError(f"options.model_type: {opts['model_type']!r} is not one of 'unigram', 'bpe'")
+    opts = spec.options_as(SentencePiece)
     metrics = Metrics(spec.stage_dir, max_steps=0)
     metrics.start(0, d.world_size)
     digest = None
-    final = Path(spec.stage_dir, "final")
+    final = final_dir(spec.stage_dir)
     if dist.is_main():
         raw = data.load_raw(spec)["train"]
         fields = [f for f in (spec.data.text_field, spec.data.text_pair_field) if f]
         sentences = (s for row in raw.select_columns(fields) for f in fields if (s := row[f]) and s.strip())
         t0 = time.perf_counter()
-        model = train_sentencepiece(sentences, seed=spec.seed, **opts)
-        dist.print0(f"{spec.stage}: trained a {opts['vocab_size']}-piece {opts['model_type']} model "
+        model = train_sentencepiece(sentences, seed=spec.seed, **opts.model_dump())
+        dist.print0(f"{spec.stage}: trained a {opts.vocab_size}-piece {opts.model_type} model "
                     f"in {time.perf_counter() - t0:.1f} s")
-        digest = _save(model, final, spec.data.max_length)
+        tmp = export.staging(final)
+        (tmp / SPM_FILE).write_bytes(model)
+        hf_tokenizer(tmp / SPM_FILE, spec.data.max_length).save_pretrained(tmp)
+        digest = export.publish(tmp, final)
     else:
         # Keep collective order identical: load_raw's rank-0-first barrier.
         data.load_raw(spec)
-    entry.write_result(spec, steps=0, samples=0, output=str(final), digest=digest,
-                       metrics={"vocab_size": opts["vocab_size"]})
-    return entry.EXIT_DONE
-
-
-def _save(model: bytes, final: Path, max_length: int) -> str:
-    from launcher.files import dir_digest
-
-    tmp = final.with_name("final.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    (tmp / SPM_FILE).write_bytes(model)
-    hf_tokenizer(tmp / SPM_FILE, max_length).save_pretrained(tmp)
-    for p in tmp.iterdir():
-        with open(p, "rb") as f:
-            os.fsync(f.fileno())
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    fsync_dir(final.parent)
-    return dir_digest(final)
+    export.write_result(spec, steps=0, samples=0, output=str(final), digest=digest,
+                        metrics={"vocab_size": opts.vocab_size})
+    return EXIT_DONE
 
 
 if __name__ == "__main__":

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
+from contract.kinds import KINDS
 from launcher import dsconfig
 from launcher.errors import ConfigError
-from launcher.manifest import KINDS
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((REPO / "examples").rglob("*.yaml")) + sorted((REPO / "examples").rglob("*.yml"))
@@ -73,7 +73,8 @@ def test_deepspeed_check_can_say_no() -> None:
 
 def refs(node: Any) -> list[str]:
     if isinstance(node, dict):
-        return ([node["$ref"]] if isinstance(node.get("$ref"), str) else []) + [r for v in node.values() for r in refs(v)]
+        return (([node["$ref"]] if isinstance(node.get("$ref"), str) else [])
+                + [r for v in node.values() for r in refs(v)])
     if isinstance(node, list):
         return [r for v in node for r in refs(v)]
     return []
@@ -93,7 +94,7 @@ def test_schema_is_json_and_knows_every_kind(tmp_path: Path) -> None:
         stage = defs[ref.removeprefix("#/$defs/")]
         assert stage["properties"]["kind"]["const"] == kind
         assert stage["additionalProperties"] is False
-    assert {"from", "pretrained", "config"} <= set(defs["Init"]["properties"])  # aliases, as written in YAML
+    assert {"from", "pretrained", "config"} <= set(defs["ModelRef"]["properties"])  # aliases, as written in YAML
     for ref in refs(schema):
         assert ref.startswith("#/$defs/") and ref.removeprefix("#/$defs/") in defs, ref
 

@@ -19,11 +19,12 @@ from typing import Any
 
 import pytest
 
+from contract.layout import stage_dir
 from launcher.errors import ConfigError, LedgerError
 from launcher.ledger import LEDGER, LOCK, Ledger, read
 from launcher.manifest import load
 from launcher.plan import Step, make_plan
-from launcher.resolve import Resolved, build_spec, resolve, settings, stage_dir
+from launcher.resolve import Resolved, build_spec, resolve, settings
 
 # ----------------------------------------------------------------- ledger
 
@@ -183,7 +184,8 @@ stages:
 """
 
 GLOSSES = "a small informal restaurant; serves wine\nvery much\na concluding action\nsummon to enter\n"
-LABELLED = '{"text": "meat from an American bison", "label": "food"}\n{"text": "a genus of Mustelidae", "label": "animal"}\n'
+LABELLED = ('{"text": "meat from an American bison", "label": "food"}\n'
+            '{"text": "a genus of Mustelidae", "label": "animal"}\n')
 
 
 def write_manifest(folder: Path, *, data: str = "data", pre_steps: int = 10, cls_lr: float = 3e-4) -> Path:
@@ -215,8 +217,8 @@ def finish(stages: list[Resolved], run_dir: Path, ledger: dict[str, Any] | None 
         output = {"path": str(folder / "final"), "digest": f"sha256:{r.name}-output"}
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "result.json").write_text(json.dumps(
-            {"status": "done", "stage": r.name, "fingerprint": spec["fingerprint"], "output": output}))
-        ledger["stages"][r.name] = {"state": "done", "fingerprint": spec["fingerprint"], "settings": settings(spec),
+            {"status": "done", "stage": r.name, "fingerprint": spec.fingerprint, "output": output}))
+        ledger["stages"][r.name] = {"state": "done", "fingerprint": spec.fingerprint, "settings": settings(spec),
                                     "output": output, "attempts": []}
         outputs[r.name] = output
     return ledger
@@ -275,9 +277,9 @@ def interrupt(stages: list[Resolved], run_dir: Path, state: str) -> tuple[dict[s
     ledger = finish(stages, run_dir, names=("tok",))
     spec = build_spec(stages[1], run_dir, {"tok": ledger["stages"]["tok"]["output"]})
     assert spec is not None
-    ledger["stages"]["pre"] = {"state": state, "fingerprint": spec["fingerprint"], "settings": settings(spec),
+    ledger["stages"]["pre"] = {"state": state, "fingerprint": spec.fingerprint, "settings": settings(spec),
                                "output": None, "attempts": [{"attempt": 1, "exit_code": 75}]}
-    return ledger, spec["fingerprint"]
+    return ledger, spec.fingerprint
 
 
 def write_checkpoint(run_dir: Path, tag: str, fingerprint: str | None, latest: bool = True) -> None:
@@ -361,7 +363,7 @@ def fingerprints(manifest: Path, run_dir: Path) -> dict[str, str]:
     outputs = {name: {"path": str(stage_dir(run_dir, name) / "final"), "digest": f"sha256:{name}"}
                for name in ("tok", "pre")}
     specs = {r.name: build_spec(r, run_dir, outputs) for r in stages_of(manifest)}
-    return {name: spec["fingerprint"] for name, spec in specs.items() if spec is not None}
+    return {name: spec.fingerprint for name, spec in specs.items() if spec is not None}
 
 
 def test_fingerprint_follows_data_bytes_not_paths(tmp_path: Path) -> None:
@@ -386,4 +388,4 @@ def test_fingerprint_follows_upstream_output_digest(tmp_path: Path, run_dir: Pat
     b = build_spec(stages[2], run_dir, {"pre": {"path": "/y/final", "digest": "sha256:one"}})
     c = build_spec(stages[2], run_dir, {"pre": {"path": "/x/final", "digest": "sha256:two"}})
     assert a is not None and b is not None and c is not None
-    assert a["fingerprint"] == b["fingerprint"] != c["fingerprint"]
+    assert a.fingerprint == b.fingerprint != c.fingerprint

@@ -15,6 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from contract.kinds import KINDS
+
+VALID_KINDS = "valid kinds: " + ", ".join(KINDS)
 REPO = Path(__file__).resolve().parents[1]
 WORDNET = REPO / "examples" / "data" / "wordnet"
 SHIPPED_DS = ", ".join(sorted(p.stem for p in (REPO / "ds_configs").glob("*.json")))
@@ -75,10 +78,10 @@ CASES: dict[str, Case] = {
         "stages[0].train", ("unknown key", "sentencepiece")),
     "unknown-kind": Case(
         edit("kind: classify", "kind: clasify  #!"), "stages[2].kind",
-        ("unknown kind 'clasify'", "valid kinds: tokenizer, mlm, classify")),
+        ("unknown kind 'clasify'", VALID_KINDS)),
     "missing-kind": Case(
         edit("  - name: cls\n    kind: classify\n", "  - name: cls  #!\n"), "stages[2].kind",
-        ("missing kind", "valid kinds: tokenizer, mlm, classify")),
+        ("missing kind", VALID_KINDS)),
     "init-from-later-stage": Case(
         edit("    init:\n      config: {model_type: bert, hidden_size: 32}\n", "    init: {from: cls}  #!\n"),
         "stages[1].init.from", ("'cls'", "comes later")),
@@ -136,7 +139,8 @@ CASES: dict[str, Case] = {
         edit("init: {from: pre}", "init: {from: pre, pretrained: bert-base-uncased}  #!"), "stages[2].init",
         ("exactly one of: from, pretrained, config", "got from, pretrained")),
     "init-config-without-model-type": Case(
-        edit("    init:\n      config: {model_type: bert, hidden_size: 32}\n", "    init: {config: {hidden_size: 32}}  #!\n"),
+        edit("    init:\n      config: {model_type: bert, hidden_size: 32}\n",
+             "    init: {config: {hidden_size: 32}}  #!\n"),
         "stages[1].init",
         ("model_type",)),
     "model-from-config-without-tokenizer": Case(
@@ -166,34 +170,53 @@ CASES: dict[str, Case] = {
         ("2 nodes", "Slurm"), command="run"),
     "unknown-kind-on-run": Case(
         edit("kind: classify", "kind: clasify  #!"), "stages[2].kind",
-        ("valid kinds: tokenizer, mlm, classify",), command="run"),
+        (VALID_KINDS,), command="run"),
     "missing-data-file-on-run": Case(
         edit("data: {train: train.jsonl}", "data: {train: gone.jsonl}  #!"), "stages[2].data.train",
         ("not found",), command="run"),
     "batch-arithmetic-on-run": Case(
         edit(CLS_TRAIN, "    train: {epochs: 1, micro_batch_size: 4, global_batch_size: 4}  #!\n"),
         "stages[2].train.global_batch_size", ("= 8",), command="run"),
+    # sbatch flags are checked when the manifest is read, not when a later stage is submitted
+    "slurm-extra-flag-owned-by-baton": Case(
+        edit(CLS_TRAIN, CLS_TRAIN + "    slurm:\n      extra: {requeue: null}  #!\n"),
+        "stages[2].slurm.extra.requeue", ("set by baton",)),
+    "slurm-extra-flag-not-a-name": Case(
+        edit("launcher: {nproc_per_node: 2}\n", "launcher: {nproc_per_node: 2}\n  slurm:\n"
+             "    extra: {\"mail type\": END}  #!\n"),
+        "defaults.slurm.extra.mail type", ("not an sbatch long option name",)),
+    "infinite-lr": Case(
+        edit(CLS_TRAIN, "    train: {epochs: 1, micro_batch_size: 4, lr: .inf}  #!\n"),
+        "stages[2].train", ("lr: inf is not a finite number",)),
 }
 
 # Known bugs: the message is clean and exit 2, but the location is wrong or missing.
 # Each of these also runs through test_fails_cleanly below, which must pass.
 CASES |= {
-    "mlm-option-out-of-range": Case(edit("    train: {max_steps: 10", "    mlm: {mask_prob: 1.5}  #!\n    train: {max_steps: 10"),
-         "stages[1].mlm.mask_prob", ("less than 1",)),
-    "unknown-key-in-mlm-options": Case(edit("    train: {max_steps: 10", "    mlm: {mask: 0.2}  #!\n    train: {max_steps: 10"),
-         "stages[1].mlm.mask", ("valid keys here: mask_prob",)),
-    "nnodes-from-defaults-on-run": Case(edit("launcher: {nproc_per_node: 2}", "launcher: {nproc_per_node: 2, nnodes: 2}  #!"),
-         "defaults.launcher.nnodes", ("2 nodes", "Slurm"), command="run"),
-    "deepspeed-rejects-zero-stage-7": Case(edit(CLS_TRAIN, "    deepspeed: {overrides: {zero_optimization: {stage: 7}}}  #!\n" + CLS_TRAIN),
-         "stages[2].deepspeed", ("DeepSpeed rejects", "stage", "7", "cls")),
-    "deepspeed-rejects-zero-stage-7-on-run": Case(edit(CLS_TRAIN, "    deepspeed: {overrides: {zero_optimization: {stage: 7}}}  #!\n" + CLS_TRAIN),
-         "stages[2].deepspeed", ("DeepSpeed rejects", "cls"), command="run"),
-    "deepspeed-rejects-unknown-zero-key": Case(edit(CLS_TRAIN, "    deepspeed: {overrides: {zero_optimization: {bogus_knob: 1}}}  #!\n" + CLS_TRAIN),
-         "stages[2].deepspeed", ("DeepSpeed rejects", "bogus_knob", "cls")),
-    "ds-override-conflicts-with-manifest": Case(edit(CLS_TRAIN, "    deepspeed: {overrides: {train_batch_size: 999}}  #!\n" + CLS_TRAIN),
-         "stages[2].deepspeed", ("train_batch_size", "999", "8")),
-    "ds-template-value-conflicts-with-manifest": Case(edit(CLS_TRAIN, "    deepspeed: {config: ./custom.json}  #!\n" + CLS_TRAIN),
-         "stages[2].deepspeed", ("custom.json", "optimizer.params.lr", "0.1", "train.lr")),
+    "mlm-option-out-of-range": Case(
+        edit("    train: {max_steps: 10", "    mlm: {mask_prob: 1.5}  #!\n    train: {max_steps: 10"),
+        "stages[1].mlm.mask_prob", ("less than 1",)),
+    "unknown-key-in-mlm-options": Case(
+        edit("    train: {max_steps: 10", "    mlm: {mask: 0.2}  #!\n    train: {max_steps: 10"),
+        "stages[1].mlm.mask", ("valid keys here: mask_prob",)),
+    "nnodes-from-defaults-on-run": Case(
+        edit("launcher: {nproc_per_node: 2}", "launcher: {nproc_per_node: 2, nnodes: 2}  #!"),
+        "defaults.launcher.nnodes", ("2 nodes", "Slurm"), command="run"),
+    "deepspeed-rejects-zero-stage-7": Case(
+        edit(CLS_TRAIN, "    deepspeed: {overrides: {zero_optimization: {stage: 7}}}  #!\n" + CLS_TRAIN),
+        "stages[2].deepspeed", ("DeepSpeed rejects", "stage", "7", "cls")),
+    "deepspeed-rejects-zero-stage-7-on-run": Case(
+        edit(CLS_TRAIN, "    deepspeed: {overrides: {zero_optimization: {stage: 7}}}  #!\n" + CLS_TRAIN),
+        "stages[2].deepspeed", ("DeepSpeed rejects", "cls"), command="run"),
+    "deepspeed-rejects-unknown-zero-key": Case(
+        edit(CLS_TRAIN, "    deepspeed: {overrides: {zero_optimization: {bogus_knob: 1}}}  #!\n" + CLS_TRAIN),
+        "stages[2].deepspeed", ("DeepSpeed rejects", "bogus_knob", "cls")),
+    "ds-override-conflicts-with-manifest": Case(
+        edit(CLS_TRAIN, "    deepspeed: {overrides: {train_batch_size: 999}}  #!\n" + CLS_TRAIN),
+        "stages[2].deepspeed", ("train_batch_size", "999", "8")),
+    "ds-template-value-conflicts-with-manifest": Case(
+        edit(CLS_TRAIN, "    deepspeed: {config: ./custom.json}  #!\n" + CLS_TRAIN),
+        "stages[2].deepspeed", ("custom.json", "optimizer.params.lr", "0.1", "train.lr")),
 }
 
 CUSTOM_DS = '{"zero_optimization": {"stage": 1}, "optimizer": {"type": "AdamW", "params": {"lr": 0.1}}}\n'

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.files import dir_digest, file_digest
+from contract.files import dir_digest, file_digest
 from tests.conftest import baton, pipeline_manifest
 
 pytestmark = pytest.mark.slow

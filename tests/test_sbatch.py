@@ -19,7 +19,8 @@ WEIRD = """x$(touch PWNED);y `id` 'q' "dq" \\ $HOME %j"""
 
 CASES = {
     "minimal": dict(job_name="baton.quickstart.pretrain", nodes=1, output="/runs/q/stages/pretrain/slurm/job-%j.out",
-                    settings=DEFAULTS, command=["/venv/bin/python", "-m", "launcher.cli", "job", "/runs/q", "pretrain"]),
+                    settings=DEFAULTS,
+                    command=["/venv/bin/python", "-m", "launcher.cli", "job", "/runs/q", "pretrain"]),
     "full": dict(
         job_name="baton.big.pretrain", nodes=4, output="/scratch/runs/big/stages/pretrain/slurm/job-%j.out",
         settings=DEFAULTS | {"partition": "gpu", "account": "proj-123", "qos": "high", "constraint": "a100&ib",

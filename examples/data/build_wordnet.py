@@ -19,7 +19,8 @@ import random
 from pathlib import Path
 
 # lexicographer file numbers (wndb(5), lexnames(5)) of the eight classes
-CLASSES = {5: "animal", 6: "artifact", 8: "body", 13: "food", 15: "location", 18: "person", 20: "plant", 27: "substance"}
+CLASSES = {5: "animal", 6: "artifact", 8: "body", 13: "food", 15: "location", 18: "person", 20: "plant",
+           27: "substance"}
 TRAIN_PER_CLASS = 100
 EVAL_PER_CLASS = 100
 PRETRAIN_LINES = 40_000
@@ -79,7 +80,8 @@ def main() -> None:
             f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     (args.out / "pretrain.txt").write_text("\n".join(corpus[:PRETRAIN_LINES]) + "\n", encoding="utf-8")
     (args.out / "pretrain_eval.txt").write_text("\n".join(corpus[PRETRAIN_LINES:]) + "\n", encoding="utf-8")
-    print(f"{len(train)} train, {len(evaluation)} eval, {PRETRAIN_LINES}+{PRETRAIN_EVAL_LINES} pretraining lines -> {args.out}")
+    print(f"{len(train)} train, {len(evaluation)} eval, {PRETRAIN_LINES}+{PRETRAIN_EVAL_LINES} pretraining lines "
+          f"-> {args.out}")
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ class LocalBackend:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH")) if p)
         env.setdefault("PYTHONUNBUFFERED", "1")
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        env.setdefault("OMP_NUM_THREADS", "1")  # torchrun's own default for several ranks, without its banner
         proc = subprocess.Popen(argv, env=env, start_new_session=True, preexec_fn=_die_with_parent)
         interrupted = False
 
@@ -65,7 +66,9 @@ def torchrun(rendezvous: list[str], kind: str, spec_path: Path, nproc_per_node: 
         "--nproc-per-node", str(nproc_per_node), "--max-restarts", "0",
         "--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
         "--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S),
-        "--log-dir", str(log_dir), "--tee", "3", "--local-ranks-filter", "0",
+        # every rank's stdout and stderr go to log_dir; rank 0's stdout (progress) also to the terminal, while
+        # library warnings and weight-loading reports stay in the logs (a failure shows their tail)
+        "--log-dir", str(log_dir), "--redirects", "3", "--tee", "1", "--local-ranks-filter", "0",
         "-m", f"stages.{kind}", "--spec", str(spec_path),
     ]
 

@@ -39,14 +39,17 @@ def sbatch_quote(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def check_extra(extra: dict[str, Any]) -> list[str]:
-    """Problems with user-given extra flags (names only; values are quoted whatever they hold)."""
-    problems = []
+def check_extra(extra: dict[str, Any]) -> dict[str, str]:
+    """{flag: problem} for user-given extra flags (names only; values are quoted whatever they hold).
+
+    `baton validate` and every plan call this, so a bad flag is refused before anything is submitted.
+    """
+    problems = {}
     for flag in extra:
         if not FLAG_NAME.match(flag):
-            problems.append(f"{flag!r} is not an sbatch long option name (lowercase letters, digits, dashes)")
+            problems[flag] = f"{flag!r} is not an sbatch long option name (lowercase letters, digits, dashes)"
         elif flag in RESERVED:
-            problems.append(f"{flag!r} is set by baton and cannot be overridden")
+            problems[flag] = f"{flag!r} is set by baton and cannot be overridden"
     return problems
 
 
@@ -55,7 +58,7 @@ def render(*, job_name: str, nodes: int, output: str, settings: dict[str, Any], 
     """The job script. `output` is the log path (a Slurm filename pattern: %j is the job id)."""
     problems = check_extra(settings.get("extra") or {})
     if problems:
-        raise ValueError("; ".join(problems))
+        raise ValueError("; ".join(problems.values()))
     flags: dict[str, str | None] = {
         "job-name": job_name,
         "nodes": str(nodes),

@@ -7,10 +7,8 @@ checkpoints are pruned only then.
 
 from __future__ import annotations
 
-import json
 import os
 import random
-import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -18,11 +16,10 @@ from pathlib import Path
 
 import torch
 
-from launcher.files import fsync_dir, write_atomic, write_json
+from contract.files import fsync_dir, write_atomic, write_json
+from contract.layout import TAG, ckpt_dir, complete_tags, newest_complete, step_of, tag_of
 from stages.runtime import dist
 from stages.runtime.spec import Spec, SpecError
-
-_TAG = re.compile(r"step(\d{8})")
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,37 +28,27 @@ class Position:
     samples: int
 
 
-def tag_of(step: int) -> str:
-    return f"step{step:08d}"
-
-
-def ckpt_dir(spec: Spec) -> Path:
-    return Path(spec.stage_dir, "ckpt")
-
-
 def find_latest(spec: Spec) -> str | None:
     """The newest complete checkpoint's tag, or None. Another fingerprint is an error (exit 2).
 
     Scans for COMPLETE rather than trusting LATEST alone: a run killed between
     the two writes still resumes from the newer, complete checkpoint.
     """
-    root = ckpt_dir(spec)
-    tags = sorted(p.parent.name for p in root.glob("step*/COMPLETE") if _TAG.fullmatch(p.parent.name))
-    if not tags:
+    found = newest_complete(spec.stage_dir)
+    if found is None:
         return None
-    tag = tags[-1]
-    info = json.loads((root / tag / "COMPLETE").read_text())
-    if info.get("fingerprint") != spec.fingerprint:
+    tag, marker = found
+    if marker.get("fingerprint") != spec.fingerprint:
         raise SpecError(
-            f"{root / tag}: checkpoint fingerprint {info.get('fingerprint')} != spec fingerprint {spec.fingerprint}; "
-            "the stage changed, clear its folder to rerun it"
+            f"{ckpt_dir(spec.stage_dir) / tag}: checkpoint fingerprint {marker.get('fingerprint')} != spec fingerprint "
+            f"{spec.fingerprint}; the stage changed, clear its folder to rerun it"
         )
     return tag
 
 
 def save(engine, spec: Spec, pos: Position) -> str:
     """Collective. Returns the tag."""
-    root, tag = ckpt_dir(spec), tag_of(pos.step)
+    root, tag = ckpt_dir(spec.stage_dir), tag_of(pos.step)
     client = {"step": pos.step, "samples": pos.samples, "fingerprint": spec.fingerprint}
     engine.save_checkpoint(str(root), tag=tag, client_state=client, save_latest=False)
     rng_path = root / tag / f"rng-rank{dist.rank()}.pt"
@@ -77,13 +64,13 @@ def save(engine, spec: Spec, pos: Position) -> str:
     if dist.is_main():
         write_json(root / tag / "COMPLETE", client | {"time": time.time()})
         write_atomic(root / "LATEST", tag + "\n")
-        _prune(root, spec.checkpoint.keep_last, pos.step)
+        _prune(root, spec.checkpoint.keep_last if spec.checkpoint else 1, pos.step)
     return tag
 
 
 def load(engine, spec: Spec, tag: str) -> Position:
     """Collective. Restores model, optimizer, scheduler, this rank's RNG; returns the data position."""
-    root = ckpt_dir(spec)
+    root = ckpt_dir(spec.stage_dir)
     path, client = engine.load_checkpoint(
         str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
     )
@@ -110,10 +97,10 @@ def _set_rng_state(state: dict) -> None:
 
 
 def _prune(root: Path, keep_last: int, newest: int) -> None:
-    complete = sorted(int(m[1]) for p in root.glob("step*/COMPLETE") if (m := _TAG.fullmatch(p.parent.name)))
+    complete = [step_of(t) for t in complete_tags(root.parent)]
     doomed = set(complete[:-keep_last] if keep_last > 0 else complete[:-1])
     # Folders a killed run left without COMPLETE are never used; drop the older ones.
-    doomed |= {int(m[1]) for p in root.glob("step*") if (m := _TAG.fullmatch(p.name)) and int(m[1]) < newest
+    doomed |= {step_of(p.name) for p in root.glob("step*") if TAG.fullmatch(p.name) and step_of(p.name) < newest
                and not (p / "COMPLETE").exists()}
     for step in sorted(doomed):
         shutil.rmtree(root / tag_of(step), ignore_errors=True)

@@ -19,9 +19,10 @@ from typing import Any
 
 import torch
 
-from launcher.files import digest
+from contract.files import digest
+from contract.spec import DataSpec
 from stages.runtime import dist
-from stages.runtime.spec import Data, Spec, SpecError
+from stages.runtime.spec import Spec, SpecError
 
 _BUILDERS = {"json": "json", "csv": "csv", "parquet": "parquet", "text": "text"}
 
@@ -32,7 +33,7 @@ def load_raw(spec: Spec) -> dict[str, Any]:
         return _load_raw(spec.data, os.path.join(spec.cache_dir, "datasets"))
 
 
-def _load_raw(data: Data, cache_dir: str) -> dict[str, Any]:
+def _load_raw(data: DataSpec, cache_dir: str) -> dict[str, Any]:
     import datasets
 
     datasets.disable_progress_bars()
@@ -51,11 +52,12 @@ def _load_raw(data: Data, cache_dir: str) -> dict[str, Any]:
         raise SpecError("data.train_files: empty and no data.hub")
     if data.format is None:
         raise SpecError("data.format: null without data.hub")
-    files = {"train": data.train_files} | ({"eval": data.eval_files} if data.eval_files else {})
-    ds = datasets.load_dataset(_BUILDERS[data.format], data_files=files, cache_dir=cache_dir)
+    split_files = {"train": data.train_files} | ({"eval": data.eval_files} if data.eval_files else {})
+    ds = datasets.load_dataset(_BUILDERS[data.format], data_files=split_files, cache_dir=cache_dir)
     for split, d in ds.items():
         if data.text_field not in d.column_names:
-            raise SpecError(f"data.text_field: column {data.text_field!r} not in {files[split]} (columns: {d.column_names})")
+            raise SpecError(f"data.text_field: column {data.text_field!r} not in {split_files[split]} "
+                            f"(columns: {d.column_names})")
     return {"train": ds["train"], "eval": ds.get("eval")}
 
 
@@ -70,7 +72,7 @@ def tokenize(spec: Spec, raw: dict[str, Any], tokenizer, tokenizer_digest: str) 
         enc = tokenizer(batch[data.text_field], pair, truncation=True, max_length=data.max_length)
         return {k: enc[k] for k in keep if k in enc}
 
-    out = {}
+    out: dict[str, Any] = {}
     with _rank0_first():
         out_dir.mkdir(parents=True, exist_ok=True)
         for split, ds in raw.items():
@@ -86,13 +88,13 @@ def tokenize(spec: Spec, raw: dict[str, Any], tokenizer, tokenizer_digest: str) 
     return out
 
 
-def tokenizer_digest(spec: Spec) -> str:
-    ref = spec.tokenizer
-    if ref is None:
-        raise SpecError("spec tokenizer: missing (required for this kind)")
+def tokenizer_digest(spec: Spec, name: str = "tokenizer") -> str:
+    """What identifies the tokenizer of input `name` in cache keys."""
+    ref = spec.ref(name)
     if ref.digest:
         return ref.digest
-    return digest(ref.path) if os.path.exists(ref.path) else ref.path
+    path = ref.path or ""
+    return digest(path) if os.path.exists(path) else path
 
 
 def _hash(*parts: Any) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 
@@ -18,6 +19,7 @@ class Dist:
 
 
 _state: Dist | None = None
+T = TypeVar("T")
 
 
 def init() -> Dist:
@@ -80,10 +82,11 @@ def to_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def all_gather_objects(obj: object) -> list[object]:
+def all_gather_objects(obj: T) -> list[T]:
+    """Every rank's `obj`, in rank order (collective)."""
     if _state is None or _state.world_size == 1:
         return [obj]
-    out: list[object] = [None] * _state.world_size
+    out: list[Any] = [None] * _state.world_size
     torch.distributed.all_gather_object(out, obj)
     return out
 

@@ -9,7 +9,8 @@ from typing import Any
 
 import torch
 
-from stages.runtime.spec import Spec, Train
+from contract.sections import Train
+from stages.runtime.spec import Spec, training
 
 # transformers finds the DeepSpeed config through a weakref; this keeps its target alive.
 _zero3_config: _Zero3Config | None = None
@@ -29,7 +30,7 @@ class _Zero3Config:
 
 
 def zero_stage(spec: Spec) -> int:
-    return int(spec.deepspeed.get("zero_optimization", {}).get("stage", 0))
+    return int(training(spec).deepspeed.get("zero_optimization", {}).get("stage", 0))
 
 
 def prepare_model_construction(spec: Spec) -> None:
@@ -47,7 +48,7 @@ def prepare_model_construction(spec: Spec) -> None:
 
 
 def ds_config(spec: Spec) -> dict[str, Any]:
-    cfg = copy.deepcopy(spec.deepspeed)
+    cfg = copy.deepcopy(training(spec).deepspeed)
     if not torch.cuda.is_available():
         # DeepSpeed's own Adam kernels JIT-compile C++ for over a minute on CPU.
         cfg.setdefault("optimizer", {}).setdefault("params", {}).setdefault("torch_adam", True)
@@ -58,11 +59,12 @@ def initialize(model: torch.nn.Module, spec: Spec, max_steps: int):
     """deepspeed.initialize with decay/no-decay groups and our schedule, so checkpoints hold its state."""
     import deepspeed
 
+    train = training(spec).train
     engine, *_ = deepspeed.initialize(
         model=model,
-        model_parameters=param_groups(model, spec.train.weight_decay),
+        model_parameters=param_groups(model, train.weight_decay),
         config=ds_config(spec),
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(spec.train, max_steps)),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(train, max_steps)),
         dist_init_required=False,
     )
     return engine
@@ -70,7 +72,8 @@ def initialize(model: torch.nn.Module, spec: Spec, max_steps: int):
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     # Biases and norm weights are 1-D; decaying them only hurts (BERT, GPT-2 and HF Trainer all exempt them).
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for p in model.parameters():
         if p.requires_grad:
             (decay if _ndim(p) >= 2 else no_decay).append(p)
@@ -102,6 +105,7 @@ def lr_lambda(train: Train, max_steps: int) -> Callable[[int], float]:
 def max_steps(train: Train, num_samples: int) -> int:
     if train.max_steps is not None:
         return train.max_steps
+    assert train.epochs is not None and train.global_batch_size is not None, "the contract sets these"
     return math.ceil(train.epochs * num_samples / train.global_batch_size)
 
 

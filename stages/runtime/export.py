@@ -1,43 +1,63 @@
-"""final/: the hand-off to the next stage, loadable with transformers' `from_pretrained`."""
+"""final/: the hand-off to the next stage, loadable with transformers' `from_pretrained`; and result.json."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
 
-from launcher.files import dir_digest, fsync_dir
+from contract import layout
+from contract.files import dir_digest, fsync_dir
+from contract.layout import Output, Result, final_dir
 from stages.runtime import dist
+from stages.runtime.spec import Spec
 
 
-def save_final(model, tokenizer, stage_dir: str, *, zero_stage: int) -> tuple[str, str | None]:
-    """Collective. Writes `save_pretrained` safetensors + tokenizer to final.tmp/, then renames it to final/.
+def save_final(model, tokenizer, spec: Spec, *, zero_stage: int) -> tuple[str, str | None]:
+    """Collective. Writes `save_pretrained` safetensors + tokenizer to final.tmp/, then publishes it as final/.
 
     `model` is the transformers model itself (unwrapped). Under ZeRO-3 each rank
     holds a shard, so all ranks gather and rank 0 writes. Returns (path, digest);
     the digest only on rank 0.
     """
-    final, tmp = Path(stage_dir, "final"), Path(stage_dir, "final.tmp")
-    if dist.is_main():
-        shutil.rmtree(tmp, ignore_errors=True)
+    final = final_dir(spec.stage_dir)
+    tmp = staging(final) if dist.is_main() else None
     if zero_stage == 3:
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
-            if dist.is_main():
+            if tmp is not None:
                 _write(model, tokenizer, tmp)
-    elif dist.is_main():
+    elif tmp is not None:
         _write(model, tokenizer, tmp)
-    digest = None
-    if dist.is_main():
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        fsync_dir(final.parent)
-        digest = dir_digest(final)
+    digest = publish(tmp, final) if tmp is not None else None
     dist.barrier()
     return str(final), digest
+
+
+def staging(final: Path) -> Path:
+    """An empty final.tmp/ beside `final` to write the output into (rank 0)."""
+    tmp = final.with_name("final.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def publish(tmp: Path, final: Path) -> str:
+    """Rank 0: fsync what `tmp` holds, swap it in as `final` and return final's digest.
+
+    Readers see the old final/ or the new one, never a half-written folder.
+    """
+    for p in tmp.iterdir():
+        with open(p, "rb") as f:
+            os.fsync(f.fileno())
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+    return dir_digest(final)
 
 
 def _write(model, tokenizer, path: Path) -> None:
@@ -50,6 +70,13 @@ def _write(model, tokenizer, path: Path) -> None:
         model.save_pretrained(path, safe_serialization=True, save_original_format=False)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
-    for p in path.iterdir():
-        with open(p, "rb") as f:
-            os.fsync(f.fileno())
+
+
+def write_result(spec: Spec, *, steps: int, samples: int, output: str, digest: str | None,
+                 metrics: dict[str, float]) -> None:
+    """result.json, last of all (rank 0): what the launcher records in the ledger."""
+    if not dist.is_main():
+        return
+    result = Result(stage=spec.stage, kind=spec.kind, fingerprint=spec.fingerprint, steps=steps, samples=samples,
+                    output=Output(path=output, digest=digest), metrics=metrics, time=time.time())
+    layout.write_result(spec.stage_dir, result)

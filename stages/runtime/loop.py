@@ -11,7 +11,7 @@ from stages.runtime.checkpoint import Position
 from stages.runtime.data import StreamSampler
 from stages.runtime.engine import current_lr
 from stages.runtime.metrics import Metrics
-from stages.runtime.spec import Spec
+from stages.runtime.spec import Spec, training
 
 MicroStep = Callable[[list[tuple[int, int]]], torch.Tensor]
 Evaluate = Callable[[int], dict[str, float]]
@@ -25,7 +25,8 @@ def fit(engine, spec: Spec, sampler: StreamSampler, micro_step: MicroStep, evalu
     items; `evaluate(step)` is collective and returns metrics. Checkpoints
     every `checkpoint.every_steps` and on a stop request, then returns at once.
     """
-    every_ckpt, every_eval = spec.checkpoint.every_steps, spec.eval.every_steps
+    settings = training(spec)
+    every_ckpt, every_eval = settings.checkpoint.every_steps, settings.eval.every_steps
     start = step = pos.step
     window = torch.zeros(2, dtype=torch.float64)  # loss sum, micro-batch count since the last log line
     engine.train()
@@ -38,7 +39,7 @@ def fit(engine, spec: Spec, sampler: StreamSampler, micro_step: MicroStep, evalu
         step += 1
         if step == start + 1:
             metrics.first_step(step)
-        if step % spec.train.log_every == 0 or step == max_steps:
+        if step % settings.train.log_every == 0 or step == max_steps:
             dist.all_reduce_sum(window)
             metrics.train(step, sampler.samples, float(window[0] / window[1]), current_lr(engine))
             window.zero_()
@@ -58,7 +59,7 @@ def fit(engine, spec: Spec, sampler: StreamSampler, micro_step: MicroStep, evalu
 
 
 def record_eval(spec: Spec, metrics: Metrics, step: int, values: dict[str, float]) -> None:
-    from launcher.files import write_json
+    from contract.files import write_json
 
     if not values:  # no eval data
         return

@@ -1,4 +1,4 @@
-"""Tokenizer and model from the spec's `tokenizer` / `init`, with input digests verified first."""
+"""Tokenizers and models from the spec's input references, with their digests verified first."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
-from launcher.files import digest as digest_of
+from contract.files import digest as digest_of
 from stages.runtime import engine
-from stages.runtime.spec import Spec, SpecError
+from stages.runtime.spec import Ref, Spec, SpecError
 
 
 def verify_digest(key: str, path: str | None, expected: str | None) -> None:
@@ -24,41 +24,43 @@ def verify_digest(key: str, path: str | None, expected: str | None) -> None:
         raise SpecError(f"{key}.digest: {path} has {actual}, spec expects {expected}")
 
 
-def load_tokenizer(spec: Spec):
+def load_tokenizer(spec: Spec, name: str = "tokenizer"):
+    """The tokenizer of input `name`."""
     from transformers import AutoTokenizer
 
-    ref = spec.tokenizer
-    if ref is None:
-        raise SpecError(f"spec tokenizer: missing (kind {spec.kind} needs one)")
-    verify_digest("tokenizer", ref.path, ref.digest)
+    ref = spec.ref(name)
+    key = f"inputs.{name}"
+    if ref.path is None:
+        raise SpecError(f"{key}.path: missing (source {ref.source} cannot give a tokenizer)")
+    verify_digest(key, ref.path, ref.digest)
     try:
         tok = AutoTokenizer.from_pretrained(ref.path)
     except (OSError, ValueError) as e:
-        raise SpecError(f"tokenizer.path: {ref.path}: cannot load a tokenizer: {e}") from None
+        raise SpecError(f"{key}.path: {ref.path}: cannot load a tokenizer: {e}") from None
     if tok.pad_token_id is None:
-        raise SpecError(f"tokenizer.path: {ref.path}: the tokenizer has no pad token")
+        raise SpecError(f"{key}.path: {ref.path}: the tokenizer has no pad token")
     # transformers saves how it was loaded (offline or not) into tokenizer_config.json; the same
     # tokenizer must give the same final/ digest wherever the stage ran
     tok.init_kwargs.pop("local_files_only", None)
     return tok
 
 
-def build_model(spec: Spec, auto_class, tokenizer, *, resume: bool, **overrides: Any):
-    """The model named by `init`. On resume only the architecture is built: the checkpoint brings the weights."""
+def build_model(spec: Spec, auto_class, tokenizer, *, resume: bool, name: str = "init", **overrides: Any):
+    """The model of input `name` (the one to train). On resume only the architecture is built:
+    the checkpoint brings the weights."""
     from transformers import AutoConfig
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a bar per rank per load, in every stage log
-    init = spec.init
-    if init is None:
-        raise SpecError(f"spec init: missing (kind {spec.kind} needs one)")
+    init: Ref = spec.ref(name)
+    key = f"inputs.{name}"
     engine.prepare_model_construction(spec)
     # Same seed on every rank: ZeRO-1/2 need identical initial replicas.
     torch.manual_seed(spec.seed)
     random.seed(spec.seed)
     if init.source == "config":
         if not init.config or "model_type" not in init.config:
-            raise SpecError("init.config: needs at least model_type for source=config")
+            raise SpecError(f"{key}.config: needs at least model_type for source=config")
         from_tok = {
             "vocab_size": len(tokenizer),
             "pad_token_id": tokenizer.pad_token_id,
@@ -70,18 +72,19 @@ def build_model(spec: Spec, auto_class, tokenizer, *, resume: bool, **overrides:
         model = auto_class.from_config(config)
     else:
         if init.path is None:
-            raise SpecError(f"init.path: missing for source={init.source}")
+            raise SpecError(f"{key}.path: missing for source={init.source}")
         if not resume:
-            verify_digest("init", init.path, init.digest)
+            verify_digest(key, init.path, init.digest)
         try:
             if resume:
                 model = auto_class.from_config(AutoConfig.from_pretrained(init.path, **overrides))
             else:
                 model = auto_class.from_pretrained(init.path, **overrides)
         except OSError as e:
-            raise SpecError(f"init.path: {init.path}: cannot load a model: {e}") from None
+            raise SpecError(f"{key}.path: {init.path}: cannot load a model: {e}") from None
     if len(tokenizer) > model.config.vocab_size:
-        raise SpecError(f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {model.config.vocab_size}")
+        raise SpecError(f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
+                        f"{model.config.vocab_size}")
     return model
 
 

@@ -27,60 +27,67 @@ ZEROS = [1, 2, 3]
 STEPS, EVERY = 24, 6
 
 
+def classify(name: str, zero: int, *, train: str = f"max_steps: {STEPS}", checkpoint: str = f"every_steps: {EVERY}",
+             launcher: str = "{}") -> str:
+    return f"""
+  - name: {name}
+    kind: classify
+    init: {{from: mlm-ref-z1}}
+    tokenizer: {{from: tokenizer}}
+    launcher: {launcher}
+    deepspeed: {{config: zero{zero}}}
+    data: {{train: data/supersense_train.jsonl, eval: data/supersense_eval.jsonl, max_length: 32}}
+    train: {{{train}, micro_batch_size: 4, grad_accum: 2, lr: 1.0e-3, warmup_steps: 2, weight_decay: 0.01,
+             log_every: 2}}
+    checkpoint: {{{checkpoint}}}"""
+
+
+# Every stage these tests run, resolved by the launcher: the kill runs share their reference's settings.
+MANIFEST = f"""version: 1
+run: {{name: stages}}
+defaults:
+  launcher: {{nproc_per_node: 2}}
+stages:
+  - name: tokenizer
+    kind: tokenizer
+    data: {{train: data/pretrain.txt}}
+    sentencepiece: {{vocab_size: 1000}}
+  - name: mlm-ref-z1
+    kind: mlm
+    init: {{config: {specs.TINY_BERT}}}
+    tokenizer: {{from: tokenizer}}
+    deepspeed: {{config: zero1}}
+    data: {{train: data/pretrain.txt, eval: data/pretrain.txt, max_length: 32}}
+    train: {{max_steps: {STEPS}, micro_batch_size: 8, lr: 1.0e-3, warmup_steps: 2, weight_decay: 0.01, log_every: 2}}
+    checkpoint: {{every_steps: {EVERY}}}
+    eval: {{every_steps: {EVERY}}}""" + "".join(
+    classify(f"cls-{role}-z{z}", z) for z in ZEROS for role in ("ref", "kill")) + classify(
+    "cls-sigterm", 2, train="max_steps: 400", checkpoint="keep_last: 2") + classify(
+    "cls-bad-digest", 1, launcher="{nproc_per_node: 1}") + "\n"
+
+
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("stages")
-    return {"root": root, "files": specs.copy_data(root / "data"), "cache": root / "cache", "hf": root / "hf"}
-
-
-def _run_ok(spec: dict, work: dict) -> dict:
-    result = specs.run_stage(spec, work["hf"])
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    return json.loads(Path(spec["stage_dir"], "result.json").read_text())
+    files = specs.copy_data(root / "data")
+    return {"root": root, "files": files, "stages": specs.Stages(root, MANIFEST, root / "hf")}
 
 
 @pytest.fixture(scope="module")
 def tokenizer(work) -> dict:
-    s = specs.spec(
-        "tokenizer", work["root"] / "tokenizer", cache_dir=work["cache"], train_files=[work["files"]["pretrain.txt"]],
-        fmt="text", every_ckpt=None,
-        options={"vocab_size": 1000, "model_type": "unigram", "character_coverage": 1.0, "max_sentences": 100000,
-                 "lowercase": False},
-    )
-    out = _run_ok(s, work)["output"]
-    return {"source": "stage", "stage": "tokenizer", "path": out["path"], "digest": out["digest"]}
-
-
-def mlm_spec(work, tokenizer, zero: int, name: str) -> dict:
-    return specs.spec(
-        "mlm", work["root"] / name, cache_dir=work["cache"], train_files=[work["files"]["pretrain.txt"]],
-        eval_files=[work["files"]["pretrain.txt"]], fmt="text", tokenizer=tokenizer, zero=zero,
-        init={"source": "config", "stage": None, "path": None, "digest": None, "config": specs.TINY_BERT},
-        options={"mask_prob": 0.15}, max_steps=STEPS, every_ckpt=EVERY, eval_every=EVERY,
-    )
-
-
-def classify_spec(work, tokenizer, init_final: dict, zero: int, name: str) -> dict:
-    return specs.spec(
-        "classify", work["root"] / name, cache_dir=work["cache"], train_files=[work["files"]["supersense_train.jsonl"]],
-        eval_files=[work["files"]["supersense_eval.jsonl"]], tokenizer=tokenizer, zero=zero, label_field="label",
-        init={"source": "stage", "stage": "mlm", "path": init_final["path"], "digest": init_final["digest"],
-              "config": None},
-        micro=4, accum=2, max_steps=STEPS, every_ckpt=EVERY,
-    )
+    return work["stages"].run("tokenizer")["output"]
 
 
 @pytest.fixture(scope="module")
 def mlm_ref(work, tokenizer) -> dict:
-    result = _run_ok(mlm_spec(work, tokenizer, 1, "mlm-ref-z1"), work)
+    result = work["stages"].run("mlm-ref-z1")
     assert result["metrics"]["perplexity"] > 1
     return result
 
 
 @pytest.fixture(scope="module")
 def classify_refs(work, tokenizer, mlm_ref) -> dict[int, dict]:
-    init = mlm_ref["output"]
-    return {z: _run_ok(classify_spec(work, tokenizer, init, z, f"cls-ref-z{z}"), work) for z in ZEROS}
+    return {z: work["stages"].run(f"cls-ref-z{z}") for z in ZEROS}
 
 
 def test_tokenizer_final_loads_with_autotokenizer(tokenizer):
@@ -90,7 +97,8 @@ def test_tokenizer_final_loads_with_autotokenizer(tokenizer):
     tok = AutoTokenizer.from_pretrained(tokenizer["path"])
     assert (tok.pad_token, tok.unk_token, tok.cls_token, tok.sep_token, tok.mask_token) == \
         ("<pad>", "<unk>", "[CLS]", "[SEP]", "[MASK]")
-    assert [tok.pad_token_id, tok.unk_token_id, tok.cls_token_id, tok.sep_token_id, tok.mask_token_id] == [0, 1, 2, 3, 4]
+    ids = [tok.pad_token_id, tok.unk_token_id, tok.cls_token_id, tok.sep_token_id, tok.mask_token_id]
+    assert ids == [0, 1, 2, 3, 4]
     assert len(tok) == 1000
     sp = spm.SentencePieceProcessor(model_file=str(Path(tokenizer["path"], "sentencepiece.model")))
     text = "a reference book containing an alphabetical list of words"
@@ -112,11 +120,10 @@ def _records(stage_dir: Path, event: str) -> list[dict]:
     return [r for r in map(json.loads, lines) if r["event"] == event]
 
 
-def _kill_after_first_checkpoint(spec: dict, work: dict) -> None:
+def _kill_after_first_checkpoint(spec, work: dict) -> None:
     """Start the stage and SIGKILL torchrun and its workers once a COMPLETE checkpoint exists."""
-    stage_dir = Path(spec["stage_dir"])
-    proc = subprocess.Popen(specs.command(spec), cwd=specs.REPO, env=specs.env(work["hf"]), start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    stage_dir = Path(spec.stage_dir)
+    proc = work["stages"].start(spec, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 180
     while not list(stage_dir.glob("ckpt/step*/COMPLETE")):
         assert proc.poll() is None, f"stage ended before any checkpoint: {proc.stderr.read()[-4000:]}"
@@ -132,14 +139,15 @@ def _kill_after_first_checkpoint(spec: dict, work: dict) -> None:
     assert not (stage_dir / "result.json").exists(), "the kill came too late: the stage had finished"
 
 
-def _assert_resumed_like(ref: dict, spec: dict, work: dict) -> None:
-    stage_dir = Path(spec["stage_dir"])
+def _assert_resumed_like(ref: dict, name: str, work: dict) -> None:
+    spec = work["stages"].spec(name)
+    stage_dir = Path(spec.stage_dir)
     _kill_after_first_checkpoint(spec, work)
-    result = _run_ok(spec, work)
+    result = work["stages"].run(name, spec)
     start = _records(stage_dir, "start")
     assert len(start) == 2 and start[1]["step"] > 0, start  # the rerun resumed instead of starting over
     complete = sorted(p.parent.name for p in stage_dir.glob("ckpt/step*/COMPLETE"))
-    assert len(complete) <= spec["checkpoint"]["keep_last"]
+    assert len(complete) <= spec.checkpoint.keep_last
     assert (stage_dir / "ckpt" / "LATEST").read_text().strip() == complete[-1]
 
     ref_dir = Path(ref["output"]["path"]).parent
@@ -161,8 +169,9 @@ def _assert_resumed_like(ref: dict, spec: dict, work: dict) -> None:
 def test_classify_killed_and_resumed_equals_uninterrupted(work, tokenizer, mlm_ref, classify_refs, zero):
     ref = classify_refs[zero]
     assert set(ref["metrics"]) == {"eval_loss", "accuracy", "macro_f1"}
-    spec = classify_spec(work, tokenizer, mlm_ref["output"], zero, f"cls-kill-z{zero}")
-    _assert_resumed_like(ref, spec, work)
+    kill = work["stages"].spec(f"cls-kill-z{zero}")
+    assert kill.fingerprint == work["stages"].spec(f"cls-ref-z{zero}").fingerprint  # the same settings
+    _assert_resumed_like(ref, f"cls-kill-z{zero}", work)
 
 
 @pytest.mark.parametrize("zero", ZEROS)
@@ -174,7 +183,8 @@ def test_classify_final_reproduces_eval_predictions(work, classify_refs, zero):
     model = AutoModelForSequenceClassification.from_pretrained(final).eval()
     tok = AutoTokenizer.from_pretrained(final)
     rows = [json.loads(line) for line in work["files"]["supersense_eval.jsonl"].read_text().splitlines()]
-    preds = [json.loads(line) for line in Path(final).parent.joinpath("eval_predictions.jsonl").read_text().splitlines()]
+    predictions = Path(final).parent / "eval_predictions.jsonl"
+    preds = [json.loads(line) for line in predictions.read_text().splitlines()]
     assert [p["index"] for p in preds] == list(range(len(rows)))
     assert all(model.config.id2label[p["label"]] == r["label"] for p, r in zip(preds, rows, strict=True))
     with torch.no_grad():
@@ -186,12 +196,9 @@ def test_classify_final_reproduces_eval_predictions(work, classify_refs, zero):
 
 
 def test_sigterm_checkpoints_and_exits_75(work, tokenizer, mlm_ref):
-    spec = classify_spec(work, tokenizer, mlm_ref["output"], 2, "cls-sigterm")
-    spec["checkpoint"]["every_steps"] = None  # so the only checkpoint is the signal's
-    spec["train"]["max_steps"] = 400
-    stage_dir = Path(spec["stage_dir"])
-    proc = subprocess.Popen(specs.command(spec), cwd=specs.REPO, env=specs.env(work["hf"]), start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    spec = work["stages"].spec("cls-sigterm")  # no checkpoint.every_steps: the only checkpoint is the signal's
+    stage_dir = Path(spec.stage_dir)
+    proc = work["stages"].start(spec, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 180
     while not (stage_dir / "metrics.jsonl").exists() or not _records(stage_dir, "first_step"):
         assert proc.poll() is None and time.monotonic() < deadline
@@ -208,7 +215,7 @@ def test_sigterm_checkpoints_and_exits_75(work, tokenizer, mlm_ref):
     tag = f"step{stop[0]['step']:08d}"
     assert (stage_dir / "ckpt" / "LATEST").read_text().strip() == tag
     complete = json.loads((stage_dir / "ckpt" / tag / "COMPLETE").read_text())
-    assert complete["fingerprint"] == spec["fingerprint"] and complete["step"] == stop[0]["step"]
+    assert complete["fingerprint"] == spec.fingerprint and complete["step"] == stop[0]["step"]
     assert {p.name for p in (stage_dir / "ckpt" / tag).glob("rng-rank*.pt")} == {"rng-rank0.pt", "rng-rank1.pt"}
     assert not (stage_dir / "result.json").exists()
 
@@ -216,19 +223,18 @@ def test_sigterm_checkpoints_and_exits_75(work, tokenizer, mlm_ref):
 def test_input_digest_mismatch_exits_2(work, tokenizer, mlm_ref):
     """Run as a single process without torchrun, which would fold the exit code into 1."""
     init = dict(mlm_ref["output"], digest="sha256:" + "0" * 64)
-    spec = classify_spec(work, tokenizer, init, 1, "cls-bad-digest")
-    spec["world_size"] = 1
-    spec["train"]["global_batch_size"] = 8
-    spec["deepspeed"] = specs.deepspeed_config(1, micro=4, accum=2, world=1, lr=1e-3)
-    env = specs.env(work["hf"]) | {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                                   "MASTER_PORT": str(_free_port())}
+    spec = work["stages"].spec("cls-bad-digest", {"mlm-ref-z1": init})
+    env = work["stages"].env() | {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                                  "MASTER_PORT": str(_free_port())}
     argv = [sys.executable, "-m", "stages.classify", "--spec", str(specs.write_spec(spec))]
     result = subprocess.run(argv, cwd=specs.REPO, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("baton stage error: init.digest:") and init["path"] in last
-    assert not Path(spec["stage_dir"], "ckpt").exists()
+    assert last.startswith("baton stage error: inputs.init.digest:") and init["path"] in last
+    assert not Path(spec.stage_dir, "ckpt").exists()
+    error = json.loads(Path(spec.stage_dir, "error.json").read_text())
+    assert error["exit_code"] == 2 and "inputs.init.digest" in error["message"]
 
 
 def _free_port() -> int:

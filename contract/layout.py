@@ -1,0 +1,136 @@
+"""The run folder as both sides see it: where a stage's files live, which checkpoints count,
+the exit codes, and the two files a stage reports through (result.json, error.json).
+
+    <run>/stages/<name>/spec.json  ckpt/step00000200/COMPLETE  ckpt/LATEST  final/  result.json  error.json
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from contract.files import write_json
+
+EXIT_DONE = 0
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2  # bad spec or input; the message says what and where
+EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped on a signal after a complete checkpoint; run again to resume
+
+TAG = re.compile(r"step(\d{8})")
+
+
+def stage_dir(run_dir: Path, name: str) -> Path:
+    return run_dir / "stages" / name
+
+
+def ckpt_dir(stage_folder: str | Path) -> Path:
+    return Path(stage_folder, "ckpt")
+
+
+def final_dir(stage_folder: str | Path) -> Path:
+    return Path(stage_folder, "final")
+
+
+def tag_of(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def step_of(tag: str) -> int:
+    m = TAG.fullmatch(tag)
+    if m is None:
+        raise ValueError(f"{tag!r} is not a checkpoint tag (step<8 digits>)")
+    return int(m[1])
+
+
+def complete_tags(stage_folder: str | Path) -> list[str]:
+    """Tags of the checkpoints that have their COMPLETE marker, oldest first.
+
+    A checkpoint counts only once COMPLETE exists (written after every rank's files);
+    LATEST is a convenience for people: a stage killed between writing the two
+    still resumes from the newer, complete checkpoint.
+    """
+    root = ckpt_dir(stage_folder)
+    return sorted(p.parent.name for p in root.glob("step*/COMPLETE") if TAG.fullmatch(p.parent.name))
+
+
+def newest_complete(stage_folder: str | Path) -> tuple[str, dict[str, Any]] | None:
+    """(tag, COMPLETE marker) of the newest complete checkpoint, or None.
+
+    The marker holds step, samples consumed and the fingerprint the checkpoint was made with.
+    """
+    tags = complete_tags(stage_folder)
+    if not tags:
+        return None
+    try:
+        marker = json.loads((ckpt_dir(stage_folder) / tags[-1] / "COMPLETE").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return tags[-1], marker
+
+
+def resumable(stage_folder: str | Path, fingerprint: str) -> str | None:
+    """The newest complete checkpoint's tag if it was made with `fingerprint`."""
+    found = newest_complete(stage_folder)
+    return found[0] if found and found[1].get("fingerprint") == fingerprint else None
+
+
+# ----------------------------------------------------------------- what a stage reports
+
+
+class Report(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Output(Report):
+    path: str
+    digest: str | None
+
+
+class Result(Report):
+    """result.json: written last of all by rank 0 when the stage is done."""
+
+    status: Literal["done"] = "done"
+    stage: str
+    kind: str
+    fingerprint: str
+    steps: int
+    samples: int
+    output: Output
+    metrics: dict[str, float | int]
+    time: float
+
+
+class BadInput(Report):
+    """error.json: the stage refused its spec or input (torchrun turns every failure into exit 1)."""
+
+    exit_code: Literal[2] = 2  # EXIT_BAD_INPUT
+    message: str
+
+
+def write_result(stage_folder: str | Path, result: Result) -> None:
+    write_json(Path(stage_folder, "result.json"), result.model_dump())
+
+
+def read_result(stage_folder: str | Path, fingerprint: str) -> Result | None:
+    """The stage's result if it finished with `fingerprint` (a result of other settings is not this stage's)."""
+    result = _read(Path(stage_folder, "result.json"), Result)
+    return result if result is not None and result.fingerprint == fingerprint else None
+
+
+def write_bad_input(stage_folder: str | Path, message: str) -> None:
+    write_json(Path(stage_folder, "error.json"), BadInput(message=message).model_dump())
+
+
+def read_bad_input(stage_folder: str | Path) -> BadInput | None:
+    return _read(Path(stage_folder, "error.json"), BadInput)
+
+
+def _read(path: Path, model: type[Report]) -> Any:
+    try:
+        return model.model_validate_json(path.read_bytes())
+    except (OSError, ValidationError):
+        return None

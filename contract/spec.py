@@ -1,0 +1,103 @@
+"""spec.json: the one definition. `launcher.resolve` writes it, a stage reads it with `Spec.load`.
+
+Every path is absolute and every value resolved: no "auto", no default left for the
+stage to guess. docs/stage-contract.md shows an example.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from contract.sections import Checkpoint, Eval, Precision, Train
+
+SPEC_VERSION = 2
+M = TypeVar("M", bound=BaseModel)
+
+
+class ContractError(Exception):
+    """A spec that does not hold what its kind needs: the stage exits 2 with this message."""
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Ref(Frozen):
+    """A resolved input."""
+
+    source: Literal["stage", "pretrained", "config"] = Field(
+        description="stage: an earlier stage's final/; pretrained: a local folder or hub name; config: build anew"
+    )
+    stage: str | None = Field(None, description="source=stage: the stage that produced it")
+    path: str | None = Field(None, description="the folder (absolute) or hub name; null for source=config")
+    digest: str | None = Field(None, description="of the folder's content; null for hub names and configs")
+    config: dict[str, Any] | None = Field(None, description="source=config: AutoConfig.for_model(**config)")
+
+
+class Hub(Frozen):
+    name: str
+    config: str | None
+    train_split: str
+    eval_split: str | None
+
+
+class DataSpec(Frozen):
+    train_files: list[str]
+    eval_files: list[str]
+    format: Literal["json", "csv", "parquet", "text"] | None = Field(description="null with hub")
+    hub: Hub | None
+    text_field: str
+    text_pair_field: str | None
+    label_field: str
+    labels: list[str] | None
+    max_length: int
+    digests: dict[str, str] = Field(description="file -> digest; already part of the fingerprint")
+
+
+class Spec(Frozen):
+    spec_version: Literal[2]
+    run_name: str
+    stage: str
+    kind: str
+    stage_dir: str
+    cache_dir: str = Field(description="shared by the run's stages: datasets cache, tokenized data")
+    fingerprint: str = Field(description="of the resolved settings and input digests; in every checkpoint")
+    seed: int
+    precision: Precision
+    world_size: int = Field(description="processes the launcher starts; the stage checks it")
+    inputs: dict[str, Ref | list[Ref]] = Field(description="the named inputs: init, tokenizer, …")
+    data: DataSpec
+    train: Train | None = Field(description="null for kinds that do not train (tokenizer)")
+    checkpoint: Checkpoint | None
+    eval: Eval | None
+    options: dict[str, Any] = Field(description="the kind's own section; the kind module's model reads it")
+    deepspeed: dict[str, Any] | None = Field(description="the final DeepSpeed config; null where train is")
+
+    @model_validator(mode="after")
+    def _batch(self) -> Spec:
+        t = self.train
+        if t is not None and t.global_batch_size != t.micro_batch_size * t.grad_accum * self.world_size:
+            raise ValueError(f"train.global_batch_size {t.global_batch_size} != micro_batch_size "
+                             f"{t.micro_batch_size} × grad_accum {t.grad_accum} × world_size {self.world_size}")
+        if (t is None) != (self.deepspeed is None):
+            raise ValueError("train and deepspeed are both set or both null")
+        return self
+
+    @classmethod
+    def load(cls, path: str | Path) -> Spec:
+        """Raises OSError or pydantic's ValidationError (the stage turns both into exit 2)."""
+        return cls.model_validate_json(Path(path).read_bytes())
+
+    def ref(self, name: str) -> Ref:
+        """The input `name`, which this kind declares as a single reference."""
+        value = self.inputs.get(name)
+        if not isinstance(value, Ref):
+            raise ContractError(f"spec inputs.{name}: missing or not a single reference (kind {self.kind})")
+        return value
+
+    def options_as(self, model: type[M]) -> M:
+        """spec.options read by the kind module's options model."""
+        return model.model_validate(self.options)

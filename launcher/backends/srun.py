@@ -1,0 +1,39 @@
+"""Inside a Slurm job or allocation: `srun` one torchrun per node, meeting at a c10d store on the first node."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+from launcher.backends.local import LocalBackend, torchrun
+
+
+def allocation_nodes() -> int | None:
+    """Nodes of the Slurm allocation this process runs in, or None outside one."""
+    if not os.environ.get("SLURM_JOB_ID"):
+        return None
+    return int(os.environ.get("SLURM_JOB_NUM_NODES") or os.environ.get("SLURM_NNODES") or 1)
+
+
+def head_node() -> str:
+    nodelist = os.environ["SLURM_JOB_NODELIST"]
+    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
+    return out.stdout.split()[0]
+
+
+class SrunBackend(LocalBackend):
+    name = "slurm"
+    # srun ends the whole step on TERM (SIGKILL after KillWait, maybe mid-checkpoint) but only forwards USR1,
+    # which torchrun passes on to the ranks: they checkpoint and exit 75 in their own time
+    stop_signal = signal.SIGUSR1
+
+    def command(self, kind: str, spec_path: Path, nproc_per_node: int, log_dir: Path, nnodes: int = 1) -> list[str]:
+        job = int(os.environ["SLURM_JOB_ID"])
+        port = 29500 + job % 20000  # one per job, so jobs sharing a node do not collide
+        rendezvous = ["--nnodes", str(nnodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{head_node()}:{port}",
+                      "--rdzv-id", f"baton-{job}"]
+        srun = ["srun", f"--nodes={nnodes}", f"--ntasks={nnodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1",
+                "--export=ALL"]
+        return srun + torchrun(rendezvous, kind, spec_path, nproc_per_node, log_dir)
