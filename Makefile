@@ -1,13 +1,14 @@
 # Two commands set everything up on a fresh machine:
 #   make demo   builds .venv, runs examples/quickstart.yaml end to end, prints its status
-#   make test   builds .venv, runs ruff and the test suite (what CI runs: .ci/run)
+#   make test   builds .venv, runs the linters and the whole test suite (what CI runs: .ci/run)
+# For your own loop: make test-fast (linters and every test that trains nothing and needs no Slurm; under a minute)
 PY ?= python3
 VENV ?= .venv
 # torch==2.13.0 is the CPU build; on a GPU machine use e.g. `make TORCH=torch demo` to get pip's CUDA build.
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint clean
+.PHONY: demo test test-fast lint clean
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q "$(TORCH)"
@@ -18,11 +19,17 @@ demo: $(BIN)/.installed
 	$(BIN)/baton run examples/quickstart.yaml
 	$(BIN)/baton status runs/quickstart
 
+# ruff, the type checker, and the layering (launcher and stages meet only in contract/; see pyproject.toml)
 lint: $(BIN)/.installed
-	$(BIN)/ruff check launcher stages tests examples bench
+	$(BIN)/ruff check contract launcher stages tests examples bench
+	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 test: lint
 	$(BIN)/python -m pytest -q --durations=10
+
+test-fast: lint
+	$(BIN)/python -m pytest -q -m "not slow and not slurm"
 
 clean:
 	rm -rf $(VENV) runs
