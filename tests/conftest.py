@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -94,12 +95,12 @@ stages:
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory: pytest.TempPathFactory, hf_env: dict[str, str]) -> dict[str, Path]:
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, hf_env: dict[str, str]) -> dict[str, Any]:
     """One trained tokenizer → mlm → classify run (ZeRO-2, 2 processes), shared by the heavy tests."""
     root = tmp_path_factory.mktemp("tiny")
     write_data(root / "data")
     manifest = root / "tiny.yaml"
     manifest.write_text(pipeline_manifest())
     run_dir = root / "run"
-    baton("run", manifest, "--run-dir", run_dir, env=hf_env)
-    return {"root": root, "manifest": manifest, "run_dir": run_dir}
+    proc = baton("run", manifest, "--run-dir", run_dir, env=hf_env)
+    return {"root": root, "manifest": manifest, "run_dir": run_dir, "terminal": proc.stdout + proc.stderr}

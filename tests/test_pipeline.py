@@ -10,6 +10,7 @@ import json
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -132,3 +133,14 @@ stages:
     assert "bad input: data.text_field: column 'definition'" in proc.stdout
     entry = ledger(tmp_path / "run")["stages"]["finetune"]
     assert entry["state"] == "failed" and "definition" in entry["attempts"][0]["error"]
+
+
+def test_terminal_shows_progress_and_the_logs_keep_library_chatter(tiny_run: dict[str, Any]) -> None:
+    terminal = tiny_run["terminal"]
+    assert "step 24/24" in terminal and "step 16/16" in terminal  # rank 0's progress lines
+    assert "== finetune: done" in terminal
+    # transformers' weight-loading report (the classifier head is new) and library warnings stay in the logs
+    assert "LOAD REPORT" not in terminal and "Warning" not in terminal, terminal[-3000:]
+    logs = tiny_run["run_dir"] / "stages" / "finetune" / "logs"
+    rank0 = [p.read_text() for p in logs.glob("attempt-1/**/0/stderr.log")]
+    assert len(rank0) == 1 and "LOAD REPORT" in rank0[0] and "classifier.weight" in rank0[0]
