@@ -152,6 +152,25 @@ def assert_slurm_attempts(entry: dict, job_id: str) -> None:
         assert attempt["backend"] == "slurm" and str(attempt["job_id"]) == job_id, attempt
 
 
+def refusing(command: str, verb: str, folder: Path, env: dict[str, str]) -> dict[str, str]:
+    """`env` with a `command` on PATH that fails when its first argument is `verb` (as Slurm refuses a
+    request it cannot honour) and runs the real command otherwise."""
+    import shutil
+
+    real = shutil.which(command, path=env.get("PATH"))
+    assert real, command
+    folder.mkdir(parents=True, exist_ok=True)
+    shim = folder / command
+    shim.write_text(f"""#!/bin/bash
+if [[ "$1" == {verb} || {json.dumps(verb)} == "*" ]]; then
+  echo "{command}: error: Access/permission denied (test)" >&2; exit 1
+fi
+exec {real} "$@"
+""")
+    shim.chmod(0o755)
+    return env | {"PATH": f"{folder}{os.pathsep}{env.get('PATH', '')}"}
+
+
 def job_log(run_dir: Path, stage: str, job_id: str) -> str:
     return (run_dir / "stages" / stage / "slurm" / f"job-{job_id}.out").read_text(errors="replace")
 
@@ -313,6 +332,29 @@ def test_usr1_warning_checkpoints_requeues_and_resumes(slurm_cluster: dict, root
     assert_same_weights(long_mlm["weights"], final_weights(run_dir))
 
 
+def test_refused_requeue_fails_the_job_and_the_stage_resumes_later(slurm_cluster: dict, root: Path,
+                                                                   long_mlm: dict) -> None:
+    """The job must not end COMPLETED after a requeue Slurm refused: its afterok dependants would start."""
+    env = refusing("scontrol", "requeue", root / "shim-scontrol", slurm_cluster["env"])
+    run_dir = root / "slurm-requeue-refused"
+    job_id = submit(long_mlm["manifest"], run_dir, env, cwd=root)["mlm"]
+    wait_for_checkpoint(run_dir, "mlm", env, min_step=CKPT)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], env=env, check=True)
+
+    job = job_end(job_id, env, timeout=120)
+    story = describe(run_dir, env)
+    assert job.get("JobState") == "FAILED" and job.get("ExitCode") == "75:0", f"{job}\n{story}"
+    entry = ledger(run_dir)["stages"]["mlm"]
+    assert entry["state"] == "preempted" and entry["attempts"][-1]["outcome"] == "preempted", story
+    assert "refused the requeue" in job_log(run_dir, "mlm", job_id), story
+
+    # what the message says: running it again resumes from the checkpoint, to the same weights
+    baton("run", long_mlm["manifest"], "--run-dir", run_dir, env=slurm_cluster["env"], cwd=root)
+    last = ledger(run_dir)["stages"]["mlm"]["attempts"][-1]
+    assert last["outcome"] == "done" and last["resumed_from"] is not None
+    assert_same_weights(long_mlm["weights"], final_weights(run_dir))
+
+
 def test_failed_stage_gets_its_dependant_cancelled(slurm_cluster: dict, root: Path, local_two: Path) -> None:
     env = slurm_cluster["env"]
     tokenizer = local_two / "stages" / "tokenizer" / "final"
@@ -423,6 +465,12 @@ def test_status_shows_the_queue_and_cancel_stops_the_run_for_good(slurm_cluster:
     wait_for_checkpoint(run_dir, "mlm", env, min_step=CKPT)  # mid-training: the stage has something to save
     status = baton("status", run_dir, env=env).stdout
     assert f"{jobs['mlm']} RUNNING" in status and f"{jobs['after']} PENDING (Dependency)" in status, status
+
+    # a cancel that Slurm refuses is an error, and the stages stay live in the ledger
+    refused = baton("cancel", run_dir, env=refusing("scancel", "*", root / "shim-scancel", env), check=False)
+    assert refused.returncode != 0 and "still live" in refused.stderr, refused.stderr
+    assert f"not cancelled mlm: job {jobs['mlm']} is RUNNING" in refused.stderr, refused.stderr
+    assert {e["state"] for e in ledger(run_dir)["stages"].values()} <= {"queued", "running"}
 
     out = baton("cancel", run_dir, env=env).stdout
     assert jobs["mlm"] in out and jobs["after"] in out, out
