@@ -29,7 +29,7 @@ _BUILDERS = {"json": "json", "csv": "csv", "parquet": "parquet", "text": "text"}
 
 def load_raw(spec: Spec) -> dict[str, Any]:
     """{"train": Dataset, "eval": Dataset | None}; rank 0 fills the datasets cache first."""
-    with _rank0_first():
+    with rank0_first():
         return _load_raw(spec.data, os.path.join(spec.cache_dir, "datasets"))
 
 
@@ -73,13 +73,14 @@ def tokenize(spec: Spec, raw: dict[str, Any], tokenizer, tokenizer_digest: str) 
         return {k: enc[k] for k in keep if k in enc}
 
     out: dict[str, Any] = {}
-    with _rank0_first():
+    with rank0_first():
         out_dir.mkdir(parents=True, exist_ok=True)
         for split, ds in raw.items():
             if ds is None:
                 out[split] = None
                 continue
-            key = _hash(tokenizer_digest, ds._fingerprint, data.text_field, data.text_pair_field, data.max_length, keep)
+            key = cache_key(tokenizer_digest, ds._fingerprint, data.text_field, data.text_pair_field,
+                            data.max_length, keep)
             drop = [c for c in ds.column_names if c != data.label_field]
             out[split] = ds.map(
                 encode, batched=True, remove_columns=drop, new_fingerprint=key,
@@ -97,11 +98,12 @@ def tokenizer_digest(spec: Spec, name: str = "tokenizer") -> str:
     return digest(path) if os.path.exists(path) else path
 
 
-def _hash(*parts: Any) -> str:
+def cache_key(*parts: Any) -> str:
+    """A short hash of what decides a cached file's content (for datasets' cache_file_name and fingerprint)."""
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:24]
 
 
-class _rank0_first:
+class rank0_first:
     """Rank 0 runs the block first (filling caches), the others then read what it wrote."""
 
     def __enter__(self):
