@@ -14,12 +14,13 @@ from contract.files import write_atomic
 from contract.layout import (
     EXIT_BAD_INPUT,
     EXIT_STOPPED,
+    Result,
     read_bad_input,
     read_result,
     resumable,
     stage_dir,
 )
-from contract.spec import Spec
+from contract.spec import Ref, Spec
 from launcher import ledger
 from launcher.backends import Backend
 from launcher.plan import Step, outputs_of
@@ -93,7 +94,7 @@ def error_tail(log_dir: Path, lines: int = 25) -> tuple[Path, str] | None:
     return None
 
 
-def _record_result(entry: dict[str, Any], result: Any) -> None:
+def _record_result(entry: dict[str, Any], result: Result) -> None:
     ledger.set_state(entry, "done", output=result.output.model_dump(), metrics=result.metrics, steps=result.steps)
 
 
@@ -108,7 +109,7 @@ def clear_stage(folder: Path) -> None:
 
 def inputs_of(spec: Spec) -> dict[str, Any]:
     """Which checkpoints, folders and files fed a stage, with their digests: {input name: ref(s), "data": …}."""
-    def entry(ref: Any) -> dict[str, Any]:
+    def entry(ref: Ref) -> dict[str, Any]:
         return ref.model_dump(exclude={"config"})
 
     refs = {name: [entry(r) for r in value] if isinstance(value, list) else entry(value)
