@@ -14,7 +14,6 @@ over every eval block.
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from contract.kinds.clm import ClmOptions
 from contract.layout import EXIT_STOPPED
 from stages.runtime import data, dist, entry, lifecycle, models
 from stages.runtime.dist import Dist
+from stages.runtime.metrics import language_model_metrics
 from stages.runtime.spec import Spec, SpecError, training
 
 # Documents per datasets .map batch. Each batch's remainder (< block_size tokens) is dropped, so the
@@ -162,9 +162,7 @@ def main(spec: Spec, d: Dist) -> int:
                 real = (torch.tensor(indices, device=ids.device) >= 0).float()
                 weights = real.repeat_interleave(ids.shape[1] - 1)
                 total += torch.tensor([float(losses @ weights), float(weights.sum())], dtype=torch.float64)
-        dist.all_reduce_sum(total)
-        loss = float(total[0] / total[1])
-        return {"eval_loss": loss, "perplexity": math.exp(min(loss, 80.0))}
+        return language_model_metrics(total)
 
     if t.fit(micro_step, evaluate):
         return EXIT_STOPPED

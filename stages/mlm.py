@@ -10,7 +10,6 @@ positions.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -21,6 +20,7 @@ from contract.kinds.mlm import MlmOptions
 from contract.layout import EXIT_STOPPED
 from stages.runtime import data, dist, entry, lifecycle, models
 from stages.runtime.dist import Dist
+from stages.runtime.metrics import language_model_metrics
 from stages.runtime.spec import Spec, SpecError, training
 
 EVAL_EPOCH = -1  # masking stream of the eval split, apart from every training epoch
@@ -120,9 +120,7 @@ def main(spec: Spec, d: Dist) -> int:
                 batch["labels"][torch.tensor(indices) < 0] = -100  # padding rows: forward pass only
                 loss_sum, n = t.engine(**dist.to_device(batch))
                 total += torch.tensor([loss_sum.item(), n.item()], dtype=torch.float64)
-        dist.all_reduce_sum(total)
-        loss = float(total[0] / total[1]) if total[1] else float("nan")
-        return {"eval_loss": loss, "perplexity": math.exp(min(loss, 80.0))}
+        return language_model_metrics(total)
 
     if t.fit(micro_step, evaluate):
         return EXIT_STOPPED

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from stages.runtime import dist
 
@@ -60,3 +63,10 @@ class Metrics:
         self.log("train", step=step, samples=samples, loss=loss, lr=lr, steps_per_s=round(rate, 3))
         eta = (self.max_steps - step) / rate if rate else float("nan")
         dist.print0(f"step {step}/{self.max_steps}  loss {loss:.4f}  lr {lr:.3e}  {rate:.2f} steps/s  eta {eta:.0f} s")
+
+
+def language_model_metrics(total: torch.Tensor) -> dict[str, float]:
+    """Collective. eval_loss (mean per predicted token) and perplexity from this rank's [loss sum, tokens]."""
+    dist.all_reduce_sum(total)
+    loss = float(total[0] / total[1]) if total[1] else float("nan")
+    return {"eval_loss": loss, "perplexity": math.exp(min(loss, 80.0))}
