@@ -7,8 +7,11 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from contract.layout import stage_dir
 from contract.spec import Spec
@@ -78,6 +81,31 @@ class Stages:
 
     def folder(self, name: str) -> Path:
         return stage_dir(self.run_dir, name)
+
+    def kill_after_first_checkpoint(self, spec: Spec) -> None:
+        """Start the stage and SIGKILL torchrun and its workers once a COMPLETE checkpoint exists."""
+        folder = Path(spec.stage_dir)
+        proc = self.start(spec, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        assert proc.stderr is not None
+        deadline = time.monotonic() + 180
+        while not list(folder.glob("ckpt/step*/COMPLETE")):
+            assert proc.poll() is None, f"stage ended before any checkpoint: {proc.stderr.read()[-4000:]}"
+            assert time.monotonic() < deadline, "no checkpoint after 180 s"
+            time.sleep(0.01)
+        # torchrun starts each rank in a session of its own: kill the tree, not a process group.
+        tree = psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]
+        for p in tree:
+            p.kill()
+        psutil.wait_procs(tree, timeout=30)
+        proc.wait()
+        proc.stderr.close()
+        assert not (folder / "result.json").exists(), "the kill came too late: the stage had finished"
+
+
+def records(folder: Path, event: str) -> list[dict[str, Any]]:
+    """The metrics.jsonl records of one event in a stage folder."""
+    lines = (folder / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["event"] == event]
 
 
 def write_spec(spec: Spec) -> Path:

@@ -11,11 +11,9 @@ import json
 import math
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import psutil
 import pytest
 
 from tests.stages import specs
@@ -174,33 +172,9 @@ def test_eval_perplexity_is_the_final_models_and_beats_the_untrained(work, token
     untrained = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(final)).eval()
     assert metrics["eval_loss"] < _eval_loss(untrained, blocks) - 0.3
 
-    evals = _records(Path(final).parent, "eval")
+    evals = specs.records(Path(final).parent, "eval")
     assert [r["step"] for r in evals] == [4, 8, 12, 16]
     assert evals[-1]["eval_loss"] == metrics["eval_loss"] < evals[0]["eval_loss"]
-
-
-def _records(stage_dir: Path, event: str) -> list[dict]:
-    lines = (stage_dir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["event"] == event]
-
-
-def _kill_after_first_checkpoint(spec, work: dict) -> None:
-    """Start the stage and SIGKILL torchrun and its workers once a COMPLETE checkpoint exists."""
-    stage_dir = Path(spec.stage_dir)
-    proc = work["stages"].start(spec, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 180
-    while not list(stage_dir.glob("ckpt/step*/COMPLETE")):
-        assert proc.poll() is None, f"stage ended before any checkpoint: {proc.stderr.read()[-4000:]}"
-        assert time.monotonic() < deadline, "no checkpoint after 180 s"
-        time.sleep(0.01)
-    # torchrun starts each rank in a session of its own: kill the tree, not a process group.
-    tree = psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]
-    for p in tree:
-        p.kill()
-    psutil.wait_procs(tree, timeout=30)
-    proc.wait()
-    proc.stderr.close()
-    assert not (stage_dir / "result.json").exists(), "the kill came too late: the stage had finished"
 
 
 def test_killed_and_resumed_equals_uninterrupted_zero3(work, tokenizer, ref):
@@ -210,16 +184,16 @@ def test_killed_and_resumed_equals_uninterrupted_zero3(work, tokenizer, ref):
     spec = work["stages"].spec("clm-kill")
     assert spec.fingerprint == work["stages"].spec("clm-ref").fingerprint  # the same settings
     stage_dir = Path(spec.stage_dir)
-    _kill_after_first_checkpoint(spec, work)
+    work["stages"].kill_after_first_checkpoint(spec)
     result = work["stages"].run("clm-kill", spec)
-    start = _records(stage_dir, "start")
+    start = specs.records(stage_dir, "start")
     assert len(start) == 2 and start[1]["step"] > 0, start  # the rerun resumed instead of starting over
 
     ref_dir = Path(ref["output"]["path"]).parent
     assert result["steps"] == ref["steps"] == STEPS and result["samples"] == ref["samples"]
     # Bitwise: same world size, fp32, deterministic CPU kernels, data order and dropout RNG from the checkpoint.
-    resumed = {r["step"]: r["loss"] for r in _records(stage_dir, "train")}
-    uninterrupted = {r["step"]: r["loss"] for r in _records(ref_dir, "train")}
+    resumed = {r["step"]: r["loss"] for r in specs.records(stage_dir, "train")}
+    uninterrupted = {r["step"]: r["loss"] for r in specs.records(ref_dir, "train")}
     assert resumed and all(resumed[s] == uninterrupted[s] for s in resumed)
     assert result["metrics"] == ref["metrics"]
     got = load_file(str(Path(result["output"]["path"], "model.safetensors")))

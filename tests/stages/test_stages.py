@@ -115,36 +115,12 @@ def _safetensors(final: str) -> dict:
     return load_file(str(Path(final, "model.safetensors")))
 
 
-def _records(stage_dir: Path, event: str) -> list[dict]:
-    lines = (stage_dir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["event"] == event]
-
-
-def _kill_after_first_checkpoint(spec, work: dict) -> None:
-    """Start the stage and SIGKILL torchrun and its workers once a COMPLETE checkpoint exists."""
-    stage_dir = Path(spec.stage_dir)
-    proc = work["stages"].start(spec, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 180
-    while not list(stage_dir.glob("ckpt/step*/COMPLETE")):
-        assert proc.poll() is None, f"stage ended before any checkpoint: {proc.stderr.read()[-4000:]}"
-        assert time.monotonic() < deadline, "no checkpoint after 180 s"
-        time.sleep(0.01)
-    # torchrun starts each rank in a session of its own: kill the tree, not a process group.
-    tree = psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]
-    for p in tree:
-        p.kill()
-    psutil.wait_procs(tree, timeout=30)
-    proc.wait()
-    proc.stderr.close()
-    assert not (stage_dir / "result.json").exists(), "the kill came too late: the stage had finished"
-
-
 def _assert_resumed_like(ref: dict, name: str, work: dict) -> None:
     spec = work["stages"].spec(name)
     stage_dir = Path(spec.stage_dir)
-    _kill_after_first_checkpoint(spec, work)
+    work["stages"].kill_after_first_checkpoint(spec)
     result = work["stages"].run(name, spec)
-    start = _records(stage_dir, "start")
+    start = specs.records(stage_dir, "start")
     assert len(start) == 2 and start[1]["step"] > 0, start  # the rerun resumed instead of starting over
     complete = sorted(p.parent.name for p in stage_dir.glob("ckpt/step*/COMPLETE"))
     assert len(complete) <= spec.checkpoint.keep_last
@@ -154,8 +130,8 @@ def _assert_resumed_like(ref: dict, name: str, work: dict) -> None:
     assert result["steps"] == ref["steps"] == STEPS and result["samples"] == ref["samples"]
     # Bitwise: same world size, fp32, deterministic CPU kernels, and every source of randomness
     # (data order, masking, dropout RNG) restored from the checkpoint.
-    resumed_losses = {r["step"]: r["loss"] for r in _records(stage_dir, "train")}
-    ref_losses = {r["step"]: r["loss"] for r in _records(ref_dir, "train")}
+    resumed_losses = {r["step"]: r["loss"] for r in specs.records(stage_dir, "train")}
+    ref_losses = {r["step"]: r["loss"] for r in specs.records(ref_dir, "train")}
     assert all(resumed_losses[s] == ref_losses[s] for s in resumed_losses)
     assert result["metrics"] == ref["metrics"]
     got, want = _safetensors(result["output"]["path"]), _safetensors(ref["output"]["path"])
@@ -200,7 +176,7 @@ def test_sigterm_checkpoints_and_exits_75(work, tokenizer, mlm_ref):
     stage_dir = Path(spec.stage_dir)
     proc = work["stages"].start(spec, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 180
-    while not (stage_dir / "metrics.jsonl").exists() or not _records(stage_dir, "first_step"):
+    while not (stage_dir / "metrics.jsonl").exists() or not specs.records(stage_dir, "first_step"):
         assert proc.poll() is None and time.monotonic() < deadline
         time.sleep(0.05)
     # As Slurm's --signal does: the workers get the signal (one is enough, the ranks agree).
@@ -210,7 +186,7 @@ def test_sigterm_checkpoints_and_exits_75(work, tokenizer, mlm_ref):
     # torchrun folds a worker's exit code into its own 1; its failure summary keeps the workers' codes.
     assert proc.returncode != 0
     assert re.findall(r"^\s*exitcode\s*:\s*(-?\d+)", err, re.M) == ["75", "75"], err[-3000:]
-    stop = _records(stage_dir, "stop")
+    stop = specs.records(stage_dir, "stop")
     assert len(stop) == 1 and stop[0]["reason"] == "signal" and 0 < stop[0]["step"] < 400
     tag = f"step{stop[0]['step']:08d}"
     assert (stage_dir / "ckpt" / "LATEST").read_text().strip() == tag
