@@ -26,17 +26,23 @@ TRAIN_LINES = 10_300  # more documents than one packing batch (stages.clm.PACK_B
 BLANKS = {7: "", 8: "", 500: "   ", 10_100: "\t"}  # line number → blank line written there: no document
 
 
-def clm(name: str, *, block: int = BLOCK, launcher: str = "{}") -> str:
+# Llama and Qwen2 as transformers builds them: grouped-query attention, rotary positions, RMSNorm.
+DECODERS = {family: f"{{model_type: {family}, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, "
+            "num_attention_heads: 2, num_key_value_heads: 1, max_position_embeddings: 64}"
+            for family in ("llama", "qwen2")}
+
+
+def clm(name: str, *, block: int = BLOCK, launcher: str = "{}", model: str = TINY_GPT2, steps: int = STEPS) -> str:
     return f"""
   - name: {name}
     kind: clm
-    init: {{config: {TINY_GPT2}}}
+    init: {{config: {model}}}
     tokenizer: {{from: tokenizer}}
     launcher: {launcher}
     deepspeed: {{config: zero3}}
     data: {{train: data/train.txt, eval: data/eval.txt}}
     clm: {{block_size: {block}}}
-    train: {{max_steps: {STEPS}, micro_batch_size: 4, lr: 3.0e-3, warmup_steps: 2, weight_decay: 0.01, log_every: 2}}
+    train: {{max_steps: {steps}, micro_batch_size: 4, lr: 3.0e-3, warmup_steps: 2, weight_decay: 0.01, log_every: 2}}
     checkpoint: {{every_steps: {EVERY}}}
     eval: {{every_steps: {EVERY}}}"""
 
@@ -50,7 +56,8 @@ stages:
     kind: tokenizer
     data: {train: data/train.txt}
     sentencepiece: {vocab_size: 600}""" + clm("clm-ref") + clm("clm-kill") + clm(
-    "clm-too-long", block=128, launcher="{nproc_per_node: 1}") + "\n"
+    "clm-too-long", block=128, launcher="{nproc_per_node: 1}") + "".join(
+    clm(family, model=model, steps=EVERY) for family, model in DECODERS.items()) + "\n"
 
 
 def write_data(dest: Path) -> dict[str, Path]:
@@ -234,3 +241,14 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("family", DECODERS)
+def test_other_decoder_families_train_and_export(work, tokenizer, family):
+    """The Auto classes carry Llama and Qwen2 (from their configs) through ZeRO-3, eval and export alike."""
+    from transformers import AutoModelForCausalLM
+
+    result = work["stages"].run(family)
+    assert result["steps"] == EVERY and math.isfinite(result["metrics"]["eval_loss"])
+    model = AutoModelForCausalLM.from_pretrained(result["output"]["path"])
+    assert model.config.model_type == family and model.config.num_key_value_heads == 1
