@@ -29,7 +29,7 @@ test: lint
 	$(BIN)/python -m pytest -q --durations=10
 
 test-fast: lint
-	$(BIN)/python -m pytest -q -m "not slow and not slurm"
+	$(BIN)/python -m pytest -q -n 2 -m "not slow and not slurm"
 
 clean:
 	rm -rf $(VENV) runs

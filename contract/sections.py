@@ -11,10 +11,18 @@ from __future__ import annotations
 import math
 from typing import Any, ClassVar, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 NAME_PATTERN = r"^[^/\x00-\x1f.][^/\x00-\x1f]*$"
 Precision = Literal["fp32", "bf16", "fp16"]
+
+
+def name_fits(value: str) -> str:
+    """Names become folder and lock-file names: 255 bytes is the usual limit, and suffixes are added."""
+    size = len(value.encode("utf-8"))
+    if size > 100:
+        raise ValueError(f"{size} bytes in UTF-8; at most 100 (the name becomes folder and file names)")
+    return value
 
 
 class Strict(BaseModel):
@@ -49,8 +57,10 @@ def exactly_one(model: BaseModel, *names: str) -> None:
 
 
 class Launcher(Strict):
-    nproc_per_node: int = Field(1, ge=1, description="Processes per node (GPUs per node; CPU ranks on a CPU).")
-    nnodes: int = Field(1, ge=1, description="Nodes. More than 1 needs the Slurm back-end.")
+    nproc_per_node: int = Field(1, ge=1, le=1024, strict=True,
+                                description="Processes per node (GPUs per node; CPU ranks on a CPU); at most 1024.")
+    nnodes: int = Field(1, ge=1, le=4096, strict=True,
+                        description="Nodes. More than 1 needs the Slurm back-end; at most 4096.")
 
 
 class DeepSpeed(Strict):
@@ -74,8 +84,10 @@ class Slurm(Strict):
     constraint: str | None = Field(None, description="Node features (--constraint).")
     time: str | None = Field(None, description="Time limit, as sbatch takes it: minutes, HH:MM:SS or D-HH:MM:SS.")
     mem: str | None = Field(None, description="Memory per node (--mem), e.g. 64G.")
-    cpus_per_task: int | None = Field(None, ge=1, description="CPUs for each node's torchrun (--cpus-per-task).")
-    gpus_per_node: int | None = Field(None, ge=0, description="GPUs per node (--gpus-per-node); default none.")
+    cpus_per_task: int | None = Field(None, ge=1, strict=True,
+                                      description="CPUs for each node's torchrun (--cpus-per-task).")
+    gpus_per_node: int | None = Field(None, ge=0, strict=True,
+                                      description="GPUs per node (--gpus-per-node); default none.")
     extra: dict[str, str | int | None] | None = Field(
         None, description="More sbatch flags: {flag: value}, or {flag: null} for a bare flag such as exclusive."
     )
@@ -83,9 +95,11 @@ class Slurm(Strict):
         None, description="A shell file (relative to the manifest) pasted into the job script before baton "
         "starts: module loads, environment activation."
     )
-    signal_before_s: int = Field(120, ge=10, description="Seconds before the time limit that Slurm warns the "
+    signal_before_s: int = Field(120, ge=10, strict=True,
+                                 description="Seconds before the time limit that Slurm warns the "
                                  "stage (USR1), so it checkpoints and requeues.")
-    max_requeues: int = Field(3, ge=0, description="How often a preempted or timed-out stage requeues itself.")
+    max_requeues: int = Field(3, ge=0, strict=True,
+                              description="How often a preempted or timed-out stage requeues itself.")
 
 
 # ----------------------------------------------------------------- what a stage reads
@@ -109,7 +123,7 @@ class Data(Strict):
     labels: list[str] | None = Field(
         None, description="Label names in id order; default: sorted labels of the train split."
     )
-    max_length: int = Field(128, ge=8, le=65536, description="Tokens per example after truncation.")
+    max_length: int = Field(128, ge=8, le=65536, strict=True, description="Tokens per example after truncation.")
 
     @model_validator(mode="after")
     def _source(self) -> Data:
@@ -168,21 +182,42 @@ def _finite(model: BaseModel) -> None:
 
 
 class Train(Strict):
-    max_steps: int | None = Field(None, gt=0, description="Optimizer steps to train (or give epochs).")
+    max_steps: int | None = Field(None, gt=0, le=10**9, strict=True,
+                                  description="Optimizer steps to train (or give epochs); at most 10^9.")
     epochs: float | None = Field(None, gt=0, description="Passes over the training data (or give max_steps).")
-    micro_batch_size: int = Field(8, ge=1, description="Examples per rank per forward pass.")
-    grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
+    micro_batch_size: int = Field(8, ge=1, le=65536, strict=True,
+                                  description="Examples per rank per forward pass; at most 65536.")
+    grad_accum: int = Field(1, ge=1, le=65536, strict=True,
+                            description="Micro-batches accumulated per optimizer step; at most 65536.")
     global_batch_size: int | None = Field(
-        None, ge=1, description="If given, must equal micro_batch_size × grad_accum × world size."
+        None, ge=1, strict=True, description="If given, must equal micro_batch_size × grad_accum × world size."
     )
     lr: float = Field(5e-5, gt=0, description="Peak learning rate (AdamW).")
     schedule: Literal["constant", "linear", "cosine"] = Field("linear", description="Decay after warmup.")
-    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
+    warmup_steps: int = Field(0, ge=0, le=10**9, strict=True, description="Linear warmup steps; at most 10^9.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm; null disables.")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas, each in [0, 1).")
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
-    log_every: int = Field(10, ge=1, description="Progress line and metrics record every N steps.")
+    log_every: int = Field(10, ge=1, strict=True, description="Progress line and metrics record every N steps.")
+    stop_after_nonfinite: int = Field(
+        3, ge=1, le=1000, description="Stop the stage with an error (exit 2, nothing exported) after this many "
+        "consecutive optimizer steps whose loss is NaN or infinite on any rank.",
+    )
+
+    @field_validator("epochs", "lr", "weight_decay", "max_grad_norm", "eps", "betas", mode="before")
+    @classmethod
+    def _no_bool(cls, value: Any) -> Any:
+        if isinstance(value, bool) or isinstance(value, (list, tuple)) and any(isinstance(v, bool) for v in value):
+            raise ValueError(f"{value!r}: a number is expected, not a boolean")
+        return value
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in value):  # False for NaN too
+            raise ValueError(f"betas {list(value)}: each must be at least 0 and less than 1")
+        return value
 
     @model_validator(mode="after")
     def _length(self) -> Train:
@@ -193,13 +228,13 @@ class Train(Strict):
 
 class Checkpoint(Strict):
     every_steps: int | None = Field(
-        None, gt=0, description="Save a resumable checkpoint every N steps (also on a signal)."
+        None, gt=0, strict=True, description="Save a resumable checkpoint every N steps (also on a signal)."
     )
-    keep_last: int = Field(2, ge=1, description="Complete checkpoints to keep.")
+    keep_last: int = Field(2, ge=1, strict=True, description="Complete checkpoints to keep.")
 
 
 class Eval(Strict):
-    every_steps: int | None = Field(None, gt=0, description="Evaluate every N steps.")
+    every_steps: int | None = Field(None, gt=0, strict=True, description="Evaluate every N steps.")
     at_end: bool = Field(True, description="Evaluate after the last step.")
 
 
@@ -215,13 +250,20 @@ class StageBase(Strict):
     one_process: ClassVar[bool] = False  # runs as a single process whatever launcher says
 
     kind: str = Field(description="The stage kind: a module of contract/kinds/.")  # a Literal in each kind
-    name: str = Field(pattern=NAME_PATTERN, max_length=100, description="Unique stage name; also its folder name.")
+    name: str = Field(pattern=NAME_PATTERN, max_length=100,
+                      description="Unique stage name; also its folder name. At most 100 bytes in UTF-8.")
     launcher: Launcher = Field(default_factory=Launcher, description="Overrides defaults.launcher, field by field.")
     deepspeed: DeepSpeed = Field(default_factory=DeepSpeed, description="Overrides defaults.deepspeed.")
-    seed: int | None = Field(None, description="Overrides defaults.seed.")
+    seed: int | None = Field(None, ge=0, le=2**32 - 1, strict=True,
+                             description="Overrides defaults.seed (0 to 2^32 - 1).")
     precision: Precision | None = Field(None, description="Overrides defaults.precision.")
     slurm: Slurm = Field(default_factory=Slurm, description="Overrides defaults.slurm, field by field.")
     data: Data = Field(description="What the stage reads.")
+
+    @field_validator("name")
+    @classmethod
+    def _name_bytes(cls, value: str) -> str:
+        return name_fits(value)
 
     def references(self) -> References:
         """The named inputs: every field holding a reference (or a list of them), by field name."""

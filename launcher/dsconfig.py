@@ -8,6 +8,8 @@ manifest's overrides must agree with the manifest, or loading fails naming both.
 from __future__ import annotations
 
 import copy
+import difflib
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -33,9 +35,18 @@ def read_template(path: Path, where: str) -> dict[str, Any]:
         hint = f"; shipped configs: {', '.join(known_templates())}" if path.parent == DS_CONFIG_DIR else ""
         raise ConfigError(f"{where}: DeepSpeed config not found: {path}{hint}")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        raw = path.read_bytes()
+        data = json.loads(raw.decode("utf-8"))
+    except OSError as e:
+        raise ConfigError(f"{where}: cannot read the DeepSpeed config {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{where}: DeepSpeed config {path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); "
+                          "save it as UTF-8") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}:{e.lineno} invalid JSON: {e.msg}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}:1 invalid JSON: nested too deep") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}:1 a DeepSpeed config is a JSON object")
     return data
@@ -110,12 +121,23 @@ def _differs(a: Any, b: Any) -> bool:
 
 
 def check_with_deepspeed(config: dict[str, Any], source: str) -> None:
-    """Let DeepSpeed's own config parser judge the final config (imports deepspeed: ~2 s)."""
+    """Let DeepSpeed's own config parser judge the final config (imports deepspeed: ~2 s).
+
+    DeepSpeed ignores top-level keys it does not know (a misspelt `zero_optimizaton` ran ZeRO-0), so
+    unknown keys there and in zero_optimization are refused first, with the nearest known key.
+    """
     import contextlib
     import io
     import os
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    top, zero = known_keys()
+    # should a later DeepSpeed read its config another way, the recording sees nothing: check no keys then
+    problems = _unknown(config, top, "", source) if {"optimizer", "zero_optimization", "bf16"} <= top else []
+    if isinstance(config.get("zero_optimization"), dict):
+        problems += _unknown(config["zero_optimization"], zero, "zero_optimization.", source)
+    if problems:
+        raise ConfigError(problems)
     # DeepSpeed checks train_batch_size against the world size it sees (1 here, no process group);
     # the launcher has already checked the arithmetic for the real world size.
     probe = copy.deepcopy(config)
@@ -128,3 +150,69 @@ def check_with_deepspeed(config: dict[str, Any], source: str) -> None:
         except Exception as e:  # DeepSpeed raises pydantic errors, ValueError, AssertionError …
             detail = " ".join(str(e).split())
             raise ConfigError(f"{source}: DeepSpeed rejects the config: {detail[:600]}") from None
+
+
+def _unknown(section: dict[str, Any], known: frozenset[str], prefix: str, source: str) -> list[str]:
+    problems = []
+    for key in section:
+        if key not in known:
+            near = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"did you mean {near[0]}?" if near else "see DeepSpeed's config documentation"
+            problems.append(f"{source}: DeepSpeed rejects the config: {prefix}{key}: unknown DeepSpeed key; {hint}")
+    return problems
+
+
+@functools.cache
+def known_keys() -> tuple[frozenset[str], frozenset[str]]:
+    """(top-level keys, zero_optimization keys) of the installed DeepSpeed.
+
+    zero_optimization's come from DeepSpeed's pydantic model (names and aliases). Top-level keys have
+    no model: DeepSpeedConfig reads them one by one from the dict, so they are the keys it asks a
+    recording dict for while parsing a small valid config.
+    """
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        from deepspeed.runtime.config import DeepSpeedConfig
+        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+        zero = {alias for name, f in DeepSpeedZeroConfig.model_fields.items() for alias in (name, f.alias) if alias}
+        asked: set[str] = set()
+        DeepSpeedConfig(_Recording({"train_batch_size": 1, "train_micro_batch_size_per_gpu": 1,
+                                    "gradient_accumulation_steps": 1, "zero_optimization": {"stage": 0}}, asked))
+    return frozenset(asked), frozenset(zero)
+
+
+class _Recording(dict[str, Any]):
+    """A dict that notes every key looked up in it (however the lookup is spelt)."""
+
+    def __init__(self, data: dict[str, Any], asked: set[str]) -> None:
+        super().__init__(data)
+        self.asked = asked
+
+    def __getitem__(self, key: Any) -> Any:
+        self.asked.add(key)
+        return super().__getitem__(key)
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        self.asked.add(key)
+        return super().get(key, default)
+
+    def __contains__(self, key: object) -> bool:
+        self.asked.add(str(key))
+        return super().__contains__(key)
+
+    def keys(self) -> Any:
+        return _RecordingKeys(self)
+
+
+class _RecordingKeys:
+    def __init__(self, owner: _Recording) -> None:
+        self.owner = owner
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.owner
+
+    def __iter__(self) -> Any:
+        return iter(dict.keys(self.owner))

@@ -15,6 +15,7 @@ import json
 import os
 import socket
 import time
+import typing
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -36,17 +37,65 @@ def now() -> str:
 
 
 def read(run_dir: Path) -> dict[str, Any]:
-    """The ledger as it is on disk (no lock; for status, lineage and dry runs)."""
+    """The ledger as it is on disk (no lock; for status, lineage and dry runs); checked, not trusted."""
+    for existing in (run_dir, *run_dir.parents):
+        if existing.exists():
+            if not existing.is_dir():
+                raise LedgerError(f"{run_dir}: not a run folder: {existing} is a file")
+            break
     path = run_dir / LEDGER
     if not path.exists():
         return {"version": VERSION, "stages": {}}
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise LedgerError(f"{path}: unreadable ledger: {e}") from None
-    if data.get("version") != VERSION:
-        raise LedgerError(f"{path}: ledger version {data.get('version')!r}; this baton reads version {VERSION}")
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise LedgerError(f"{path}: unreadable ledger: not UTF-8 text (byte {e.start})") from None
+    except (OSError, ValueError, RecursionError) as e:
+        raise LedgerError(f"{path}: unreadable ledger: {' '.join(str(e).split())[:200]}") from None
+    if isinstance(data, dict) and "version" in data and data["version"] != VERSION:
+        raise LedgerError(f"{path}: ledger version {data['version']!r}; this baton reads version {VERSION}")
+    problem = _problem(data)
+    if problem:
+        raise LedgerError(f"{path}: not a baton ledger: {problem}; move it away to start the run afresh")
     return data
+
+
+_STATES = frozenset(typing.get_args(State))
+_SHAPES: dict[str, type | tuple[type, ...]] = {  # a stage entry's fields that baton reads, and their JSON types
+    "state": str, "attempts": list, "fingerprint": (str, type(None)), "settings": (dict, type(None)),
+    "output": (dict, type(None)), "slurm": (dict, type(None)),
+}
+
+
+def _problem(data: Any) -> str | None:
+    """What makes `data` no ledger baton can plan from, or None."""
+    if not isinstance(data, dict):
+        return f"a JSON object is expected, got {type(data).__name__ if data is not None else 'null'}"
+    if data.get("version") != VERSION:
+        return f"version: {data.get('version')!r:.60}, expected {VERSION}"
+    stages = data.get("stages")
+    if not isinstance(stages, dict):
+        got = "missing" if stages is None else f"a JSON object is expected, not {type(stages).__name__}"
+        return f"stages: {got}"
+    if not isinstance(data.get("manifest", ""), str):
+        return "manifest: a path string is expected"
+    for name, entry in stages.items():
+        if not isinstance(entry, dict):
+            return f"stages.{name}: a JSON object is expected, got {type(entry).__name__}"
+        for key, kind in _SHAPES.items():
+            if (key in entry or key in ("state", "attempts")) and not isinstance(entry.get(key), kind):
+                return f"stages.{name}.{key}: {entry.get(key)!r:.60} is not of the expected type"
+        if entry["state"] not in _STATES:
+            return f"stages.{name}.state: {entry['state']!r:.60} is not one of {', '.join(sorted(_STATES))}"
+        if not all(isinstance(a, dict) for a in entry["attempts"]):
+            return f"stages.{name}.attempts: a list of JSON objects is expected"
+        output = entry.get("output")
+        if output is not None and not isinstance(output.get("digest"), str):
+            return f"stages.{name}.output.digest: missing or not a string"
+        slurm = entry.get("slurm")
+        if slurm is not None and not isinstance(slurm.get("job_id"), (str, int)):
+            return f"stages.{name}.slurm.job_id: missing"
+    return None
 
 
 class Ledger:

@@ -13,7 +13,7 @@ import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from contract.kinds import KINDS
 from contract.sections import (
@@ -26,6 +26,7 @@ from contract.sections import (
     Slurm,
     StageBase,
     Strict,
+    name_fits,
 )
 from launcher.errors import ConfigError
 from launcher.yamlmap import Path_, dotted, line_of, load_yaml
@@ -40,14 +41,21 @@ else:
 class Defaults(Strict):
     launcher: Launcher = Field(default_factory=Launcher, description="How many processes and nodes.")
     deepspeed: DeepSpeed = Field(default_factory=DeepSpeed, description="DeepSpeed config and overrides.")
-    seed: int = Field(1234, description="Seed for model init, data order, masking and dropout.")
+    seed: int = Field(1234, ge=0, le=2**32 - 1, strict=True,
+                      description="Seed for model init, data order, masking and dropout (0 to 2^32 - 1: "
+                      "SentencePiece takes a 32-bit seed).")
     precision: Precision = Field("fp32", description="Training precision.")
     slurm: Slurm = Field(default_factory=Slurm, description="sbatch settings of every stage, for `baton submit`.")
 
 
 class Run(Strict):
-    name: str = Field(pattern=NAME_PATTERN, max_length=100, description="Run name.")
+    name: str = Field(pattern=NAME_PATTERN, max_length=100, description="Run name; at most 100 bytes in UTF-8.")
     dir: str | None = Field(None, description="Run folder, relative to the working directory. Default runs/<name>.")
+
+    @field_validator("name")
+    @classmethod
+    def _name_bytes(cls, value: str) -> str:
+        return name_fits(value)
 
 
 class Manifest(Strict):
@@ -160,8 +168,8 @@ def _describe(err: Any, data: Any, file: Path, lines: dict[Path_, int]) -> str:
         msg += f"; valid kinds: {', '.join(KINDS)}"
     elif kind == "missing":
         msg = "required key is missing"
-    elif kind.startswith("literal_error"):
-        msg = f"{msg}; got {err['input']!r}"
+    elif kind.startswith("literal_error") or kind in ("int_type", "float_type", "bool_type", "string_type"):
+        msg = f"{msg}; got {err['input']!r}"[:300]
     elif kind == "value_error":
         msg = msg.removeprefix("Value error, ")
         problem = err.get("ctx", {}).get("error")

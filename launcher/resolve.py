@@ -45,8 +45,16 @@ class Resolved:
 
 
 def default_run_dir(loaded: Loaded) -> Path:
+    """run.dir, else runs/<run.name>; refused when it (or a folder above it) is a file."""
     run = loaded.manifest.run
-    return Path(run.dir or f"runs/{run.name}").resolve()
+    path = Path(run.dir or f"runs/{run.name}").resolve()
+    for existing in (path, *path.parents):
+        if existing.exists():
+            if not existing.is_dir():
+                where = loaded.where(("run", "dir") if run.dir else ("run", "name"))
+                raise ConfigError(f"{where}: the run folder {path} cannot be made: {existing} is a file")
+            break
+    return path
 
 
 def resolve(loaded: Loaded) -> list[Resolved]:

@@ -59,6 +59,8 @@ class Case:
     where: str  # the key path after `file:line` ("" when the error has none, e.g. invalid YAML)
     says: tuple[str, ...] = ()  # further fragments the message must contain: valid choices, the bad value …
     command: str = "validate"
+    encoding: str = "utf-8"  # how the manifest is written (latin-1: not UTF-8)
+    run_dir_flag: bool = True  # `run` passes --run-dir (False: the manifest's run.dir decides)
 
 
 CLS_TRAIN = "    train: {epochs: 1, micro_batch_size: 4}\n"
@@ -219,6 +221,91 @@ CASES |= {
         "stages[2].deepspeed", ("custom.json", "optimizer.params.lr", "0.1", "train.lr")),
 }
 
+def nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+BOMB = ", ".join(f"{b}: &{b} [{', '.join([f'*{a}' if a else 'lol'] * 9)}]"
+                 for a, b in zip(["", "a", "b", "c", "d", "e", "f"], ["a", "b", "c", "d", "e", "f", "g"]))
+TRAIN_WITH = "    train: {{epochs: 1, micro_batch_size: 4, {}}}  #!\n"
+
+# Hostile or malformed input: each ends as a clean error too, never a traceback, a hang or silent acceptance.
+CASES |= {
+    "manifest-not-utf8": Case(edit("run: {name: bad}", "run: {name: bäd}  #!"), "", ("not UTF-8",),
+                              encoding="latin-1"),
+    "manifest-control-character": Case(edit("run: {name: bad}", "run: {name: b\x01ad}  #!"), "",
+                                       ("control character", "\\x01")),
+    "manifest-too-large": Case(BASE + "# " + "x" * (1 << 20) + "\n", "", ("larger than 1 MiB",)),
+    "deeply-nested-lists": Case(
+        edit(CLS_TRAIN, f"    deepspeed: {{overrides: {{x: {nested(10_000)}}}}}  #!\n" + CLS_TRAIN), "",
+        ("nested more than 64 levels",)),
+    "deeply-nested-lists-on-run": Case(
+        edit(CLS_TRAIN, f"    deepspeed: {{overrides: {{x: {nested(10_000)}}}}}  #!\n" + CLS_TRAIN), "",
+        ("nested more than 64 levels",), command="run"),
+    "recursive-alias": Case(
+        edit(CLS_TRAIN, "    deepspeed: {overrides: {x: &x [*x]}}  #!\n" + CLS_TRAIN),
+        "stages[2].deepspeed.overrides.x", ("nested more than 64 levels", "recursive alias")),
+    "alias-bomb": Case(
+        edit(CLS_TRAIN, f"    deepspeed: {{overrides: {{{BOMB}}}}}  #!\n" + CLS_TRAIN), "stages[2].deepspeed.overrides",
+        ("more than 100,000 values", "alias")),
+    "alias-bomb-on-run": Case(
+        edit(CLS_TRAIN, f"    deepspeed: {{overrides: {{{BOMB}}}}}  #!\n" + CLS_TRAIN), "stages[2].deepspeed.overrides",
+        ("more than 100,000 values",), command="run"),
+    "merge-key-twice": Case(
+        edit("  - name: cls\n", "  - name: cls\n    <<: {seed: 1}\n    <<: {seed: 2}  #!\n"), "stages[2].<<",
+        ("duplicate key", "first at line 18")),
+    "binary-value": Case(
+        edit(CLS_TRAIN, "    deepspeed: {overrides: {x: !!binary aGVsbG8=}}  #!\n" + CLS_TRAIN),
+        "stages[2].deepspeed.overrides.x", ("unsupported YAML value",)),
+    "ds-config-not-utf8": Case(
+        edit(CLS_TRAIN, "    deepspeed: {config: ./latin1.json}  #!\n" + CLS_TRAIN), "stages[2].deepspeed.config",
+        ("latin1.json:1", "not UTF-8")),
+    "ds-top-level-key-misspelt": Case(
+        edit(CLS_TRAIN, "    deepspeed: {overrides: {zero_optimizaton: {stage: 3}}}  #!\n" + CLS_TRAIN),
+        "stages[2].deepspeed", ("zero_optimizaton: unknown DeepSpeed key", "did you mean zero_optimization?", "cls")),
+    "ds-top-level-key-misspelt-on-run": Case(
+        edit(CLS_TRAIN, "    deepspeed: {overrides: {zero_optimizaton: {stage: 3}}}  #!\n" + CLS_TRAIN),
+        "stages[2].deepspeed", ("did you mean zero_optimization?",), command="run"),
+    "ds-zero-key-misspelt": Case(
+        edit(CLS_TRAIN, "    deepspeed: {overrides: {zero_optimization: {overlap_com: true}}}  #!\n" + CLS_TRAIN),
+        "stages[2].deepspeed", ("zero_optimization.overlap_com", "did you mean overlap_comm?")),
+    "run-dir-is-a-file-on-run": Case(
+        edit("run: {name: bad}", "run: {name: bad, dir: train.txt}  #!"), "run.dir", ("train.txt is a file",),
+        command="run", run_dir_flag=False),
+    "run-dir-below-a-file-on-run": Case(
+        edit("run: {name: bad}", "run: {name: bad, dir: train.txt/run}  #!"), "run.dir", ("train.txt is a file",),
+        command="run", run_dir_flag=False),
+    "run-name-over-100-bytes": Case(edit("run: {name: bad}", f"run: {{name: {'é' * 60}}}  #!"), "run.name",
+                                    ("120 bytes in UTF-8; at most 100",)),
+    "stage-name-over-100-bytes": Case(edit("  - name: cls\n", f"  - name: {'é' * 100}  #!\n"), "stages[2].name",
+                                      ("200 bytes in UTF-8; at most 100",)),
+    "micro-batch-bool": Case(edit(CLS_TRAIN, "    train: {epochs: 1, micro_batch_size: true}  #!\n"),
+                             "stages[2].train.micro_batch_size", ("valid integer", "got True")),
+    "micro-batch-float": Case(edit(CLS_TRAIN, "    train: {epochs: 1, micro_batch_size: 1.0e+20}  #!\n"),
+                              "stages[2].train.micro_batch_size", ("valid integer",)),
+    "micro-batch-huge": Case(edit(CLS_TRAIN, "    train: {epochs: 1, micro_batch_size: 100000000}  #!\n"),
+                             "stages[2].train.micro_batch_size", ("less than or equal to 65536",)),
+    "nproc-huge": Case(edit("launcher: {nproc_per_node: 2}", "launcher: {nproc_per_node: 100000}  #!"),
+                       "defaults.launcher.nproc_per_node", ("less than or equal to 1024",)),
+    "nproc-bool": Case(edit("launcher: {nproc_per_node: 2}", "launcher: {nproc_per_node: true}  #!"),
+                       "defaults.launcher.nproc_per_node", ("valid integer",)),
+    "beta-one": Case(edit(CLS_TRAIN, TRAIN_WITH.format("betas: [0.9, 1.0]")), "stages[2].train.betas",
+                     ("each must be at least 0 and less than 1",)),
+    "beta-negative": Case(edit(CLS_TRAIN, TRAIN_WITH.format("betas: [-0.1, 0.999]")), "stages[2].train.betas",
+                          ("each must be at least 0 and less than 1",)),
+    "lr-bool": Case(edit(CLS_TRAIN, TRAIN_WITH.format("lr: true")), "stages[2].train.lr", ("not a boolean",)),
+    "lr-nan": Case(edit(CLS_TRAIN, TRAIN_WITH.format("lr: .nan")), "stages[2].train.lr", ("greater than 0",)),
+    "eps-nan": Case(edit(CLS_TRAIN, TRAIN_WITH.format("eps: .nan")), "stages[2].train.eps", ("greater than 0",)),
+    "eps-inf": Case(edit(CLS_TRAIN, TRAIN_WITH.format("eps: .inf")), "stages[2].train", ("eps: inf is not a finite",)),
+    "weight-decay-inf": Case(edit(CLS_TRAIN, TRAIN_WITH.format("weight_decay: .inf")), "stages[2].train",
+                             ("weight_decay: inf is not a finite number",)),
+    "seed-beyond-int64": Case(edit("  launcher: {nproc_per_node: 2}\n",
+                                   "  launcher: {nproc_per_node: 2}\n  seed: 18446744073709551616  #!\n"),
+                              "defaults.seed", ("less than or equal to 4294967295",)),
+    "seed-negative": Case(edit(CLS_TRAIN, "    seed: -1  #!\n" + CLS_TRAIN), "stages[2].seed",
+                          ("greater than or equal to 0",)),
+}
+
 CUSTOM_DS = '{"zero_optimization": {"stage": 1}, "optimizer": {"type": "AdamW", "params": {"lr": 0.1}}}\n'
 
 
@@ -231,6 +318,7 @@ def write_inputs(folder: Path) -> None:
     (folder / "train.jsonl").write_text("\n".join(labelled) + "\n", encoding="utf-8")
     (folder / "train.dat").write_text("\n".join(labelled) + "\n", encoding="utf-8")
     (folder / "custom.json").write_text(CUSTOM_DS, encoding="utf-8")
+    (folder / "latin1.json").write_text('{"zero_optimization": {"stage": 1}, "comment": "café"}\n', encoding="latin-1")
 
 
 def marked_line(text: str) -> int:
@@ -242,10 +330,10 @@ def baton(tmp_path: Path, case: Case) -> tuple[subprocess.CompletedProcess[str],
     """Write the case and run the real CLI on it from tmp_path; return (process, manifest, run dir)."""
     write_inputs(tmp_path)
     manifest = tmp_path / "bad.yaml"
-    manifest.write_text(case.text, encoding="utf-8")
+    manifest.write_text(case.text, encoding=case.encoding)
     run_dir = tmp_path / "run"
     argv = [sys.executable, "-m", "launcher.cli", case.command, str(manifest)]
-    if case.command == "run":
+    if case.command == "run" and case.run_dir_flag:
         argv += ["--run-dir", str(run_dir)]
     proc = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     return proc, manifest, run_dir
@@ -317,3 +405,123 @@ def test_bad_manifest_leaves_an_existing_run_untouched(tmp_path: Path) -> None:
     assert "DeepSpeed rejects" in proc.stderr
     assert sorted(p.name for p in run_dir.iterdir()) == ["ledger.json"]  # no lock, manifest copy or stage folder
     assert (run_dir / "ledger.json").read_text() == recorded
+
+
+MERGED = """\
+version: 1
+run: {name: bad}
+defaults:
+  launcher: {nproc_per_node: 2}
+stages:
+  - name: tok
+    kind: tokenizer
+    data: {train: train.txt}
+    sentencepiece: {vocab_size: 100}
+  - &pre
+    name: pre
+    kind: mlm
+    init:
+      config: {model_type: bert, hidden_size: 32}
+    tokenizer: {from: tok}
+    data: {train: train.txt, eval: eval.txt}
+    train: &train {max_steps: 10, micro_batch_size: 4, lr: 0.001}
+  - <<: *pre
+    name: pre2
+    init: {from: pre}
+    tokenizer: {from: pre}
+    train: {<<: *train, max_steps: 20}
+"""
+
+EXPANDED = """\
+version: 1
+run: {name: bad}
+defaults:
+  launcher: {nproc_per_node: 2}
+stages:
+  - name: tok
+    kind: tokenizer
+    data: {train: train.txt}
+    sentencepiece: {vocab_size: 100}
+  - name: pre
+    kind: mlm
+    init:
+      config: {model_type: bert, hidden_size: 32}
+    tokenizer: {from: tok}
+    data: {train: train.txt, eval: eval.txt}
+    train: {max_steps: 10, micro_batch_size: 4, lr: 0.001}
+  - name: pre2
+    kind: mlm
+    init: {from: pre}
+    tokenizer: {from: pre}
+    data: {train: train.txt, eval: eval.txt}
+    train: {max_steps: 20, micro_batch_size: 4, lr: 0.001}
+"""
+
+
+def test_merge_keys_resolve_like_their_expanded_form(tmp_path: Path) -> None:
+    """`<<: *anchor` merges as YAML says (written keys win); it is no duplicate key."""
+    from launcher.manifest import load
+    from launcher.resolve import resolve
+
+    write_inputs(tmp_path)
+    (tmp_path / "merged.yaml").write_text(MERGED, encoding="utf-8")
+    (tmp_path / "expanded.yaml").write_text(EXPANDED, encoding="utf-8")
+    merged, expanded = load(tmp_path / "merged.yaml"), load(tmp_path / "expanded.yaml")
+    assert merged.manifest == expanded.manifest
+    assert [r.base for r in resolve(merged)] == [r.base for r in resolve(expanded)]
+    assert merged.lines[("stages", 2, "kind")] == 18  # a merged key points at its `<<` line
+    assert merged.lines[("stages", 2, "train", "micro_batch_size")] == 22
+    proc = subprocess.run([sys.executable, "-m", "launcher.cli", "validate", str(tmp_path / "merged.yaml")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "3 stage(s): tok [tokenizer], pre [mlm], pre2 [mlm]" in proc.stdout
+
+
+LEDGERS: dict[str, tuple[bytes, str]] = {
+    "list": (b"[]\n", "a JSON object is expected, got list"),
+    "null": (b"null\n", "a JSON object is expected, got null"),
+    "no-stages": (b'{"version": 1}\n', "stages: missing"),
+    "stages-a-list": (b'{"version": 1, "stages": []}\n', "stages: a JSON object is expected"),
+    "bad-state": (b'{"version": 1, "stages": {"pre": {"state": "finished", "attempts": []}}}\n',
+                  "stages.pre.state: 'finished' is not one of"),
+    "output-without-digest": (b'{"version": 1, "stages": {"pre": {"state": "done", "attempts": [], "output": {}}}}\n',
+                              "stages.pre.output.digest"),
+    "random-bytes": (bytes(range(256)) * 4, "unreadable ledger: not UTF-8"),
+    "truncated": (b'{"version": 1, "stages": {', "unreadable ledger"),
+    "deep": (b"[" * 100_000 + b"]" * 100_000, "unreadable ledger"),
+    "other-version": (b'{"version": 7, "stages": {}}\n', "ledger version 7"),
+}
+
+
+@pytest.mark.parametrize("dry_run", [True, False], ids=["dry-run", "run"])
+@pytest.mark.parametrize("name", LEDGERS)
+def test_bad_ledger_refused(tmp_path: Path, name: str, dry_run: bool) -> None:
+    """A ledger baton cannot plan from is named and left as it is; nothing else is written."""
+    content, says = LEDGERS[name]
+    write_inputs(tmp_path)
+    manifest = tmp_path / "ok.yaml"
+    manifest.write_text(BASE, encoding="utf-8")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "ledger.json").write_bytes(content)
+    argv = [sys.executable, "-m", "launcher.cli", "run", str(manifest), "--run-dir", str(run_dir)]
+    proc = subprocess.run(argv + (["--dry-run"] if dry_run else []), cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"baton: {run_dir / 'ledger.json'}: "), proc.stderr
+    assert says in lines[0], lines[0]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["ledger.json"]
+    assert (run_dir / "ledger.json").read_bytes() == content
+
+
+def test_run_dir_flag_naming_a_file(tmp_path: Path) -> None:
+    write_inputs(tmp_path)
+    manifest = tmp_path / "ok.yaml"
+    manifest.write_text(BASE, encoding="utf-8")
+    proc = subprocess.run([sys.executable, "-m", "launcher.cli", "run", str(manifest), "--run-dir",
+                           str(tmp_path / "train.txt")], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith(f"baton: {tmp_path / 'train.txt'}: not a run folder"), proc.stderr
+    assert not (tmp_path / "runs").exists()

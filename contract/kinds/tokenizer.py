@@ -10,10 +10,11 @@ from contract.sections import StageBase, Strict
 
 
 class SentencePiece(Strict):
-    vocab_size: int = Field(8000, ge=64, description="Vocabulary size, special tokens included.")
+    vocab_size: int = Field(8000, ge=64, le=1_000_000, strict=True,
+                            description="Vocabulary size, special tokens included.")
     model_type: Literal["unigram", "bpe"] = Field("unigram", description="SentencePiece algorithm.")
     character_coverage: float = Field(1.0, gt=0, le=1, description="Share of characters the vocabulary covers.")
-    max_sentences: int = Field(1_000_000, ge=1, description="Lines sampled from the data to train on.")
+    max_sentences: int = Field(1_000_000, ge=1, strict=True, description="Lines sampled from the data to train on.")
     lowercase: bool = Field(False, description="Lowercase text before training and encoding.")
 
 
