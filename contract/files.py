@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -70,4 +71,16 @@ def write_atomic(path: str | os.PathLike[str], text: str) -> None:
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
-    write_atomic(path, json.dumps(obj, indent=2) + "\n")
+    """Strict JSON: a NaN or infinity here is a bug (see `json_safe`), not a literal other parsers refuse."""
+    write_atomic(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
+
+
+def json_safe(obj: Any) -> Any:
+    """`obj` with every NaN and infinity replaced by null, so records of a diverging run stay strict JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj

@@ -100,7 +100,7 @@ class Result(Report):
     steps: int
     samples: int
     output: Output
-    metrics: dict[str, float | int]
+    metrics: dict[str, float | int | None]  # null: a value that was not finite
     time: float
 
 

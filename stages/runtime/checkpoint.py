@@ -2,11 +2,14 @@
 
 A folder counts only once rank 0 has written COMPLETE after a barrier that
 follows every rank's files; LATEST is replaced atomically after that, and older
-checkpoints are pruned only then.
+checkpoints are pruned only then. COMPLETE lists every file's size and digest,
+and a resume checks them: a damaged checkpoint (a disk error, a file cut short)
+is passed over for the previous intact one, never trained on.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -16,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from contract.files import fsync_dir, write_atomic, write_json
-from contract.layout import TAG, ckpt_dir, complete_tags, newest_complete, step_of, tag_of
+from contract.files import file_digest, fsync_dir, write_atomic, write_json
+from contract.layout import TAG, ckpt_dir, complete_tags, step_of, tag_of
 from stages.runtime import dist
 from stages.runtime.spec import Spec, SpecError
 
@@ -29,27 +32,77 @@ class Position:
 
 
 def find_latest(spec: Spec) -> str | None:
-    """The newest complete checkpoint's tag, or None. Another fingerprint is an error (exit 2).
+    """Collective. The newest complete and intact checkpoint's tag, or None when there is no checkpoint.
 
     Scans for COMPLETE rather than trusting LATEST alone: a run killed between
-    the two writes still resumes from the newer, complete checkpoint.
+    the two writes still resumes from the newer, complete checkpoint. A checkpoint
+    whose files differ from what COMPLETE recorded is passed over with a warning
+    naming the file; when none is intact, or the newest was made with another
+    fingerprint, the stage stops with exit 2.
     """
-    found = newest_complete(spec.stage_dir)
-    if found is None:
+    root = ckpt_dir(spec.stage_dir)
+    damaged: list[str] = []
+    for n, tag in enumerate(reversed(complete_tags(spec.stage_dir))):
+        try:
+            marker = json.loads((root / tag / "COMPLETE").read_text())
+        except (OSError, ValueError):
+            damaged.append(f"{tag}/COMPLETE: unreadable")
+            continue
+        if n == 0 and marker.get("fingerprint") != spec.fingerprint:
+            raise SpecError(
+                f"{root / tag}: checkpoint fingerprint {marker.get('fingerprint')} != spec fingerprint "
+                f"{spec.fingerprint}; the stage changed, clear its folder to rerun it"
+            )
+        problem = verify(root / tag, marker.get("files"))
+        if problem is None:
+            if damaged:
+                dist.print0(f"warning: resuming from {tag}, the newest intact checkpoint")
+            return tag
+        damaged.append(f"{tag}/{problem}")
+        dist.print0(f"warning: checkpoint {tag} is damaged ({problem}); trying the one before it")
+    if damaged:
+        raise SpecError(f"{root}: no intact checkpoint to resume from ({'; '.join(damaged)}); "
+                        "delete the stage folder's ckpt/ to start the stage over")
+    return None
+
+
+def verify(folder: Path, files: dict[str, dict] | None) -> str | None:
+    """Collective. None when every file COMPLETE lists has its recorded size and digest, else what is wrong.
+
+    Sizes are checked on every rank (cheap); the digests are split between the ranks, so
+    together they read the checkpoint once. Checkpoints from before baton recorded files pass.
+    """
+    if files is None:
         return None
-    tag, marker = found
-    if marker.get("fingerprint") != spec.fingerprint:
-        raise SpecError(
-            f"{ckpt_dir(spec.stage_dir) / tag}: checkpoint fingerprint {marker.get('fingerprint')} != spec fingerprint "
-            f"{spec.fingerprint}; the stage changed, clear its folder to rerun it"
-        )
-    return tag
+    for name, record in sorted(files.items()):
+        path = folder / name
+        if not path.is_file():
+            return f"{name}: missing"
+        if path.stat().st_size != record["size"]:
+            return f"{name}: {path.stat().st_size} bytes, {record['size']} when saved"
+    names = sorted(files)
+    mine = [f"{n}: content differs from when it was saved" for n in names[dist.rank()::dist.world_size()]
+            if file_digest(folder / n) != files[n]["digest"]]
+    problems = sorted(p for part in dist.all_gather_objects(mine) for p in part)
+    return problems[0] if problems else None
+
+
+def _records(folder: Path) -> dict[str, dict]:
+    """Collective. {file name: {"size", "digest"}} for every file of a checkpoint folder, the ranks sharing the work."""
+    names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != "COMPLETE")
+    mine = {n: {"size": (folder / n).stat().st_size, "digest": file_digest(folder / n)}
+            for n in names[dist.rank()::dist.world_size()]}
+    return {name: record for part in dist.all_gather_objects(mine) for name, record in part.items()}
 
 
 def save(engine, spec: Spec, pos: Position) -> str:
     """Collective. Returns the tag."""
     root, tag = ckpt_dir(spec.stage_dir), tag_of(pos.step)
     client = {"step": pos.step, "samples": pos.samples, "fingerprint": spec.fingerprint}
+    if dist.is_main() and (root / tag / "COMPLETE").exists():
+        # A resumed run saves this step again: the folder must not count as complete while it is rewritten.
+        (root / tag / "COMPLETE").unlink()
+        fsync_dir(root / tag)
     engine.save_checkpoint(str(root), tag=tag, client_state=client, save_latest=False)
     rng_path = root / tag / f"rng-rank{dist.rank()}.pt"
     torch.save(_rng_state(), rng_path)
@@ -61,8 +114,9 @@ def save(engine, spec: Spec, pos: Position) -> str:
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
     dist.barrier()
+    files = _records(root / tag)
     if dist.is_main():
-        write_json(root / tag / "COMPLETE", client | {"time": time.time()})
+        write_json(root / tag / "COMPLETE", client | {"time": time.time(), "files": files})
         write_atomic(root / "LATEST", tag + "\n")
         _prune(root, spec.checkpoint.keep_last if spec.checkpoint else 1, pos.step)
     return tag

@@ -52,6 +52,10 @@ def rank() -> int:
     return _state.rank if _state else int(os.environ.get("RANK", 0))
 
 
+def world_size() -> int:
+    return _state.world_size if _state else 1
+
+
 def is_main() -> bool:
     return rank() == 0
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import torch
 
 from contract import layout
-from contract.files import dir_digest, fsync_dir
+from contract.files import dir_digest, fsync_dir, json_safe
 from contract.layout import Output, Result, final_dir
 from stages.runtime import dist
-from stages.runtime.spec import Spec
+from stages.runtime.spec import Diverged, Spec
 
 
 def save_final(model, tokenizer, spec: Spec, *, zero_stage: int) -> tuple[str, str | None]:
@@ -24,16 +24,19 @@ def save_final(model, tokenizer, spec: Spec, *, zero_stage: int) -> tuple[str, s
     the digest only on rank 0.
     """
     final = final_dir(spec.stage_dir)
-    tmp = staging(final) if dist.is_main() else None
+    tmp = final.with_name("final.tmp")
     if zero_stage == 3:
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
-            if tmp is not None:
-                _write(model, tokenizer, tmp)
-    elif tmp is not None:
-        _write(model, tokenizer, tmp)
-    digest = publish(tmp, final) if tmp is not None else None
+            _check_finite(model)
+            if dist.is_main():
+                _write(model, tokenizer, staging(final))
+    else:
+        _check_finite(model)
+        if dist.is_main():
+            _write(model, tokenizer, staging(final))
+    digest = publish(tmp, final) if dist.is_main() else None
     dist.barrier()
     return str(final), digest
 
@@ -60,6 +63,14 @@ def publish(tmp: Path, final: Path) -> str:
     return dir_digest(final)
 
 
+def _check_finite(model) -> None:
+    """final/ never holds NaN or infinity. Every rank sees the full parameters here, so all decide alike."""
+    with torch.no_grad():
+        bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise Diverged(f"final/ not written: {len(bad)} parameter tensor(s) hold NaN or infinity ({bad[0]} …)")
+
+
 def _write(model, tokenizer, path: Path) -> None:
     from transformers.utils import logging as hf_logging
 
@@ -78,5 +89,5 @@ def write_result(spec: Spec, *, steps: int, samples: int, output: str, digest: s
     if not dist.is_main():
         return
     result = Result(stage=spec.stage, kind=spec.kind, fingerprint=spec.fingerprint, steps=steps, samples=samples,
-                    output=Output(path=output, digest=digest), metrics=metrics, time=time.time())
+                    output=Output(path=output, digest=digest), metrics=json_safe(metrics), time=time.time())
     layout.write_result(spec.stage_dir, result)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -11,7 +12,7 @@ from stages.runtime.checkpoint import Position
 from stages.runtime.data import StreamSampler
 from stages.runtime.engine import current_lr
 from stages.runtime.metrics import Metrics
-from stages.runtime.spec import Spec, training
+from stages.runtime.spec import Diverged, Spec, training
 
 MicroStep = Callable[[list[tuple[int, int]]], torch.Tensor]
 Evaluate = Callable[[int], dict[str, float]]
@@ -29,22 +30,35 @@ def fit(engine, spec: Spec, sampler: StreamSampler, micro_step: MicroStep, evalu
     every_ckpt, every_eval = settings.checkpoint.every_steps, settings.eval.every_steps
     start = step = pos.step
     window = torch.zeros(2, dtype=torch.float64)  # loss sum, micro-batch count since the last log line
+    nonfinite_run = 0  # consecutive steps with a NaN or infinite loss on some rank
     engine.train()
     while step < max_steps:
+        finite = True
         for items in sampler.next_step():
             loss = micro_step(items)
             engine.backward(loss)
             engine.step()
-            window += torch.tensor([loss.item(), 1.0], dtype=torch.float64)
+            value = loss.item()
+            finite = finite and math.isfinite(value)
+            window += torch.tensor([value, 1.0], dtype=torch.float64)
         step += 1
+        # One collective a step, so every rank decides alike: a signal may reach only some ranks,
+        # a non-finite loss may show on only some.
+        stop_flag, nonfinite = dist.all_reduce_sum(torch.tensor([int(signals.received()), int(not finite)])).tolist()
+        nonfinite_run = nonfinite_run + 1 if nonfinite else 0
         if step == start + 1:
             metrics.first_step(step)
         if step % settings.train.log_every == 0 or step == max_steps:
             dist.all_reduce_sum(window)
             metrics.train(step, sampler.samples, float(window[0] / window[1]), current_lr(engine))
             window.zero_()
+        if nonfinite_run >= settings.train.stop_after_nonfinite:
+            metrics.log("stop", step=step, reason="non-finite loss")
+            raise Diverged(f"the loss was NaN or infinite for {nonfinite_run} consecutive steps (up to step {step}); "
+                           "nothing is exported. Check train.lr and the data (e.g. empty documents); "
+                           "train.stop_after_nonfinite sets how many such steps are tolerated")
         pos = Position(step=step, samples=sampler.samples)
-        stop = signals.stop_requested()
+        stop = bool(stop_flag)
         if stop or (every_ckpt and step % every_ckpt == 0 and step < max_steps):
             tag = checkpoint.save(engine, spec, pos)
             metrics.log("checkpoint", step=step, tag=tag)
@@ -59,11 +73,11 @@ def fit(engine, spec: Spec, sampler: StreamSampler, micro_step: MicroStep, evalu
 
 
 def record_eval(spec: Spec, metrics: Metrics, step: int, values: dict[str, float]) -> None:
-    from contract.files import write_json
+    from contract.files import json_safe, write_json
 
     if not values:  # no eval data
         return
     metrics.log("eval", step=step, **values)
     if dist.is_main():
-        write_json(f"{spec.stage_dir}/eval.json", {"step": step, **values})
+        write_json(f"{spec.stage_dir}/eval.json", json_safe({"step": step, **values}))
         dist.print0("eval " + "  ".join(f"{k} {v:.4f}" for k, v in values.items()))

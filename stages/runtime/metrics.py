@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from contract.files import json_safe
 from stages.runtime import dist
 
 
@@ -40,9 +41,9 @@ class Metrics:
     def log(self, event: str, **fields: Any) -> None:
         if not dist.is_main():
             return
-        record = {"event": event, "time": time.time(), **fields}
+        record = json_safe({"event": event, "time": time.time(), **fields})  # a NaN loss is recorded as null
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(record, allow_nan=False) + "\n")
 
     def start(self, step: int, world_size: int) -> None:
         self.log("start", step=step, world_size=world_size)

@@ -9,7 +9,7 @@ from pydantic import ValidationError
 from contract.sections import Checkpoint, Eval, Train
 from contract.spec import ContractError, Ref, Spec
 
-__all__ = ["Ref", "Spec", "SpecError", "Training", "load", "training"]
+__all__ = ["Diverged", "Ref", "Spec", "SpecError", "Training", "load", "training"]
 
 
 class SpecError(ContractError):
@@ -25,6 +25,10 @@ def load(path: str) -> Spec:
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'spec'}: {err['msg']}" for err in e.errors())
         raise SpecError(f"{path}: {problems}") from None
+
+
+class Diverged(SpecError):
+    """Training produced a non-finite loss or weights: the stage stops with exit 2 and exports nothing."""
 
 
 class Training(NamedTuple):
