@@ -5,7 +5,13 @@ Used by the driver (`baton run`) and by a Slurm job (`baton job`) alike.
 
 from __future__ import annotations
 
+import copy
+import functools
+import importlib.metadata
+import json
+import platform
 import shutil
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +21,8 @@ from contract.layout import (
     EXIT_BAD_INPUT,
     EXIT_STOPPED,
     Result,
+    complete_tags,
+    final_dir,
     read_bad_input,
     read_result,
     resumable,
@@ -23,8 +31,13 @@ from contract.layout import (
 from contract.spec import Ref, Spec
 from launcher import ledger
 from launcher.backends import Backend
-from launcher.plan import Step, outputs_of
+from launcher.plan import Step, output_stat, outputs_of
 from launcher.resolve import Resolved, build_spec, settings
+
+PREVIOUS = "previous"  # <stage>/previous/: the output a new attempt replaces, until that attempt passes its checks
+KEPT = ("slurm", PREVIOUS)  # what starting over leaves in place (Slurm's logs stay)
+# the packages whose versions an attempt records (read from their metadata: the launcher never imports torch)
+PACKAGES = ("baton", "torch", "deepspeed", "transformers", "datasets")
 
 
 def run_stage(step: Step, led: ledger.Ledger, run_dir: Path, backend: Backend,
@@ -36,21 +49,23 @@ def run_stage(step: Step, led: ledger.Ledger, run_dir: Path, backend: Backend,
     assert spec is not None, f"{r.name}: upstream outputs must exist by now"
     folder = stage_dir(run_dir, r.name)
     resumed_from = resumable(folder, spec.fingerprint) if step.action == "resume" else None
-    if resumed_from is None:
-        clear_stage(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "error.json").unlink(missing_ok=True)
     spec_path = folder / "spec.json"
-    write_atomic(spec_path, spec.model_dump_json(indent=2) + "\n")
-
     with led.edit():
         entry = led.stage(r.name)
+        if resumed_from is None:
+            start_over(folder, entry)
+        else:
+            settle(folder, entry)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "error.json").unlink(missing_ok=True)
+        write_atomic(spec_path, spec.model_dump_json(indent=2) + "\n")
         attempt_no = len(entry["attempts"]) + 1
         argv = backend.command(r.kind, spec_path, r.nproc_per_node, folder / "logs" / f"attempt-{attempt_no}", r.nnodes)
         ledger.set_state(entry, "running", kind=r.kind, fingerprint=spec.fingerprint, settings=settings(spec),
                          inputs=inputs_of(spec), output=None, metrics=None)
         entry["attempts"].append({"attempt": attempt_no, "backend": backend.name, "started": ledger.now(),
-                                  "resumed_from": resumed_from, "command": argv, **(attempt_info or {})})
+                                  "resumed_from": resumed_from, "command": argv, **environment(),
+                                  **(attempt_info or {})})
     print(f"== {r.name} ({r.kind}): {step.action} ({step.reason}), {r.world_size} process(es)", flush=True)
 
     t0 = time.monotonic()
@@ -65,7 +80,7 @@ def run_stage(step: Step, led: ledger.Ledger, run_dir: Path, backend: Backend,
         if entry["state"] == "cancelled":  # `baton cancel` stopped it: that is the story, whatever the exit
             outcome, ret = "cancelled", code or EXIT_STOPPED
         elif code == 0 and result is not None:
-            _record_result(entry, result)
+            _record_result(entry, result, folder)
             outcome, ret = "done", 0
         elif (interrupted or code == EXIT_STOPPED) and checkpoint:
             ledger.set_state(entry, "preempted")
@@ -81,6 +96,14 @@ def run_stage(step: Step, led: ledger.Ledger, run_dir: Path, backend: Backend,
             if tail:
                 print(f"== {r.name}: the end of rank 0's stderr ({tail[0]}):\n{tail[1]}", flush=True)
         attempt["outcome"] = entry["state"]
+        # a bad input, or a failure before the input checks passed: the output this attempt was to replace
+        # comes back, and with it the stage's state (the failed attempt stays recorded)
+        if entry["state"] == "failed" and (bad_input is not None or not passed_checks(folder)) \
+                and restore(folder, entry):
+            attempt["kept_previous"] = True
+            outcome += f"; its previous output is kept (state {entry['state']})"
+        else:
+            settle(folder, entry)
     print(f"== {r.name}: {outcome} ({attempt['wall_s']} s)", flush=True)
     return ret
 
@@ -94,17 +117,139 @@ def error_tail(log_dir: Path, lines: int = 25) -> tuple[Path, str] | None:
     return None
 
 
-def _record_result(entry: dict[str, Any], result: Result) -> None:
-    ledger.set_state(entry, "done", output=result.output.model_dump(), metrics=result.metrics, steps=result.steps)
+def _record_result(entry: dict[str, Any], result: Result, folder: Path) -> None:
+    """A done stage: its output digest (the stage's) and, beside it, its files' sizes and mtimes, which let a
+    later plan trust the digest without hashing the folder again (`plan.output_damage`)."""
+    final = final_dir(folder)
+    output = result.output.model_dump() | ({"stat": output_stat(final)} if final.is_dir() else {})
+    ledger.set_state(entry, "done", output=output, metrics=result.metrics, steps=result.steps)
 
 
-def clear_stage(folder: Path) -> None:
-    """A stage that starts over starts clean: no stale checkpoints, results or errors (its Slurm logs stay)."""
+# ----------------------------------------------------------------- starting over without losing the old output
+#
+# A stage that starts over starts clean, but what it replaces is only moved aside (into previous/, with the
+# ledger entry that describes it under "previous") until the new attempt gets past its input checks. An attempt
+# that fails before that (exit 2: bad input) puts everything back.
+
+
+def start_over(folder: Path, entry: dict[str, Any]) -> None:
+    """Before a stage starts over (not a resume): move what its folder holds aside (Slurm's logs stay)."""
     if not folder.is_dir():
         return
-    for child in folder.iterdir():
-        if child.name != "slurm":
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
+    settle(folder, entry)
+    aside = folder / PREVIOUS
+    if aside.is_dir():
+        # set aside before and not settled since (`baton submit`, or a driver that died before the stage passed
+        # its checks): previous/ holds the output, what is beside it is the debris of that attempt
+        _remove([c for c in folder.iterdir() if c.name not in KEPT])
+        entry.setdefault("previous", _snapshot(entry))
+        return
+    contents = [c for c in folder.iterdir() if c.name not in KEPT]
+    if not contents:
+        return
+    aside.mkdir()
+    for child in contents:
+        child.rename(aside / child.name)
+    entry["previous"] = _snapshot(entry)
+
+
+def passed_checks(folder: Path) -> bool:
+    """Whether the attempt in `folder` got past its input checks: it wrote its metrics "start" record (after
+    model and data set-up), a complete checkpoint or its result."""
+    if (folder / "result.json").is_file() or complete_tags(folder):
+        return True
+    try:
+        lines = (folder / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        return False
+    for line in lines:
+        try:
+            if json.loads(line).get("event") == "start":
+                return True
+        except (json.JSONDecodeError, AttributeError):
+            continue
+    return False
+
+
+def settle(folder: Path, entry: dict[str, Any]) -> None:
+    """Once an attempt got past its input checks, the output it replaces is gone for good."""
+    aside = folder / PREVIOUS
+    if aside.is_dir() and passed_checks(folder):
+        shutil.rmtree(aside)
+    if not aside.is_dir():
+        entry.pop("previous", None)
+
+
+def restore(folder: Path, entry: dict[str, Any]) -> bool:
+    """Put back what `start_over` moved aside: files exactly as they were (the failed attempt's logs join the
+    old ones) and the ledger entry's state, output and settings (its attempts stay). False: nothing was aside."""
+    aside = folder / PREVIOUS
+    if not aside.is_dir():
+        return False
+    _remove([c for c in folder.iterdir() if c.name not in (*KEPT, "logs")])
+    for child in aside.iterdir():
+        target = folder / child.name
+        if child.name == "logs" and child.is_dir() and target.is_dir():
+            for log in child.iterdir():
+                _remove([target / log.name] if (target / log.name).exists() else [])
+                log.rename(target / log.name)
+            child.rmdir()
+        else:
+            child.rename(target)
+    aside.rmdir()
+    before = entry.pop("previous", None)
+    if before is not None:
+        for key in [k for k in entry if k not in _HELD]:
+            del entry[key]
+        ledger.set_state(entry, before.pop("state", "pending"), **before)
+    return True
+
+
+_HELD = ("attempts", "slurm", "previous")  # entry fields that a restore keeps as they are now
+
+
+def _snapshot(entry: dict[str, Any]) -> dict[str, Any]:
+    return {k: copy.deepcopy(v) for k, v in entry.items() if k not in _HELD}
+
+
+def _remove(paths: list[Path]) -> None:
+    for p in paths:
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+
+
+# ----------------------------------------------------------------- what an attempt ran with
+
+
+def environment() -> dict[str, Any]:
+    """Host, platform and package versions for an attempt's record. CUDA, NCCL and the GPUs need torch to read:
+    the stage side would have to record those."""
+    return {"host": socket.gethostname(), "platform": platform.platform(), "versions": versions()}
+
+
+@functools.cache
+def versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def version_drift(entry: dict[str, Any]) -> str | None:
+    """`made with torch 2.12.0, deepspeed 0.18.0; now torch 2.13.0, deepspeed 0.19.8` when the attempt that made a
+    stage's kept output (its newest attempt, passing over failed ones whose previous output was kept) ran under
+    other package versions than now."""
+    made = [a for a in entry.get("attempts") or [] if a.get("versions") and not a.get("kept_previous")]
+    if not made:
+        return None
+    then, now = made[-1]["versions"], versions()
+    changed = [k for k in now if k in then and then[k] != now[k]]
+    if not changed:
+        return None
+    return (f"made with {', '.join(f'{k} {then[k]}' for k in changed)}; "
+            f"now {', '.join(f'{k} {now[k]}' for k in changed)}")
 
 
 def inputs_of(spec: Spec) -> dict[str, Any]:
@@ -122,8 +267,10 @@ def adopt_finished(led: ledger.Ledger, stages: list[Resolved], run_dir: Path) ->
     for r in stages:
         entry = led.data["stages"].get(r.name)
         if entry and entry.get("state") in ("running", "preempted", "failed") and entry.get("fingerprint"):
-            result = read_result(stage_dir(run_dir, r.name), entry["fingerprint"])
+            folder = stage_dir(run_dir, r.name)
+            result = read_result(folder, entry["fingerprint"])
             if result is not None:
-                _record_result(entry, result)
+                _record_result(entry, result, folder)
+                settle(folder, entry)
                 led.save()
 

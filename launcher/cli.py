@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run_dir", type=Path)
 
     for name, text in (("status", "table of stages: state, steps, metrics, digests"),
-                       ("lineage", "which checkpoint fed which stage")):
+                       ("lineage", "which checkpoint fed which stage"),
+                       ("verify", "hash each done stage's final/ again and compare with the ledger (exit 1: damaged)")):
         sub.add_parser(name, help=text).add_argument("run_dir", type=Path)
 
     sub.add_parser("schema", help="print the manifest's JSON Schema")
@@ -84,6 +85,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "lineage":
         print(report.lineage(args.run_dir))
         return 0
+    if args.command == "verify":
+        text, intact = report.verify(args.run_dir)
+        print(text)
+        return 0 if intact else 1
     if args.command == "schema":
         from launcher.manifest import Manifest
 

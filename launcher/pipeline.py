@@ -6,17 +6,18 @@ import os
 import shlex
 import sys
 from pathlib import Path
+from typing import Any
 
 from contract.files import file_digest, write_atomic
 from contract.layout import final_dir, stage_dir
 from launcher import dsconfig, ledger
-from launcher.attempts import adopt_finished, run_stage
+from launcher.attempts import adopt_finished, run_stage, version_drift
 from launcher.backends import Backend
 from launcher.backends.local import LocalBackend
 from launcher.backends.srun import SrunBackend, allocation_nodes
 from launcher.errors import ConfigError
 from launcher.manifest import Loaded, load
-from launcher.plan import Step, make_plan
+from launcher.plan import Step, known_intact, make_plan
 from launcher.resolve import Resolved, default_run_dir, resolve
 
 
@@ -58,7 +59,7 @@ def plan_run(manifest: Path, run_dir: Path | None, only: str | None, start: str 
     stages = resolve(loaded)
     check_nodes(loaded, stages, nodes_available)
     run_dir, manifest = (run_dir or default_run_dir(loaded)).resolve(), manifest.resolve()
-    steps = make_plan(stages, ledger.read(run_dir), run_dir, only, start)
+    steps = make_plan(stages, ledger.read(run_dir), run_dir, only, start, check_outputs=True)
     check_deepspeed([s.stage for s in steps if s.action != "skip"])
     return stages, run_dir, manifest, steps
 
@@ -81,19 +82,50 @@ def run(manifest: Path, run_dir: Path | None = None, dry_run: bool = False,
         return 0
     with ledger.Ledger(run_dir) as led:
         adopt_finished(led, stages, run_dir)
-        steps = make_plan(stages, led.data, run_dir, only, start)  # again, under the lock
+        steps = make_plan(stages, led.data, run_dir, only, start, check_outputs=True)  # again, under the lock
+        if keep_stats(led.data, run_dir):
+            led.save()
         if all(s.action == "skip" for s in steps):
+            warn_versions(steps, led.data)
             print(f"{run_dir}: nothing to do; every selected stage is done and unchanged")
             return 0
         record_manifest(led, stages, manifest, run_dir)
         for step in steps:
             if step.action == "skip":
                 print(f"== {step.stage.name}: skip ({step.reason})")
+                warn_versions([step], led.data)
                 continue
+            warn_versions([step], led.data)
             code = run_stage(step, led, run_dir, backend, {"job_id": os.environ["SLURM_JOB_ID"]} if nodes else None)
             if code != 0:
                 return code
     return 0
+
+
+def warn_versions(steps: list[Step], data: dict[str, Any]) -> None:
+    """A warning, not an error: a stage kept (skipped when done, or resumed) was made under other package
+    versions than this run's."""
+    for step in steps:
+        entry = data["stages"].get(step.stage.name) or {}
+        if step.action == "resume" or (step.action == "skip" and entry.get("state") == "done"):
+            drift = version_drift(entry)
+            if drift:
+                print(f"== {step.stage.name}: {drift}", flush=True)
+
+
+def keep_stats(data: dict[str, Any], run_dir: Path) -> bool:
+    """Record the stat of each done output this process has just hashed and found intact (a ledger from before
+    stat records, or files touched), so the next plan trusts it without hashing. True if anything changed."""
+    changed = False
+    for name, entry in data["stages"].items():
+        out = entry.get("output") or {}
+        if entry.get("state") != "done" or not out.get("digest"):
+            continue
+        stat = known_intact(final_dir(stage_dir(run_dir, name)), out["digest"])
+        if stat is not None and stat != out.get("stat"):
+            out["stat"] = stat
+            changed = True
+    return changed
 
 
 def resume(run_dir: Path) -> int:

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from contract.layout import resumable, stage_dir
+from contract.files import dir_digest
+from contract.layout import final_dir, resumable, stage_dir
 from contract.spec import Spec
 from launcher.errors import ConfigError
 from launcher.resolve import Resolved, build_spec, settings
@@ -31,7 +32,9 @@ def outputs_of(ledger: dict[str, Any]) -> dict[str, dict[str, str]]:
 
 
 def make_plan(stages: list[Resolved], ledger: dict[str, Any], run_dir: Path,
-              only: str | None = None, start: str | None = None) -> list[Step]:
+              only: str | None = None, start: str | None = None, check_outputs: bool = False) -> list[Step]:
+    """`check_outputs`: before skipping a done stage or handing its final/ to a later stage, make sure the
+    folder still holds what the ledger recorded (`output_damage`); a damaged one reruns with its descendants."""
     names = [s.name for s in stages]
     for flag, value in (("--only", only), ("--from", start)):
         if value is not None and value not in names:
@@ -40,6 +43,13 @@ def make_plan(stages: list[Resolved], ledger: dict[str, Any], run_dir: Path,
     entries = ledger.get("stages", {})
     outputs = outputs_of(ledger)
     changing: set[str] = set()  # stages whose output this plan will replace
+    damage: dict[str, str | None] = {}  # stages whose output was checked: why it is damaged, or None
+
+    def damaged(name: str) -> str | None:
+        if check_outputs and name not in damage:
+            damage[name] = output_damage(run_dir, name, entries.get(name, {}))
+        return damage.get(name)
+
     steps: list[Step] = []
     for r in stages:
         entry = entries.get(r.name, {})
@@ -55,8 +65,14 @@ def make_plan(stages: list[Resolved], ledger: dict[str, Any], run_dir: Path,
                 f"stage {r.name} needs the output of {', '.join(missing)}, which has not run; "
                 f"run {'them' if len(missing) > 1 else 'it'} first (drop --only/--from)"
             )
+        broken = [(u, why) for u in r.upstream if u not in changing and (why := damaged(u))]
+        if broken:
+            raise ConfigError([f"stage {r.name} needs the output of {u}, which is damaged ({why}); "
+                               f"rerun {u} first (baton run --from {u}, or drop --only/--from)" for u, why in broken])
         spec = None if stale else build_spec(r, run_dir, outputs)
         step = _decide(r, entry, spec, stale, stage_dir(run_dir, r.name))
+        if step.action == "skip" and (why := damaged(r.name)):
+            step = Step(r, "rerun", f"output damaged: {why}", spec=spec)
         if step.action != "skip":
             changing.add(r.name)
         steps.append(step)
@@ -97,3 +113,83 @@ def diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> str:
 def _short(value: Any) -> str:
     text = json.dumps(value) if not isinstance(value, str) else value
     return text if len(text) <= 40 else text[:37] + "…"
+
+
+# ----------------------------------------------------------------- is a done stage's output still there?
+
+
+def output_stat(folder: Path) -> dict[str, list[int]]:
+    """{relative path: [size, mtime_ns]} of every file below `folder`: the cheap sign that nothing changed.
+
+    Recorded beside the output digest when a stage finishes; while it matches, the digest is trusted."""
+    out: dict[str, list[int]] = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            st = p.stat()
+            out[p.relative_to(folder).as_posix()] = [st.st_size, st.st_mtime_ns]
+    return out
+
+
+def stat_changes(recorded: dict[str, list[int]], now: dict[str, list[int]], prefix: str = "final/") -> list[str]:
+    """What differs between two `output_stat`s: `final/x changed`, `final/x is missing`, `final/x is new`."""
+    changed = [f"{prefix}{p} changed" for p in recorded if p in now and list(now[p]) != list(recorded[p])]
+    return (changed + [f"{prefix}{p} is missing" for p in recorded if p not in now]
+            + [f"{prefix}{p} is new" for p in now if p not in recorded])
+
+
+def disk_state(run_dir: Path, name: str, entry: dict[str, Any]) -> Literal["ok", "changed", "missing", "unknown"]:
+    """Without hashing: does a done stage's final/ still look as recorded? unknown: the ledger has no stat record
+    (made before baton recorded one); `baton verify` hashes."""
+    final = final_dir(stage_dir(run_dir, name))
+    recorded = (entry.get("output") or {}).get("stat")
+    if not final.is_dir():
+        return "missing"
+    if recorded is None:
+        return "unknown"
+    return "ok" if output_stat(final) == recorded else "changed"
+
+
+def output_damage(run_dir: Path, name: str, entry: dict[str, Any]) -> str | None:
+    """Why a stage's recorded output (final/) no longer holds what the ledger says, or None when it does.
+
+    Fast path: the files' sizes and mtimes match the stat record, so the digest is trusted. Otherwise (or for a
+    ledger without a stat record) the folder is hashed again and compared with the recorded digest."""
+    out = entry.get("output") or {}
+    if entry.get("state") != "done" or not out.get("digest"):
+        return None  # nothing recorded to check against
+    final = final_dir(stage_dir(run_dir, name))
+    if not final.is_dir():
+        return "final/ is missing"
+    now = output_stat(final)
+    recorded = out.get("stat")
+    if recorded == now or hashed(final, now) == out["digest"]:
+        return None
+    changes = stat_changes(recorded, now) if recorded is not None else []
+    if not changes:
+        return f"final/ holds {_digest12(hashed(final, now))}, not the recorded {_digest12(out['digest'])}"
+    return ", ".join(changes[:3]) + (f" and {len(changes) - 3} more" if len(changes) > 3 else "") + \
+        " since it was recorded"
+
+
+def hashed(folder: Path, stat: dict[str, list[int]]) -> str:
+    """`dir_digest(folder)`, once per state of its files (a plan is made twice: before and under the lock)."""
+    key = (str(folder), json.dumps(stat, sort_keys=True))
+    if key not in _HASHED:
+        _HASHED[key] = dir_digest(folder)
+    return _HASHED[key]
+
+
+_HASHED: dict[tuple[str, str], str] = {}
+
+
+def known_intact(folder: Path, digest: str) -> dict[str, list[int]] | None:
+    """The folder's stat if this process hashed it, as it is now, and found `digest`: a stat record to keep
+    so that the next plan need not hash it again. Never hashes."""
+    if not folder.is_dir():
+        return None
+    now = output_stat(folder)
+    return now if _HASHED.get((str(folder), json.dumps(now, sort_keys=True))) == digest else None
+
+
+def _digest12(digest: str | None) -> str:
+    return digest.split(":", 1)[-1][:12] if digest else "-"

@@ -18,7 +18,7 @@ from pathlib import Path
 from contract.files import file_digest, write_atomic
 from contract.layout import EXIT_STOPPED, resumable, stage_dir
 from launcher import jobs, ledger
-from launcher.attempts import clear_stage, run_stage
+from launcher.attempts import run_stage, start_over
 from launcher.backends import sbatch
 from launcher.backends.srun import SrunBackend
 from launcher.errors import BatonError, ConfigError
@@ -51,8 +51,9 @@ def submit(manifest: Path, run_dir: Path | None = None, only: str | None = None,
         for step in todo:
             r = step.stage
             folder = stage_dir(run_dir, r.name)
-            if step.action != "resume":
-                clear_stage(folder)
+            if step.action != "resume":  # aside until the job's attempt passes its input checks (attempts.py)
+                start_over(folder, led.stage(r.name))
+                led.save()
             script = write_script(r, run_dir)
             deps = [submitted[u] for u in r.upstream if u in submitted]
             argv = ["sbatch", "--parsable", *([f"--dependency=afterok:{':'.join(deps)}"] if deps else []), str(script)]

@@ -1,0 +1,424 @@
+"""Launcher reliability: a failed restart keeps the old output, damaged outputs are found, attempts record versions.
+
+The fast tests run the real driver (`baton run` in-process) with a stand-in back-end that plays a stage by the
+contract: it checks its input digests (exit 2 with error.json when one is off), writes metrics.jsonl's start
+record, final/, eval.json and result.json. One slow test does the same with a real tiny pipeline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import launcher.pipeline
+import launcher.plan
+import launcher.report
+from contract.files import dir_digest
+from contract.layout import Output, Result, stage_dir, write_bad_input, write_result
+from contract.spec import Spec
+from launcher import attempts, cli
+from launcher.errors import ConfigError
+from launcher.ledger import Ledger, read
+from launcher.plan import Step, make_plan, outputs_of
+from launcher.resolve import build_spec
+from tests.conftest import baton, pipeline_manifest
+from tests.test_ledger_plan import actions, reasons, stages_of, write_manifest
+
+Act = Callable[[Spec, Path], int]
+
+
+def play_stage(spec: Spec, log_dir: Path) -> int:
+    """What a stage does, by the contract, without torch: check inputs, start, write final/ and result.json."""
+    folder = Path(spec.stage_dir)
+    (log_dir / "0").mkdir(parents=True, exist_ok=True)
+    (log_dir / "0" / "stderr.log").write_text(f"{spec.stage} ran\n")
+    for name, ref in spec.inputs.items():
+        for r in ref if isinstance(ref, list) else [ref]:
+            if r.digest and r.path and Path(r.path).is_dir() and dir_digest(r.path) != r.digest:
+                write_bad_input(folder, f"inputs.{name}: {r.path} has digest {dir_digest(r.path)}, not {r.digest}")
+                return 1  # torchrun's code for any failing rank; error.json says it was bad input
+    with open(folder / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"event": "start", "time": 0, "step": 0, "world_size": spec.world_size}) + "\n")
+    final = folder / "final"
+    final.mkdir(exist_ok=True)
+    (final / "model.safetensors").write_bytes(b"weights of " + spec.fingerprint.encode() * 50)
+    (final / "config.json").write_text(json.dumps({"stage": spec.stage}))
+    (folder / "eval.json").write_text(json.dumps({"accuracy": 0.5}))
+    write_result(folder, Result(stage=spec.stage, kind=spec.kind, fingerprint=spec.fingerprint, steps=3, samples=12,
+                                output=Output(path=str(final), digest=dir_digest(final)),
+                                metrics={"accuracy": 0.5}, time=0.0))
+    return 0
+
+
+class FakeBackend:
+    """The Backend protocol, with `act` in place of torchrun."""
+
+    name = "fake"
+    stop_signal = signal.SIGTERM
+
+    def __init__(self, act: Act = play_stage) -> None:
+        self.act = act
+
+    def command(self, kind: str, spec_path: Path, nproc_per_node: int, log_dir: Path, nnodes: int = 1) -> list[str]:
+        return ["fake-torchrun", kind, str(spec_path), str(log_dir)]
+
+    def launch(self, argv: list[str]) -> tuple[int, bool]:
+        return self.act(Spec.load(argv[2]), Path(argv[3])), False
+
+
+@pytest.fixture
+def backend(monkeypatch: pytest.MonkeyPatch) -> FakeBackend:
+    """`baton run` in this process launches through a FakeBackend (and skips DeepSpeed's config check)."""
+    fake = FakeBackend()
+    monkeypatch.setattr(launcher.pipeline, "LocalBackend", lambda: fake)
+    monkeypatch.setattr(launcher.pipeline, "check_deepspeed", lambda stages: None)
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    monkeypatch.setattr(launcher.plan, "_HASHED", {})  # each test is a fresh process as far as hashing goes
+    return fake
+
+
+def run(*args: str | Path) -> int:
+    return cli.main([str(a) for a in args])
+
+
+@pytest.fixture
+def done(tmp_path: Path, backend: FakeBackend, capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
+    """tok -> pre -> cls, all done through the driver."""
+    manifest = write_manifest(tmp_path)
+    run_dir = tmp_path / "run"
+    assert run("run", manifest, "--run-dir", run_dir) == 0
+    capsys.readouterr()
+    return {"manifest": manifest, "run_dir": run_dir, "stages": stages_of(manifest), "root": tmp_path}
+
+
+def flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# ----------------------------------------------------------------- (3) a failed restart keeps the old output
+
+
+def bad_input(spec: Spec, log_dir: Path) -> int:
+    """A stage that refuses its input before it starts: logs, error.json, torchrun's exit 1."""
+    (log_dir / "0").mkdir(parents=True)
+    (log_dir / "0" / "stderr.log").write_text("baton stage error: data.text_field: column 'definition' not found\n")
+    write_bad_input(spec.stage_dir, "data.text_field: column 'definition' not found")
+    return 1
+
+
+def test_changed_stage_whose_new_attempt_exits_2_keeps_its_previous_output(
+        done: dict[str, Any], backend: FakeBackend, capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir = done["run_dir"]
+    folder = stage_dir(run_dir, "pre")
+    before_files = snapshot(folder)
+    before = read(run_dir)["stages"]["pre"]
+    backend.act = bad_input
+    assert run("run", write_manifest(done["root"], pre_steps=20), "--run-dir", run_dir) == 2  # pre starts over
+    out = capsys.readouterr().out
+    assert "== pre (mlm): rerun (changed: train.max_steps 10 -> 20)" in out
+    assert "bad input: data.text_field" in out and "previous output is kept (state done)" in out
+    assert "== cls" not in out
+
+    after_files = snapshot(folder)
+    new_logs = {k for k in after_files if k.startswith("logs/attempt-2/")}
+    assert new_logs == {"logs/attempt-2/0/stderr.log"}  # the failed attempt's logs join the old ones
+    assert {k: v for k, v in after_files.items() if k not in new_logs} == before_files  # bytes identical
+    assert not (folder / "previous").exists() and not (folder / "error.json").exists()
+
+    entry = read(run_dir)["stages"]["pre"]
+    assert entry["state"] == "done"
+    for key in ("fingerprint", "settings", "inputs", "output", "metrics", "steps"):
+        assert entry[key] == before[key], key
+    assert "previous" not in entry
+    assert [a["outcome"] for a in entry["attempts"]] == ["done", "failed"]
+    assert entry["attempts"][-1]["kept_previous"] is True and "text_field" in entry["attempts"][-1]["error"]
+
+    # the ledger is as valid as before the failed attempt: the old manifest has nothing to do, cls's input is intact
+    steps = make_plan(done["stages"], read(run_dir), run_dir, check_outputs=True)
+    assert actions(steps) == {"tok": "skip", "pre": "skip", "cls": "skip"}
+    assert run("verify", run_dir) == 0
+
+
+def test_an_attempt_past_its_input_checks_replaces_the_previous_output(done: dict[str, Any],
+                                                                       backend: FakeBackend) -> None:
+    def crash_after_start(spec: Spec, log_dir: Path) -> int:
+        Path(spec.stage_dir, "metrics.jsonl").write_text(json.dumps({"event": "start", "step": 0}) + "\n")
+        return 1
+
+    backend.act = crash_after_start
+    run_dir = done["run_dir"]
+    assert run("run", write_manifest(done["root"], cls_lr=1e-3), "--run-dir", run_dir) == 1
+    folder = stage_dir(run_dir, "cls")
+    assert not (folder / "final").exists() and not (folder / "previous").exists()
+    assert not (folder / "result.json").exists()
+    entry = read(run_dir)["stages"]["cls"]
+    assert entry["state"] == "failed" and entry["output"] is None and "previous" not in entry
+
+
+def test_a_crash_before_the_input_checks_keeps_the_previous_output(done: dict[str, Any],
+                                                                   backend: FakeBackend) -> None:
+    backend.act = lambda spec, log_dir: 1
+    run_dir = done["run_dir"]
+    before = snapshot(stage_dir(run_dir, "cls"))
+    assert run("run", write_manifest(done["root"], cls_lr=1e-3), "--run-dir", run_dir) == 1
+    assert snapshot(stage_dir(run_dir, "cls")) == before
+    assert read(run_dir)["stages"]["cls"]["state"] == "done"
+
+
+def test_a_successful_restart_records_the_new_output_and_drops_the_old(done: dict[str, Any]) -> None:
+    run_dir = done["run_dir"]
+    old = read(run_dir)["stages"]["cls"]["output"]
+    assert run("run", write_manifest(done["root"], cls_lr=1e-3), "--run-dir", run_dir) == 0
+    entry = read(run_dir)["stages"]["cls"]
+    final = stage_dir(run_dir, "cls") / "final"
+    assert entry["state"] == "done" and entry["output"]["digest"] != old["digest"]
+    assert entry["output"]["digest"] == dir_digest(final)
+    assert entry["output"]["stat"] == launcher.plan.output_stat(final)
+    assert not (stage_dir(run_dir, "cls") / "previous").exists() and "previous" not in entry
+
+
+def test_submit_sets_the_old_output_aside_and_the_job_puts_it_back_on_exit_2(
+        done: dict[str, Any], backend: FakeBackend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`baton submit` moves a rerun stage's folder aside (not deletes it); the job's attempt settles it."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text("#!/bin/sh\necho 4242\n")
+    (bin_dir / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    run_dir = done["run_dir"]
+    folder = stage_dir(run_dir, "cls")
+    before_files, before = snapshot(folder), read(run_dir)["stages"]["cls"]
+
+    assert run("submit", write_manifest(done["root"], cls_lr=1e-3), "--run-dir", run_dir) == 0
+    entry = read(run_dir)["stages"]["cls"]
+    assert entry["state"] == "queued" and entry["previous"]["state"] == "done"
+    assert sorted(p.name for p in folder.iterdir()) == ["previous", "slurm"]
+
+    # the job: a bad input this time
+    backend.act = lambda spec, log_dir: write_bad_input(spec.stage_dir, "data.text_field: no such column") or 1
+    spec = build_spec(done["stages"][2], run_dir, outputs_of(read(run_dir)))
+    step = Step(done["stages"][2], "run", "job 4242", spec=spec)
+    assert attempts.run_stage(step, Ledger(run_dir), run_dir, backend, {"job_id": "4242"}) == 2
+    assert {k: v for k, v in snapshot(folder).items() if not k.startswith("slurm/")} == before_files
+    entry = read(run_dir)["stages"]["cls"]
+    assert entry["state"] == "done" and entry["output"] == before["output"] and "previous" not in entry
+    assert entry["slurm"]["job_id"] == "4242"
+
+
+# ----------------------------------------------------------------- (4) damaged outputs
+
+
+def test_verify_says_ok_then_damaged_after_one_flipped_byte(done: dict[str, Any],
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir = done["run_dir"]
+    assert run("verify", run_dir) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["tok", "pre", "cls"]
+    assert all(": ok " in line for line in lines), lines
+
+    recorded = read(run_dir)["stages"]["pre"]["output"]["digest"]
+    flip_a_byte(stage_dir(run_dir, "pre") / "final" / "model.safetensors")
+    assert run("verify", run_dir) == 1
+    out = capsys.readouterr().out
+    now = dir_digest(stage_dir(run_dir, "pre") / "final")
+    assert (f"pre: DAMAGED: recorded {recorded.split(':')[1][:12]} now {now.split(':')[1][:12]} "
+            "(final/model.safetensors changed)") in out
+    assert "tok: ok" in out and "cls: ok" in out
+
+    shutil.rmtree(stage_dir(run_dir, "tok") / "final")
+    assert run("verify", run_dir) == 1
+    assert "tok: missing" in capsys.readouterr().out
+
+
+def test_a_damaged_stage_and_its_descendants_are_planned_as_rerun(done: dict[str, Any],
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir, manifest = done["run_dir"], done["manifest"]
+    flip_a_byte(stage_dir(run_dir, "pre") / "final" / "model.safetensors")
+    assert run("run", manifest, "--run-dir", run_dir, "--dry-run") == 0
+    out = capsys.readouterr().out
+    assert "1. tok [tokenizer] SKIP: done, unchanged" in out
+    assert "2. pre [mlm] RERUN: output damaged: final/model.safetensors changed since it was recorded" in out
+    assert "3. cls [classify] RERUN: input from pre will change" in out
+
+    shutil.rmtree(stage_dir(run_dir, "tok") / "final")
+    steps = make_plan(done["stages"], read(run_dir), run_dir, check_outputs=True)
+    assert actions(steps) == {"tok": "rerun", "pre": "rerun", "cls": "rerun"}
+    assert reasons(steps)["tok"] == "output damaged: final/ is missing"
+
+
+def test_the_rerun_of_a_damaged_stage_repairs_it(done: dict[str, Any]) -> None:
+    run_dir, manifest = done["run_dir"], done["manifest"]
+    flip_a_byte(stage_dir(run_dir, "pre") / "final" / "model.safetensors")
+    assert run("run", manifest, "--run-dir", run_dir) == 0
+    assert {n: len(e["attempts"]) for n, e in read(run_dir)["stages"].items()} == {"tok": 1, "pre": 2, "cls": 2}
+    assert run("verify", run_dir) == 0
+
+
+@pytest.mark.parametrize("flag", ["--only", "--from"])
+def test_a_damaged_upstream_that_is_not_selected_is_refused(done: dict[str, Any], flag: str,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir = done["run_dir"]
+    flip_a_byte(stage_dir(run_dir, "pre") / "final" / "model.safetensors")
+    assert run("run", done["manifest"], "--run-dir", run_dir, flag, "cls") == 2
+    err = capsys.readouterr().err
+    assert "stage cls needs the output of pre, which is damaged (final/model.safetensors changed" in err
+    assert "rerun pre first" in err
+    with pytest.raises(ConfigError, match="output of pre, which is damaged"):
+        make_plan(done["stages"], read(run_dir), run_dir, only="cls", check_outputs=True)
+    # a selected stage whose upstream is intact is not held up by damage elsewhere
+    assert actions(make_plan(done["stages"], read(run_dir), run_dir, only="pre", check_outputs=True))["pre"] == "rerun"
+
+
+def test_an_output_whose_stat_matches_is_not_hashed_again(done: dict[str, Any],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    run_dir = done["run_dir"]
+    hashed: list[str] = []
+
+    def counting(path: str | os.PathLike[str]) -> str:
+        hashed.append(Path(path).parent.name)
+        return dir_digest(path)
+
+    monkeypatch.setattr(launcher.plan, "dir_digest", counting)
+    steps = make_plan(done["stages"], read(run_dir), run_dir, check_outputs=True)
+    assert actions(steps) == {"tok": "skip", "pre": "skip", "cls": "skip"} and hashed == []
+
+    # a touched file (same bytes, new mtime) is hashed once, found intact, and its new stat recorded
+    config = stage_dir(run_dir, "tok") / "final" / "config.json"
+    os.utime(config, ns=(config.stat().st_atime_ns, config.stat().st_mtime_ns + 10**9))
+    for _ in range(2):  # `baton run` plans twice (before and under the lock): one hash
+        steps = make_plan(done["stages"], read(run_dir), run_dir, check_outputs=True)
+        assert actions(steps) == {"tok": "skip", "pre": "skip", "cls": "skip"}
+    assert hashed == ["tok"]
+    assert run("run", done["manifest"], "--run-dir", run_dir) == 0  # nothing to do, but the stat is kept
+    assert hashed == ["tok"]
+    monkeypatch.setattr(launcher.plan, "_HASHED", {})  # a later process
+    make_plan(done["stages"], read(run_dir), run_dir, check_outputs=True)
+    assert hashed == ["tok"]
+
+
+def test_a_ledger_without_stat_records_is_hashed_once(done: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    run_dir = done["run_dir"]
+    with Ledger(run_dir) as led:  # as written before stat records existed
+        for entry in led.data["stages"].values():
+            del entry["output"]["stat"]
+        led.save()
+    hashed: list[str] = []
+    monkeypatch.setattr(launcher.plan, "dir_digest", lambda p: hashed.append(Path(p).parent.name) or dir_digest(p))
+    assert run("run", done["manifest"], "--run-dir", run_dir) == 0
+    assert sorted(hashed) == ["cls", "pre", "tok"]
+    assert all(e["output"]["stat"] for e in read(run_dir)["stages"].values())
+    monkeypatch.setattr(launcher.plan, "_HASHED", {})
+    assert run("run", done["manifest"], "--run-dir", run_dir) == 0
+    assert sorted(hashed) == ["cls", "pre", "tok"]
+
+
+def test_status_and_lineage_show_changed_files_without_hashing(done: dict[str, Any],
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    run_dir = done["run_dir"]
+
+    def refuse(path: object) -> str:
+        raise AssertionError("status and lineage must not hash")
+
+    monkeypatch.setattr(launcher.plan, "dir_digest", refuse)
+    monkeypatch.setattr(launcher.report, "dir_digest", refuse)
+    assert launcher.report.lineage(run_dir).count("(ok)") == 3
+    assert "CHANGED" not in launcher.report.status(run_dir)
+
+    flip_a_byte(stage_dir(run_dir, "pre") / "final" / "model.safetensors")
+    text = launcher.report.lineage(run_dir)
+    assert "<- init pre/final" in text and "(CHANGED ON DISK)" in text.split("<- init pre/final")[1].splitlines()[0]
+    assert text.count("(ok)") == 1  # tok -> pre's tokenizer
+    status = launcher.report.status(run_dir)
+    assert [line.split()[2:5] for line in status.splitlines() if line.startswith("pre ")] == \
+        [["done", "(CHANGED", "ON"]]
+
+    shutil.rmtree(stage_dir(run_dir, "tok") / "final")
+    assert "done (final/ MISSING)" in launcher.report.status(run_dir)
+
+
+# ----------------------------------------------------------------- (9) what an attempt ran with
+
+
+def test_each_attempt_records_versions_host_and_platform(done: dict[str, Any]) -> None:
+    import importlib.metadata
+    import platform
+    import socket
+
+    for name, entry in read(done["run_dir"])["stages"].items():
+        attempt = entry["attempts"][-1]
+        assert attempt["host"] == socket.gethostname() and attempt["platform"] == platform.platform(), name
+        versions = attempt["versions"]
+        assert versions["python"] == platform.python_version()
+        for package in ("baton", "torch", "deepspeed", "transformers", "datasets"):
+            assert versions[package] == importlib.metadata.version(package), package
+    assert "torch" not in attempts.__dict__  # read from metadata, never imported by the launcher
+
+
+def test_a_kept_stage_made_under_other_versions_is_warned_about(done: dict[str, Any],
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir = done["run_dir"]
+    now = attempts.versions()
+    with Ledger(run_dir) as led:
+        made = led.data["stages"]["pre"]["attempts"][-1]["versions"]
+        made.update(torch="2.12.0", deepspeed="0.18.0")
+        led.save()
+    assert run("run", done["manifest"], "--run-dir", run_dir) == 0
+    out = capsys.readouterr().out
+    assert f"== pre: made with torch 2.12.0, deepspeed 0.18.0; now torch {now['torch']}, " \
+           f"deepspeed {now['deepspeed']}" in out
+    assert "nothing to do" in out and "== tok:" not in out and "== cls:" not in out
+
+    # the same for a stage skipped while another one runs
+    assert run("run", write_manifest(done["root"], cls_lr=1e-3), "--run-dir", run_dir) == 0
+    out = capsys.readouterr().out
+    assert "== pre: skip (done, unchanged)\n== pre: made with torch 2.12.0" in out
+
+
+# ----------------------------------------------------------------- the real thing
+
+
+@pytest.mark.slow
+def test_real_stage_exiting_2_keeps_its_previous_output(tiny_run: dict[str, Any], hf_env: dict[str, str]) -> None:
+    """A real classify stage rerun with a column its data lacks exits 2 under torchrun; its old output stays."""
+    root = tiny_run["root"]
+    run_dir = root / "run-kept"
+    shutil.copytree(tiny_run["run_dir"], run_dir)
+    assert baton("verify", run_dir, env=hf_env).stdout.count(": ok ") == 3
+    folder = run_dir / "stages" / "finetune"
+    before_files = snapshot(folder)
+    before = json.loads((run_dir / "ledger.json").read_text())["stages"]["finetune"]
+    assert before["attempts"][0]["versions"]["torch"]  # recorded by the run that made it
+
+    bad = root / "bad-finetune.yaml"
+    text = pipeline_manifest()
+    line = "data: {train: data/train.jsonl, eval: data/eval.jsonl, max_length: 32}"
+    assert line in text
+    bad.write_text(text.replace(line, line[:-1] + ", text_field: definition}"))
+    proc = baton("run", bad, "--run-dir", run_dir, env=hf_env, check=False)
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "bad input: data.text_field: column 'definition'" in proc.stdout
+    assert "previous output is kept" in proc.stdout
+
+    after_files = snapshot(folder)
+    kept = {k: v for k, v in after_files.items() if not k.startswith("logs/attempt-2/")}
+    assert kept == before_files  # final/, result.json, eval.json, metrics.jsonl, spec.json and the old logs
+    assert any(k.startswith("logs/attempt-2/") for k in after_files)
+    entry = json.loads((run_dir / "ledger.json").read_text())["stages"]["finetune"]
+    assert entry["state"] == "done" and entry["output"] == before["output"]
+    assert [a["outcome"] for a in entry["attempts"]] == ["done", "failed"]
+    assert baton("verify", run_dir, env=hf_env).stdout.count(": ok ") == 3
+    out = baton("run", tiny_run["manifest"], "--run-dir", run_dir, env=hf_env).stdout
+    assert "nothing to do" in out
