@@ -59,7 +59,7 @@ def plan_run(manifest: Path, run_dir: Path | None, only: str | None, start: str 
     stages = resolve(loaded)
     check_nodes(loaded, stages, nodes_available)
     run_dir, manifest = (run_dir or default_run_dir(loaded)).resolve(), manifest.resolve()
-    steps = make_plan(stages, ledger.read(run_dir), run_dir, only, start, check_outputs=True)
+    steps = make_plan(stages, ledger.read(run_dir), run_dir, only, start)
     check_deepspeed([s.stage for s in steps if s.action != "skip"])
     return stages, run_dir, manifest, steps
 
@@ -82,7 +82,7 @@ def run(manifest: Path, run_dir: Path | None = None, dry_run: bool = False,
         return 0
     with ledger.Ledger(run_dir) as led:
         adopt_finished(led, stages, run_dir)
-        steps = make_plan(stages, led.data, run_dir, only, start, check_outputs=True)  # again, under the lock
+        steps = make_plan(stages, led.data, run_dir, only, start)  # again, under the lock
         if keep_stats(led.data, run_dir):
             led.save()
         if all(s.action == "skip" for s in steps):

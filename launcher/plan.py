@@ -32,9 +32,9 @@ def outputs_of(ledger: dict[str, Any]) -> dict[str, dict[str, str]]:
 
 
 def make_plan(stages: list[Resolved], ledger: dict[str, Any], run_dir: Path,
-              only: str | None = None, start: str | None = None, check_outputs: bool = False) -> list[Step]:
-    """`check_outputs`: before skipping a done stage or handing its final/ to a later stage, make sure the
-    folder still holds what the ledger recorded (`output_damage`); a damaged one reruns with its descendants."""
+              only: str | None = None, start: str | None = None) -> list[Step]:
+    """Before skipping a done stage or handing its final/ to a later stage, the plan makes sure the folder
+    still holds what the ledger recorded (`output_damage`); a damaged one reruns with its descendants."""
     names = [s.name for s in stages]
     for flag, value in (("--only", only), ("--from", start)):
         if value is not None and value not in names:
@@ -46,7 +46,7 @@ def make_plan(stages: list[Resolved], ledger: dict[str, Any], run_dir: Path,
     damage: dict[str, str | None] = {}  # stages whose output was checked: why it is damaged, or None
 
     def damaged(name: str) -> str | None:
-        if check_outputs and name not in damage:
+        if name not in damage:
             damage[name] = output_damage(run_dir, name, entries.get(name, {}))
         return damage.get(name)
 

@@ -147,7 +147,7 @@ def test_changed_stage_whose_new_attempt_exits_2_keeps_its_previous_output(
     assert entry["attempts"][-1]["kept_previous"] is True and "text_field" in entry["attempts"][-1]["error"]
 
     # the ledger is as valid as before the failed attempt: the old manifest has nothing to do, cls's input is intact
-    steps = make_plan(done["stages"], read(run_dir), run_dir, check_outputs=True)
+    steps = make_plan(done["stages"], read(run_dir), run_dir)
     assert actions(steps) == {"tok": "skip", "pre": "skip", "cls": "skip"}
     assert run("verify", run_dir) == 0
 
@@ -254,7 +254,7 @@ def test_a_damaged_stage_and_its_descendants_are_planned_as_rerun(done: dict[str
     assert "3. cls [classify] RERUN: input from pre will change" in out
 
     shutil.rmtree(stage_dir(run_dir, "tok") / "final")
-    steps = make_plan(done["stages"], read(run_dir), run_dir, check_outputs=True)
+    steps = make_plan(done["stages"], read(run_dir), run_dir)
     assert actions(steps) == {"tok": "rerun", "pre": "rerun", "cls": "rerun"}
     assert reasons(steps)["tok"] == "output damaged: final/ is missing"
 
@@ -277,9 +277,9 @@ def test_a_damaged_upstream_that_is_not_selected_is_refused(done: dict[str, Any]
     assert "stage cls needs the output of pre, which is damaged (final/model.safetensors changed" in err
     assert "rerun pre first" in err
     with pytest.raises(ConfigError, match="output of pre, which is damaged"):
-        make_plan(done["stages"], read(run_dir), run_dir, only="cls", check_outputs=True)
+        make_plan(done["stages"], read(run_dir), run_dir, only="cls")
     # a selected stage whose upstream is intact is not held up by damage elsewhere
-    assert actions(make_plan(done["stages"], read(run_dir), run_dir, only="pre", check_outputs=True))["pre"] == "rerun"
+    assert actions(make_plan(done["stages"], read(run_dir), run_dir, only="pre"))["pre"] == "rerun"
 
 
 def test_an_output_whose_stat_matches_is_not_hashed_again(done: dict[str, Any],
@@ -292,20 +292,20 @@ def test_an_output_whose_stat_matches_is_not_hashed_again(done: dict[str, Any],
         return dir_digest(path)
 
     monkeypatch.setattr(launcher.plan, "dir_digest", counting)
-    steps = make_plan(done["stages"], read(run_dir), run_dir, check_outputs=True)
+    steps = make_plan(done["stages"], read(run_dir), run_dir)
     assert actions(steps) == {"tok": "skip", "pre": "skip", "cls": "skip"} and hashed == []
 
     # a touched file (same bytes, new mtime) is hashed once, found intact, and its new stat recorded
     config = stage_dir(run_dir, "tok") / "final" / "config.json"
     os.utime(config, ns=(config.stat().st_atime_ns, config.stat().st_mtime_ns + 10**9))
     for _ in range(2):  # `baton run` plans twice (before and under the lock): one hash
-        steps = make_plan(done["stages"], read(run_dir), run_dir, check_outputs=True)
+        steps = make_plan(done["stages"], read(run_dir), run_dir)
         assert actions(steps) == {"tok": "skip", "pre": "skip", "cls": "skip"}
     assert hashed == ["tok"]
     assert run("run", done["manifest"], "--run-dir", run_dir) == 0  # nothing to do, but the stat is kept
     assert hashed == ["tok"]
     monkeypatch.setattr(launcher.plan, "_HASHED", {})  # a later process
-    make_plan(done["stages"], read(run_dir), run_dir, check_outputs=True)
+    make_plan(done["stages"], read(run_dir), run_dir)
     assert hashed == ["tok"]
 
 
