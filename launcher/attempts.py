@@ -70,6 +70,7 @@ def run_stage(step: Step, led: ledger.Ledger, run_dir: Path, backend: Backend,
 
     t0 = time.monotonic()
     code, interrupted = backend.launch(argv)
+    stage_env = stage_environment(folder)
     result = read_result(folder, spec.fingerprint)
     bad_input = read_bad_input(folder)
     checkpoint = resumable(folder, spec.fingerprint)
@@ -77,6 +78,8 @@ def run_stage(step: Step, led: ledger.Ledger, run_dir: Path, backend: Backend,
         entry = led.stage(r.name)
         attempt = entry["attempts"][-1]
         attempt.update(ended=ledger.now(), exit_code=code, wall_s=round(time.monotonic() - t0, 1))
+        if stage_env is not None:
+            attempt["stage_environment"] = stage_env
         if entry["state"] == "cancelled":  # `baton cancel` stopped it: that is the story, whatever the exit
             outcome, ret = "cancelled", code or EXIT_STOPPED
         elif code == 0 and result is not None:
@@ -106,6 +109,23 @@ def run_stage(step: Step, led: ledger.Ledger, run_dir: Path, backend: Backend,
             settle(folder, entry)
     print(f"== {r.name}: {outcome} ({attempt['wall_s']} s)", flush=True)
     return ret
+
+
+def stage_environment(folder: Path) -> dict[str, Any] | None:
+    """What the stage reported it ran on (torch build, CUDA, NCCL, GPU) in its newest start record."""
+    try:
+        lines = (folder / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a crash
+        if record.get("event") == "start":
+            env = record.get("environment")
+            return env if isinstance(env, dict) else None
+    return None
 
 
 def error_tail(log_dir: Path, lines: int = 25) -> tuple[Path, str] | None:

@@ -35,6 +35,13 @@ def test_every_stage_done_with_lineage_matching_the_files(tiny_run: dict[str, Pa
         assert entry["output"]["digest"] == dir_digest(final), f"{name}: ledger digest differs from final/"
         for path, digest in entry["inputs"]["data"].items():
             assert digest == file_digest(path)
+        # what the launcher knows (package metadata) and what the stage reported it ran on
+        attempt = entry["attempts"][-1]
+        assert attempt["versions"]["torch"] and attempt["host"]
+        import torch
+
+        assert attempt["stage_environment"]["torch"] == torch.__version__
+        assert attempt["stage_environment"]["cuda"] == torch.version.cuda
     # each stage was fed exactly the output its upstream recorded
     assert stages["pretrain"]["inputs"]["tokenizer"]["digest"] == stages["tokenizer"]["output"]["digest"]
     assert stages["finetune"]["inputs"]["init"]["digest"] == stages["pretrain"]["output"]["digest"]

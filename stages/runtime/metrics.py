@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,17 @@ def process_start_time() -> float:
 _IMPORT_TIME = time.time()
 
 
+def environment() -> dict[str, Any]:
+    """What rank 0 runs on, for the ledger's record of the attempt: host, torch build, CUDA, NCCL, GPU."""
+    import torch
+
+    env: dict[str, Any] = {"host": socket.gethostname(), "torch": torch.__version__, "cuda": torch.version.cuda}
+    if torch.cuda.is_available():
+        env |= {"nccl": ".".join(map(str, torch.cuda.nccl.version())), "gpu": torch.cuda.get_device_name(),
+                "gpus_per_node": torch.cuda.device_count()}
+    return env
+
+
 class Metrics:
     """Appends one JSON object per line to `<stage_dir>/metrics.jsonl` on rank 0; other ranks write nothing."""
 
@@ -46,7 +58,7 @@ class Metrics:
             f.write(json.dumps(record, allow_nan=False) + "\n")
 
     def start(self, step: int, world_size: int) -> None:
-        self.log("start", step=step, world_size=world_size)
+        self.log("start", step=step, world_size=world_size, environment=environment())
         self._window = (time.perf_counter(), step)
 
     def first_step(self, step: int) -> None:
