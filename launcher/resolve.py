@@ -17,7 +17,7 @@ from contract.files import dir_digest, file_digest
 from contract.layout import final_dir, stage_dir
 from contract.sections import RefBase, StageBase, TrainingStage, inherit
 from contract.spec import SPEC_VERSION, Spec
-from launcher import dsconfig
+from launcher import datacheck, dsconfig
 from launcher.backends import sbatch
 from launcher.errors import ConfigError
 from launcher.manifest import Loaded, flat_references
@@ -186,6 +186,12 @@ def _data(loaded: Loaded, i: int, stage: StageBase, base_dir: Path) -> dict[str,
                 f"set data.format to one of json, csv, parquet, text"
             )
         fmt = found.pop()
+    if data.hub is None and fmt is not None:
+        fields = [] if fmt == "text" else [f for f in (data.text_field, data.text_pair_field) if f]
+        problems = [f"{loaded.where(('stages', i, 'data', split))}: {problem}"
+                    for split, problem in datacheck.check(files, fmt, fields)]
+        if problems:
+            raise ConfigError(problems)
     hub = None
     if data.hub is not None:
         hub = {"name": data.hub, "config": data.hub_config, "train_split": data.train_split,

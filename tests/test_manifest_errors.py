@@ -187,6 +187,24 @@ CASES: dict[str, Case] = {
         edit("launcher: {nproc_per_node: 2}\n", "launcher: {nproc_per_node: 2}\n  slurm:\n"
              "    extra: {\"mail type\": END}  #!\n"),
         "defaults.slurm.extra.mail type", ("not an sbatch long option name",)),
+    "data-file-blank": Case(
+        edit("    data: {train: train.txt}\n", "    data: {train: blank.txt}  #!\n"),
+        "stages[0].data.train", ("blank.txt: empty",)),
+    "data-file-not-utf8": Case(
+        edit("    data: {train: train.txt}\n", "    data: {train: latin1.txt}  #!\n"),
+        "stages[0].data.train", ("latin1.txt: line 2: not UTF-8",)),
+    "data-file-broken-jsonl": Case(
+        edit("    data: {train: train.jsonl}", "    data: {train: broken.jsonl}  #!"),
+        "stages[2].data.train", ("broken.jsonl: line 2: not JSON",)),
+    "data-file-null-text": Case(
+        edit("    data: {train: train.jsonl}", "    data: {train: null-text.jsonl}  #!"),
+        "stages[2].data.train", ("line 2: text is null, not a string",)),
+    "data-file-no-text-column": Case(
+        edit("    data: {train: train.jsonl}", "    data: {train: train.jsonl, text_field: definition}  #!"),
+        "stages[2].data.train", ("no field 'definition'", "set data.text_field")),
+    "data-files-with-other-columns": Case(
+        edit("    data: {train: train.jsonl}", "    data: {train: train.jsonl, eval: other.jsonl}  #!"),
+        "stages[2].data.train", ("different columns", "other.jsonl: label, source, text"), command="run"),
     "infinite-lr": Case(
         edit(CLS_TRAIN, "    train: {epochs: 1, micro_batch_size: 4, lr: .inf}  #!\n"),
         "stages[2].train", ("lr: inf is not a finite number",)),
@@ -319,6 +337,12 @@ def write_inputs(folder: Path) -> None:
     (folder / "train.dat").write_text("\n".join(labelled) + "\n", encoding="utf-8")
     (folder / "custom.json").write_text(CUSTOM_DS, encoding="utf-8")
     (folder / "latin1.json").write_text('{"zero_optimization": {"stage": 1}, "comment": "café"}\n', encoding="latin-1")
+    # data files a stage would crash on minutes later; validate looks at their first rows
+    (folder / "blank.txt").write_text("\n  \n", encoding="utf-8")
+    (folder / "latin1.txt").write_text(glosses[0] + "\nun café\n", encoding="latin-1")
+    (folder / "broken.jsonl").write_text(labelled[0] + "\n" + labelled[1][:-5] + "\n", encoding="utf-8")
+    (folder / "null-text.jsonl").write_text(labelled[0] + '\n{"text": null, "label": "food"}\n', encoding="utf-8")
+    (folder / "other.jsonl").write_text('{"text": "a grain", "label": "food", "source": "x"}\n', encoding="utf-8")
 
 
 def marked_line(text: str) -> int:

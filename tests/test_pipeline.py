@@ -122,7 +122,7 @@ def test_changed_settings_rerun_that_stage_and_its_descendants_only(tiny_run: di
 
 
 def test_bad_input_found_by_a_stage_exits_2(tiny_run: dict[str, Path], hf_env: dict[str, str], tmp_path: Path) -> None:
-    """A column missing from the data is found inside the stage, under torchrun; baton still says 2 and why."""
+    """A label the data has but data.labels lacks is found inside the stage, under torchrun; baton says 2 and why."""
     final = tiny_run["run_dir"] / "stages" / "pretrain" / "final"
     manifest = tmp_path / "bad.yaml"
     manifest.write_text(f"""version: 1
@@ -132,14 +132,14 @@ stages:
   - name: finetune
     kind: classify
     init: {{pretrained: {final}}}
-    data: {{train: {tiny_run['root'] / 'data' / 'train.jsonl'}, text_field: definition}}
+    data: {{train: {tiny_run['root'] / 'data' / 'train.jsonl'}, labels: [alpha, beta]}}
     train: {{max_steps: 2, micro_batch_size: 4}}
 """)
     proc = baton("run", manifest, "--run-dir", tmp_path / "run", env=hf_env, check=False)
     assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "bad input: data.text_field: column 'definition'" in proc.stdout
+    assert "bad input: data: train row 0: label" in proc.stdout and "not one of ['alpha', 'beta']" in proc.stdout
     entry = ledger(tmp_path / "run")["stages"]["finetune"]
-    assert entry["state"] == "failed" and "definition" in entry["attempts"][0]["error"]
+    assert entry["state"] == "failed" and "alpha" in entry["attempts"][0]["error"]
 
 
 def test_terminal_shows_progress_and_the_logs_keep_library_chatter(tiny_run: dict[str, Any]) -> None:

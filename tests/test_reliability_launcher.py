@@ -392,7 +392,8 @@ def test_a_kept_stage_made_under_other_versions_is_warned_about(done: dict[str, 
 
 @pytest.mark.slow
 def test_real_stage_exiting_2_keeps_its_previous_output(tiny_run: dict[str, Any], hf_env: dict[str, str]) -> None:
-    """A real classify stage rerun with a column its data lacks exits 2 under torchrun; its old output stays."""
+    """A real classify stage rerun with labels its data does not match exits 2 under torchrun; its old output
+    stays."""
     root = tiny_run["root"]
     run_dir = root / "run-kept"
     shutil.copytree(tiny_run["run_dir"], run_dir)
@@ -406,10 +407,10 @@ def test_real_stage_exiting_2_keeps_its_previous_output(tiny_run: dict[str, Any]
     text = pipeline_manifest()
     line = "data: {train: data/train.jsonl, eval: data/eval.jsonl, max_length: 32}"
     assert line in text
-    bad.write_text(text.replace(line, line[:-1] + ", text_field: definition}"))
+    bad.write_text(text.replace(line, line[:-1] + ", labels: [alpha, beta]}"))
     proc = baton("run", bad, "--run-dir", run_dir, env=hf_env, check=False)
     assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "bad input: data.text_field: column 'definition'" in proc.stdout
+    assert "bad input: data: train row 0: label" in proc.stdout
     assert "previous output is kept" in proc.stdout
 
     after_files = snapshot(folder)

@@ -1,0 +1,113 @@
+"""A look at the first rows of each local data file before anything launches (standard library only).
+
+What a stage would otherwise meet minutes later as a crash inside `datasets` or the tokenizer: a file
+that is empty, not UTF-8 or not JSON lines, a text column that is missing, null or a number, files
+of one stage whose columns differ. Only the first SAMPLE_ROWS rows (within SAMPLE_BYTES) are read,
+so `baton run` on a large corpus stays quick; the stage still checks the rest. Parquet files and
+JSON files holding one array are left to the stage.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import io
+import json
+from pathlib import Path
+
+SAMPLE_ROWS = 100
+SAMPLE_BYTES = 1 << 20
+
+
+def check(files: dict[str, list[str]], fmt: str, fields: list[str]) -> list[tuple[str, str]]:
+    """[(split, problem)] for a stage's files {split: [paths]} of format `fmt` whose rows need `fields`."""
+    problems: list[tuple[str, str]] = []
+    columns: dict[str, tuple[str, ...]] = {}  # path -> columns, for files that have them
+    for split, paths in files.items():
+        for path in paths:
+            try:
+                found = _sample(Path(path), fmt, fields)
+            except ValueError as e:
+                problems.append((split, f"{path}: {e}"))
+                continue
+            if found is not None:
+                columns[path] = found
+    if len(set(columns.values())) > 1:
+        shown = "; ".join(f"{Path(p).name}: {', '.join(c)}" for p, c in columns.items())
+        split = next(s for s, paths in files.items() if paths)
+        problems.append((split, f"the stage's data files have different columns ({shown}); "
+                                "datasets needs the same columns in every file"))
+    return problems
+
+
+def _sample(path: Path, fmt: str, fields: list[str]) -> tuple[str, ...] | None:
+    """The file's columns (None where they are not checked here); ValueError says what is wrong."""
+    text = _head(path)
+    if not text.strip():
+        raise ValueError("empty; the stage would have nothing to read")
+    if fmt == "text":
+        return None
+    if fmt == "json":
+        return _json_lines(text, fields)
+    if fmt == "csv":
+        return _csv(text, fields)
+    return None  # parquet: binary, read by the stage
+
+
+def _head(path: Path) -> str:
+    with path.open("rb") as f:
+        raw = f.read(SAMPLE_BYTES)
+    whole = len(raw) < SAMPLE_BYTES
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        text = decoder.decode(raw, final=whole)  # a character cut at the end of a sample is not an error
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ValueError(f"line {line}: not UTF-8 text (byte 0x{raw[e.start]:02x})") from None
+    return text if whole else text[: text.rfind("\n") + 1]  # whole lines only
+
+
+def _json_lines(text: str, fields: list[str]) -> tuple[str, ...] | None:
+    if text.lstrip()[:1] == "[":
+        return None  # one JSON array: the stage reads it whole
+    rows = 0
+    first: tuple[str, ...] | None = None
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"line {n}: not JSON ({e.msg}); expected one JSON object per line") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"line {n}: a JSON {type(row).__name__}, expected an object per line")
+        _fields(row, fields, f"line {n}")
+        first = first or tuple(sorted(row))
+        rows += 1
+        if rows >= SAMPLE_ROWS:
+            break
+    return first
+
+
+def _csv(text: str, fields: list[str]) -> tuple[str, ...]:
+    reader = csv.DictReader(io.StringIO(text))
+    header = tuple(reader.fieldnames or ())
+    missing = [f for f in fields if f not in header]
+    if missing:
+        raise ValueError(f"line 1: no column {', '.join(map(repr, missing))} (columns: {', '.join(header)})")
+    for n, row in enumerate(reader, 2):
+        for field in fields:
+            if not row.get(field):  # datasets reads an empty cell as null
+                raise ValueError(f"line {n}: {field} is empty (datasets reads it as null, which has no text)")
+        if n > SAMPLE_ROWS:
+            break
+    return tuple(sorted(header))
+
+
+def _fields(row: dict, fields: list[str], where: str) -> None:
+    for field in fields:
+        if field not in row:
+            raise ValueError(f"{where}: no field {field!r} (fields: {', '.join(row) or 'none'}); "
+                             "set data.text_field")
+        if not isinstance(row[field], str):
+            raise ValueError(f"{where}: {field} is {json.dumps(row[field])}, not a string")
