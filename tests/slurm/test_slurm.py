@@ -370,7 +370,7 @@ stages:
     init:
 {TINY_BERT}
     tokenizer: {{pretrained: {json.dumps(str(tokenizer))}}}
-    data: {{train: data/train.jsonl, text_field: definition, max_length: 32}}
+    data: {{train: data/train.jsonl, labels: [alpha, beta], max_length: 32}}
     train: {{max_steps: 2, micro_batch_size: 4}}
   - name: after
     kind: classify
@@ -383,7 +383,7 @@ stages:
     stages = wait_states(run_dir, env, {"bad": {"done", "failed"}}, timeout=180)
     story = describe(run_dir, env)
     assert stages["bad"]["state"] == "failed", story
-    assert "definition" in (stages["bad"]["attempts"][-1].get("error") or ""), story
+    assert "alpha" in (stages["bad"]["attempts"][-1].get("error") or ""), story  # found by the stage: exit 2
     assert job_end(jobs["bad"], env).get("JobState") == "FAILED", story
 
     deadline = time.monotonic() + 60  # kill_invalid_depend: Slurm cancels the dependant, it does not pend forever

@@ -34,12 +34,12 @@ stages:
     train: {{max_steps: {STEPS}, micro_batch_size: 8, lr: 1.0e-3, log_every: 1}}
     checkpoint: {{every_steps: {EVERY}, keep_last: 2}}
     eval: {{at_end: false}}
-  - name: blank
+  - name: diverge
     kind: mlm
     init: {{config: {specs.TINY_BERT}}}
     tokenizer: {{from: tokenizer}}
-    data: {{train: data/blank.txt, max_length: 32}}
-    train: {{max_steps: 20, micro_batch_size: 4, log_every: 1}}
+    data: {{train: data/pretrain.txt, max_length: 32}}
+    train: {{max_steps: 20, micro_batch_size: 4, lr: 1.0e+30, log_every: 1}}
 """
 
 
@@ -47,7 +47,6 @@ stages:
 def work(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("reliability")
     specs.copy_data(root / "data")
-    (root / "data" / "blank.txt").write_text("\n \n\t\n" * 40)
     stages = specs.Stages(root, MANIFEST, root / "hf")
     stages.run("tokenizer")
     return {"root": root, "stages": stages}
@@ -112,16 +111,17 @@ def test_damaged_checkpoint_falls_back_to_the_previous_intact_one(work):
 
 def test_a_loss_that_stays_nan_stops_the_stage_and_exports_nothing(work):
     stages = work["stages"]
-    folder = stages.folder("blank")
-    proc = _rerun(work, "blank")  # every row is [CLS] [SEP]: nothing to mask, loss 0/0
+    folder = stages.folder("diverge")
+    proc = _rerun(work, "diverge")  # lr 1e30: the first update sends the weights to 1e30, the forward overflows
     assert proc.returncode != 0
     error = json.loads((folder / "error.json").read_text())
-    assert error["exit_code"] == 2 and "NaN or infinite for 3 consecutive steps (up to step 3)" in error["message"]
+    assert error["exit_code"] == 2 and "NaN or infinite for 3 consecutive steps" in error["message"], error
     assert not (folder / "final").exists() and not (folder / "result.json").exists()
     # metrics.jsonl stays strict JSON: the NaN losses are recorded as null
     lines = (folder / "metrics.jsonl").read_text().splitlines()
     records = [json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in metrics.jsonl")) for line in lines]
-    assert [r["loss"] for r in records if r["event"] == "train"] == [None, None, None]
+    losses = [r["loss"] for r in records if r["event"] == "train"]
+    assert losses[-3:] == [None, None, None] and len(losses) < 20, losses
     assert records[-1]["event"] == "stop" and records[-1]["reason"] == "non-finite loss"
 
 
