@@ -111,6 +111,23 @@ class BadInput(Report):
     message: str
 
 
+def read_metrics(stage_folder: str | Path) -> list[dict[str, Any]]:
+    """metrics.jsonl's records, oldest first; [] without the file. A line cut short by a crash is skipped."""
+    try:
+        lines = Path(stage_folder, "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        return []
+    records = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
 def write_result(stage_folder: str | Path, result: Result) -> None:
     write_json(Path(stage_folder, "result.json"), result.model_dump())
 

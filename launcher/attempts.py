@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 import functools
 import importlib.metadata
-import json
 import platform
 import shutil
 import socket
@@ -24,6 +23,7 @@ from contract.layout import (
     complete_tags,
     final_dir,
     read_bad_input,
+    read_metrics,
     read_result,
     resumable,
     stage_dir,
@@ -113,19 +113,9 @@ def run_stage(step: Step, led: ledger.Ledger, run_dir: Path, backend: Backend,
 
 def stage_environment(folder: Path) -> dict[str, Any] | None:
     """What the stage reported it ran on (torch build, CUDA, NCCL, GPU) in its newest start record."""
-    try:
-        lines = (folder / "metrics.jsonl").read_text().splitlines()
-    except OSError:
-        return None
-    for line in reversed(lines):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by a crash
-        if record.get("event") == "start":
-            env = record.get("environment")
-            return env if isinstance(env, dict) else None
-    return None
+    starts = [r for r in read_metrics(folder) if r.get("event") == "start"]
+    env = starts[-1].get("environment") if starts else None
+    return env if isinstance(env, dict) else None
 
 
 def error_tail(log_dir: Path, lines: int = 25) -> tuple[Path, str] | None:
@@ -178,17 +168,7 @@ def passed_checks(folder: Path) -> bool:
     model and data set-up), a complete checkpoint or its result."""
     if (folder / "result.json").is_file() or complete_tags(folder):
         return True
-    try:
-        lines = (folder / "metrics.jsonl").read_text().splitlines()
-    except OSError:
-        return False
-    for line in lines:
-        try:
-            if json.loads(line).get("event") == "start":
-                return True
-        except (json.JSONDecodeError, AttributeError):
-            continue
-    return False
+    return any(r.get("event") == "start" for r in read_metrics(folder))
 
 
 def settle(folder: Path, entry: dict[str, Any]) -> None:

@@ -5,12 +5,11 @@ status and lineage compare a done stage's files with their recorded sizes and mt
 from __future__ import annotations
 
 import datetime as dt
-import json
 from pathlib import Path
 from typing import Any
 
 from contract.files import dir_digest
-from contract.layout import final_dir, stage_dir
+from contract.layout import final_dir, read_metrics, stage_dir
 from launcher import ledger
 from launcher.errors import BatonError
 from launcher.plan import disk_state, output_stat, stat_changes
@@ -31,15 +30,7 @@ def _load(run_dir: Path) -> dict[str, Any]:
 def last_progress(folder: Path, launched: str | None) -> dict[str, Any]:
     """The newest train step, and the start-up time (launch -> first step) of the attempt launched at `launched`."""
     out: dict[str, Any] = {}
-    try:
-        lines = (folder / "metrics.jsonl").read_text().splitlines()
-    except OSError:
-        return out
-    for line in lines:
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by a crash
+    for rec in read_metrics(folder):
         if rec.get("event") == "train":
             out["step"] = rec.get("step")
         elif rec.get("event") == "first_step" and launched and "time" in rec:
