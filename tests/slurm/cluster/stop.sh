@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# stop.sh DIR -- stop the cluster that start.sh DIR started; by pid only, never by name.
+# stop.sh DIR -- stop the cluster that start.sh DIR started (one node or two); by pid only, never by name.
 # 1) cancel every job (again, while any is left) and wait until squeue is empty (a bare `scontrol shutdown` leaves
 #    slurmstepd and the jobs' processes running), 2) scontrol shutdown, 3) TERM, then KILL,
 #    the daemons from their pid files (checked against their command line: pid reuse),
-# 4) stray slurmstepd found by their sockets under DIR's spool folder, 5) munged.
+# 4) stray slurmstepd found by their sockets under DIR's spool folders, and (two nodes) every process still
+#    in a node's namespaces: node2's network namespace, each node's recorded (uts, mnt) pair; with the last
+#    of them goes the node's mount namespace and its /etc/hosts bind, 5) munged, 6) (two nodes) the veth
+#    pair and the network namespace named in DIR/run/net.env, and then that file, so that stopping again
+#    never touches a namespace another cluster has claimed since.
 # Idempotent: does nothing when nothing runs.
 set -uo pipefail
 
@@ -23,6 +27,7 @@ ourpid() {  # the pid in file $1, if that process is alive and its command line 
   if [ -n "$p" ] && alive "$p" && tr '\0' ' ' <"/proc/$p/cmdline" 2>/dev/null | grep -qF "$DIR"; then echo "$p"; fi
   return 0
 }
+nsid() { echo "$(readlink "/proc/$1/ns/uts" 2>/dev/null) $(readlink "/proc/$1/ns/mnt" 2>/dev/null)"; }
 wait_gone() {  # timeout_s pid...
   local t=$1; shift; local end=$(( $(date +%s) + t )) p any
   while :; do
@@ -33,9 +38,19 @@ wait_gone() {  # timeout_s pid...
   done
 }
 
+NETNS=""; VETH=""
+if [ -f "$DIR/run/net.env" ]; then
+  NETNS=$(sed -n 's/^NETNS=//p' "$DIR/run/net.env"); VETH=$(sed -n 's/^VETH=//p' "$DIR/run/net.env")
+fi
 CTLD=$(ourpid "$DIR/run/slurmctld.pid")
-SLURMD=$(ourpid "$DIR/run/slurmd.pid")
+SLURMDS=$(for f in "$DIR"/run/slurmd*.pid; do ourpid "$f"; done | tr '\n' ' ')
+SLURMDS=${SLURMDS% }
 MUNGED=$(ourpid "$DIR/munge/run/munged.pid")
+# the nodes' own (uts, mnt) namespaces (two nodes): as recorded at start, and from the live slurmds; never ours
+# (one node: slurmd shares this machine's namespaces, and so would everything else)
+MINE=$(nsid $$)
+NODE_NS=$( { cat "$DIR"/run/*.ns 2>/dev/null; for p in $SLURMDS; do nsid "$p"; done; } \
+           | grep -vxF "$MINE" | grep '^uts:.* mnt:' | sort -u)
 
 if [ -n "$CTLD" ]; then
   jobs=$(timeout 15 squeue -h -o %A 2>/dev/null | tr '\n' ' ')
@@ -53,17 +68,20 @@ if [ -n "$CTLD" ]; then
     done
   fi
   timeout 15 scontrol shutdown >/dev/null 2>&1 || log "scontrol shutdown failed"
-  wait_gone 15 $CTLD $SLURMD
+  # shellcheck disable=SC2086
+  wait_gone 15 $CTLD $SLURMDS
 fi
-pids=$(for p in $CTLD $SLURMD; do alive "$p" && echo "$p"; done)
-if [ -n "$pids" ]; then
+pids=$(for p in $CTLD $SLURMDS; do alive "$p" && echo "$p"; done | tr '\n' ' ')
+if [ -n "${pids// /}" ]; then
+  # shellcheck disable=SC2086
   log "TERM $pids"; kill -TERM $pids 2>/dev/null
+  # shellcheck disable=SC2086
   wait_gone 10 $pids || { log "KILL $pids"; kill -KILL $pids 2>/dev/null; wait_gone 5 $pids; }
 fi
 
-# stray step daemons (slurmd died while jobs ran): their listening sockets are under our spool folder
-if [ -d "$DIR/state/d" ] && command -v ss >/dev/null 2>&1; then
-  steps=$(ss -xlpn 2>/dev/null | grep -F "$DIR/state/d/" | grep -o 'pid=[0-9]*' | cut -d= -f2 | sort -u)
+# stray step daemons (slurmd died while jobs ran): their listening sockets are under our spool folders
+if [ -d "$DIR/state" ] && command -v ss >/dev/null 2>&1; then
+  steps=$(ss -xlpn 2>/dev/null | grep -F "$DIR/state/" | grep -o 'pid=[0-9]*' | cut -d= -f2 | sort -u)
   if [ -n "$steps" ]; then
     tasks=""
     for s in $steps; do   # their children, from /proc (procps may be missing)
@@ -72,14 +90,46 @@ if [ -d "$DIR/state/d" ] && command -v ss >/dev/null 2>&1; then
     log "killing stray slurmstepd $steps and their tasks $tasks"
     # shellcheck disable=SC2086
     kill -KILL $tasks $steps 2>/dev/null
+    # shellcheck disable=SC2086
     wait_gone 5 $tasks $steps
   fi
+fi
+# (two nodes) whatever is still inside a node: slurmstepd, job tasks and their children
+strays=""
+if [ -n "$NETNS" ] && [ -e "/run/netns/$NETNS" ]; then strays=$(ip netns pids "$NETNS" 2>/dev/null | tr '\n' ' '); fi
+if [ -n "$NODE_NS" ]; then
+  for d in /proc/[0-9]*; do
+    grep -qxF "$(nsid "${d#/proc/}")" <<<"$NODE_NS" && strays="$strays ${d#/proc/}"
+  done
+fi
+strays=$(for p in $strays; do [ "$p" != $$ ] && alive "$p" && echo "$p"; done | sort -un | tr '\n' ' ')
+if [ -n "${strays// /}" ]; then
+  log "killing what is left in the nodes' namespaces: $strays"
+  # shellcheck disable=SC2086
+  kill -KILL $strays 2>/dev/null
+  # shellcheck disable=SC2086
+  wait_gone 5 $strays
 fi
 
 if [ -n "$MUNGED" ]; then
   kill -TERM "$MUNGED" 2>/dev/null
   wait_gone 20 "$MUNGED" || { log "KILL $MUNGED"; kill -KILL "$MUNGED" 2>/dev/null; wait_gone 5 "$MUNGED"; }
 fi
-rm -f "$DIR/run/slurmctld.pid" "$DIR/run/slurmd.pid" "$DIR/munge/run/munged.pid"
-log "stopped${CTLD:+ slurmctld $CTLD}${SLURMD:+ slurmd $SLURMD}${MUNGED:+ munged $MUNGED}"
+
+# (two nodes) the network: deleting one end of a veth pair deletes both
+net=""
+if [ -n "$VETH" ] && ip link show "${VETH}0" >/dev/null 2>&1; then
+  ip link del "${VETH}0" && net="$net veth ${VETH}0/${VETH}1"
+fi
+if [ -n "$NETNS" ] && [ -e "/run/netns/$NETNS" ]; then ip netns del "$NETNS" && net="$net netns $NETNS"; fi
+if [ -f "$DIR/run/net.env" ]; then
+  if { [ -z "$VETH" ] || ! ip link show "${VETH}0" >/dev/null 2>&1; } \
+     && { [ -z "$NETNS" ] || [ ! -e "/run/netns/$NETNS" ]; }; then
+    rm -f "$DIR/run/net.env"
+  else
+    log "could not remove${VETH:+ veth ${VETH}0}${NETNS:+ netns $NETNS}"
+  fi
+fi
+rm -f "$DIR/run/slurmctld.pid" "$DIR"/run/slurmd*.pid "$DIR/munge/run/munged.pid" "$DIR"/run/*.ns
+log "stopped${CTLD:+ slurmctld $CTLD}${SLURMDS:+ slurmd $SLURMDS}${MUNGED:+ munged $MUNGED}${net:+; removed$net}"
 exit 0
