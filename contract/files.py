@@ -42,6 +42,11 @@ def digest(path: str | os.PathLike[str]) -> str:
     return dir_digest(path) if Path(path).is_dir() else file_digest(path)
 
 
+def short(digest: str | None) -> str:
+    """The first 12 hex digits of a digest, for people; "-" for none."""
+    return digest.split(":", 1)[-1][:12] if digest else "-"
+
+
 def _file_hex(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

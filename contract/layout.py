@@ -72,10 +72,18 @@ def newest_complete(stage_folder: str | Path) -> tuple[str, dict[str, Any]] | No
     return tags[-1], marker
 
 
-def resumable(stage_folder: str | Path, fingerprint: str) -> str | None:
-    """The newest complete checkpoint's tag if it was made with `fingerprint`."""
+def continues(marker: dict[str, Any], fingerprint: str, any_world: str | None) -> bool:
+    """Whether a checkpoint (its COMPLETE marker) continues a stage with these fingerprints: made with the same
+    settings, or, given `any_world` (checkpoint.on_world_size_change: resume), with the same settings but for
+    the world size and batch shape."""
+    return marker.get("fingerprint") == fingerprint or (
+        any_world is not None and marker.get("fingerprint_any_world") == any_world)
+
+
+def resumable(stage_folder: str | Path, fingerprint: str, any_world: str | None = None) -> str | None:
+    """The newest complete checkpoint's tag if it `continues` a stage with these fingerprints."""
     found = newest_complete(stage_folder)
-    return found[0] if found and found[1].get("fingerprint") == fingerprint else None
+    return found[0] if found and continues(found[1], fingerprint, any_world) else None
 
 
 # ----------------------------------------------------------------- what a stage reports

@@ -9,7 +9,7 @@ Defaults live here, in the models, and nowhere else. A section a stage writes ov
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Any, ClassVar, Literal, NamedTuple, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -40,7 +40,7 @@ def inherit(default: S, own: S) -> S:
 class Problem(ValueError):
     """A model validator's complaint about one of its fields: error messages name `path` below the model."""
 
-    def __init__(self, path: tuple[str, ...], message: str) -> None:
+    def __init__(self, path: tuple[str | int, ...], message: str) -> None:
         super().__init__(message)
         self.path = path
 
@@ -172,6 +172,14 @@ class TokenizerRef(RefBase):
 References = dict[str, RefBase | list[RefBase]]
 
 
+class DataSection(NamedTuple):
+    """One data section a stage reads: its `data:`, or one its kind adds (multitask: each task's `data:`)."""
+
+    name: str | None  # None: the stage's own data: (spec.data); else its key in spec.sections
+    path: tuple[str | int, ...]  # where it is below the stage in the manifest, for messages
+    data: Data
+
+
 # ----------------------------------------------------------------- how a stage trains
 
 
@@ -204,8 +212,13 @@ class Train(Strict):
         3, ge=1, le=1000, description="Stop the stage with an error (exit 2, nothing exported) after this many "
         "consecutive optimizer steps whose loss is NaN or infinite on any rank.",
     )
+    layer_lr_decay: float = Field(
+        1.0, gt=0, le=1, description="Layer-wise learning-rate decay: layer group g of G (embeddings 0, each "
+        "transformer layer, head G-1) trains at lr × layer_lr_decay^(G-1-g); 1: one rate for all. Needs a "
+        "BERT- or GPT-like transformers model.",
+    )
 
-    @field_validator("epochs", "lr", "weight_decay", "max_grad_norm", "eps", "betas", mode="before")
+    @field_validator("epochs", "lr", "weight_decay", "max_grad_norm", "eps", "betas", "layer_lr_decay", mode="before")
     @classmethod
     def _no_bool(cls, value: Any) -> Any:
         if isinstance(value, bool) or isinstance(value, (list, tuple)) and any(isinstance(v, bool) for v in value):
@@ -231,11 +244,119 @@ class Checkpoint(Strict):
         None, gt=0, strict=True, description="Save a resumable checkpoint every N steps (also on a signal)."
     )
     keep_last: int = Field(2, ge=1, strict=True, description="Complete checkpoints to keep.")
+    on_world_size_change: Literal["restart", "resume"] = Field(
+        "restart",
+        description="When only the world size (nproc_per_node × nnodes) or the batch shape (micro_batch_size, "
+                    "grad_accum) changed: restart the stage, or resume its checkpoint through DeepSpeed's "
+                    "universal checkpoint at the same sample, and keep a done stage.",
+    )
 
 
 class Eval(Strict):
     every_steps: int | None = Field(None, gt=0, strict=True, description="Evaluate every N steps.")
     at_end: bool = Field(True, description="Evaluate after the last step.")
+
+
+# ----------------------------------------------------------------- layer-wise training
+
+
+class Unfreeze(Strict):
+    """Gradual unfreezing (ULMFiT): the top `start` layer groups train first (the head is the top group,
+    then the last transformer layer …, the embeddings the bottom one), one more group joins every
+    `every_steps` steps, until all train. The phase is a function of the step alone."""
+
+    start: int = Field(1, ge=1, le=100_000, strict=True,
+                       description="Layer groups trained from step 0, counted from the top (1: the head alone).")
+    every_steps: int = Field(ge=1, le=10**9, strict=True,
+                             description="Steps between two unfreezings: one more group trains from each multiple.")
+
+
+class Layerwise(Strict):
+    """Layer-wise options of a training kind (train.layer_lr_decay is every training kind's)."""
+
+    unfreeze: Unfreeze | None = Field(None, description="Gradual unfreezing; default: every layer trains.")
+
+
+# ----------------------------------------------------------------- curriculum
+
+
+class Difficulty(Strict):
+    """What makes a training example hard, for curriculum.order easy_first; larger is harder, ties by row order."""
+
+    by: Literal["length"] | None = Field(None, description="length: tokens of the example after tokenization.")
+    column: str | None = Field(None, description="A numeric column of the training data (json, jsonl, csv, "
+                               "parquet): its value per example.")
+
+    @model_validator(mode="after")
+    def _one(self) -> Difficulty:
+        exactly_one(self, "by", "column")
+        return self
+
+
+class Phase(Strict):
+    """One phase of a curriculum: the steps it covers, the share of the corpus it draws from, its length cap."""
+
+    until_step: int | None = Field(
+        None, gt=0, le=10**9, strict=True, description="The phase's last optimizer step (steps are counted from "
+        "1; the next phase begins at until_step + 1); null, and only so, for the last phase, which runs to the end.",
+    )
+    data_fraction: float = Field(
+        1.0, gt=0, le=1, description="Share of the training examples the phase draws from: the first "
+        "round(data_fraction × N) (at least 1) of the curriculum's ranking of the corpus.",
+    )
+    max_length: int | None = Field(
+        None, ge=8, le=65536, strict=True, description="Tokens per example in this phase, cut at batch time "
+        "(the final special token is kept); clm: the first max_length tokens of each block. Null: the full length.",
+    )
+
+    @field_validator("data_fraction", mode="before")
+    @classmethod
+    def _no_bool(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ValueError(f"{value!r}: a number is expected, not a boolean")
+        return value
+
+
+class Curriculum(Strict):
+    """Phases that grow the share of the corpus drawn from and the sequence length, easy examples first.
+
+    Which examples step s draws is a function of (seed, s, the global batch, the corpus) alone, so a
+    resumed stage goes on with the same draws."""
+
+    phases: list[Phase] = Field(min_length=1, max_length=1000, description="In order of until_step; the last one "
+                                "has no until_step.")
+    order: Literal["random", "easy_first"] = Field(
+        "random", description="How the corpus is ranked for data_fraction: random (a fixed permutation from the "
+        "seed) or easy_first (by difficulty, easiest first). Within a phase its pool is always drawn in a "
+        "shuffled order, one pass (epoch) of the pool after another.",
+    )
+    difficulty: Difficulty | None = Field(None, description="What easy_first ranks by; required with it.")
+    log_draws: bool = Field(False, description="Write every step's drawn example indices (all ranks) to "
+                            "metrics.jsonl as a `draw` record: for tests and small runs.")
+
+    @model_validator(mode="after")
+    def _phases(self) -> Curriculum:
+        last = len(self.phases) - 1
+        previous = 0
+        for k, phase in enumerate(self.phases):
+            if k < last and phase.until_step is None:
+                raise Problem(("phases", k), "until_step is missing: every phase but the last needs one")
+            if k == last and phase.until_step is not None:
+                raise Problem(("phases", k, "until_step"), "the last phase runs to the end of training: "
+                              "leave out its until_step")
+            if phase.until_step is not None:
+                if phase.until_step <= previous:
+                    raise Problem(("phases", k, "until_step"), f"{phase.until_step} is not after the previous "
+                                  f"phase's until_step {previous}; phases are in order of until_step")
+                previous = phase.until_step
+        if self.order == "easy_first" and self.difficulty is None:
+            raise Problem(("order",), "easy_first needs difficulty: {by: length} or {column: <name>}")
+        if self.order == "random" and self.difficulty is not None:
+            raise Problem(("difficulty",), "difficulty is used by order: easy_first only (order is random)")
+        if self.order == "easy_first" and all(p.data_fraction == 1 for p in self.phases):
+            raise Problem(("order",), "easy_first orders nothing when every phase has data_fraction 1 "
+                          "(each phase shuffles its whole pool); give the early phases a smaller data_fraction")
+        return self
 
 
 # ----------------------------------------------------------------- stage shapes
@@ -280,6 +401,11 @@ class StageBase(Strict):
         """The kind's own section as spec.options."""
         return getattr(self, self.options_field).model_dump() if self.options_field else {}
 
+    def data_sections(self) -> list[DataSection]:
+        """Every data section the stage reads: its `data:`. A kind that reads more (or other) sections overrides
+        this; resolve checks and resolves each one (files, format, digests) into spec.data or spec.sections."""
+        return [DataSection(None, ("data",), self.data)]
+
 
 class TrainingStage(StageBase):
     """A stage that trains a model with DeepSpeed: init, tokenizer, train, checkpoint, eval."""
@@ -291,6 +417,30 @@ class TrainingStage(StageBase):
     train: Train = Field(description="Optimisation settings.")
     checkpoint: Checkpoint = Field(default_factory=Checkpoint, description="Resumable checkpoints.")
     eval: Eval = Field(default_factory=Eval, description="When to evaluate.")
+    curriculum: Curriculum | None = Field(None, description="Curriculum phases: a growing share of the corpus, a "
+                                          "sequence-length warm-up, easy examples first. Default: none.")
+
+    @model_validator(mode="after")
+    def _curriculum(self) -> TrainingStage:
+        c = self.curriculum
+        if c is None:
+            return self
+        block = self.options().get("block_size")  # a kind that packs fixed blocks (clm): data.max_length does not apply
+        limit, name = (block, f"{self.options_field}.block_size") if block else (self.data.max_length,
+                                                                                  "data.max_length")
+        for k, phase in enumerate(c.phases):
+            if phase.max_length is not None and phase.max_length > limit:
+                raise Problem(("curriculum", "phases", k, "max_length"),
+                              f"{phase.max_length} is more than {name} {limit}")
+            if phase.until_step is not None and self.train.max_steps is not None \
+                    and phase.until_step >= self.train.max_steps:
+                raise Problem(("curriculum", "phases", k, "until_step"),
+                              f"{phase.until_step}: training stops at train.max_steps {self.train.max_steps}, "
+                              "so the phases after this one would never run")
+        if block and c.difficulty is not None:
+            raise Problem(("curriculum", "difficulty"), f"kind {self.kind} packs documents into blocks, which have "
+                          "no length or column of their own; use order: random")
+        return self
 
     @model_validator(mode="after")
     def _vocabulary(self) -> TrainingStage:

@@ -11,7 +11,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from contract.sections import Checkpoint, Eval, Precision, Train
+from contract.sections import Checkpoint, Curriculum, Eval, Precision, Train
 
 SPEC_VERSION = 2
 M = TypeVar("M", bound=BaseModel)
@@ -54,7 +54,8 @@ class DataSpec(Frozen):
     label_field: str
     labels: list[str] | None
     max_length: int
-    digests: dict[str, str] = Field(description="file -> digest; already part of the fingerprint")
+    digests: dict[str, str] = Field(description="file -> digest of every local data file the stage reads, "
+                                    "those of its data sections too; already part of the fingerprint")
 
 
 class Spec(Frozen):
@@ -65,15 +66,22 @@ class Spec(Frozen):
     stage_dir: str
     cache_dir: str = Field(description="shared by the run's stages: datasets cache, tokenized data")
     fingerprint: str = Field(description="of the resolved settings and input digests; in every checkpoint")
+    fingerprint_any_world: str = Field(
+        description="the fingerprint without the world size and batch shape; in every checkpoint")
     seed: int
     precision: Precision
     world_size: int = Field(description="processes the launcher starts; the stage checks it")
     inputs: dict[str, Ref | list[Ref]] = Field(description="the named inputs: init, tokenizer, …")
-    data: DataSpec
+    data: DataSpec = Field(description="the stage's data: section; a kind that reads only sections of its own "
+                           "(multitask) has none: no files, and digests listing the sections' files")
+    sections: dict[str, DataSpec] = Field(
+        default_factory=dict, description="a kind's further data sections by name (multitask: one per task)")
     train: Train | None = Field(description="null for kinds that do not train (tokenizer)")
     checkpoint: Checkpoint | None
     eval: Eval | None
     options: dict[str, Any] = Field(description="the kind's own section; the kind module's model reads it")
+    curriculum: Curriculum | None = Field(
+        None, description="the training stage's curriculum section as the manifest gives it; null: none")
     deepspeed: dict[str, Any] | None = Field(description="the final DeepSpeed config; null where train is")
 
     @model_validator(mode="after")
@@ -90,6 +98,12 @@ class Spec(Frozen):
     def load(cls, path: str | Path) -> Spec:
         """Raises OSError or pydantic's ValidationError (the stage turns both into exit 2)."""
         return cls.model_validate_json(Path(path).read_bytes())
+
+    @property
+    def any_world(self) -> str | None:
+        """fingerprint_any_world where this stage may resume a checkpoint saved at another world size."""
+        c = self.checkpoint
+        return self.fingerprint_any_world if c is not None and c.on_world_size_change == "resume" else None
 
     def ref(self, name: str) -> Ref:
         """The input `name`, which this kind declares as a single reference."""

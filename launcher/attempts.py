@@ -31,7 +31,8 @@ from contract.layout import (
 from contract.spec import Ref, Spec
 from launcher import ledger
 from launcher.backends import Backend
-from launcher.plan import Step, output_stat, outputs_of
+from launcher.backends.local import TORCHRUN_LOG
+from launcher.plan import Step, output_stat, outputs_of, world_size_change
 from launcher.resolve import Resolved, build_spec, settings
 
 PREVIOUS = "previous"  # <stage>/previous/: the output a new attempt replaces, until that attempt passes its checks
@@ -48,7 +49,8 @@ def run_stage(step: Step, led: ledger.Ledger, run_dir: Path, backend: Backend,
     spec = step.spec or build_spec(r, run_dir, outputs_of(led.data))
     assert spec is not None, f"{r.name}: upstream outputs must exist by now"
     folder = stage_dir(run_dir, r.name)
-    resumed_from = resumable(folder, spec.fingerprint) if step.action == "resume" else None
+    resumed_from = resumable(folder, spec.fingerprint, spec.any_world) if step.action == "resume" else None
+    change = {"world_size_change": c} if resumed_from and (c := world_size_change(folder, r.world_size)) else {}
     spec_path = folder / "spec.json"
     with led.edit():
         entry = led.stage(r.name)
@@ -64,7 +66,8 @@ def run_stage(step: Step, led: ledger.Ledger, run_dir: Path, backend: Backend,
         ledger.set_state(entry, "running", kind=r.kind, fingerprint=spec.fingerprint, settings=settings(spec),
                          inputs=inputs_of(spec), output=None, metrics=None)
         entry["attempts"].append({"attempt": attempt_no, "backend": backend.name, "started": ledger.now(),
-                                  "resumed_from": resumed_from, "command": argv, **environment(),
+                                  "resumed_from": resumed_from, "world_size": r.world_size, **change,
+                                  "command": argv, **environment(),
                                   **(attempt_info or {})})
     print(f"== {r.name} ({r.kind}): {step.action} ({step.reason}), {r.world_size} process(es)", flush=True)
 
@@ -73,7 +76,8 @@ def run_stage(step: Step, led: ledger.Ledger, run_dir: Path, backend: Backend,
     stage_env = stage_environment(folder)
     result = read_result(folder, spec.fingerprint)
     bad_input = read_bad_input(folder)
-    checkpoint = resumable(folder, spec.fingerprint)
+    checkpoint = resumable(folder, spec.fingerprint, spec.any_world)
+    log_dir = folder / "logs" / f"attempt-{attempt_no}"
     with led.edit():
         entry = led.stage(r.name)
         attempt = entry["attempts"][-1]
@@ -88,16 +92,21 @@ def run_stage(step: Step, led: ledger.Ledger, run_dir: Path, backend: Backend,
         elif (interrupted or code == EXIT_STOPPED) and checkpoint:
             ledger.set_state(entry, "preempted")
             outcome, ret = f"stopped at {checkpoint}; running it again resumes", EXIT_STOPPED
+        elif (interrupted or code == EXIT_STOPPED) and stopped_on_signal(folder):  # a stage without checkpoints
+            ledger.set_state(entry, "preempted")
+            outcome = "stopped on the signal before it had anything to keep; running it again starts it over"
+            ret = EXIT_STOPPED
         elif bad_input is not None:
             ledger.set_state(entry, "failed")
             attempt["error"] = bad_input.message
-            outcome, ret = f"bad input: {bad_input.message}", EXIT_BAD_INPUT
+            outcome, ret = f"bad input: {bad_input.message}; logs in {log_dir}", EXIT_BAD_INPUT
         else:
             ledger.set_state(entry, "failed")
             outcome, ret = f"failed with exit code {code}; logs in {folder / 'logs'}", code or 1
-            tail = error_tail(folder / "logs" / f"attempt-{attempt_no}")
+            tail = error_tail(log_dir)
             if tail:
-                print(f"== {r.name}: the end of rank 0's stderr ({tail[0]}):\n{tail[1]}", flush=True)
+                whose = "rank 0's stderr" if tail[0].name == "stderr.log" else "torchrun's stderr"
+                print(f"== {r.name}: the end of {whose} ({tail[0]}):\n{tail[1]}", flush=True)
         attempt["outcome"] = entry["state"]
         # a bad input, or a failure before the input checks passed: the output this attempt was to replace
         # comes back, and with it the stage's state (the failed attempt stays recorded)
@@ -119,12 +128,23 @@ def stage_environment(folder: Path) -> dict[str, Any] | None:
 
 
 def error_tail(log_dir: Path, lines: int = 25) -> tuple[Path, str] | None:
-    """(file, last lines) of the first rank's stderr log of an attempt, if it wrote anything."""
-    for path in sorted(log_dir.glob("**/0/stderr.log")):
-        text = path.read_text(errors="replace").rstrip()
+    """(file, last lines) of the first rank's stderr log of an attempt, if it wrote anything; else of the
+    launcher's own stderr (torchrun's: it failed before any rank did, e.g. a port in use)."""
+    for path in [*sorted(log_dir.glob("**/0/stderr.log")), log_dir / TORCHRUN_LOG]:
+        try:
+            text = path.read_text(errors="replace").rstrip()
+        except OSError:
+            continue
         if text:
             return path, "\n".join(text.splitlines()[-lines:])
     return None
+
+
+def stopped_on_signal(folder: Path) -> bool:
+    """Whether the stage's last word (metrics.jsonl) is that a signal stopped it: what a stage that keeps no
+    checkpoints (tokenizer) leaves when it stops cleanly, as training stages do after their checkpoint."""
+    records = read_metrics(folder)
+    return bool(records) and records[-1].get("event") == "stop" and records[-1].get("reason") == "signal"
 
 
 def _record_result(entry: dict[str, Any], result: Result, folder: Path) -> None:
@@ -221,8 +241,8 @@ def _remove(paths: list[Path]) -> None:
 
 
 def environment() -> dict[str, Any]:
-    """Host, platform and package versions for an attempt's record. CUDA, NCCL and the GPUs need torch to read:
-    the stage side would have to record those."""
+    """Host, platform and package versions for an attempt's record, read without torch; CUDA, NCCL and the GPUs
+    come from the stage's own start record (`stage_environment`)."""
     return {"host": socket.gethostname(), "platform": platform.platform(), "versions": versions()}
 
 

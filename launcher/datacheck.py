@@ -13,20 +13,23 @@ import codecs
 import csv
 import io
 import json
+import math
 from pathlib import Path
 
 SAMPLE_ROWS = 100
 SAMPLE_BYTES = 1 << 20
 
 
-def check(files: dict[str, list[str]], fmt: str, fields: list[str]) -> list[tuple[str, str]]:
-    """[(split, problem)] for a stage's files {split: [paths]} of format `fmt` whose rows need `fields`."""
+def check(files: dict[str, list[str]], fmt: str, fields: list[str], numbers: list[str] | None = None,
+          ) -> list[tuple[str, str]]:
+    """[(split, problem)] for a stage's files {split: [paths]} of format `fmt` whose rows need `fields` (text)
+    and, in the train split, `numbers` (a curriculum's difficulty column: finite numbers)."""
     problems: list[tuple[str, str]] = []
     columns: dict[str, tuple[str, ...]] = {}  # path -> columns, for files that have them
     for split, paths in files.items():
         for path in paths:
             try:
-                found = _sample(Path(path), fmt, fields)
+                found = _sample(Path(path), fmt, fields, (numbers or []) if split == "train" else [])
             except ValueError as e:
                 problems.append((split, f"{path}: {e}"))
                 continue
@@ -40,17 +43,20 @@ def check(files: dict[str, list[str]], fmt: str, fields: list[str]) -> list[tupl
     return problems
 
 
-def _sample(path: Path, fmt: str, fields: list[str]) -> tuple[str, ...] | None:
+def _sample(path: Path, fmt: str, fields: list[str], numbers: list[str]) -> tuple[str, ...] | None:
     """The file's columns (None where they are not checked here); ValueError says what is wrong."""
     text = _head(path)
     if not text.strip():
         raise ValueError("empty; the stage would have nothing to read")
     if fmt == "text":
+        if numbers:
+            raise ValueError(f"a text file has one column, text: no column {numbers[0]!r} for "
+                             "curriculum.difficulty.column")
         return None
     if fmt == "json":
-        return _json_lines(text, fields)
+        return _json_lines(text, fields, numbers)
     if fmt == "csv":
-        return _csv(text, fields)
+        return _csv(text, fields, numbers)
     return None  # parquet: binary, read by the stage
 
 
@@ -67,7 +73,7 @@ def _head(path: Path) -> str:
     return text if whole else text[: text.rfind("\n") + 1]  # whole lines only
 
 
-def _json_lines(text: str, fields: list[str]) -> tuple[str, ...] | None:
+def _json_lines(text: str, fields: list[str], numbers: list[str]) -> tuple[str, ...] | None:
     if text.lstrip()[:1] == "[":
         return None  # one JSON array: the stage reads it whole
     rows = 0
@@ -82,6 +88,8 @@ def _json_lines(text: str, fields: list[str]) -> tuple[str, ...] | None:
         if not isinstance(row, dict):
             raise ValueError(f"line {n}: a JSON {type(row).__name__}, expected an object per line")
         _fields(row, fields, f"line {n}")
+        for field in numbers:
+            _number(row.get(field, _MISSING), field, f"line {n}", ", ".join(row))
         first = first or tuple(sorted(row))
         rows += 1
         if rows >= SAMPLE_ROWS:
@@ -89,16 +97,22 @@ def _json_lines(text: str, fields: list[str]) -> tuple[str, ...] | None:
     return first
 
 
-def _csv(text: str, fields: list[str]) -> tuple[str, ...]:
+def _csv(text: str, fields: list[str], numbers: list[str]) -> tuple[str, ...]:
     reader = csv.DictReader(io.StringIO(text))
     header = tuple(reader.fieldnames or ())
-    missing = [f for f in fields if f not in header]
+    missing = [f for f in fields + numbers if f not in header]
     if missing:
         raise ValueError(f"line 1: no column {', '.join(map(repr, missing))} (columns: {', '.join(header)})")
     for n, row in enumerate(reader, 2):
         for field in fields:
             if not row.get(field):  # datasets reads an empty cell as null
                 raise ValueError(f"line {n}: {field} is empty (datasets reads it as null, which has no text)")
+        for field in numbers:
+            try:
+                value: object = float(row.get(field) or "")
+            except ValueError:
+                value = row.get(field)
+            _number(value, field, f"line {n}", ", ".join(header))
         if n > SAMPLE_ROWS:
             break
     return tuple(sorted(header))
@@ -111,3 +125,15 @@ def _fields(row: dict, fields: list[str], where: str) -> None:
                              "set data.text_field")
         if not isinstance(row[field], str):
             raise ValueError(f"{where}: {field} is {json.dumps(row[field])}, not a string")
+
+
+_MISSING = object()
+
+
+def _number(value: object, field: str, where: str, columns: str) -> None:
+    """A curriculum's difficulty value: a finite number."""
+    if value is _MISSING:
+        raise ValueError(f"{where}: no field {field!r} for curriculum.difficulty.column (fields: {columns or 'none'})")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{where}: {field} is {json.dumps(value)}, not a finite number "
+                         "(curriculum.difficulty.column)")

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from contract.kinds import KINDS
 from contract.sections import (
     NAME_PATTERN,
+    Checkpoint,
     DeepSpeed,
     Launcher,
     Precision,
@@ -45,6 +46,7 @@ class Defaults(Strict):
                       description="Seed for model init, data order, masking and dropout (0 to 2^32 - 1: "
                       "SentencePiece takes a 32-bit seed).")
     precision: Precision = Field("fp32", description="Training precision.")
+    checkpoint: Checkpoint = Field(default_factory=Checkpoint, description="Checkpoints of every training stage.")
     slurm: Slurm = Field(default_factory=Slurm, description="sbatch settings of every stage, for `baton submit`.")
 
 
@@ -123,10 +125,10 @@ def check_references(loaded: Loaded) -> list[str]:
                 hint = f"; use {fits[0]}.from" if fits else ""
                 problems.append(f"{where}: stage '{ref.from_}' is a {upstream.kind} stage and gives no {ref.needs} "
                                 f"(it gives: {gives}){hint}")
-        for key in ("train", "eval"):
-            files = getattr(stage.data, key)
+        for section, key in ((section, key) for section in stage.data_sections() for key in ("train", "eval")):
+            files = getattr(section.data, key)
             for j, name in enumerate([files] if isinstance(files, str) else files or []):
-                path = ("stages", i, "data", key) + ((j,) if isinstance(files, list) else ())
+                path = ("stages", i, *section.path, key) + ((j,) if isinstance(files, list) else ())
                 if os.path.expanduser(os.path.expandvars(name)) != name:
                     # datasets expands $VAR and ~ in data file paths, where the manifest means them literally
                     problems.append(f"{loaded.where(path)}: {name!r}: $VAR and ~ are not allowed in data paths "

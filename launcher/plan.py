@@ -8,11 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from contract.files import dir_digest
-from contract.layout import final_dir, resumable, stage_dir
+from contract.files import dir_digest, short
+from contract.layout import final_dir, newest_complete, resumable, stage_dir
 from contract.spec import Spec
 from launcher.errors import ConfigError
-from launcher.resolve import Resolved, build_spec, settings
+from launcher.resolve import Resolved, build_spec, fingerprint_any_world, settings
 
 Action = Literal["skip", "run", "resume", "rerun"]
 
@@ -86,14 +86,32 @@ def _decide(r: Resolved, entry: dict[str, Any], spec: Spec | None, stale: list[s
     fp = spec.fingerprint
     if not entry or state == "pending":
         return Step(r, "run", "new", spec=spec)
-    if entry.get("fingerprint") != fp:
-        return Step(r, "rerun", "changed: " + diff(entry.get("settings") or {}, settings(spec)), spec=spec)
+    recorded = entry.get("settings") or {}
+    same = entry.get("fingerprint") == fp
+    if not same and (spec.any_world is None or fingerprint_any_world(recorded) != spec.any_world):
+        return Step(r, "rerun", "changed: " + diff(recorded, settings(spec)), spec=spec)
     if state == "done" and (folder / "result.json").is_file():
-        return Step(r, "skip", "done, unchanged", spec=spec)
-    tag = resumable(folder, fp)
+        kept = (f"done at world size {recorded.get('world_size')}; kept at {spec.world_size} "
+                "(checkpoint.on_world_size_change: resume)")
+        return Step(r, "skip", "done, unchanged" if same else kept, spec=spec)
+    tag = resumable(folder, fp, spec.any_world)
     if tag:
-        return Step(r, "resume", f"{state}; resume from {tag}", resume_tag=tag, spec=spec)
+        return Step(r, "resume", f"{state}; resume from {tag}{_reshard_note(folder, spec)}", resume_tag=tag, spec=spec)
     return Step(r, "rerun", f"{state}; no complete checkpoint, starting over", spec=spec)
+
+
+def world_size_change(folder: Path, world_size: int) -> dict[str, int] | None:
+    """{"from", "to", "step"} when the newest complete checkpoint was saved at another world size."""
+    found = newest_complete(folder)
+    saved = found[1].get("world_size") if found else None
+    if found is None or not isinstance(saved, int) or saved == world_size:
+        return None
+    return {"from": saved, "to": world_size, "step": found[1].get("step", 0)}
+
+
+def _reshard_note(folder: Path, spec: Spec) -> str:
+    change = world_size_change(folder, spec.world_size)
+    return f", saved at world size {change['from']}" if change else ""
 
 
 def diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> str:
@@ -166,7 +184,7 @@ def output_damage(run_dir: Path, name: str, entry: dict[str, Any]) -> str | None
         return None
     changes = stat_changes(recorded, now) if recorded is not None else []
     if not changes:
-        return f"final/ holds {_digest12(hashed(final, now))}, not the recorded {_digest12(out['digest'])}"
+        return f"final/ holds {short(hashed(final, now))}, not the recorded {short(out['digest'])}"
     return ", ".join(changes[:3]) + (f" and {len(changes) - 3} more" if len(changes) > 3 else "") + \
         " since it was recorded"
 
@@ -189,7 +207,3 @@ def known_intact(folder: Path, digest: str) -> dict[str, list[int]] | None:
         return None
     now = output_stat(folder)
     return now if _HASHED.get((str(folder), json.dumps(now, sort_keys=True))) == digest else None
-
-
-def _digest12(digest: str | None) -> str:
-    return digest.split(":", 1)[-1][:12] if digest else "-"

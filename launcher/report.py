@@ -8,17 +8,13 @@ import datetime as dt
 from pathlib import Path
 from typing import Any
 
-from contract.files import dir_digest
+from contract.files import dir_digest, short
 from contract.layout import final_dir, read_metrics, stage_dir
 from launcher import ledger
 from launcher.errors import BatonError
 from launcher.plan import disk_state, output_stat, stat_changes
 
 ON_DISK = {"changed": "CHANGED ON DISK", "missing": "final/ MISSING"}  # marks of a done stage whose final/ differs
-
-
-def short(digest: str | None) -> str:
-    return digest.split(":", 1)[-1][:12] if digest else "-"
 
 
 def _load(run_dir: Path) -> dict[str, Any]:

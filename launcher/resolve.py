@@ -15,9 +15,9 @@ from typing import Any
 
 from contract.files import dir_digest, file_digest
 from contract.layout import final_dir, stage_dir
-from contract.sections import RefBase, StageBase, TrainingStage, inherit
+from contract.sections import Data, DataSection, RefBase, StageBase, TrainingStage, inherit
 from contract.spec import SPEC_VERSION, Spec
-from launcher import datacheck, dsconfig
+from launcher import datacheck, dsconfig, modelcheck
 from launcher.backends import sbatch
 from launcher.errors import ConfigError
 from launcher.manifest import Loaded, flat_references
@@ -87,7 +87,7 @@ def _resolve_stage(loaded: Loaded, i: int, stage: StageBase) -> Resolved:
         "precision": precision,
         "world_size": world,
         "inputs": inputs,
-        "data": _data(loaded, i, stage, base_dir),
+        **_data_sections(loaded, i, stage, base_dir),
         "train": None, "checkpoint": None, "eval": None, "deepspeed": None,
         "options": stage.options(),
     }
@@ -111,30 +111,63 @@ def _resolve_stage(loaded: Loaded, i: int, stage: StageBase) -> Resolved:
         merged = dsconfig.merge(dsconfig.merge(template, d.deepspeed.overrides), stage.deepspeed.overrides)
         spec |= {
             "train": train,
-            "checkpoint": stage.checkpoint.model_dump(mode="json"),
+            "checkpoint": inherit(d.checkpoint, stage.checkpoint).model_dump(mode="json"),
             "eval": stage.eval.model_dump(mode="json"),
             "deepspeed": dsconfig.fill(merged, train, precision, world, ds_source),
+            "curriculum": stage.curriculum.model_dump(mode="json") if stage.curriculum else None,
         }
     slurm = _slurm(loaded, i, stage, base_dir)
     return Resolved(i, stage.name, spec["kind"], nproc, nnodes, upstream, spec, ds_source, slurm)
 
 
 def _inputs(loaded: Loaded, i: int, stage: StageBase, base_dir: Path) -> tuple[dict[str, Any], tuple[str, ...]]:
-    """The stage's named references as spec inputs, and the stages they come from.
+    """The stage's named references as spec inputs, and the stages they come from. The models and tokenizers
+    among them are looked at before anything launches (`modelcheck`): a config that transformers refuses, a
+    local folder with no model or no tokenizer in it, data.max_length beyond a model's position embeddings.
 
     An earlier stage's output gets its path and digest in `build_spec`, once that stage is done.
     """
     inputs: dict[str, Any] = {}
     upstream: list[str] = []
-    for name, j, ref in flat_references(stage.references()):
-        where = ("stages", i, name, *(() if j is None else (j,)), "pretrained")
-        resolved = _reference(loaded, where, ref, base_dir)
+    problems: list[str] = []
+    models: list[tuple[Any, str]] = []  # (position embeddings, how messages name the model) of each model input
+    refs = flat_references(stage.references())
+    for name, j, ref in refs:
+        at = ("stages", i, name, *(() if j is None else (j,)))
+        resolved = _reference(loaded, (*at, "pretrained"), ref, base_dir)
         if j is None:
             inputs[name] = resolved
         else:
             inputs.setdefault(name, []).append(resolved)
         if ref.from_ is not None:
             upstream.append(ref.from_)
+        if ref.needs == "model":
+            if ref.from_ is not None:
+                positions, origin = _model_of_stage(loaded, base_dir, ref.from_)
+                models.append((positions, f"{name}: stage {ref.from_}, built from {origin}"))
+                continue
+            positions, found, what = _model(resolved, name)
+            problems += [f"{loaded.where((*at, *key))}: {message}" for key, message in found]
+            models.append((positions, what))
+        elif ref.needs == "tokenizer" and resolved["digest"] is not None:  # a local folder (hub names: left alone)
+            why = modelcheck.tokenizer_folder(resolved["path"], resolved["digest"])
+            # a tokenizer the manifest does not name is the folder of another input (TrainingStage: init's)
+            lent = [n for n, k, r in refs if k is None and n != name and n in stage.model_fields_set
+                    and r.pretrained == ref.pretrained]
+            if why and name not in stage.model_fields_set and lent:
+                problems.append(f"{loaded.where(('stages', i, lent[0], 'pretrained'))}: {why}; {name} defaults to "
+                                f"this folder: give {name}.pretrained or {name}.from")
+            elif why:
+                problems.append(f"{loaded.where((*at, 'pretrained'))}: {why}")
+    if modelcheck.max_length_applies(stage.options()):
+        for section in stage.data_sections():
+            length = ("stages", i, *section.path, "max_length")
+            for positions, what in models:
+                why = modelcheck.too_long(section.data.max_length, length not in loaded.lines, positions, what)
+                if why:
+                    problems.append(f"{loaded.where(length)}: {why}")
+    if problems:
+        raise ConfigError(problems)
     return inputs, tuple(dict.fromkeys(upstream))
 
 
@@ -152,6 +185,37 @@ def _reference(loaded: Loaded, where: tuple, ref: RefBase, base_dir: Path) -> di
     config = getattr(ref, "config", None)
     assert config is not None, "the reference models require one source"
     return {"source": "config", "stage": None, "path": None, "digest": None, "config": dict(config)}
+
+
+def _model(resolved: dict[str, Any], name: str) -> tuple[Any, list[tuple[tuple[str, ...], str]], str]:
+    """A model input built from a config or read from a folder: its position embeddings as far as validate can
+    know them (None: a hub name, never looked up, or a config that is refused), its problems (with their key
+    below the reference) and how messages name it."""
+    if resolved["source"] == "config":
+        positions, found = modelcheck.config(resolved["config"])
+        return positions, [(("config", *key), message) for key, message in found], f"{name}.config"
+    if resolved["digest"] is None:
+        return None, [], f"{name} {resolved['path']}"
+    positions, problems = modelcheck.model_folder(resolved["path"], resolved["digest"])
+    return positions, [(("pretrained",), message) for message in problems], f"{name} folder {resolved['path']}"
+
+
+def _model_of_stage(loaded: Loaded, base_dir: Path, name: str) -> tuple[Any, str]:
+    """The position embeddings of the model an earlier stage hands on (those of the model it started from) and
+    where that comes from; (None, "") where validate cannot know them. Its problems are reported for that stage."""
+    stage = next(s for s in loaded.manifest.stages if s.name == name)
+    models = [(n, ref) for n, _, ref in flat_references(stage.references()) if ref.needs == "model"]
+    if len(models) != 1:
+        return None, ""
+    input_name, ref = models[0]
+    if ref.from_ is not None:
+        return _model_of_stage(loaded, base_dir, ref.from_)
+    try:
+        resolved = _reference(loaded, (), ref, base_dir)
+    except ConfigError:
+        return None, ""
+    positions, _, what = _model(resolved, input_name)
+    return positions, f"stage {name}'s {what}"
 
 
 def _slurm(loaded: Loaded, i: int, stage: StageBase, base_dir: Path) -> dict[str, Any]:
@@ -172,8 +236,32 @@ def _slurm(loaded: Loaded, i: int, stage: StageBase, base_dir: Path) -> dict[str
     return merged
 
 
-def _data(loaded: Loaded, i: int, stage: StageBase, base_dir: Path) -> dict[str, Any]:
-    data = stage.data
+def _data_sections(loaded: Loaded, i: int, stage: StageBase, base_dir: Path) -> dict[str, Any]:
+    """spec.data and spec.sections from the stage's data sections (its `data:`, or those its kind declares).
+
+    A kind without a `data:` of its own gets a spec.data without files; its digests list every section's files,
+    so the plan, the ledger and `lineage` show them as the stage's data inputs like any other."""
+    out: dict[str | None, dict[str, Any]] = {}
+    problems: list[str] = []
+    for section in stage.data_sections():
+        try:
+            out[section.name] = _data(loaded, i, stage, section, base_dir)
+        except ConfigError as e:
+            problems += e.problems
+    if problems:
+        raise ConfigError(problems)
+    main = out.pop(None, None)
+    if main is None:
+        blank = Data.model_construct()  # the defaults; no train, no hub: this stage reads no data: section
+        main = {"train_files": [], "eval_files": [], "format": None, "hub": None, "text_field": blank.text_field,
+                "text_pair_field": None, "label_field": blank.label_field, "labels": None,
+                "max_length": blank.max_length,
+                "digests": {f: d for section in out.values() for f, d in section["digests"].items()}}
+    return {"data": main, "sections": out}
+
+
+def _data(loaded: Loaded, i: int, stage: StageBase, section: DataSection, base_dir: Path) -> dict[str, Any]:
+    data, at = section.data, ("stages", i, *section.path)
     files = {k: [str((base_dir / f).resolve()) for f in ([v] if isinstance(v, str) else v or [])]
              for k, v in (("train", data.train), ("eval", data.eval))}
     fmt: str | None = data.format
@@ -181,15 +269,16 @@ def _data(loaded: Loaded, i: int, stage: StageBase, base_dir: Path) -> dict[str,
         found = {FORMATS.get(Path(f).suffix.lower()) for f in files["train"] + files["eval"]}
         if None in found or len(found) != 1:
             raise ConfigError(
-                f"{loaded.where(('stages', i, 'data'))}: cannot tell the format from the file extensions "
+                f"{loaded.where(at)}: cannot tell the format from the file extensions "
                 f"({', '.join(Path(f).suffix or '<none>' for f in files['train'] + files['eval'])}); "
                 f"set data.format to one of json, csv, parquet, text"
             )
         fmt = found.pop()
     if data.hub is None and fmt is not None:
         fields = [] if fmt == "text" else [f for f in (data.text_field, data.text_pair_field) if f]
-        problems = [f"{loaded.where(('stages', i, 'data', split))}: {problem}"
-                    for split, problem in datacheck.check(files, fmt, fields)]
+        numbers = _difficulty_column(stage) if section.name is None else []
+        problems = [f"{loaded.where((*at, split))}: {problem}"
+                    for split, problem in datacheck.check(files, fmt, fields, numbers)]
         if problems:
             raise ConfigError(problems)
     hub = None
@@ -208,6 +297,13 @@ def _data(loaded: Loaded, i: int, stage: StageBase, base_dir: Path) -> dict[str,
         "max_length": data.max_length,
         "digests": {f: _file_digest(f) for f in files["train"] + files["eval"]},
     }
+
+
+def _difficulty_column(stage: StageBase) -> list[str]:
+    """The numeric column a curriculum ranks the training examples by, if any."""
+    curriculum = getattr(stage, "curriculum", None)
+    column = curriculum.difficulty.column if curriculum and curriculum.difficulty else None
+    return [column] if column else []
 
 
 def _file_digest(path: str) -> str:
@@ -251,9 +347,10 @@ def build_spec(r: Resolved, run_dir: Path, outputs: dict[str, dict[str, str]]) -
                 ref["path"], ref["digest"] = str(final_dir(stage_dir(run_dir, ref["stage"]))), out["digest"]
     spec["stage_dir"] = str(stage_dir(run_dir, r.name))
     spec["cache_dir"] = str(run_dir / "cache")
-    spec["fingerprint"] = ""
+    spec["fingerprint"] = spec["fingerprint_any_world"] = ""
     made = Spec.model_validate(spec)
-    return made.model_copy(update={"fingerprint": fingerprint(made)})
+    s = settings(made)
+    return made.model_copy(update={"fingerprint": fingerprint(s), "fingerprint_any_world": fingerprint_any_world(s)})
 
 
 def settings(spec: Spec) -> dict[str, Any]:
@@ -263,21 +360,46 @@ def settings(spec: Spec) -> dict[str, Any]:
     nothing); checkpoint frequency and logging do not change what is trained.
     """
     s = spec.model_dump(mode="json")
-    for key in ("run_name", "stage", "stage_dir", "cache_dir", "fingerprint", "checkpoint"):
+    for key in ("run_name", "stage", "stage_dir", "cache_dir", "fingerprint", "fingerprint_any_world", "checkpoint"):
         s.pop(key, None)
     data = s["data"]
-    data["train"] = [data["digests"][f] for f in data.pop("train_files")]
-    data["eval"] = [data["digests"][f] for f in data.pop("eval_files")]
-    data.pop("digests")
+    for data in (s["data"], *s["sections"].values()):
+        data["train"] = [data["digests"][f] for f in data.pop("train_files")]
+        data["eval"] = [data["digests"][f] for f in data.pop("eval_files")]
+        data.pop("digests")
+    if not s["sections"]:
+        s.pop("sections")  # a stage with data: alone keeps the fingerprint it had before data sections existed
     for value in s["inputs"].values():
         for ref in value if isinstance(value, list) else [value]:
             if ref.get("digest"):
                 ref.pop("path")  # the digest says it all
     if s.get("train"):
         s["train"].pop("log_every")
+    if s.get("curriculum") is None:
+        s.pop("curriculum", None)  # a stage without one keeps the fingerprint it had before curricula existed
+    else:
+        s["curriculum"].pop("log_draws")  # what is logged, not what is trained
     return s
 
 
-def fingerprint(spec: Spec) -> str:
-    blob = json.dumps(settings(spec), sort_keys=True, separators=(",", ":")).encode()
+# What may differ between a checkpoint and the stage resuming it at another world size
+# (checkpoint.on_world_size_change: resume): how the global batch is cut, not what is trained.
+WORLD_SHAPE = {"": ("world_size",), "train": ("micro_batch_size", "grad_accum", "global_batch_size"),
+               "deepspeed": ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")}
+
+
+def fingerprint(s: dict[str, Any]) -> str:
+    """Of a stage's `settings`."""
+    blob = json.dumps(s, sort_keys=True, separators=(",", ":")).encode()
     return "sha256:" + hashlib.sha256(blob).hexdigest()
+
+
+def fingerprint_any_world(s: dict[str, Any]) -> str:
+    """Of a stage's `settings` without the world size and the batch shape."""
+    s = json.loads(json.dumps(s))
+    for section, keys in WORLD_SHAPE.items():
+        part = s.get(section) if section else s
+        if isinstance(part, dict):
+            for key in keys:
+                part.pop(key, None)
+    return fingerprint(s)

@@ -112,7 +112,7 @@ def run_job(run_dir: Path, name: str) -> int:
     spec = build_spec(r, run_dir, outputs_of(data))
     if spec is None:
         raise ConfigError(f"stage {name}: its input stages ({', '.join(r.upstream)}) are not done")
-    tag = resumable(stage_dir(run_dir, name), spec.fingerprint)
+    tag = resumable(stage_dir(run_dir, name), spec.fingerprint, spec.any_world)
     step = Step(r, "resume" if tag else "run", f"job {os.environ.get('SLURM_JOB_ID')}", resume_tag=tag, spec=spec)
     job_id = os.environ["SLURM_JOB_ID"]
     restart = int(os.environ.get("SLURM_RESTART_COUNT") or 0)

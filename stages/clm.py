@@ -142,7 +142,7 @@ def main(spec: Spec, d: Dist) -> int:
     )
 
     def micro_step(keys: list[tuple[int, int]]) -> torch.Tensor:
-        ids = blocks(train, [i for i, _ in keys])
+        ids = blocks(train, [i for i, _ in keys])[:, : t.sampler.max_length]  # a curriculum phase's shorter blocks
         # Every row is full, so no attention mask; the model shifts the labels by one itself.
         # use_cache=False: a key/value cache is for generation, here it would only take memory.
         return t.engine(input_ids=ids, labels=ids, use_cache=False).loss

@@ -18,7 +18,7 @@ from torch import nn
 
 from contract.kinds.mlm import MlmOptions
 from contract.layout import EXIT_STOPPED
-from stages.runtime import data, dist, entry, lifecycle, models
+from stages.runtime import curriculum, data, dist, entry, lifecycle, models
 from stages.runtime.dist import Dist
 from stages.runtime.metrics import language_model_metrics
 from stages.runtime.spec import Spec, SpecError, training
@@ -95,18 +95,19 @@ def main(spec: Spec, d: Dist) -> int:
     train, evalset = splits["train"], splits["eval"]
     masker = Masker(tokenizer, opts.mask_prob, spec.seed)
 
-    def batch_of(split, keys: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
-        batch = data.collate(split, [i for i, _ in keys], tokenizer.pad_token_id)
+    def batch_of(split, keys: list[tuple[int, int]], max_length: int | None = None) -> dict[str, torch.Tensor]:
+        batch = data.collate(split, [i for i, _ in keys], tokenizer.pad_token_id, max_length, masker.special.tolist())
         masker(batch, keys)
         return batch
 
     t = lifecycle.start(
         spec, d, num_samples=len(train), what=f"mlm, {len(train)} train samples", wrap=MaskedLMLoss,
+        difficulty=curriculum.difficulty(spec, train),
         build=lambda resume: models.build_model(spec, AutoModelForMaskedLM, tokenizer, resume=resume),
     )
 
     def micro_step(keys: list[tuple[int, int]]) -> torch.Tensor:
-        loss_sum, n = t.engine(**dist.to_device(batch_of(train, keys)))
+        loss_sum, n = t.engine(**dist.to_device(batch_of(train, keys, t.sampler.max_length)))
         return loss_sum / n
 
     def evaluate(step: int) -> dict[str, float]:

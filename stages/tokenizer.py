@@ -6,6 +6,10 @@ final/ loads with `AutoTokenizer.from_pretrained` and has the special tokens
 BERT-style models need: <pad> 0, <unk> 1, [CLS] 2, [SEP] 3, [MASK] 4. It
 encodes like the SentencePiece model itself. Rank 0 does the work; other
 ranks (if any) only wait.
+
+There are no checkpoints: on a stop request (SIGTERM, SIGUSR1, SIGINT) the stage
+leaves the training unfinished, writes neither final/ nor result.json and exits 75;
+running it again trains from the start (seconds to minutes).
 """
 
 from __future__ import annotations
@@ -16,8 +20,8 @@ import time
 from pathlib import Path
 
 from contract.kinds.tokenizer import SentencePiece
-from contract.layout import EXIT_DONE, final_dir
-from stages.runtime import data, dist, entry, export
+from contract.layout import EXIT_DONE, EXIT_STOPPED, final_dir
+from stages.runtime import data, dist, entry, export, signals
 from stages.runtime.dist import Dist
 from stages.runtime.metrics import Metrics
 from stages.runtime.spec import Spec
@@ -79,7 +83,16 @@ def main(spec: Spec, d: Dist) -> int:
         fields = [f for f in (spec.data.text_field, spec.data.text_pair_field) if f]
         sentences = (s for row in raw.select_columns(fields) for f in fields if (s := row[f]) and s.strip())
         t0 = time.perf_counter()
-        model = train_sentencepiece(sentences, seed=spec.seed, **opts.model_dump())
+        try:
+            # in C++ for most of the time: waited for so that a stop request is seen at once
+            model = signals.unless_stopped(lambda: train_sentencepiece(sentences, seed=spec.seed, **opts.model_dump()))
+            if signals.received():
+                raise signals.Stopped
+        except signals.Stopped:
+            metrics.log("stop", step=0, reason="signal")
+            dist.print0(f"{spec.stage}: stopped on a signal after {time.perf_counter() - t0:.1f} s of training; "
+                        "nothing saved, exit 75 (running it again trains from the start)")
+            return EXIT_STOPPED
         dist.print0(f"{spec.stage}: trained a {opts.vocab_size}-piece {opts.model_type} model "
                     f"in {time.perf_counter() - t0:.1f} s")
         tmp = export.staging(final)

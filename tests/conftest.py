@@ -104,3 +104,12 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory, hf_env: dict[str, str]) -
     run_dir = root / "run"
     proc = baton("run", manifest, "--run-dir", run_dir, env=hf_env)
     return {"root": root, "manifest": manifest, "run_dir": run_dir, "terminal": proc.stdout + proc.stderr}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def baton_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """baton's record of model checks that passed (launcher/modelcheck.py): one per test session, not the
+    user's, so every check a test expects is made; the subprocesses of the session inherit it."""
+    folder = tmp_path_factory.mktemp("baton_cache")
+    os.environ["BATON_CACHE_DIR"] = str(folder)
+    return folder

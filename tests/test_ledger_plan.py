@@ -164,7 +164,8 @@ MANIFEST = """\
 version: 1
 run: {{name: plan}}
 defaults:
-  launcher: {{nproc_per_node: 2}}
+  launcher: {{nproc_per_node: {nproc}}}
+  checkpoint: {{on_world_size_change: {on_change}}}
 stages:
   - name: tok
     kind: tokenizer
@@ -173,7 +174,7 @@ stages:
   - name: pre
     kind: mlm
     init:
-      config: {{model_type: bert, hidden_size: 32}}
+      config: {{model_type: bert, hidden_size: 32, num_attention_heads: 2}}
     tokenizer: {{from: tok}}
     data: {{train: {data}/glosses.txt}}
     train: {{max_steps: {pre_steps}, micro_batch_size: 4}}
@@ -189,14 +190,15 @@ LABELLED = ('{"text": "meat from an American bison", "label": "food"}\n'
             '{"text": "a genus of Mustelidae", "label": "animal"}\n')
 
 
-def write_manifest(folder: Path, *, data: str = "data", pre_steps: int = 10, cls_lr: float = 3e-4) -> Path:
+def write_manifest(folder: Path, *, data: str = "data", pre_steps: int = 10, cls_lr: float = 3e-4, nproc: int = 2,
+                   on_change: str = "restart") -> Path:
     """The manifest (data files are written once, unless already there)."""
     (folder / data).mkdir(parents=True, exist_ok=True)
     for name, text in (("glosses.txt", GLOSSES), ("labelled.jsonl", LABELLED)):
         if not (folder / data / name).exists():
             (folder / data / name).write_text(text)
     path = folder / "plan.yaml"
-    path.write_text(MANIFEST.format(data=data, pre_steps=pre_steps, cls_lr=cls_lr))
+    path.write_text(MANIFEST.format(data=data, pre_steps=pre_steps, cls_lr=cls_lr, nproc=nproc, on_change=on_change))
     return path
 
 
@@ -285,13 +287,15 @@ def interrupt(stages: list[Resolved], run_dir: Path, state: str) -> tuple[dict[s
     return ledger, spec.fingerprint
 
 
-def write_checkpoint(run_dir: Path, tag: str, fingerprint: str | None, latest: bool = True) -> None:
+def write_checkpoint(run_dir: Path, tag: str, fingerprint: str | None, latest: bool = True,
+                     **marker: Any) -> None:
     """ckpt/<tag>/COMPLETE (None: the folder without it) and ckpt/LATEST, per docs/stage-contract.md."""
     ckpt = stage_dir(run_dir, "pre") / "ckpt"
     (ckpt / tag).mkdir(parents=True)
     if fingerprint is not None:
         (ckpt / tag / "COMPLETE").write_text(json.dumps(
-            {"step": int(tag.removeprefix("step")), "samples": 1600, "fingerprint": fingerprint, "time": 0}))
+            {"step": int(tag.removeprefix("step")), "samples": 1600, "fingerprint": fingerprint, "time": 0}
+            | marker))
     if latest:
         (ckpt / "LATEST").write_text(tag + "\n")
 
@@ -328,6 +332,40 @@ def test_a_complete_checkpoint_newer_than_latest_is_the_one_resumed(tmp_path: Pa
     write_checkpoint(run_dir, "step00000300", None, latest=False)  # a folder the kill left half-written
     steps = make_plan(stages, ledger, run_dir)
     assert actions(steps)["pre"] == "resume" and steps[1].resume_tag == "step00000200"
+
+
+@pytest.mark.parametrize("on_change", ["restart", "resume"])
+def test_a_changed_world_size_reruns_unless_the_manifest_says_resume(tmp_path: Path, run_dir: Path,
+                                                                      on_change: str) -> None:
+    """pre stopped at world size 2; the manifest now says 1. By default the stage starts over; with
+    checkpoint.on_world_size_change: resume its checkpoint is resumed (the stage converts it) and the done
+    tokenizer stage, one process whatever the world size, is kept either way."""
+    stages = stages_of(write_manifest(tmp_path, on_change=on_change))
+    ledger, _ = interrupt(stages, run_dir, "preempted")
+    spec = build_spec(stages[1], run_dir, {"tok": ledger["stages"]["tok"]["output"]})
+    assert spec is not None
+    write_checkpoint(run_dir, "step00000200", spec.fingerprint, fingerprint_any_world=spec.fingerprint_any_world,
+                     world_size=2)
+    steps = make_plan(stages_of(write_manifest(tmp_path, nproc=1, on_change=on_change)), ledger, run_dir)
+    if on_change == "restart":
+        assert actions(steps) == {"tok": "skip", "pre": "rerun", "cls": "run"}
+        assert "world_size 2 -> 1" in reasons(steps)["pre"] and steps[1].resume_tag is None
+    else:
+        assert actions(steps) == {"tok": "skip", "pre": "resume", "cls": "run"}
+        assert steps[1].resume_tag == "step00000200"
+        assert reasons(steps)["pre"] == "preempted; resume from step00000200, saved at world size 2"
+
+
+def test_resume_at_another_world_size_keeps_done_stages_but_not_other_changes(tmp_path: Path,
+                                                                              run_dir: Path) -> None:
+    stages = stages_of(write_manifest(tmp_path, on_change="resume"))
+    ledger = finish(stages, run_dir)
+    steps = make_plan(stages_of(write_manifest(tmp_path, nproc=1, on_change="resume")), ledger, run_dir)
+    assert actions(steps) == {"tok": "skip", "pre": "skip", "cls": "skip"}
+    assert reasons(steps)["pre"] == "done at world size 2; kept at 1 (checkpoint.on_world_size_change: resume)"
+    steps = make_plan(stages_of(write_manifest(tmp_path, nproc=1, on_change="resume", cls_lr=5e-4)), ledger, run_dir)
+    assert actions(steps) == {"tok": "skip", "pre": "skip", "cls": "rerun"}
+    assert "train.lr 0.0003 -> 0.0005" in reasons(steps)["cls"]
 
 
 def test_only_a_stage_whose_input_never_ran_is_refused(tmp_path: Path, run_dir: Path) -> None:

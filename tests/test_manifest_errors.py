@@ -8,6 +8,7 @@ the line of the edited manifest that ends in `#!` is the line the error must nam
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ stages:
   - name: pre
     kind: mlm
     init:
-      config: {model_type: bert, hidden_size: 32}
+      config: {model_type: bert, hidden_size: 32, num_attention_heads: 2}
     tokenizer: {from: tok}
     data: {train: train.txt, eval: eval.txt}
     train: {max_steps: 10, micro_batch_size: 4}
@@ -85,7 +86,8 @@ CASES: dict[str, Case] = {
         edit("  - name: cls\n    kind: classify\n", "  - name: cls  #!\n"), "stages[2].kind",
         ("missing kind", VALID_KINDS)),
     "init-from-later-stage": Case(
-        edit("    init:\n      config: {model_type: bert, hidden_size: 32}\n", "    init: {from: cls}  #!\n"),
+        edit("    init:\n      config: {model_type: bert, hidden_size: 32, num_attention_heads: 2}\n",
+             "    init: {from: cls}  #!\n"),
         "stages[1].init.from", ("'cls'", "comes later")),
     "init-from-itself": Case(
         edit("init: {from: pre}", "init: {from: cls}  #!"), "stages[2].init.from", ("'cls'", "comes later")),
@@ -141,13 +143,13 @@ CASES: dict[str, Case] = {
         edit("init: {from: pre}", "init: {from: pre, pretrained: bert-base-uncased}  #!"), "stages[2].init",
         ("exactly one of: from, pretrained, config", "got from, pretrained")),
     "init-config-without-model-type": Case(
-        edit("    init:\n      config: {model_type: bert, hidden_size: 32}\n",
+        edit("    init:\n      config: {model_type: bert, hidden_size: 32, num_attention_heads: 2}\n",
              "    init: {config: {hidden_size: 32}}  #!\n"),
         "stages[1].init",
         ("model_type",)),
     "model-from-config-without-tokenizer": Case(
-        edit("      config: {model_type: bert, hidden_size: 32}\n    tokenizer: {from: tok}\n",
-             "      config: {model_type: bert, hidden_size: 32}  #!\n"),
+        edit("      config: {model_type: bert, hidden_size: 32, num_attention_heads: 2}\n    tokenizer: {from: tok}\n",
+             "      config: {model_type: bert, hidden_size: 32, num_attention_heads: 2}  #!\n"),
         "stages[1].init.config", ("tokenizer.from or tokenizer.pretrained",)),
     "local-pretrained-folder-missing": Case(
         edit("init: {from: pre}", "init: {pretrained: ./my-bert}  #!"), "stages[2].init.pretrained",
@@ -324,6 +326,179 @@ CASES |= {
                           ("greater than or equal to 0",)),
 }
 
+# Curriculum sections (stages/runtime/curriculum.py): each mistake named at its key.
+CUR = "    curriculum: {{{}}}  #!\n"
+CLS_DATA = "    data: {train: train.jsonl}\n"
+CASES |= {
+    "curriculum-phases-out-of-order": Case(
+        edit(CLS_TRAIN, CLS_TRAIN + CUR.format("phases: [{until_step: 4}, {until_step: 3}, {}]")),
+        "stages[2].curriculum.phases[1].until_step", ("3 is not after the previous phase's until_step 4",)),
+    "curriculum-last-phase-with-until-step": Case(
+        edit(CLS_TRAIN, CLS_TRAIN + CUR.format("phases: [{until_step: 4}, {until_step: 9}]")),
+        "stages[2].curriculum.phases[1].until_step", ("the last phase runs to the end", "leave out")),
+    "curriculum-phase-without-until-step": Case(
+        edit(CLS_TRAIN, CLS_TRAIN + CUR.format("phases: [{data_fraction: 0.5}, {}]")),
+        "stages[2].curriculum.phases[0]", ("until_step is missing",)),
+    "curriculum-fraction-above-1": Case(
+        edit(CLS_TRAIN, CLS_TRAIN + CUR.format("phases: [{until_step: 4, data_fraction: 1.5}, {}]")),
+        "stages[2].curriculum.phases[0].data_fraction", ("less than or equal to 1",)),
+    "curriculum-fraction-zero": Case(
+        edit(CLS_TRAIN, CLS_TRAIN + CUR.format("phases: [{until_step: 4, data_fraction: 0}, {}]")),
+        "stages[2].curriculum.phases[0].data_fraction", ("greater than 0",)),
+    "curriculum-max-length-over-data": Case(
+        edit(CLS_TRAIN, CLS_TRAIN + CUR.format("phases: [{until_step: 4, max_length: 256}, {}]")),
+        "stages[2].curriculum.phases[0].max_length", ("256 is more than data.max_length 128",)),
+    "curriculum-phase-after-max-steps": Case(
+        edit("    train: {max_steps: 10, micro_batch_size: 4}\n", "    train: {max_steps: 10, micro_batch_size: 4}\n"
+             + CUR.format("phases: [{until_step: 10, data_fraction: 0.5}, {}]")),
+        "stages[1].curriculum.phases[0].until_step", ("train.max_steps 10", "would never run")),
+    "curriculum-easy-first-without-difficulty": Case(
+        edit(CLS_TRAIN, CLS_TRAIN + CUR.format("order: easy_first, phases: [{until_step: 4, data_fraction: 0.5}, {}]")),
+        "stages[2].curriculum.order", ("easy_first needs difficulty",)),
+    "curriculum-difficulty-two-ways": Case(
+        edit(CLS_TRAIN, CLS_TRAIN + CUR.format("order: easy_first, difficulty: {by: length, column: x}, "
+                                               "phases: [{until_step: 4, data_fraction: 0.5}, {}]")),
+        "stages[2].curriculum.difficulty", ("exactly one of: by, column",)),
+    "curriculum-difficulty-column-missing": Case(
+        edit(CLS_DATA + CLS_TRAIN, "    data: {train: train.jsonl}  #!\n" + CLS_TRAIN
+             + "    curriculum: {order: easy_first, difficulty: {column: hard}, phases: [{until_step: 4, "
+             "data_fraction: 0.5}, {}]}\n"),
+        "stages[2].data.train", ("line 1: no field 'hard' for curriculum.difficulty.column",)),
+    "curriculum-difficulty-column-in-text-file": Case(
+        edit("    data: {train: train.txt, eval: eval.txt}\n", "    data: {train: train.txt, eval: eval.txt}  #!\n"
+             "    curriculum: {order: easy_first, difficulty: {column: hard}, phases: [{until_step: 4, "
+             "data_fraction: 0.5}, {}]}\n"),
+        "stages[1].data.train", ("a text file has one column",)),
+    "curriculum-difficulty-on-clm": Case(
+        edit("kind: mlm", "kind: clm").replace("    train: {max_steps: 10", CUR.format(
+            "order: easy_first, difficulty: {by: length}, phases: [{until_step: 4, data_fraction: 0.5}, {}]")
+            + "    train: {max_steps: 10"),
+        "stages[1].curriculum.difficulty", ("packs documents into blocks", "order: random")),
+}
+
+# Models and tokenizers, looked at before launch (launcher/modelcheck.py): configs are built without weights,
+# local folders (written by `write_model_folders`) must hold a model or a tokenizer.
+PRE_INIT = "      config: {model_type: bert, hidden_size: 32, num_attention_heads: 2}\n"
+PRE_DATA = "    data: {train: train.txt, eval: eval.txt}\n"
+CLS_INIT = "    init: {from: pre}\n"
+SMALL_PRE = edit(PRE_INIT, "      config: {model_type: bert, hidden_size: 32, num_attention_heads: 2, "
+                 "max_position_embeddings: 64}\n").replace(PRE_DATA, "    data: {train: train.txt, max_length: 64}\n")
+CASES |= {
+    "model-config-unknown-type": Case(
+        edit(PRE_INIT, "      config: {model_type: bertt, hidden_size: 32, num_attention_heads: 2}  #!\n"),
+        "stages[1].init.config.model_type", ("unknown model_type 'bertt'", "did you mean bert")),
+    "model-config-heads-do-not-divide-hidden": Case(
+        edit(PRE_INIT, "      config: {model_type: bert, hidden_size: 30, num_attention_heads: 4}  #!\n"),
+        "stages[1].init.config", ("num_attention_heads 4 does not divide hidden_size 30",)),
+    "model-config-heads-do-not-divide-hidden-on-run": Case(
+        edit(PRE_INIT, "      config: {model_type: bert, hidden_size: 30, num_attention_heads: 4}  #!\n"),
+        "stages[1].init.config", ("num_attention_heads 4 does not divide hidden_size 30",), command="run"),
+    "model-config-gpt2-names": Case(
+        edit(PRE_INIT, "      config: {model_type: gpt2, n_embd: 30, n_head: 4}  #!\n"),
+        "stages[1].init.config", ("n_head 4 does not divide n_embd 30",)),
+    "model-config-key-value-heads": Case(
+        edit(PRE_INIT, "      config: {model_type: llama, hidden_size: 32, num_attention_heads: 4, "
+             "num_key_value_heads: 3}  #!\n"),
+        "stages[1].init.config", ("num_key_value_heads 3 does not divide num_attention_heads 4",)),
+    "model-config-value-of-wrong-type": Case(
+        edit(PRE_INIT, "      config: {model_type: bert, hidden_size: big, num_attention_heads: 2}  #!\n"),
+        "stages[1].init.config.hidden_size", ("BertConfig refuses hidden_size", "expected int, got str")),
+    "model-config-refused-by-its-class": Case(
+        edit(PRE_INIT, "      config: {model_type: llama, hidden_size: 60, num_attention_heads: 8, "
+             "head_dim: 16}  #!\n"),
+        "stages[1].init.config", ("LlamaConfig refuses it", "hidden size (60) is not a multiple")),
+    "max-length-over-positions": Case(
+        edit(PRE_INIT + "    tokenizer: {from: tok}\n" + PRE_DATA,
+             "      config: {model_type: bert, hidden_size: 32, num_attention_heads: 2, max_position_embeddings: 128}\n"
+             "    tokenizer: {from: tok}\n    data: {train: train.txt, max_length: 200}  #!\n"),
+        "stages[1].data.max_length",
+        ("200 but the model (init.config) has 128 position embeddings (max_position_embeddings)", "at most 128")),
+    "max-length-default-over-upstream-positions": Case(
+        SMALL_PRE.replace("    data: {train: train.jsonl}\n", "    data: {train: train.jsonl}  #!\n"),
+        "stages[2].data.max_length",
+        ("128 (the default) but the model (init: stage pre, built from stage pre's init.config) has 64 position",)),
+    "pretrained-folder-without-config": Case(
+        edit(CLS_INIT, "    init: {pretrained: ./no-config}  #!\n    tokenizer: {from: tok}\n"),
+        "stages[2].init.pretrained", ("no-config holds no model: no config.json",)),
+    "pretrained-folder-without-weights": Case(
+        edit(CLS_INIT, "    init: {pretrained: ./no-weights}  #!\n    tokenizer: {from: tok}\n"),
+        "stages[2].init.pretrained", ("no-weights holds no model weights: none of model.safetensors",)),
+    "pretrained-folder-max-length-over-positions": Case(
+        edit(CLS_INIT + "    data: {train: train.jsonl}\n", "    init: {pretrained: ./small-model}\n"
+             "    tokenizer: {from: tok}\n    data: {train: train.jsonl, max_length: 512}  #!\n"),
+        "stages[2].data.max_length", ("512 but the model (init folder", "small-model) has 64 position embeddings")),
+    "pretrained-folder-without-its-tokenizer": Case(
+        edit(CLS_INIT, "    init: {pretrained: ./model-only}  #!\n"), "stages[2].init.pretrained",
+        ("model-only holds no tokenizer", "tokenizer defaults to this folder: give tokenizer.pretrained")),
+    "tokenizer-folder-that-does-not-load": Case(
+        edit("tokenizer: {from: tok}", "tokenizer: {pretrained: ./broken-tokenizer}  #!"),
+        "stages[1].tokenizer.pretrained", ("broken-tokenizer does not load as a tokenizer",)),
+    "tokenizer-folder-empty": Case(
+        edit("tokenizer: {from: tok}", "tokenizer: {pretrained: ./no-config}  #!"),
+        "stages[1].tokenizer.pretrained", ("no-config holds no tokenizer",)),
+}
+
+# Multitask stages (contract/kinds/multitask.py): each task's data is checked like a stage's data:, at its own key.
+CLS_STAGE = "    kind: classify\n    init: {from: pre}\n    data: {train: train.jsonl}\n" + CLS_TRAIN
+SENSE = "        - {name: sense, type: classify, weight: 1, data: {train: train.jsonl}}\n"
+GLOSS = "        - {name: gloss, type: mlm, weight: 1, data: {train: train.txt}}\n"
+MT_STAGE = ("    kind: multitask\n    init: {from: pre}\n    multitask:\n      mixing: weights\n      tasks:\n"
+            + SENSE + GLOSS + "    train: {max_steps: 5, micro_batch_size: 4}\n")
+MT = edit(CLS_STAGE, MT_STAGE)
+
+
+def mt(old: str, new: str) -> str:
+    assert MT.count(old) == 1, f"test bug: {old!r} occurs {MT.count(old)} times in MT"
+    return MT.replace(old, new)
+
+
+CASES |= {
+    "multitask-duplicate-task-name": Case(
+        mt(GLOSS, GLOSS.replace("gloss", "sense").rstrip() + "  #!\n"), "stages[2].multitask.tasks[1].name",
+        ("duplicate task name 'sense'",)),
+    "multitask-task-name-with-slash": Case(
+        mt(GLOSS, GLOSS.replace("gloss", '"a/b"').rstrip() + "  #!\n"), "stages[2].multitask.tasks[1].name",
+        ("pattern",)),
+    "multitask-weights-sum-to-zero": Case(
+        mt("      tasks:\n" + SENSE + GLOSS, "      tasks:  #!\n" + SENSE.replace("weight: 1", "weight: 0")
+           + GLOSS.replace("weight: 1", "weight: 0")), "stages[2].multitask.tasks", ("sum to 0",)),
+    "multitask-negative-weight": Case(
+        mt(GLOSS, GLOSS.replace("weight: 1", "weight: -1").rstrip() + "  #!\n"),
+        "stages[2].multitask.tasks[1].weight", ("greater than or equal to 0",)),
+    "multitask-weight-missing": Case(
+        mt(GLOSS, GLOSS.replace(" weight: 1,", "").rstrip() + "  #!\n"), "stages[2].multitask.tasks[1]",
+        ("weight is missing", "mixing: weights")),
+    "multitask-temperature-zero": Case(
+        mt("      mixing: weights\n", "      mixing: temperature\n      temperature: 0  #!\n"),
+        "stages[2].multitask.temperature", ("greater than 0",)),
+    "multitask-weight-with-temperature": Case(
+        mt("      mixing: weights\n      tasks:\n" + SENSE,
+           "      mixing: temperature\n      tasks:\n" + SENSE.rstrip() + "  #!\n"),
+        "stages[2].multitask.tasks[0].weight", ("weight is for mixing: weights",)),
+    "multitask-negative-loss-weight": Case(
+        mt(GLOSS, GLOSS.replace("weight: 1,", "weight: 1, loss_weight: -0.5,").rstrip() + "  #!\n"),
+        "stages[2].multitask.tasks[1].loss_weight", ("greater than or equal to 0",)),
+    "multitask-two-mlm-tasks": Case(
+        mt(GLOSS, GLOSS + GLOSS.replace("gloss", "more").rstrip() + "  #!\n"), "stages[2].multitask.tasks[2].type",
+        ("at most one mlm task",)),
+    "multitask-task-data-file-missing": Case(
+        mt(GLOSS, GLOSS.replace("train.txt", "gone.txt").rstrip() + "  #!\n"),
+        "stages[2].multitask.tasks[1].data.train", ("data file not found", "gone.txt")),
+    "multitask-task-data-file-broken": Case(
+        mt(SENSE, SENSE.replace("train.jsonl", "broken.jsonl").rstrip() + "  #!\n"),
+        "stages[2].multitask.tasks[0].data.train", ("broken.jsonl: line 2: not JSON",)),
+    "multitask-task-data-file-missing-on-run": Case(
+        mt(GLOSS, GLOSS.replace("train.txt", "gone.txt").rstrip() + "  #!\n"),
+        "stages[2].multitask.tasks[1].data.train", ("data file not found",), command="run"),
+    "multitask-stage-data-section": Case(
+        mt("    multitask:\n", "    data: {train: train.jsonl}  #!\n    multitask:\n"), "stages[2].data",
+        ("each task has its own: multitask.tasks[].data",)),
+    "multitask-epochs": Case(
+        mt("    train: {max_steps: 5, micro_batch_size: 4}\n", "    train: {epochs: 1, micro_batch_size: 4}  #!\n"),
+        "stages[2].train.epochs", ("needs train.max_steps",)),
+}
+
+
 CUSTOM_DS = '{"zero_optimization": {"stage": 1}, "optimizer": {"type": "AdamW", "params": {"lr": 0.1}}}\n'
 
 
@@ -343,6 +518,27 @@ def write_inputs(folder: Path) -> None:
     (folder / "broken.jsonl").write_text(labelled[0] + "\n" + labelled[1][:-5] + "\n", encoding="utf-8")
     (folder / "null-text.jsonl").write_text(labelled[0] + '\n{"text": null, "label": "food"}\n', encoding="utf-8")
     (folder / "other.jsonl").write_text('{"text": "a grain", "label": "food", "source": "x"}\n', encoding="utf-8")
+    write_model_folders(folder)
+
+
+TINY_CONFIG = ('{"model_type": "bert", "hidden_size": 32, "num_attention_heads": 2, "num_hidden_layers": 1, '
+               '"intermediate_size": 64, "max_position_embeddings": 64}\n')
+
+
+def write_model_folders(folder: Path) -> None:
+    """Local folders that look like save_pretrained folders and are not: validate only looks at what they hold
+    (the weights are never read, so a few bytes stand for them)."""
+    for name, files in {
+        "no-config": {"model.safetensors": "not read"},
+        "no-weights": {"config.json": TINY_CONFIG.replace(', "max_position_embeddings": 64', "")},
+        "small-model": {"config.json": TINY_CONFIG, "model.safetensors": "not read"},
+        "model-only": {"config.json": TINY_CONFIG.replace(', "max_position_embeddings": 64', ""),
+                       "model.safetensors": "not read"},
+        "broken-tokenizer": {"tokenizer.json": "{not json", "tokenizer_config.json": "{}"},
+    }.items():
+        (folder / name).mkdir(exist_ok=True)
+        for file, text in files.items():
+            (folder / name / file).write_text(text, encoding="utf-8")
 
 
 def marked_line(text: str) -> int:
@@ -445,7 +641,7 @@ stages:
     name: pre
     kind: mlm
     init:
-      config: {model_type: bert, hidden_size: 32}
+      config: {model_type: bert, hidden_size: 32, num_attention_heads: 2}
     tokenizer: {from: tok}
     data: {train: train.txt, eval: eval.txt}
     train: &train {max_steps: 10, micro_batch_size: 4, lr: 0.001}
@@ -469,7 +665,7 @@ stages:
   - name: pre
     kind: mlm
     init:
-      config: {model_type: bert, hidden_size: 32}
+      config: {model_type: bert, hidden_size: 32, num_attention_heads: 2}
     tokenizer: {from: tok}
     data: {train: train.txt, eval: eval.txt}
     train: {max_steps: 10, micro_batch_size: 4, lr: 0.001}
@@ -549,3 +745,21 @@ def test_run_dir_flag_naming_a_file(tmp_path: Path) -> None:
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith(f"baton: {tmp_path / 'train.txt'}: not a run folder"), proc.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_model_checks_that_passed_are_remembered(tmp_path: Path) -> None:
+    """A config or folder that passed is not looked at again (launcher/modelcheck.py): resolving an unchanged
+    manifest imports neither transformers nor torch, so `baton run` with nothing to do stays quick."""
+    write_inputs(tmp_path)
+    manifest = tmp_path / "ok.yaml"
+    manifest.write_text(edit(CLS_INIT, "    init: {pretrained: ./small-model}\n    tokenizer: {from: tok}\n"
+                             ).replace("    data: {train: train.jsonl}\n", "    data: {train: train.jsonl, "
+                                       "max_length: 64}\n"), encoding="utf-8")
+    code = ("import sys; from pathlib import Path; from launcher.manifest import load; "
+            "from launcher.resolve import resolve; resolve(load(Path(sys.argv[1]))); "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    env = {**os.environ, "BATON_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": str(REPO)}
+    runs = [subprocess.run([sys.executable, "-c", code, str(manifest)], cwd=tmp_path, env=env, capture_output=True,
+                           text=True, timeout=120) for _ in range(2)]
+    assert [r.stdout.strip() for r in runs] == ["['torch', 'transformers']", "[]"], [r.stderr for r in runs]
+    assert len(list((tmp_path / "cache" / "modelcheck").iterdir())) == 2  # pre's config, cls's folder

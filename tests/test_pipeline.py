@@ -132,7 +132,7 @@ stages:
   - name: finetune
     kind: classify
     init: {{pretrained: {final}}}
-    data: {{train: {tiny_run['root'] / 'data' / 'train.jsonl'}, labels: [alpha, beta]}}
+    data: {{train: {tiny_run['root'] / 'data' / 'train.jsonl'}, labels: [alpha, beta], max_length: 32}}
     train: {{max_steps: 2, micro_batch_size: 4}}
 """)
     proc = baton("run", manifest, "--run-dir", tmp_path / "run", env=hf_env, check=False)

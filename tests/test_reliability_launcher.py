@@ -11,6 +11,9 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,14 +24,14 @@ import launcher.pipeline
 import launcher.plan
 import launcher.report
 from contract.files import dir_digest
-from contract.layout import Output, Result, stage_dir, write_bad_input, write_result
+from contract.layout import Output, Result, read_metrics, stage_dir, write_bad_input, write_result
 from contract.spec import Spec
 from launcher import attempts, cli
 from launcher.errors import ConfigError
 from launcher.ledger import Ledger, read
 from launcher.plan import Step, make_plan, outputs_of
 from launcher.resolve import build_spec
-from tests.conftest import baton, pipeline_manifest
+from tests.conftest import WORDNET, baton, pipeline_manifest
 from tests.test_ledger_plan import actions, reasons, stages_of, write_manifest
 
 Act = Callable[[Spec, Path], int]
@@ -412,6 +415,7 @@ def test_real_stage_exiting_2_keeps_its_previous_output(tiny_run: dict[str, Any]
     assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "bad input: data: train row 0: label" in proc.stdout
     assert "previous output is kept" in proc.stdout
+    assert not [noise for noise in TORCHRUN_NOISE if noise in proc.stdout + proc.stderr], proc.stdout + proc.stderr
 
     after_files = snapshot(folder)
     kept = {k: v for k, v in after_files.items() if not k.startswith("logs/attempt-2/")}
@@ -423,3 +427,101 @@ def test_real_stage_exiting_2_keeps_its_previous_output(tiny_run: dict[str, Any]
     assert baton("verify", run_dir, env=hf_env).stdout.count(": ok ") == 3
     out = baton("run", tiny_run["manifest"], "--run-dir", run_dir, env=hf_env).stdout
     assert "nothing to do" in out
+
+
+# ----------------------------------------------------------------- the terminal, a stop request, real stages
+
+
+def tokenizer_manifest(folder: Path, data: str, *, vocab: int = 600, extra: str = "") -> Path:
+    """A one-stage manifest: a SentencePiece tokenizer (one process, no checkpoints) on `data`."""
+    path = folder / "tok.yaml"
+    path.write_text(f"""version: 1
+run: {{name: tok}}
+stages:
+  - name: tok
+    kind: tokenizer
+    data: {{train: {data}{extra}}}
+    sentencepiece: {{vocab_size: {vocab}}}
+""")
+    return path
+
+
+def glosses(path: Path, lines: int, copies: int = 1) -> Path:
+    text = (WORDNET / "pretrain.txt").read_text().splitlines()[:lines]
+    path.write_text("\n".join(text * copies) + "\n")
+    return path
+
+
+TORCHRUN_NOISE = ("Traceback", "ChildFailedError", "SignalException", "torch/distributed")
+
+
+@pytest.mark.slow
+def test_a_stage_exiting_2_shows_its_one_line_and_torchruns_report_stays_in_the_logs(
+        tmp_path: Path, hf_env: dict[str, str]) -> None:
+    """The stage finds what validate cannot (a JSON array file without the text field: validate reads only JSON
+    lines), writes error.json and exits 2; torchrun reports that as a failed child with a traceback, which goes
+    to the attempt's torchrun.log, not to the terminal."""
+    (tmp_path / "rows.json").write_text(json.dumps([{"body": f"gloss {n}"} for n in range(50)]))
+    run_dir = tmp_path / "run"
+    proc = baton("run", tokenizer_manifest(tmp_path, "rows.json"), "--run-dir", run_dir, env=hf_env, check=False)
+    terminal = proc.stdout + proc.stderr
+    assert proc.returncode == 2, terminal
+    attempt = run_dir / "stages" / "tok" / "logs" / "attempt-1"
+    assert (f"== tok: bad input: data.text_field: column 'text' not in ['{tmp_path / 'rows.json'}'] "
+            f"(columns: ['body']); logs in {attempt} (") in proc.stdout, terminal
+    assert not [noise for noise in TORCHRUN_NOISE if noise in terminal], terminal
+    assert proc.stderr == "", proc.stderr
+    assert "ChildFailedError" in (attempt / "torchrun.log").read_text()
+    assert read(run_dir)["stages"]["tok"]["state"] == "failed"
+
+
+@pytest.mark.slow
+def test_a_crashing_stage_shows_the_end_of_rank_0s_stderr(tmp_path: Path, hf_env: dict[str, str]) -> None:
+    """A real crash (exit 1: SentencePiece refuses a vocabulary larger than 30 lines allow) shows the stage's own
+    traceback from rank 0's stderr, not torchrun's."""
+    manifest = tokenizer_manifest(tmp_path, glosses(tmp_path / "few.txt", 30).name, vocab=5000)
+    proc = baton("run", manifest, "--run-dir", tmp_path / "run", env=hf_env, check=False)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    head, _, tail = proc.stdout.partition("== tok: the end of rank 0's stderr (")
+    assert tail, proc.stdout
+    assert "/attempt-1/" in tail.splitlines()[0] and tail.splitlines()[0].endswith("/0/stderr.log):")
+    assert "RuntimeError" in tail and "Vocabulary size too high (5000)" in tail
+    assert "== tok: failed with exit code 1; logs in " in tail
+    assert not [noise for noise in ("ChildFailedError", "torch/distributed") if noise in proc.stdout + proc.stderr]
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_the_tokenizer_stops_it_with_75_and_a_rerun_trains_it_again(
+        tmp_path: Path, hf_env: dict[str, str]) -> None:
+    """SentencePiece trains in C++ and keeps no checkpoints: a stop request ends the stage at once with exit 75,
+    no final/, no result.json and state preempted; the next `baton run` trains it from the start."""
+    manifest = tokenizer_manifest(tmp_path, glosses(tmp_path / "many.txt", 40_000, copies=3).name, vocab=8000)
+    run_dir = tmp_path / "run"
+    folder = run_dir / "stages" / "tok"
+    proc = subprocess.Popen([sys.executable, "-m", "launcher.cli", "run", str(manifest), "--run-dir", str(run_dir)],
+                            env=hf_env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + 180
+    while not any(r.get("event") == "start" for r in read_metrics(folder)):  # the stage is up
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+        time.sleep(0.1)
+    time.sleep(3)  # reading the data and training
+    asked = time.monotonic()
+    proc.send_signal(signal.SIGINT)  # Ctrl-C: the terminal sends it to the driver
+    terminal, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 75, terminal
+    assert "baton: SIGINT: asking the stage" in terminal
+    assert "tok: stopped on a signal after" in terminal and "nothing saved, exit 75" in terminal
+    assert "== tok: stopped on the signal before it had anything to keep; running it again starts it over" in terminal
+    assert not [noise for noise in TORCHRUN_NOISE if noise in terminal], terminal
+    assert time.monotonic() - asked < 60  # not after training to the end
+    entry = read(run_dir)["stages"]["tok"]
+    assert entry["state"] == "preempted" and [a["outcome"] for a in entry["attempts"]] == ["preempted"]
+    assert not (folder / "final").exists() and not (folder / "result.json").exists()
+    assert read_metrics(folder)[-1]["event"] == "stop"
+
+    out = baton("run", manifest, "--run-dir", run_dir, env=hf_env).stdout
+    assert "== tok (tokenizer): rerun (preempted; no complete checkpoint, starting over)" in out
+    entry = read(run_dir)["stages"]["tok"]
+    assert entry["state"] == "done" and [a["outcome"] for a in entry["attempts"]] == ["preempted", "done"]
+    assert (folder / "final" / "tokenizer.json").is_file() and baton("verify", run_dir, env=hf_env).returncode == 0

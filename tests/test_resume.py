@@ -21,22 +21,23 @@ pytestmark = pytest.mark.slow
 STEPS = 30
 
 
-def mlm_manifest(tokenizer: Path, zero: str) -> str:
+def mlm_manifest(tokenizer: Path, zero: str, nproc: int = 2, grad_accum: int = 2, init: str = TINY_BERT) -> str:
     return f"""version: 1
 run: {{name: resume-{zero}}}
 defaults:
-  launcher: {{nproc_per_node: 2}}
+  launcher: {{nproc_per_node: {nproc}}}
   deepspeed: {{config: {zero}}}
   seed: 11
 stages:
   - name: pretrain
     kind: mlm
     init:
-{TINY_BERT}
+{init}
     tokenizer: {{pretrained: {tokenizer}}}
     data: {{train: data/pretrain.txt, max_length: 32}}
-    train: {{max_steps: {STEPS}, micro_batch_size: 8, grad_accum: 2, lr: 1.0e-3, warmup_steps: 5, schedule: cosine}}
-    checkpoint: {{every_steps: 5, keep_last: 2}}
+    train: {{max_steps: {STEPS}, micro_batch_size: 8, grad_accum: {grad_accum}, lr: 1.0e-3, warmup_steps: 5,
+             schedule: cosine, weight_decay: 0.01, log_every: 1}}
+    checkpoint: {{every_steps: 5, keep_last: 2, on_world_size_change: resume}}
     eval: {{at_end: false}}
 """
 
@@ -80,10 +81,11 @@ def setup(tiny_run: dict[str, Path]):
     """Write a one-stage manifest (and a link to the shared data) into a folder; return its path."""
     tokenizer = tiny_run["run_dir"] / "stages" / "tokenizer" / "final"
 
-    def write(folder: Path, zero: str) -> Path:
-        (folder / "data").symlink_to(tiny_run["root"] / "data")
+    def write(folder: Path, zero: str, **kwargs) -> Path:
+        if not (folder / "data").exists():
+            (folder / "data").symlink_to(tiny_run["root"] / "data")
         manifest = folder / "m.yaml"
-        manifest.write_text(mlm_manifest(tokenizer, zero))
+        manifest.write_text(mlm_manifest(tokenizer, zero, **kwargs))
         return manifest
     return write
 
@@ -144,3 +146,67 @@ def test_sigterm_checkpoints_exits_75_and_resumes(setup, straight, hf_env: dict[
     entry = json.loads((run_dir / "ledger.json").read_text())["stages"]["pretrain"]
     assert entry["state"] == "done" and entry["attempts"][1]["resumed_from"] == f"step{stop[0]['step']:08d}"
     assert_same_weights(straight("zero2"), final_weights(run_dir))
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """step -> training loss, from the stage's metrics.jsonl (the newest record of each step)."""
+    lines = (run_dir / "stages" / "pretrain" / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["loss"] for r in map(json.loads, lines) if r["event"] == "train"}
+
+
+# No dropout: a rank's dropout stream cannot follow it to another world size, and without it the
+# resumed run must compute what the uninterrupted one did, up to the order of float sums.
+NO_DROPOUT = TINY_BERT + "\n        hidden_dropout_prob: 0.0\n        attention_probs_dropout_prob: 0.0"
+
+
+@pytest.mark.parametrize("zero, before, after", [("zero2", 2, 1), ("zero3", 1, 2), ("zero0", 2, 1)])
+def test_resume_at_another_world_size_continues_the_same_run(zero: str, before: int, after: int, setup,
+                                                            hf_env: dict[str, str], tmp_path: Path) -> None:
+    """2 ranks -> 1 and 1 -> 2 with the same global batch (grad_accum makes up for the ranks): the stage
+    resumes through a universal checkpoint at the same sample, its losses go on as an uninterrupted run's,
+    and the ledger records the change."""
+    import torch
+
+    first, second = ({"nproc": n, "grad_accum": 4 // n, "init": NO_DROPOUT} for n in (before, after))
+    (tmp_path / "straight").mkdir()
+    baton("run", setup(tmp_path / "straight", zero, **first), "--run-dir", tmp_path / "straight" / "run", env=hf_env)
+
+    manifest, run_dir = setup(tmp_path, zero, **first), tmp_path / "run"
+    proc = start(manifest, run_dir, hf_env)
+    wait_for_checkpoint(run_dir, proc, min_step=10)
+    os.kill(proc.pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 75, out
+    ckpt = run_dir / "stages" / "pretrain" / "ckpt"
+    stopped = json.loads((ckpt / (ckpt / "LATEST").read_text().strip() / "COMPLETE").read_text())
+    assert stopped["world_size"] == before and stopped["step"] < STEPS
+
+    setup(tmp_path, zero, **second)
+    resume = manifest.read_text()
+    manifest.write_text(resume.replace("on_world_size_change: resume", "on_world_size_change: restart"))
+    plan = baton("run", manifest, "--run-dir", run_dir, "--dry-run", env=hf_env).stdout
+    assert f"RERUN: changed: deepspeed.gradient_accumulation_steps {4 // before} -> {4 // after}" in plan, plan
+
+    manifest.write_text(resume)
+    out = baton("run", manifest, "--run-dir", run_dir, env=hf_env).stdout
+    assert f"resume from step{stopped['step']:08d}, saved at world size {before}" in out, out
+    universal = zero != "zero0"  # ZeRO-0 checkpoints hold whole states, which load at any world size
+    assert ("converting" in out) == universal, out
+    entry = json.loads((run_dir / "ledger.json").read_text())["stages"]["pretrain"]
+    assert entry["state"] == "done", out
+    assert entry["attempts"][1]["world_size"] == after
+    assert entry["attempts"][1]["world_size_change"] == {"from": before, "to": after, "step": stopped["step"]}
+    assert not (ckpt / "universal").exists(), "the conversion outlived the next checkpoint"
+
+    want, got = losses(tmp_path / "straight" / "run"), losses(run_dir)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    jumps = {s: (want[s], got[s]) for s in range(stopped["step"] + 1, STEPS + 1)
+             if abs(want[s] - got[s]) > 1e-5 * abs(want[s])}
+    assert not jumps, f"after the resume the loss differs from the uninterrupted run's (step: want, got): {jumps}"
+    a, b = final_weights(tmp_path / "straight" / "run"), final_weights(run_dir)
+    far = {k: float((a[k] - b[k]).abs().max()) for k in a if not torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6)}
+    assert not far, f"final weights differ beyond float-order noise: {far}"
+
+    setup(tmp_path, zero, **first)  # back to the first world size: the done stage is kept
+    plan = baton("run", manifest, "--run-dir", run_dir, "--dry-run", env=hf_env).stdout
+    assert f"SKIP: done at world size {after}; kept at {before}" in plan, plan

@@ -5,10 +5,17 @@ driver only; the driver forwards one SIGTERM, torchrun forwards it to every rank
 and the ranks finish their step, checkpoint and exit 75. A second Ctrl-C kills.
 If the driver itself dies, the kernel sends torchrun SIGTERM (PR_SET_PDEATHSIG),
 so no stage trains on without a driver to record it.
+
+The terminal gets rank 0's stdout (progress) and the driver's own lines. torchrun's
+stderr (its warnings, and the ChildFailedError traceback it prints for any rank
+that exits non-zero, even a stage's exit 2 with its one-line reason) goes to
+TORCHRUN_LOG in the attempt's log folder; the driver tells what happened and, for
+a crash, shows the end of rank 0's stderr (`attempts.error_tail`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -20,6 +27,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # how long torchrun waits for ranks to checkpoint after a signal before it kills them
 SHUTDOWN_TIMEOUT_S = 600
 PR_SET_PDEATHSIG = 1
+TORCHRUN_LOG = "torchrun.log"  # in the attempt's log folder: the stderr of torchrun (and, under Slurm, srun)
 
 
 class LocalBackend:
@@ -37,7 +45,10 @@ class LocalBackend:
         env.setdefault("PYTHONUNBUFFERED", "1")
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
         env.setdefault("OMP_NUM_THREADS", "1")  # torchrun's own default for several ranks, without its banner
-        proc = subprocess.Popen(argv, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+        log = _launcher_log(argv)
+        with open(log, "ab") if log else contextlib.nullcontext() as stderr:
+            proc = subprocess.Popen(argv, env=env, stderr=stderr, start_new_session=True,
+                                    preexec_fn=_die_with_parent)
         interrupted = False
 
         def forward(signum: int, _frame: object) -> None:
@@ -71,6 +82,15 @@ def torchrun(rendezvous: list[str], kind: str, spec_path: Path, nproc_per_node: 
         "--log-dir", str(log_dir), "--redirects", "3", "--tee", "1", "--local-ranks-filter", "0",
         "-m", f"stages.{kind}", "--spec", str(spec_path),
     ]
+
+
+def _launcher_log(argv: list[str]) -> Path | None:
+    """Where the stderr of the command (torchrun's, srun's) goes: TORCHRUN_LOG beside the ranks' logs."""
+    if "--log-dir" not in argv:
+        return None
+    folder = Path(argv[argv.index("--log-dir") + 1])
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / TORCHRUN_LOG
 
 
 def _die_with_parent() -> None:

@@ -13,6 +13,8 @@ import json
 import os
 import random
 import shutil
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +22,11 @@ from pathlib import Path
 import torch
 
 from contract.files import file_digest, fsync_dir, write_atomic, write_json
-from contract.layout import TAG, ckpt_dir, complete_tags, step_of, tag_of
+from contract.layout import TAG, ckpt_dir, complete_tags, continues, step_of, tag_of
 from stages.runtime import dist
 from stages.runtime.spec import Spec, SpecError
+
+UNIVERSAL = "universal"  # ckpt/universal/<tag>/: a checkpoint converted for another world size
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,14 +35,20 @@ class Position:
     samples: int
 
 
-def find_latest(spec: Spec) -> str | None:
-    """Collective. The newest complete and intact checkpoint's tag, or None when there is no checkpoint.
+@dataclass(frozen=True, slots=True)
+class Saved:
+    tag: str
+    world_size: int | None  # what it was saved at; None: before baton recorded it
+
+
+def find_latest(spec: Spec) -> Saved | None:
+    """Collective. The newest complete and intact checkpoint, or None when there is no checkpoint.
 
     Scans for COMPLETE rather than trusting LATEST alone: a run killed between
     the two writes still resumes from the newer, complete checkpoint. A checkpoint
     whose files differ from what COMPLETE recorded is passed over with a warning
-    naming the file; when none is intact, or the newest was made with another
-    fingerprint, the stage stops with exit 2.
+    naming the file; when none is intact, or the newest does not continue this
+    stage (other settings), the stage stops with exit 2.
     """
     root = ckpt_dir(spec.stage_dir)
     damaged: list[str] = []
@@ -48,7 +58,7 @@ def find_latest(spec: Spec) -> str | None:
         except (OSError, ValueError):
             damaged.append(f"{tag}/COMPLETE: unreadable")
             continue
-        if n == 0 and marker.get("fingerprint") != spec.fingerprint:
+        if n == 0 and not continues(marker, spec.fingerprint, spec.any_world):
             raise SpecError(
                 f"{root / tag}: checkpoint fingerprint {marker.get('fingerprint')} != spec fingerprint "
                 f"{spec.fingerprint}; the stage changed, clear its folder to rerun it"
@@ -57,13 +67,34 @@ def find_latest(spec: Spec) -> str | None:
         if problem is None:
             if damaged:
                 dist.print0(f"warning: resuming from {tag}, the newest intact checkpoint")
-            return tag
+            return Saved(tag, marker.get("world_size"))
         damaged.append(f"{tag}/{problem}")
         dist.print0(f"warning: checkpoint {tag} is damaged ({problem}); trying the one before it")
     if damaged:
         raise SpecError(f"{root}: no intact checkpoint to resume from ({'; '.join(damaged)}); "
                         "delete the stage folder's ckpt/ to start the stage over")
     return None
+
+
+def to_universal(spec: Spec, tag: str) -> None:
+    """Collective. Convert a checkpoint saved at another world size into DeepSpeed's universal format, in
+    ckpt/universal/<tag>/ (kept until the next checkpoint is saved, so a second attempt need not convert again).
+
+    ZeRO-1 and 2 checkpoints hold no state for parameters that never had a gradient: --inject_missing_state
+    fills it in, as DeepSpeed's docs ask."""
+    out = ckpt_dir(spec.stage_dir) / UNIVERSAL / tag
+    if dist.is_main() and not (out / "DONE").exists():
+        shutil.rmtree(out, ignore_errors=True)
+        dist.print0(f"{spec.stage}: converting {tag} to a universal checkpoint for world size {dist.world_size()}")
+        proc = subprocess.run(
+            [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+             str(ckpt_dir(spec.stage_dir) / tag), "--output_folder", str(out), "--inject_missing_state"],
+            capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"converting {tag} to a universal checkpoint failed:\n{proc.stdout[-3000:]}"
+                               f"{proc.stderr[-3000:]}")
+        write_atomic(out / "DONE", tag + "\n")
+    dist.barrier()
 
 
 def verify(folder: Path, files: dict[str, dict] | None) -> str | None:
@@ -99,10 +130,12 @@ def save(engine, spec: Spec, pos: Position) -> str:
     """Collective. Returns the tag."""
     root, tag = ckpt_dir(spec.stage_dir), tag_of(pos.step)
     client = {"step": pos.step, "samples": pos.samples, "fingerprint": spec.fingerprint}
-    if dist.is_main() and (root / tag / "COMPLETE").exists():
-        # A resumed run saves this step again: the folder must not count as complete while it is rewritten.
-        (root / tag / "COMPLETE").unlink()
-        fsync_dir(root / tag)
+    if dist.is_main() and (root / tag).exists():
+        # A run resumed from an older checkpoint saves this step again: what is there (damaged or cut
+        # short, maybe from another world size) goes first, so it never counts as complete.
+        shutil.rmtree(root / tag)
+        fsync_dir(root)
+    dist.barrier()
     engine.save_checkpoint(str(root), tag=tag, client_state=client, save_latest=False)
     rng_path = root / tag / f"rng-rank{dist.rank()}.pt"
     torch.save(_rng_state(), rng_path)
@@ -116,22 +149,50 @@ def save(engine, spec: Spec, pos: Position) -> str:
     dist.barrier()
     files = _records(root / tag)
     if dist.is_main():
-        write_json(root / tag / "COMPLETE", client | {"time": time.time(), "files": files})
+        write_json(root / tag / "COMPLETE", client | {"fingerprint_any_world": spec.fingerprint_any_world,
+                                                      "world_size": dist.world_size(), "time": time.time(),
+                                                      "files": files})
         write_atomic(root / "LATEST", tag + "\n")
         _prune(root, spec.checkpoint.keep_last if spec.checkpoint else 1, pos.step)
+        shutil.rmtree(root / UNIVERSAL, ignore_errors=True)  # a conversion this run resumed from
     return tag
 
 
-def load(engine, spec: Spec, tag: str) -> Position:
-    """Collective. Restores model, optimizer, scheduler, this rank's RNG; returns the data position."""
+def load(engine, spec: Spec, saved: Saved, universal: bool) -> Position:
+    """Collective. Restores model, optimizer, scheduler, this rank's RNG; returns the data position.
+
+    `universal`: from `to_universal`'s conversion (the engine made with load_universal). At another world size
+    a rank the saved run did not have keeps the dropout seed `models.seed_dropout` gave it."""
     root = ckpt_dir(spec.stage_dir)
+    groups = engine.optimizer.param_groups
+    own = [{k: v for k, v in g.items() if k != "params"} for g in groups]
     path, client = engine.load_checkpoint(
-        str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        str(root / UNIVERSAL if universal else root), tag=saved.tag, load_optimizer_states=True,
+        load_lr_scheduler_states=True,
     )
     if path is None:
-        raise RuntimeError(f"{root / tag}: DeepSpeed found no checkpoint to load")
-    _set_rng_state(torch.load(root / tag / f"rng-rank{dist.rank()}.pt", weights_only=True))
+        raise RuntimeError(f"{root / saved.tag}: DeepSpeed found no checkpoint to load")
+    if universal:
+        _mend_universal_load(engine, groups, own)
+    rng = root / saved.tag / f"rng-rank{dist.rank()}.pt"
+    if rng.is_file():
+        _set_rng_state(torch.load(rng, weights_only=True))
+    elif saved.world_size in (None, dist.world_size()):
+        raise RuntimeError(f"{rng}: missing")
     return Position(step=int(client["step"]), samples=int(client["samples"]))
+
+
+def _mend_universal_load(engine, groups: list[dict], own: list[dict]) -> None:
+    """Undo two slips of DeepSpeed's ZeRO-3 universal load (0.19), each a drift from the uninterrupted run:
+    every parameter group gets the first group's settings (its weight decay to biases and norms too), and
+    every group's Adam state gets one shared `step` tensor, which each optimizer step then advances once per
+    group. Each group gets back its own settings, its rate where the schedule left it, and its own step."""
+    for group, settings, lr in zip(groups, own, engine.lr_scheduler.get_last_lr(), strict=True):
+        group.update(settings, lr=lr)
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    for state in inner.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
 
 
 def _rng_state() -> dict:

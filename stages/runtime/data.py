@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +66,8 @@ def tokenize(spec: Spec, raw: dict[str, Any], tokenizer, tokenizer_digest: str) 
     data = spec.data
     out_dir = Path(spec.cache_dir, "tokenized")
     keep = [c for c in tokenizer.model_input_names if c != "attention_mask"]
+    c = spec.curriculum
+    difficulty = [c.difficulty.column] if c and c.difficulty and c.difficulty.column else []
 
     def encode(batch: dict[str, list]) -> dict[str, list]:
         pair = batch[data.text_pair_field] if data.text_pair_field else None
@@ -79,9 +81,10 @@ def tokenize(spec: Spec, raw: dict[str, Any], tokenizer, tokenizer_digest: str) 
             if ds is None:
                 out[split] = None
                 continue
+            kept = [data.label_field] + difficulty  # the label, and a curriculum's difficulty column
             key = cache_key(tokenizer_digest, ds._fingerprint, data.text_field, data.text_pair_field,
-                            data.max_length, keep)
-            drop = [c for c in ds.column_names if c != data.label_field]
+                            data.max_length, keep, *([kept] if difficulty else []))
+            drop = [c for c in ds.column_names if c not in kept]
             out[split] = ds.map(
                 encode, batched=True, remove_columns=drop, new_fingerprint=key,
                 cache_file_name=str(out_dir / f"{split}-{key}.arrow"),
@@ -116,9 +119,18 @@ class rank0_first:
             dist.barrier()
 
 
-def collate(ds, indices: Sequence[int], pad_id: int) -> dict[str, torch.Tensor]:
-    """Rows `indices` of a tokenized split, padded to the longest; attention_mask from the lengths."""
+def collate(ds, indices: Sequence[int], pad_id: int, max_length: int | None = None,
+            ends: Collection[int] = ()) -> dict[str, torch.Tensor]:
+    """Rows `indices` of a tokenized split, padded to the longest; attention_mask from the lengths.
+
+    `max_length` (a curriculum phase's) cuts longer rows at batch time: their first max_length - 1 tokens and
+    their last one where it is in `ends` (the tokenizer's special tokens: [SEP], </s>), else the first max_length.
+    """
     rows = ds[list(indices)]
+    if max_length is not None:
+        cuts = [_cut(len(r), max_length, r[-1] in ends if r else False) for r in rows["input_ids"]]
+        rows = {key: [[r[j] for j in keep] for r, keep in zip(values, cuts, strict=True)]
+                if key in ("input_ids", "token_type_ids") else values for key, values in rows.items()}
     ids = rows["input_ids"]
     width = max(len(r) for r in ids)
     batch = {"attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in ids])}
@@ -129,8 +141,17 @@ def collate(ds, indices: Sequence[int], pad_id: int) -> dict[str, torch.Tensor]:
     return batch
 
 
+def _cut(length: int, max_length: int, keep_end: bool) -> range | list[int]:
+    """The positions a row of `length` tokens keeps when cut to `max_length`."""
+    if length <= max_length:
+        return range(length)
+    return [*range(max_length - 1), length - 1] if keep_end else range(max_length)
+
+
 class StreamSampler:
     """This rank's micro-batches, step by step, of the global stream described in the module docstring."""
+
+    max_length: int | None = None  # tokens per example for the current step (a curriculum phase's); None: all
 
     def __init__(self, num_samples: int, *, seed: int, micro_batch: int, grad_accum: int, world_size: int,
                  rank: int, samples: int = 0) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -55,29 +55,48 @@ def ds_config(spec: Spec) -> dict[str, Any]:
     return cfg
 
 
-def initialize(model: torch.nn.Module, spec: Spec, max_steps: int):
-    """deepspeed.initialize with decay/no-decay groups and our schedule, so checkpoints hold its state."""
+def initialize(model: torch.nn.Module, spec: Spec, max_steps: int, load_universal: bool = False, *,
+               groups: list[dict[str, Any]] | None = None, step: int = 0):
+    """deepspeed.initialize with decay/no-decay groups and our schedule, so checkpoints hold its state.
+    `load_universal`: the checkpoint to load is a universal one (saved at another world size).
+    `groups`: the optimizer's parameter groups (default: `param_groups` of every trainable parameter; the
+    layer-wise options give one pair per layer group, each with its own lr). `step`: where the schedule
+    starts, for an engine made mid-run (gradual unfreezing); the schedule multiplies each group's own lr."""
     import deepspeed
 
     train = training(spec).train
+    config = ds_config(spec)
+    if load_universal:
+        config.setdefault("checkpoint", {})["load_universal"] = True
+
+    def schedule(optimizer):
+        for group in optimizer.param_groups:  # LambdaLR asks for it when it starts past step 0
+            group.setdefault("initial_lr", group["lr"])
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train, max_steps), last_epoch=step - 1)
+
     engine, *_ = deepspeed.initialize(
         model=model,
-        model_parameters=param_groups(model, train.weight_decay),
-        config=ds_config(spec),
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(train, max_steps)),
+        model_parameters=param_groups(model.parameters(), train.weight_decay) if groups is None else groups,
+        config=config,
+        lr_scheduler=schedule,
         dist_init_required=False,
     )
+    engine.global_steps = step  # as a resumed engine's count, so checkpoints agree
     return engine
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+def param_groups(params: Iterable[torch.nn.Parameter], weight_decay: float, lr: float | None = None,
+                 ) -> list[dict[str, Any]]:
+    """The trainable ones of `params` as a decay and a no-decay group (empty ones left out), at `lr` when given
+    (else the optimizer's)."""
     # Biases and norm weights are 1-D; decaying them only hurts (BERT, GPT-2 and HF Trainer all exempt them).
     decay: list[torch.nn.Parameter] = []
     no_decay: list[torch.nn.Parameter] = []
-    for p in model.parameters():
+    for p in params:
         if p.requires_grad:
             (decay if _ndim(p) >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    rate = {} if lr is None else {"lr": lr}
+    return [{"params": ps, "weight_decay": wd, **rate} for ps, wd in ((decay, weight_decay), (no_decay, 0.0)) if ps]
 
 
 def _ndim(p: torch.nn.Parameter) -> int:
@@ -110,4 +129,5 @@ def max_steps(train: Train, num_samples: int) -> int:
 
 
 def current_lr(engine) -> float:
-    return float(engine.get_lr()[0])
+    """The highest group's rate: train.lr as the schedule has it (with layer_lr_decay: the head's)."""
+    return max(float(lr) for lr in engine.get_lr())

@@ -54,9 +54,10 @@ def publish(tmp: Path, final: Path) -> str:
 
     Readers see the old final/ or the new one, never a half-written folder.
     """
-    for p in tmp.iterdir():
-        with open(p, "rb") as f:
-            os.fsync(f.fileno())
+    for p in sorted(tmp.rglob("*")):  # sub-folders too (multitask: final/tasks/<name>/)
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     fsync_dir(final.parent)

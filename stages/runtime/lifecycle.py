@@ -11,13 +11,18 @@ A stage script keeps only what is its own: its data and batches, its loss, its e
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import random
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import torch
 from torch import nn
 
-from contract.layout import EXIT_DONE
-from stages.runtime import checkpoint, dist, engine, export, loop, models
+from contract.layout import EXIT_DONE, step_of
+from contract.sections import Unfreeze
+from stages.runtime import checkpoint, curriculum, dist, engine, export, layers, loop, models
 from stages.runtime.checkpoint import Position
 from stages.runtime.data import StreamSampler
 from stages.runtime.dist import Dist
@@ -30,17 +35,37 @@ from stages.runtime.spec import Spec, training
 class Training:
     spec: Spec
     model: nn.Module  # the transformers model: what final/ saves
-    engine: nn.Module  # the DeepSpeed engine; wraps `model`, or a loss module around it
+    engine: Any  # the DeepSpeed engine; wraps `model`, or a loss module around it
     sampler: StreamSampler  # this rank's micro-batches from the current position on
     pos: Position
     max_steps: int
     metrics: Metrics
+    build: Callable[[bool], nn.Module]
+    wrap: Callable[[nn.Module], nn.Module] | None
+    unfreezing: layers.Unfreezing | None  # gradual unfreezing: a new engine at each phase
 
     def fit(self, micro_step: MicroStep, evaluate: Evaluate) -> bool:
         """Train to max_steps; True when a signal stopped it (a checkpoint is saved: exit 75)."""
         stopped, self.pos = loop.fit(self.engine, self.spec, self.sampler, micro_step, evaluate, pos=self.pos,
-                                     max_steps=self.max_steps, metrics=self.metrics)
+                                     max_steps=self.max_steps, metrics=self.metrics, unfreezing=self.unfreezing,
+                                     renew=self.renew)
         return stopped
+
+    def renew(self, pos: Position):
+        """Collective. A fresh engine for the layer groups that train from `pos` on (gradual unfreezing: DeepSpeed
+        fixes the trainable set at initialize): the weights carried over exactly (gathered under ZeRO-3), the
+        schedule at pos.step, Adam's moments started afresh for every trainable group. The engine a resume builds
+        for a checkpoint of this phase is the same, so the run goes on as one never stopped."""
+        with _rng_kept():  # building reseeds; the dropout streams go on as if nothing happened
+            model = self.build(True)
+            net = self.wrap(model) if self.wrap else model
+            layers.copy_weights(self.engine.module, net, zero3=engine.zero_stage(self.spec) == 3)
+            self.engine.destroy()
+            self.engine = _engine(self.spec, net, model, self.max_steps, self.unfreezing, step=pos.step,
+                                  schedule_step=pos.step)
+        self.model = model
+        self.engine.global_samples = pos.samples
+        return self.engine
 
     def finish(self, evaluate: Evaluate, tokenizer) -> int:
         """Collective. The final eval (if eval.at_end), final/ (model + tokenizer), then result.json."""
@@ -56,29 +81,64 @@ class Training:
 
 
 def start(spec: Spec, d: Dist, *, num_samples: int, build: Callable[[bool], nn.Module],
-          wrap: Callable[[nn.Module], nn.Module] | None = None, what: str) -> Training:
+          wrap: Callable[[nn.Module], nn.Module] | None = None, what: str,
+          difficulty: Sequence[float] | None = None, unfreeze: Unfreeze | None = None) -> Training:
     """Collective. Set up a training stage, in the order that makes a resumed run follow an unbroken one.
 
     1. Find the newest complete checkpoint *before* building: resume beats init, so on resume
-       `build(True)` makes only the architecture and the checkpoint brings the weights.
+       `build(True)` makes only the architecture and the checkpoint brings the weights. One saved at
+       another world size (checkpoint.on_world_size_change: resume) is converted to a universal checkpoint.
     2. Build the model (`build(resume)`, seeded alike on every rank) and `wrap` it (a loss module).
-    3. deepspeed.initialize, with the schedule as a LambdaLR so checkpoints hold it.
+    3. deepspeed.initialize, with the schedule as a LambdaLR so checkpoints hold it. With `unfreeze` (gradual
+       unfreezing) or train.layer_lr_decay, the model's layer groups (`layers`) say what trains at which rate.
     4. Seed dropout per rank *after* initialize (which draws from the RNG).
     5. Load the checkpoint: weights, optimizer, schedule, this rank's RNG and the data position.
+
+    `difficulty`: per training example, what a curriculum's easy_first ranks by (`curriculum.difficulty`).
     """
     train = training(spec).train
     max_steps = engine.max_steps(train, num_samples)
-    tag = checkpoint.find_latest(spec)
-    model = build(tag is not None)
-    net = engine.initialize(wrap(model) if wrap else model, spec, max_steps)
+    saved = checkpoint.find_latest(spec)
+    resharded = saved is not None and saved.world_size not in (None, d.world_size)
+    # ZeRO-0 saves whole optimizer states, which load at any world size; ZeRO 1-3 save partitions
+    universal = resharded and engine.zero_stage(spec) > 0
+    if saved is not None and universal:
+        checkpoint.to_universal(spec, saved.tag)
+    model = build(saved is not None)
+    net = wrap(model) if wrap else model
+    unfreezing = None if unfreeze is None else layers.Unfreezing(unfreeze, len(layers.groups(net, model)))
+    net = _engine(spec, net, model, max_steps, unfreezing, step=step_of(saved.tag) if saved else 0,
+                  load_universal=universal)
     models.seed_dropout(spec, d.rank)
-    pos = checkpoint.load(net, spec, tag) if tag else Position(step=0, samples=0)
-    dist.print0(f"{spec.stage}: {what}, {max_steps} steps, ZeRO-{engine.zero_stage(spec)}"
-                + (f", resuming from {tag}" if tag else ""))
-    sampler = StreamSampler(
-        num_samples, seed=spec.seed, micro_batch=train.micro_batch_size, grad_accum=train.grad_accum,
-        world_size=d.world_size, rank=d.rank, samples=pos.samples,
-    )
+    pos = checkpoint.load(net, spec, saved, universal) if saved else Position(step=0, samples=0)
+    resuming = "" if saved is None else f", resuming from {saved.tag}" + (
+        f" (saved at world size {saved.world_size}, now {d.world_size})" if resharded else "")
+    dist.print0(f"{spec.stage}: {what}, {max_steps} steps, ZeRO-{engine.zero_stage(spec)}{resuming}")
     metrics = Metrics(spec.stage_dir, max_steps)
-    metrics.start(pos.step, d.world_size)
-    return Training(spec=spec, model=model, engine=net, sampler=sampler, pos=pos, max_steps=max_steps, metrics=metrics)
+    metrics.start(pos.step, d.world_size, resharded_from=saved.world_size if saved and resharded else None)
+    sampler = curriculum.sampler(spec, d, num_samples=num_samples, step=pos.step, samples=pos.samples,
+                                 difficulty=difficulty, log=metrics.log)
+    return Training(spec=spec, model=model, engine=net, sampler=sampler, pos=pos, max_steps=max_steps, metrics=metrics,
+                    build=build, wrap=wrap, unfreezing=unfreezing)
+
+
+def _engine(spec: Spec, net: nn.Module, model: nn.Module, max_steps: int, unfreezing: layers.Unfreezing | None, *,
+            step: int, schedule_step: int = 0, load_universal: bool = False):
+    """The engine that trains `net` (`model`, or a module around it) at `step`: every parameter, or with the
+    layer-wise options the layer groups that train then, each at its rate. `schedule_step`: where the schedule
+    starts (a resume's checkpoint brings its own)."""
+    train = training(spec).train
+    groups = None
+    if unfreezing is not None or train.layer_lr_decay != 1:
+        groups = layers.optimizer_groups(layers.groups(net, model), step=step, unfreezing=unfreezing, lr=train.lr,
+                                         decay=train.layer_lr_decay, weight_decay=train.weight_decay)
+    return engine.initialize(net, spec, max_steps, load_universal=load_universal, groups=groups, step=schedule_step)
+
+
+@contextlib.contextmanager
+def _rng_kept() -> Iterator[None]:
+    """The torch and Python RNG states as they were before the block."""
+    state = random.getstate()
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+        yield
+    random.setstate(state)

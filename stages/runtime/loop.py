@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -11,36 +12,44 @@ from stages.runtime import checkpoint, dist, signals
 from stages.runtime.checkpoint import Position
 from stages.runtime.data import StreamSampler
 from stages.runtime.engine import current_lr
+from stages.runtime.layers import Unfreezing
 from stages.runtime.metrics import Metrics
 from stages.runtime.spec import Diverged, Spec, training
 
-MicroStep = Callable[[list[tuple[int, int]]], torch.Tensor]
+# A micro-batch's loss, or (loss, its terms by name: logged as a `loss_terms` record, e.g. deep supervision's
+# per-layer losses)
+MicroStep = Callable[[list[tuple[int, int]]], torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]]
 Evaluate = Callable[[int], dict[str, float]]
 
 
 def fit(engine, spec: Spec, sampler: StreamSampler, micro_step: MicroStep, evaluate: Evaluate, *,
-        pos: Position, max_steps: int, metrics: Metrics) -> tuple[bool, Position]:
+        pos: Position, max_steps: int, metrics: Metrics, unfreezing: Unfreezing | None = None,
+        renew: Callable[[Position], Any] | None = None) -> tuple[bool, Position]:
     """Train from `pos` to `max_steps`. Returns (stopped by a signal, position reached).
 
     `micro_step(items)` returns the loss of one micro-batch of (index, epoch)
     items; `evaluate(step)` is collective and returns metrics. Checkpoints
     every `checkpoint.every_steps` and on a stop request, then returns at once.
+    With `unfreezing`, each new phase trains on the engine `renew(pos)` makes, from a checkpoint of its own.
     """
     settings = training(spec)
     every_ckpt, every_eval = settings.checkpoint.every_steps, settings.eval.every_steps
     start = step = pos.step
     window = torch.zeros(2, dtype=torch.float64)  # loss sum, micro-batch count since the last log line
+    terms: dict[str, float] = {}  # the loss terms' sums since the last log line
     nonfinite_run = 0  # consecutive steps with a NaN or infinite loss on some rank
     engine.train()
     while step < max_steps:
         finite = True
         for items in sampler.next_step():
-            loss = micro_step(items)
+            loss, parts = _terms(micro_step(items))
             engine.backward(loss)
             engine.step()
             value = loss.item()
             finite = finite and math.isfinite(value)
             window += torch.tensor([value, 1.0], dtype=torch.float64)
+            for name, part in parts.items():
+                terms[name] = terms.get(name, 0.0) + part.item()
         step += 1
         # One collective a step, so every rank decides alike: a signal may reach only some ranks,
         # a non-finite loss may show on only some.
@@ -49,17 +58,27 @@ def fit(engine, spec: Spec, sampler: StreamSampler, micro_step: MicroStep, evalu
         if step == start + 1:
             metrics.first_step(step)
         if step % settings.train.log_every == 0 or step == max_steps:
-            dist.all_reduce_sum(window)
-            metrics.train(step, sampler.samples, float(window[0] / window[1]), current_lr(engine))
+            total = dist.all_reduce_sum(torch.tensor([*window.tolist(), *terms.values()], dtype=torch.float64))
+            metrics.train(step, sampler.samples, float(total[0] / total[1]), current_lr(engine))
+            if terms:
+                metrics.log("loss_terms", step=step, terms={k: float(v / total[1]) for k, v in zip(terms, total[2:])})
             window.zero_()
+            terms.clear()
         if nonfinite_run >= settings.train.stop_after_nonfinite:
             metrics.log("stop", step=step, reason="non-finite loss")
             raise Diverged(f"the loss was NaN or infinite for {nonfinite_run} consecutive steps (up to step {step}); "
                            "nothing is exported. Check train.lr and the data (e.g. empty documents); "
                            "train.stop_after_nonfinite sets how many such steps are tolerated")
         pos = Position(step=step, samples=sampler.samples)
+        new_phase = unfreezing is not None and unfreezing.starts_phase(step) and step < max_steps
+        if new_phase:
+            assert renew is not None, "unfreezing comes with renew"
+            # Gradual unfreezing: DeepSpeed fixes the trainable set at initialize, so the phase gets an engine of
+            # its own, and a checkpoint of it at once (a resume in this phase loads into the same engine)
+            engine = renew(pos)
+            engine.train()
         stop = bool(stop_flag)
-        if stop or (every_ckpt and step % every_ckpt == 0 and step < max_steps):
+        if stop or new_phase or (every_ckpt and step % every_ckpt == 0 and step < max_steps):
             tag = checkpoint.save(engine, spec, pos)
             metrics.log("checkpoint", step=step, tag=tag)
         if stop:
@@ -81,3 +100,7 @@ def record_eval(spec: Spec, metrics: Metrics, step: int, values: dict[str, float
     if dist.is_main():
         write_json(f"{spec.stage_dir}/eval.json", json_safe({"step": step, **values}))
         dist.print0("eval " + "  ".join(f"{k} {v:.4f}" for k, v in values.items()))
+
+
+def _terms(out: torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]) -> tuple[torch.Tensor, dict]:
+    return out if isinstance(out, tuple) else (out, {})

@@ -1,0 +1,241 @@
+"""A look at the models and tokenizers a stage will load, before anything launches.
+
+What a stage would otherwise meet after launch as a crash under torchrun: a `config:` that transformers'
+config class refuses (an unknown model_type, a value of the wrong type, attention heads that do not divide
+the hidden size), a local folder with no model or no tokenizer in it, examples longer than the model's
+position embeddings. Only what is cheap: configs are built without weights, a folder's weights are looked
+for, not read; tokenizers load (they are small). Local folders only: a hub name is never looked up.
+
+transformers, and with it torch (2.5 s), is imported by the first check that needs it, never at module level,
+and once per process. A check that passed is remembered (`_remembered`: a small JSON file per config or
+folder digest in ~/.cache/baton, or $BATON_CACHE_DIR) for the same transformers and the same version of this
+file, so an unchanged manifest (`baton run` with nothing to do) imports neither. Failures are not remembered.
+Messages name no place in the manifest: the caller (`resolve`) prefixes `file:line key.path`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import functools
+import hashlib
+import importlib.metadata
+import json
+import os
+import re
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from contract.files import write_atomic
+
+Problem = tuple[tuple[str, ...], str]  # (key path below the reference's config, or (), message)
+Positions = tuple[str, int]  # (the config's name for it, the number) of a model's position embeddings
+
+# where a config may keep its number of positions (GPT-2: n_positions, behind attribute_map)
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+# what a tokenizer folder holds at least one of (tokenizer.json, tokenizer_config.json, vocab.txt, spiece.model …)
+TOKENIZER_FILES = ("tokenizer*.json", "vocab*", "*.model", "merges.txt", "*.tiktoken")
+
+
+# ----------------------------------------------------------------- models
+
+
+def config(values: dict[str, Any]) -> tuple[Positions | None, list[Problem]]:
+    """`AutoConfig.for_model(**values)`, as the stage builds it (without the vocabulary it takes from the
+    tokenizer): (its positions, problems)."""
+    found, problems = _remembered("config", values, lambda: _config(values))
+    return (None, list(problems)) if problems else (found, [])
+
+
+def _config(values: dict[str, Any]) -> tuple[Positions | None, list[Problem]]:
+    with _quiet() as transformers:
+        from huggingface_hub.errors import StrictDataclassFieldValidationError
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+        model_type = values.get("model_type")
+        if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+            close = difflib.get_close_matches(str(model_type).lower(), list(CONFIG_MAPPING.keys()), n=3)
+            hint = f"did you mean {' or '.join(close)}?" if close else "e.g. bert, roberta, gpt2, llama, qwen2"
+            return None, [(("model_type",), f"unknown model_type {model_type!r} to transformers "
+                                            f"{transformers.__version__}; {hint}")]
+        cls = CONFIG_MAPPING[model_type]
+        try:
+            built = transformers.AutoConfig.for_model(**values)
+        except StrictDataclassFieldValidationError as e:
+            found = re.search(r"field '([^']+)'", str(e))
+            field = found[1] if found else ""
+            return None, [((field,) if field in values else (), f"{cls.__name__} refuses {field or 'it'}: "
+                                                                 f"{_one_line(e.__cause__ or e)}")]
+        except Exception as e:  # the config classes raise what they like (ValueError, TypeError, …)
+            return None, [((), f"{cls.__name__} refuses it: {_one_line(e.__cause__ or e)}")]
+    return positions(built), [((), p) for p in _architecture(built)]
+
+
+def _architecture(config: Any) -> list[str]:
+    """Shapes the model classes refuse only when they are built (after launch): attention heads that do not
+    divide the hidden size (where no head_dim is given), key-value heads that do not divide the heads."""
+    names = getattr(config, "attribute_map", None) or {}
+
+    def name(key: str) -> str:  # as the config spells it (GPT-2: n_head, n_embd)
+        return str(names.get(key, key))
+
+    hidden = getattr(config, "hidden_size", None)
+    heads = getattr(config, "num_attention_heads", None)
+    kv = getattr(config, "num_key_value_heads", None)
+    problems = []
+    if isinstance(heads, int) and heads < 1:
+        problems.append(f"{name('num_attention_heads')} {heads}: at least 1 is needed")
+    elif (isinstance(heads, int) and isinstance(hidden, int) and hidden % heads
+          and getattr(config, "head_dim", None) is None and not hasattr(config, "embedding_size")):
+        problems.append(f"{name('num_attention_heads')} {heads} does not divide {name('hidden_size')} {hidden}")
+    if isinstance(heads, int) and heads >= 1 and isinstance(kv, int) and (kv < 1 or heads % kv):
+        problems.append(f"{name('num_key_value_heads')} {kv} does not divide {name('num_attention_heads')} {heads}")
+    return problems
+
+
+@functools.cache
+def model_folder(path: str, digest: str) -> tuple[Positions | None, tuple[str, ...]]:
+    """A local folder the stage loads with `from_pretrained` (its files' `digest`): (its positions, problems)."""
+    found, problems = _remembered("model folder", [path, digest], lambda: _model_folder(path))
+    return found, tuple(problems or ())
+
+
+def _model_folder(path: str) -> tuple[Positions | None, tuple[str, ...]]:
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        return None, (f"{path} holds no model: no config.json (a save_pretrained folder holds config.json and "
+                      "model.safetensors)",)
+    with _quiet() as transformers:
+        try:
+            built = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+        except Exception as e:
+            return None, (f"{folder / 'config.json'} does not load as a model config: {_one_line(e)}",)
+        from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+
+    names = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
+    if not any((folder / n).is_file() for n in names):
+        return positions(built), (f"{path} holds no model weights: none of {', '.join(names)}",)
+    return positions(built), ()
+
+
+def positions(config: Any) -> Positions | None:
+    """A model's position embeddings; None where its config states none (relative positions, T5)."""
+    names = getattr(config, "attribute_map", None) or {}
+    for key in POSITION_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return str(names.get(key, key)), value
+    return None
+
+
+def too_long(length: int, default: bool, found: Positions | None, model: str) -> str | None:
+    """Why `length` tokens per example (data.max_length; `default`: not written) do not fit the model."""
+    if found is None or length <= found[1]:
+        return None
+    key, limit = found
+    return (f"{length}{' (the default)' if default else ''} but the model ({model}) has {limit} position "
+            f"embeddings ({key}); set data.max_length to at most {limit}")
+
+
+def max_length_applies(options: dict[str, Any]) -> bool:
+    """Whether data.max_length caps a stage's examples: not where the kind packs documents into blocks of its
+    own `block_size` (clm), which its stage checks against the positions itself."""
+    return "block_size" not in options
+
+
+# ----------------------------------------------------------------- tokenizers
+
+
+@functools.cache
+def tokenizer_folder(path: str, digest: str) -> str | None:
+    """Why a local folder (its files' `digest`) gives the stage no tokenizer (`AutoTokenizer.from_pretrained`),
+    or None. The stage also needs a pad token (it pads batches)."""
+    _, problem = _remembered("tokenizer folder", [path, digest], lambda: (None, _tokenizer_folder(path)))
+    return problem or None
+
+
+def _tokenizer_folder(path: str) -> str | None:
+    folder = Path(path)
+    if not any(next(folder.glob(pattern), None) for pattern in TOKENIZER_FILES):
+        return (f"{path} holds no tokenizer: none of tokenizer.json, tokenizer_config.json, vocab.*, *.model, "
+                "merges.txt")
+    with _quiet() as transformers:
+        try:
+            tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except Exception as e:
+            return f"{path} does not load as a tokenizer: {_one_line(e)}"
+    if len(tok) <= len(tok.all_special_tokens):
+        return f"{path} holds no tokenizer vocabulary: it loads with only its {len(tok)} special tokens"
+    if tok.pad_token_id is None:
+        return f"{path}: the tokenizer has no pad token (the stage pads its batches)"
+    return None
+
+
+# ----------------------------------------------------------------- transformers, quietly; what passed before
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[Any]:
+    """transformers with its warnings and log lines silenced (validate prints one line per problem, nothing
+    else); yields the module."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import transformers
+        from transformers.utils import logging as hf_logging
+
+        level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            yield transformers
+        finally:
+            hf_logging.set_verbosity(level)
+
+
+def _one_line(error: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _remembered(what: str, key: Any, check: Callable[[], tuple[Any, Any]]) -> tuple[Positions | None, Any]:
+    """`check()` → (positions, problems), unless a check of the same `key` passed before (with the same
+    `_versions`): then its positions from the cache and no problems. Only a check that passed is written down.
+    Without a usable cache (a key that is not JSON, no home folder) it just checks."""
+    try:
+        blob = json.dumps([what, key, _versions()], sort_keys=True)
+        path: Path | None = _cache_dir() / f"{hashlib.sha256(blob.encode()).hexdigest()}.json"
+    except Exception:  # TypeError: not JSON; RuntimeError: no home; PackageNotFoundError …
+        path = None
+    if path is not None:
+        try:
+            found = json.loads(path.read_text(encoding="utf-8"))["positions"]
+            if found is None:
+                return None, ()
+            if isinstance(found, list) and len(found) == 2 and isinstance(found[0], str) \
+                    and isinstance(found[1], int):
+                return (found[0], found[1]), ()
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    found, problems = check()
+    if path is not None and not problems:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, json.dumps({"positions": list(found) if found else None}) + "\n")
+        except OSError:
+            pass
+    return found, problems
+
+
+def _cache_dir() -> Path:
+    """$BATON_CACHE_DIR/modelcheck, else baton/modelcheck in the user's cache folder (~/.cache)."""
+    own = os.environ.get("BATON_CACHE_DIR")
+    root = Path(own) if own else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "baton"
+    return root / "modelcheck"
+
+
+@functools.cache
+def _versions() -> list[str]:
+    """What a remembered verdict depends on besides its input: the libraries that judged it, and these rules."""
+    libraries = [f"{n} {importlib.metadata.version(n)}" for n in ("transformers", "huggingface_hub", "tokenizers")]
+    return [*libraries, hashlib.sha256(Path(__file__).read_bytes()).hexdigest()]

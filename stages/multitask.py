@@ -1,0 +1,339 @@
+"""Multi-task training: one shared encoder, one head per task (sequence classification, masked-LM).
+
+    python -m torch.distributed.run --nproc_per_node N -m stages.multitask --spec spec.json
+
+Each micro-batch belongs to one task, drawn from p_t (weights, or p_t ∝ n_t^(1/T)) by `draws`, a pure function
+of (seed, global micro-batch index): every rank draws the same task, so all ranks run the same modules (ZeRO-3
+gathers parameters per module) and a step's gradient is the mean over ranks of that task's loss. A task's own
+stream position is how often it was drawn before, recomputed from the step on resume, so a resumed run draws,
+samples and masks exactly as an uninterrupted one. The loss of a micro-batch is its task's loss × loss_weight.
+
+The model: the init model (AutoModelForMaskedLM when a task is mlm, else AutoModel) is the shared encoder; each
+classification task is an AutoModelForSequenceClassification whose base-model children that the encoder has
+(BERT: embeddings, encoder) are the encoder's, so the rest (BERT: pooler, classifier) is the task's own head.
+final/ is the init model's architecture (encoder, with the mlm task's head) + tokenizer; final/tasks/<name>/ is a
+complete save_pretrained classifier folder per classification task.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from contract.kinds.multitask import MultitaskOptions, TaskSettings
+from contract.layout import EXIT_DONE, EXIT_STOPPED, newest_complete
+from stages import classify, mlm
+from stages.runtime import data, dist, engine, entry, export, lifecycle, loop, models
+from stages.runtime.dist import Dist
+from stages.runtime.metrics import language_model_metrics
+from stages.runtime.spec import Diverged, Spec, SpecError, training
+
+BLOCK = 4096  # task draws are made in blocks of this many micro-batches, each block from a seed of its own
+
+
+def probabilities(opts: MultitaskOptions, sizes: list[int]) -> torch.Tensor:
+    """p_t: weights / Σ weights, or n_t^(1/T) normalised (float64)."""
+    if opts.mixing == "weights":
+        w = torch.tensor([t.weight or 0.0 for t in opts.tasks], dtype=torch.float64)
+    else:
+        w = torch.tensor(sizes, dtype=torch.float64) ** (1.0 / opts.temperature)
+    return w / w.sum()
+
+
+class Draws:
+    """The task of global micro-batch m, and how often each task was drawn before m: from (seed, m) alone."""
+
+    def __init__(self, p: torch.Tensor, seed: int) -> None:
+        cdf = p.cumsum(0)
+        self.cdf, self.k, self.seed = cdf / cdf[-1], len(p), seed
+        self._blocks: dict[int, torch.Tensor] = {}
+
+    def block(self, b: int) -> torch.Tensor:
+        if b not in self._blocks:
+            g = torch.Generator().manual_seed(data.seed_of(self.seed, "tasks", b))
+            u = torch.rand(BLOCK, generator=g, dtype=torch.float64)
+            # right=True: a task with p = 0 (a flat step of the cdf) is never drawn
+            self._blocks = {b: torch.searchsorted(self.cdf, u, right=True).clamp(max=self.k - 1)}
+        return self._blocks[b]
+
+    def tasks(self, start: int, count: int) -> list[int]:
+        out: list[int] = []
+        for m in range(start, start + count):
+            out.append(int(self.block(m // BLOCK)[m % BLOCK]))
+        return out
+
+    def counts_before(self, m: int) -> list[int]:
+        counts = torch.zeros(self.k, dtype=torch.long)
+        for b in range(m // BLOCK):
+            counts += torch.bincount(self.block(b), minlength=self.k)
+        counts += torch.bincount(self.block(m // BLOCK)[: m % BLOCK], minlength=self.k)
+        return counts.tolist()
+
+
+class TaskBatch(list):
+    """A micro-batch's (index, epoch) items in its task's stream, and the task."""
+
+    def __init__(self, items: list[tuple[int, int]], task: int) -> None:
+        super().__init__(items)
+        self.task = task
+
+
+class MixedSampler:
+    """This rank's micro-batches, step by step, as `loop.fit` asks a sampler for them (see the module docstring)."""
+
+    max_length: int | None = None
+
+    def __init__(self, draws: Draws, sizes: list[int], *, seed: int, names: list[str], micro: int, accum: int,
+                 world: int, rank: int, step: int, samples: int, log, log_every: int, max_steps: int) -> None:
+        self.draws, self.sizes, self.seed, self.names = draws, sizes, seed, names
+        self.micro, self.accum, self.world, self.rank = micro, accum, world, rank
+        self.step, self.samples, self.log, self.log_every, self.max_steps = step, samples, log, log_every, max_steps
+        self.window: list[list[str]] = []  # the tasks of each step since the last `mixing` record
+        self.used = draws.counts_before(step * accum)  # micro-batches of each task so far
+        self._perms: dict[tuple[int, int], torch.Tensor] = {}
+
+    def next_step(self) -> list[list[tuple[int, int]]]:
+        out: list[list[tuple[int, int]]] = []
+        for task in self.draws.tasks(self.step * self.accum, self.accum):
+            start = self.used[task] * self.micro * self.world + self.rank * self.micro
+            out.append(TaskBatch([self._at(task, start + j) for j in range(self.micro)], task))
+            self.used[task] += 1
+        self.step += 1
+        self.samples += self.micro * self.accum * self.world
+        self.window.append([self.names[b.task] for b in out if isinstance(b, TaskBatch)])
+        if self.step % self.log_every == 0 or self.step == self.max_steps:
+            # per step of the window, its micro-batches' tasks; drawn: micro-batches per task from step 1 on
+            self.log("mixing", step=self.step, tasks=self.window, drawn=dict(zip(self.names, self.used, strict=True)))
+            self.window = []
+        return out
+
+    def _at(self, task: int, i: int) -> tuple[int, int]:
+        epoch, j = divmod(i, self.sizes[task])
+        if (task, epoch) not in self._perms:
+            g = torch.Generator().manual_seed(data.seed_of(self.seed, "task", self.names[task], "epoch", epoch))
+            self._perms = {k: v for k, v in self._perms.items() if k[0] != task or k[1] >= epoch - 1}
+            self._perms[task, epoch] = torch.randperm(self.sizes[task], generator=g)
+        return int(self._perms[task, epoch][j]), epoch
+
+
+class MultitaskNet(nn.Module):
+    """The shared encoder (`model`, with the mlm head if any) and the classifiers that share its base model."""
+
+    def __init__(self, model: Any, classifiers: dict[str, Any], mlm_task: str | None) -> None:
+        super().__init__()
+        self.model = model
+        self.classifiers = nn.ModuleDict(classifiers)
+        self.mlm = mlm.MaskedLMLoss(model) if mlm_task else None
+        self.mlm_task = mlm_task
+
+    def forward(self, task: str, touch: bool = False, **batch: torch.Tensor):
+        """mlm: (sum of masked-token losses, masked tokens); classify: logits. With `touch` (training), also a zero
+        that depends on every other head: each parameter then gets a gradient (zero) at every micro-step. Without
+        it ZeRO-3 keeps the last gradient of a head its micro-step did not use, and a resumed run, whose engine
+        holds none, would part from an unbroken one."""
+        out = self._head(task, batch)
+        if not touch:
+            return out
+        row = {k: v[:1] for k, v in batch.items() if k != "labels"}  # one row: transformers refuses empty batches
+        zero = torch.zeros((), device=batch["input_ids"].device)
+        for other in self._tasks():
+            if other != task:
+                value = self._head(other, row)
+                zero = zero + (value[0] if isinstance(value, tuple) else value).sum() * 0
+        return out, zero
+
+    def _tasks(self) -> list[str]:
+        return [*self.classifiers] + ([self.mlm_task] if self.mlm_task else [])
+
+    def _head(self, task: str, batch: dict[str, torch.Tensor]):
+        if task == self.mlm_task:
+            assert self.mlm is not None
+            if "labels" not in batch:  # the row of `touch`: nothing masked, so its loss is 0
+                batch = batch | {"labels": torch.full_like(batch["input_ids"], -100)}
+            return self.mlm(**batch)
+        return self.classifiers[task](**batch).logits
+
+
+def classifier(model: Any, labels: list[str | int]) -> Any:
+    """An AutoModelForSequenceClassification sharing `model`'s encoder: its base model's children that the
+    encoder has are replaced by the encoder's; what is left (BERT: pooler, classifier) is the task's head."""
+    from transformers import AutoModelForSequenceClassification
+
+    config = copy.deepcopy(model.config)
+    config.architectures = None
+    config.num_labels = len(labels)
+    config.id2label = {i: str(n) for i, n in enumerate(labels)}
+    config.label2id = {str(n): i for i, n in enumerate(labels)}
+    head = AutoModelForSequenceClassification.from_config(config)
+    shared = dict(model.base_model.named_children())
+    for name, _ in list(head.base_model.named_children()):
+        if name in shared:
+            setattr(head.base_model, name, shared[name])
+    return head
+
+
+def main(spec: Spec, d: Dist) -> int:
+    from transformers import AutoModel, AutoModelForMaskedLM
+
+    opts = spec.options_as(MultitaskOptions)
+    settings = training(spec)
+    micro = settings.train.micro_batch_size
+    saved = newest_complete(spec.stage_dir)
+    if saved and saved[1].get("world_size") not in (None, d.world_size):
+        raise SpecError(f"{spec.stage_dir}/ckpt: saved at world size {saved[1]['world_size']}, now {d.world_size}: "
+                        "multitask draws its tasks per global micro-batch and cannot resume at another world size")
+    tokenizer = models.load_tokenizer(spec)
+    digest = data.tokenizer_digest(spec)
+    tasks = [Task(spec, t, tokenizer, digest) for t in opts.tasks]
+    mlm_task = next((t.name for t in tasks if t.settings.type == "mlm"), None)
+    sizes = [len(t.train) for t in tasks]
+    p = probabilities(opts, sizes)
+    shares = ", ".join(f"{t.name} {len(t.train)} ({float(q):.3f})" for t, q in zip(tasks, p, strict=True))
+
+    t = lifecycle.start(
+        spec, d, num_samples=sum(sizes), what=f"multitask, {len(tasks)} tasks: {shares}",
+        build=lambda resume: models.build_model(spec, AutoModelForMaskedLM if mlm_task else AutoModel, tokenizer,
+                                                resume=resume),
+        wrap=lambda model: MultitaskNet(model, {x.name: classifier(model, x.labels) for x in tasks
+                                                if x.settings.type == "classify"}, mlm_task),
+    )
+    t.sampler = MixedSampler(  # type: ignore[assignment]  # loop.fit asks next_step(), samples, max_length
+        Draws(p, spec.seed), sizes, seed=spec.seed, names=[x.name for x in tasks], micro=micro,
+        accum=settings.train.grad_accum, world=d.world_size, rank=d.rank, step=t.pos.step, samples=t.pos.samples,
+        log=t.metrics.log, log_every=settings.train.log_every, max_steps=t.max_steps)
+
+    def micro_step(items: list[tuple[int, int]]) -> torch.Tensor:
+        assert isinstance(items, TaskBatch)
+        task = tasks[items.task]
+        return task.settings.loss_weight * task.loss(t.engine, items)
+
+    def evaluate(step: int) -> dict[str, float]:
+        t.engine.eval()
+        out: dict[str, float] = {}
+        with torch.no_grad():
+            for task in tasks:
+                out |= {f"{task.name}/{k}": v for k, v in task.evaluate(t.engine, micro, d).items()}
+        return out
+
+    if t.fit(micro_step, evaluate):
+        return EXIT_STOPPED
+    # As Training.finish, with the task folders written into final/ before it is published.
+    final_metrics: dict[str, float] = {}
+    if settings.eval.at_end:
+        final_metrics = evaluate(t.pos.step)
+        loop.record_eval(spec, t.metrics, t.pos.step, final_metrics)
+    path, out_digest = save_final(t.engine.module, tokenizer, spec)
+    export.write_result(spec, steps=t.pos.step, samples=t.pos.samples, output=path, digest=out_digest,
+                        metrics=final_metrics)
+    return EXIT_DONE
+
+
+class Task:
+    """One task's data, batches, loss and eval."""
+
+    def __init__(self, spec: Spec, settings: TaskSettings, tokenizer, tokenizer_digest: str) -> None:
+        self.name, self.settings, self.tokenizer = settings.name, settings, tokenizer
+        if settings.name not in spec.sections:
+            raise SpecError(f"sections.{settings.name}: missing (the data of multitask task {settings.name})")
+        view = spec.model_copy(update={"data": spec.sections[settings.name]})  # the data helpers read spec.data
+        raw = data.load_raw(view)
+        self.labels: list[str | int] = []
+        if settings.type == "classify":
+            try:
+                self.labels = classify.label_names(view, raw)
+            except SpecError as e:
+                raise SpecError(f"multitask task {self.name}: {e}") from None
+        splits = data.tokenize(view, raw, tokenizer, tokenizer_digest)
+        self.train, self.evalset = splits["train"], splits["eval"]
+        if len(self.train) == 0:
+            raise SpecError(f"multitask task {self.name}: the train split is empty")
+        if settings.type == "classify":
+            label2id = {str(n): i for i, n in enumerate(self.labels)}
+            field = view.data.label_field
+            self.train_labels = torch.tensor(classify.label_ids(self.train, field, label2id, "train"))
+            self.eval_labels = (torch.tensor(classify.label_ids(self.evalset, field, label2id, "eval"))
+                                if self.evalset is not None else None)
+        else:
+            self.masker = mlm.Masker(tokenizer, settings.mask_prob, data.seed_of(spec.seed, "task", self.name))
+
+    def batch(self, split, keys: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
+        specials = self.tokenizer.all_special_ids
+        batch = data.collate(split, [i for i, _ in keys], self.tokenizer.pad_token_id, None, specials)
+        if self.settings.type == "mlm":
+            self.masker(batch, keys)
+        return batch
+
+    def loss(self, engine, keys: list[tuple[int, int]]) -> torch.Tensor:
+        batch = dist.to_device(self.batch(self.train, keys))
+        if self.settings.type == "mlm":
+            (loss_sum, n), zero = engine(task=self.name, touch=True, **batch)
+            return loss_sum / n + zero
+        labels = self.train_labels[[i for i, _ in keys]].to(batch["input_ids"].device)
+        logits, zero = engine(task=self.name, touch=True, **batch)
+        return nn.functional.cross_entropy(logits.float(), labels) + zero
+
+    def evaluate(self, engine, micro: int, d: Dist) -> dict[str, float]:
+        """Collective. classify: accuracy, macro_f1, eval_loss; mlm: eval_loss, perplexity. {} without eval data."""
+        if self.evalset is None:
+            return {}
+        shards = data.eval_shards(len(self.evalset), micro, d.world_size, d.rank)
+        if self.settings.type == "mlm":
+            total = torch.zeros(2, dtype=torch.float64)
+            for indices in shards:
+                batch = self.batch(self.evalset, [(max(i, 0), mlm.EVAL_EPOCH) for i in indices])
+                batch["labels"][torch.tensor(indices) < 0] = -100  # padding rows: forward pass only
+                loss_sum, n = engine(task=self.name, **dist.to_device(batch))
+                total += torch.tensor([loss_sum.item(), n.item()], dtype=torch.float64)
+            return language_model_metrics(total)
+        assert self.eval_labels is not None
+        k = len(self.labels)
+        confusion = torch.zeros(k * k, dtype=torch.float64)
+        loss_sum = torch.zeros(1, dtype=torch.float64)
+        for indices in shards:
+            real = torch.tensor(indices) >= 0  # padding rows (-1) run with zero weight: equal forward counts
+            safe = [max(i, 0) for i in indices]
+            logits = engine(task=self.name, **dist.to_device(self.batch(self.evalset, [(i, 0) for i in safe])))
+            logits = logits.float().cpu()
+            labels, preds = self.eval_labels[safe], logits.argmax(-1)
+            loss_sum += (nn.functional.cross_entropy(logits, labels, reduction="none") * real).sum().double()
+            confusion += torch.bincount((labels * k + preds)[real], minlength=k * k).double()
+        dist.all_reduce_sum(loss_sum)
+        dist.all_reduce_sum(confusion)
+        confusion = confusion.view(k, k)
+        count = float(confusion.sum())
+        return {"accuracy": float(confusion.trace()) / count, "macro_f1": classify.macro_f1(confusion),
+                "eval_loss": float(loss_sum) / count}
+
+
+def save_final(net: MultitaskNet, tokenizer, spec: Spec) -> tuple[str, str | None]:
+    """Collective. final/: the encoder model + tokenizer; final/tasks/<name>/: each classifier + tokenizer. Written
+    to final.tmp/ and published whole, as export.save_final does for one model."""
+    final = Path(spec.stage_dir, "final")
+    gathered: Any = contextlib.nullcontext()
+    if engine.zero_stage(spec) == 3:
+        import deepspeed
+
+        gathered = deepspeed.zero.GatheredParameters(list(net.parameters()), modifier_rank=None)
+    with gathered, torch.no_grad():
+        bad = [n for n, p in net.named_parameters() if not bool(torch.isfinite(p).all())]
+        if bad:
+            raise Diverged(f"final/ not written: {len(bad)} parameter tensor(s) hold NaN or infinity ({bad[0]} …)")
+        if dist.is_main():
+            tmp = export.staging(final)
+            for model, folder in [(net.model, tmp)] + [(c, tmp / "tasks" / name)
+                                                       for name, c in net.classifiers.items()]:
+                # save_original_format=False: see export._write (names as in memory load everywhere)
+                model.save_pretrained(folder, safe_serialization=True, save_original_format=False)
+                tokenizer.save_pretrained(folder)
+    digest = export.publish(final.with_name("final.tmp"), final) if dist.is_main() else None
+    dist.barrier()
+    return str(final), digest
+
+
+if __name__ == "__main__":
+    entry.run(main)
