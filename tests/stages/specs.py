@@ -82,15 +82,15 @@ class Stages:
     def folder(self, name: str) -> Path:
         return stage_dir(self.run_dir, name)
 
-    def kill_after_first_checkpoint(self, spec: Spec) -> None:
-        """Start the stage and SIGKILL torchrun and its workers once a COMPLETE checkpoint exists."""
+    def kill_after_first_checkpoint(self, spec: Spec, tag: str = "step*") -> None:
+        """Start the stage and SIGKILL torchrun and its workers once a COMPLETE checkpoint (`tag`, a glob) exists."""
         folder = Path(spec.stage_dir)
         proc = self.start(spec, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         assert proc.stderr is not None
-        deadline = time.monotonic() + 180
-        while not list(folder.glob("ckpt/step*/COMPLETE")):
-            assert proc.poll() is None, f"stage ended before any checkpoint: {proc.stderr.read()[-4000:]}"
-            assert time.monotonic() < deadline, "no checkpoint after 180 s"
+        deadline = time.monotonic() + 300
+        while not list(folder.glob(f"ckpt/{tag}/COMPLETE")):
+            assert proc.poll() is None, f"stage ended before checkpoint {tag}: {proc.stderr.read()[-4000:]}"
+            assert time.monotonic() < deadline, f"no checkpoint {tag} after 300 s"
             time.sleep(0.01)
         # torchrun starts each rank in a session of its own: kill the tree, not a process group.
         tree = psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from tests.stages import specs
@@ -236,33 +234,12 @@ def _scheduler(stage_dir: Path, step: int) -> dict:
     return state["lr_scheduler"]
 
 
-def _kill_after(work: dict, name: str, tag: str) -> None:
-    """Start the stage and SIGKILL torchrun and its workers once checkpoint `tag` is complete."""
-    stages = work["stages"]
-    spec = stages.spec(name)
-    folder = Path(spec.stage_dir)
-    proc = stages.start(spec, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    assert proc.stderr is not None
-    deadline = time.monotonic() + 300
-    while not (folder / "ckpt" / tag / "COMPLETE").exists():
-        assert proc.poll() is None, f"stage ended before {tag}: {proc.stderr.read()[-4000:]}"
-        assert time.monotonic() < deadline, f"no {tag} after 300 s"
-        time.sleep(0.01)
-    tree = psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]
-    for p in tree:
-        p.kill()
-    psutil.wait_procs(tree, timeout=30)
-    proc.wait()
-    proc.stderr.close()
-    assert not (folder / "result.json").exists(), "the kill came too late: the stage had finished"
-
-
 @pytest.mark.slow
 def test_killed_in_phase_2_resumes_in_phase_2_like_an_uninterrupted_run(work, refs):
     import torch
 
     ref, _ = refs[3]
-    _kill_after(work, "lw-kill-z3", "step00000014")
+    work["stages"].kill_after_first_checkpoint(work["stages"].spec("lw-kill-z3"), "step00000014")
     result, out = _run(work, "lw-kill-z3")
     stage_dir, ref_dir = work["stages"].folder("lw-kill-z3"), work["stages"].folder("lw-ref-z3")
     starts = specs.records(stage_dir, "start")
