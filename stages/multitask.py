@@ -17,21 +17,19 @@ complete save_pretrained classifier folder per classification task.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from contract.kinds.multitask import MultitaskOptions, TaskSettings
-from contract.layout import EXIT_DONE, EXIT_STOPPED, newest_complete
+from contract.layout import EXIT_STOPPED, newest_complete
 from stages import classify, mlm
-from stages.runtime import data, dist, engine, entry, export, lifecycle, loop, models
+from stages.runtime import data, dist, entry, lifecycle, models
 from stages.runtime.dist import Dist
 from stages.runtime.metrics import language_model_metrics
-from stages.runtime.spec import Diverged, Spec, SpecError, training
+from stages.runtime.spec import Spec, SpecError, training
 
 BLOCK = 4096  # task draws are made in blocks of this many micro-batches, each block from a seed of its own
 
@@ -222,15 +220,7 @@ def main(spec: Spec, d: Dist) -> int:
 
     if t.fit(micro_step, evaluate):
         return EXIT_STOPPED
-    # As Training.finish, with the task folders written into final/ before it is published.
-    final_metrics: dict[str, float] = {}
-    if settings.eval.at_end:
-        final_metrics = evaluate(t.pos.step)
-        loop.record_eval(spec, t.metrics, t.pos.step, final_metrics)
-    path, out_digest = save_final(t.engine.module, tokenizer, spec)
-    export.write_result(spec, steps=t.pos.step, samples=t.pos.samples, output=path, digest=out_digest,
-                        metrics=final_metrics)
-    return EXIT_DONE
+    return t.finish(evaluate, tokenizer, beside={f"tasks/{name}": c for name, c in t.engine.module.classifiers.items()})
 
 
 class Task:
@@ -308,31 +298,6 @@ class Task:
         count = float(confusion.sum())
         return {"accuracy": float(confusion.trace()) / count, "macro_f1": classify.macro_f1(confusion),
                 "eval_loss": float(loss_sum) / count}
-
-
-def save_final(net: MultitaskNet, tokenizer, spec: Spec) -> tuple[str, str | None]:
-    """Collective. final/: the encoder model + tokenizer; final/tasks/<name>/: each classifier + tokenizer. Written
-    to final.tmp/ and published whole, as export.save_final does for one model."""
-    final = Path(spec.stage_dir, "final")
-    gathered: Any = contextlib.nullcontext()
-    if engine.zero_stage(spec) == 3:
-        import deepspeed
-
-        gathered = deepspeed.zero.GatheredParameters(list(net.parameters()), modifier_rank=None)
-    with gathered, torch.no_grad():
-        bad = [n for n, p in net.named_parameters() if not bool(torch.isfinite(p).all())]
-        if bad:
-            raise Diverged(f"final/ not written: {len(bad)} parameter tensor(s) hold NaN or infinity ({bad[0]} …)")
-        if dist.is_main():
-            tmp = export.staging(final)
-            for model, folder in [(net.model, tmp)] + [(c, tmp / "tasks" / name)
-                                                       for name, c in net.classifiers.items()]:
-                # save_original_format=False: see export._write (names as in memory load everywhere)
-                model.save_pretrained(folder, safe_serialization=True, save_original_format=False)
-                tokenizer.save_pretrained(folder)
-    digest = export.publish(final.with_name("final.tmp"), final) if dist.is_main() else None
-    dist.barrier()
-    return str(final), digest
 
 
 if __name__ == "__main__":

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -16,26 +18,30 @@ from stages.runtime import dist
 from stages.runtime.spec import Diverged, Spec
 
 
-def save_final(model, tokenizer, spec: Spec, *, zero_stage: int) -> tuple[str, str | None]:
+def save_final(model, tokenizer, spec: Spec, *, zero_stage: int,
+               beside: dict[str, Any] | None = None) -> tuple[str, str | None]:
     """Collective. Writes `save_pretrained` safetensors + tokenizer to final.tmp/, then publishes it as final/.
 
-    `model` is the transformers model itself (unwrapped). Under ZeRO-3 each rank
-    holds a shard, so all ranks gather and rank 0 writes. Returns (path, digest);
-    the digest only on rank 0.
+    `model` is the transformers model itself (unwrapped); `beside` maps folders below final/ to more such models
+    (multitask: {"tasks/<task>": its classifier}), each saved with the tokenizer. Under ZeRO-3 each rank holds a
+    shard, so all ranks gather and rank 0 writes. Returns (path, digest); the digest only on rank 0.
     """
     final = final_dir(spec.stage_dir)
     tmp = final.with_name("final.tmp")
+    folders = {"": model} | (beside or {})
+    gathered: Any = contextlib.nullcontext()
     if zero_stage == 3:
         import deepspeed
 
-        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
-            _check_finite(model)
-            if dist.is_main():
-                _write(model, tokenizer, staging(final))
-    else:
-        _check_finite(model)
+        params = list({id(p): p for m in folders.values() for p in m.parameters()}.values())
+        gathered = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    with gathered:
+        for m in folders.values():
+            _check_finite(m)
         if dist.is_main():
-            _write(model, tokenizer, staging(final))
+            out = staging(final)
+            for folder, m in folders.items():
+                _write(m, tokenizer, out / folder)
     digest = publish(tmp, final) if dist.is_main() else None
     dist.barrier()
     return str(final), digest

@@ -67,14 +67,16 @@ class Training:
         self.engine.global_samples = pos.samples
         return self.engine
 
-    def finish(self, evaluate: Evaluate, tokenizer) -> int:
-        """Collective. The final eval (if eval.at_end), final/ (model + tokenizer), then result.json."""
+    def finish(self, evaluate: Evaluate, tokenizer, beside: dict[str, nn.Module] | None = None) -> int:
+        """Collective. The final eval (if eval.at_end), final/ (model + tokenizer, and the models `beside` in
+        folders below it), then result.json."""
         spec = self.spec
         final_metrics: dict[str, float] = {}
         if training(spec).eval.at_end:
             final_metrics = evaluate(self.pos.step)
             loop.record_eval(spec, self.metrics, self.pos.step, final_metrics)
-        path, digest = export.save_final(self.model, tokenizer, spec, zero_stage=engine.zero_stage(spec))
+        path, digest = export.save_final(self.model, tokenizer, spec, zero_stage=engine.zero_stage(spec),
+                                         beside=beside)
         export.write_result(spec, steps=self.pos.step, samples=self.pos.samples, output=path, digest=digest,
                             metrics=final_metrics)
         return EXIT_DONE
