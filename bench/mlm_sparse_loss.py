@@ -15,7 +15,7 @@ import time
 import torch
 from transformers import BertConfig, BertForMaskedLM
 
-from stages.mlm import MaskedLMLoss
+from stages.runtime.masking import MaskedLMLoss
 
 
 def step_time(fn, steps: int) -> float:

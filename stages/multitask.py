@@ -25,9 +25,9 @@ from torch import nn
 
 from contract.kinds.multitask import MultitaskOptions, TaskSettings
 from contract.layout import EXIT_STOPPED, newest_complete
-from stages import classify, mlm
-from stages.runtime import data, dist, entry, lifecycle, models
+from stages.runtime import data, dist, entry, lifecycle, masking, models
 from stages.runtime.dist import Dist
+from stages.runtime.labels import label_ids, label_names, macro_f1
 from stages.runtime.metrics import language_model_metrics
 from stages.runtime.spec import Spec, SpecError, training
 
@@ -126,7 +126,7 @@ class MultitaskNet(nn.Module):
         super().__init__()
         self.model = model
         self.classifiers = nn.ModuleDict(classifiers)
-        self.mlm = mlm.MaskedLMLoss(model) if mlm_task else None
+        self.mlm = masking.MaskedLMLoss(model) if mlm_task else None
         self.mlm_task = mlm_task
 
     def forward(self, task: str, touch: bool = False, **batch: torch.Tensor):
@@ -199,11 +199,11 @@ def main(spec: Spec, d: Dist) -> int:
                                                 resume=resume),
         wrap=lambda model: MultitaskNet(model, {x.name: classifier(model, x.labels) for x in tasks
                                                 if x.settings.type == "classify"}, mlm_task),
+        sampler=lambda pos, metrics, max_steps: MixedSampler(
+            Draws(p, spec.seed), sizes, seed=spec.seed, names=[x.name for x in tasks], micro=micro,
+            accum=settings.train.grad_accum, world=d.world_size, rank=d.rank, step=pos.step, samples=pos.samples,
+            log=metrics.log, log_every=settings.train.log_every, max_steps=max_steps),
     )
-    t.sampler = MixedSampler(  # type: ignore[assignment]  # loop.fit asks next_step(), samples, max_length
-        Draws(p, spec.seed), sizes, seed=spec.seed, names=[x.name for x in tasks], micro=micro,
-        accum=settings.train.grad_accum, world=d.world_size, rank=d.rank, step=t.pos.step, samples=t.pos.samples,
-        log=t.metrics.log, log_every=settings.train.log_every, max_steps=t.max_steps)
 
     def micro_step(items: list[tuple[int, int]]) -> torch.Tensor:
         assert isinstance(items, TaskBatch)
@@ -235,7 +235,7 @@ class Task:
         self.labels: list[str | int] = []
         if settings.type == "classify":
             try:
-                self.labels = classify.label_names(view, raw)
+                self.labels = label_names(view, raw)
             except SpecError as e:
                 raise SpecError(f"multitask task {self.name}: {e}") from None
         splits = data.tokenize(view, raw, tokenizer, tokenizer_digest)
@@ -245,11 +245,11 @@ class Task:
         if settings.type == "classify":
             label2id = {str(n): i for i, n in enumerate(self.labels)}
             field = view.data.label_field
-            self.train_labels = torch.tensor(classify.label_ids(self.train, field, label2id, "train"))
-            self.eval_labels = (torch.tensor(classify.label_ids(self.evalset, field, label2id, "eval"))
+            self.train_labels = torch.tensor(label_ids(self.train, field, label2id, "train"))
+            self.eval_labels = (torch.tensor(label_ids(self.evalset, field, label2id, "eval"))
                                 if self.evalset is not None else None)
         else:
-            self.masker = mlm.Masker(tokenizer, settings.mask_prob, data.seed_of(spec.seed, "task", self.name))
+            self.masker = masking.Masker(tokenizer, settings.mask_prob, data.seed_of(spec.seed, "task", self.name))
 
     def batch(self, split, keys: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
         specials = self.tokenizer.all_special_ids
@@ -275,7 +275,7 @@ class Task:
         if self.settings.type == "mlm":
             total = torch.zeros(2, dtype=torch.float64)
             for indices in shards:
-                batch = self.batch(self.evalset, [(max(i, 0), mlm.EVAL_EPOCH) for i in indices])
+                batch = self.batch(self.evalset, [(max(i, 0), masking.EVAL_EPOCH) for i in indices])
                 batch["labels"][torch.tensor(indices) < 0] = -100  # padding rows: forward pass only
                 loss_sum, n = engine(task=self.name, **dist.to_device(batch))
                 total += torch.tensor([loss_sum.item(), n.item()], dtype=torch.float64)
@@ -296,7 +296,7 @@ class Task:
         dist.all_reduce_sum(confusion)
         confusion = confusion.view(k, k)
         count = float(confusion.sum())
-        return {"accuracy": float(confusion.trace()) / count, "macro_f1": classify.macro_f1(confusion),
+        return {"accuracy": float(confusion.trace()) / count, "macro_f1": macro_f1(confusion),
                 "eval_loss": float(loss_sum) / count}
 
 

@@ -24,9 +24,8 @@ from contract.layout import EXIT_DONE, step_of
 from contract.sections import Unfreeze
 from stages.runtime import checkpoint, curriculum, dist, engine, export, layers, loop, models
 from stages.runtime.checkpoint import Position
-from stages.runtime.data import StreamSampler
 from stages.runtime.dist import Dist
-from stages.runtime.loop import Evaluate, MicroStep
+from stages.runtime.loop import Evaluate, MicroStep, Sampler
 from stages.runtime.metrics import Metrics
 from stages.runtime.spec import Spec, training
 
@@ -36,7 +35,7 @@ class Training:
     spec: Spec
     model: nn.Module  # the transformers model: what final/ saves
     engine: Any  # the DeepSpeed engine; wraps `model`, or a loss module around it
-    sampler: StreamSampler  # this rank's micro-batches from the current position on
+    sampler: Sampler  # this rank's micro-batches from the current position on
     pos: Position
     max_steps: int
     metrics: Metrics
@@ -84,7 +83,8 @@ class Training:
 
 def start(spec: Spec, d: Dist, *, num_samples: int, build: Callable[[bool], nn.Module],
           wrap: Callable[[nn.Module], nn.Module] | None = None, what: str,
-          difficulty: Sequence[float] | None = None, unfreeze: Unfreeze | None = None) -> Training:
+          difficulty: Sequence[float] | None = None, unfreeze: Unfreeze | None = None,
+          sampler: Callable[[Position, Metrics, int], Sampler] | None = None) -> Training:
     """Collective. Set up a training stage, in the order that makes a resumed run follow an unbroken one.
 
     1. Find the newest complete checkpoint *before* building: resume beats init, so on resume
@@ -97,6 +97,8 @@ def start(spec: Spec, d: Dist, *, num_samples: int, build: Callable[[bool], nn.M
     5. Load the checkpoint: weights, optimizer, schedule, this rank's RNG and the data position.
 
     `difficulty`: per training example, what a curriculum's easy_first ranks by (`curriculum.difficulty`).
+    `sampler(position, metrics, max_steps)`: a stage's own sampler (multitask: its task mixing) instead of the
+    plain stream or the curriculum's.
     """
     train = training(spec).train
     max_steps = engine.max_steps(train, num_samples)
@@ -118,9 +120,9 @@ def start(spec: Spec, d: Dist, *, num_samples: int, build: Callable[[bool], nn.M
     dist.print0(f"{spec.stage}: {what}, {max_steps} steps, ZeRO-{engine.zero_stage(spec)}{resuming}")
     metrics = Metrics(spec.stage_dir, max_steps)
     metrics.start(pos.step, d.world_size, resharded_from=saved.world_size if saved and resharded else None)
-    sampler = curriculum.sampler(spec, d, num_samples=num_samples, step=pos.step, samples=pos.samples,
-                                 difficulty=difficulty, log=metrics.log)
-    return Training(spec=spec, model=model, engine=net, sampler=sampler, pos=pos, max_steps=max_steps, metrics=metrics,
+    drawn = sampler(pos, metrics, max_steps) if sampler else curriculum.sampler(
+        spec, d, num_samples=num_samples, step=pos.step, samples=pos.samples, difficulty=difficulty, log=metrics.log)
+    return Training(spec=spec, model=model, engine=net, sampler=drawn, pos=pos, max_steps=max_steps, metrics=metrics,
                     build=build, wrap=wrap, unfreezing=unfreezing)
 
 

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from stages.runtime import checkpoint, dist, signals
 from stages.runtime.checkpoint import Position
-from stages.runtime.data import StreamSampler
 from stages.runtime.engine import current_lr
 from stages.runtime.layers import Unfreezing
 from stages.runtime.metrics import Metrics
@@ -22,7 +21,16 @@ MicroStep = Callable[[list[tuple[int, int]]], torch.Tensor | tuple[torch.Tensor,
 Evaluate = Callable[[int], dict[str, float]]
 
 
-def fit(engine, spec: Spec, sampler: StreamSampler, micro_step: MicroStep, evaluate: Evaluate, *,
+class Sampler(Protocol):
+    """This rank's micro-batches, step by step (`data.StreamSampler`, a curriculum's, multitask's mixing)."""
+
+    samples: int  # samples drawn by all ranks so far: the data position a checkpoint saves
+    max_length: int | None  # tokens per example for the step just drawn (a curriculum phase's cap), or None
+
+    def next_step(self) -> list[list[tuple[int, int]]]: ...
+
+
+def fit(engine, spec: Spec, sampler: Sampler, micro_step: MicroStep, evaluate: Evaluate, *,
         pos: Position, max_steps: int, metrics: Metrics, unfreezing: Unfreezing | None = None,
         renew: Callable[[Position], Any] | None = None) -> tuple[bool, Position]:
     """Train from `pos` to `max_steps`. Returns (stopped by a signal, position reached).
