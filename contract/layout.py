@@ -21,6 +21,7 @@ EXIT_BAD_INPUT = 2  # bad spec or input; the message says what and where
 EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped on a signal after a complete checkpoint; run again to resume
 
 TAG = re.compile(r"step(\d{8})")
+TRAIN_LOSSES = "train_losses.json"  # in final/ with eval.score_train: each training example's loss
 
 
 def stage_dir(run_dir: Path, name: str) -> Path:

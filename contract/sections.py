@@ -169,6 +169,17 @@ class TokenizerRef(RefBase):
         return self
 
 
+class TrainLossesRef(RefBase):
+    """An earlier stage's per-example training losses (its eval.score_train): final/train_losses.json."""
+
+    needs: ClassVar[str] = "train_losses"
+
+    @model_validator(mode="after")
+    def _one(self) -> TrainLossesRef:
+        exactly_one(self, "from_")
+        return self
+
+
 References = dict[str, RefBase | list[RefBase]]
 
 
@@ -255,6 +266,10 @@ class Checkpoint(Strict):
 class Eval(Strict):
     every_steps: int | None = Field(None, gt=0, strict=True, description="Evaluate every N steps.")
     at_end: bool = Field(True, description="Evaluate after the last step.")
+    score_train: bool = Field(
+        False, description="After training, write each training example's loss under the final model to "
+        "final/train_losses.json, for a later stage's curriculum (difficulty: {loss_of: <this stage>}).",
+    )
 
 
 # ----------------------------------------------------------------- layer-wise training
@@ -286,10 +301,12 @@ class Difficulty(Strict):
     by: Literal["length"] | None = Field(None, description="length: tokens of the example after tokenization.")
     column: str | None = Field(None, description="A numeric column of the training data (json, jsonl, csv, "
                                "parquet): its value per example.")
+    loss_of: str | None = Field(None, description="An earlier stage with eval.score_train that trained on the same "
+                                "training data: each example's loss under its final model.")
 
     @model_validator(mode="after")
     def _one(self) -> Difficulty:
-        exactly_one(self, "by", "column")
+        exactly_one(self, "by", "column", "loss_of")
         return self
 
 
@@ -350,7 +367,8 @@ class Curriculum(Strict):
                                   f"phase's until_step {previous}; phases are in order of until_step")
                 previous = phase.until_step
         if self.order == "easy_first" and self.difficulty is None:
-            raise Problem(("order",), "easy_first needs difficulty: {by: length} or {column: <name>}")
+            raise Problem(("order",), "easy_first needs difficulty: {by: length}, {column: <name>} or "
+                          "{loss_of: <stage>}")
         if self.order == "random" and self.difficulty is not None:
             raise Problem(("difficulty",), "difficulty is used by order: easy_first only (order is random)")
         if self.order == "easy_first" and all(p.data_fraction == 1 for p in self.phases):
@@ -397,6 +415,15 @@ class StageBase(Strict):
                 out[name] = value
         return out
 
+    def outputs(self) -> frozenset[str]:
+        """What this stage's final/ holds for the inputs of later stages: `gives`, unless a kind's output
+        depends on its settings (ensemble: a logits ensemble is no plain model)."""
+        return self.gives
+
+    def reference_key(self, name: str, index: int | None) -> tuple[str | int, ...]:
+        """Where input `name` (item `index` of a list) names its earlier stage, below the stage in the manifest."""
+        return (name, *(() if index is None else (index,)), "from")
+
     def options(self) -> dict[str, Any]:
         """The kind's own section as spec.options."""
         return getattr(self, self.options_field).model_dump() if self.options_field else {}
@@ -411,6 +438,7 @@ class TrainingStage(StageBase):
     """A stage that trains a model with DeepSpeed: init, tokenizer, train, checkpoint, eval."""
 
     gives: ClassVar[frozenset[str]] = frozenset({"model", "tokenizer"})
+    scores_train: ClassVar[bool] = False  # the stage program writes eval.score_train's per-example losses
 
     init: ModelRef = Field(description="Where the weights come from.")
     tokenizer: TokenizerRef | None = Field(None, description="Default: the tokenizer saved with the init model.")
@@ -443,6 +471,13 @@ class TrainingStage(StageBase):
         return self
 
     @model_validator(mode="after")
+    def _score_train(self) -> TrainingStage:
+        if self.eval.score_train and not self.scores_train:
+            raise Problem(("eval", "score_train"), f"kind {self.kind} does not score its training examples "
+                          "(per-example losses need one loss per row of the training data)")
+        return self
+
+    @model_validator(mode="after")
     def _vocabulary(self) -> TrainingStage:
         if self.tokenizer is None and self.init.config is not None:
             raise Problem(("init", "config"), "a model built from a config needs tokenizer.from or "
@@ -455,4 +490,13 @@ class TrainingStage(StageBase):
         if self.tokenizer is None:  # the tokenizer saved with the init model
             init = {"from": self.init.from_, "pretrained": self.init.pretrained}
             refs["tokenizer"] = TokenizerRef.model_validate(init)
+        difficulty = self.curriculum.difficulty if self.curriculum else None
+        if difficulty is not None and difficulty.loss_of is not None:
+            refs["difficulty"] = TrainLossesRef.model_validate({"from": difficulty.loss_of})
         return refs
+
+    def reference_key(self, name: str, index: int | None) -> tuple[str | int, ...]:
+        return ("curriculum", "difficulty", "loss_of") if name == "difficulty" else super().reference_key(name, index)
+
+    def outputs(self) -> frozenset[str]:
+        return self.gives | ({"train_losses"} if self.eval.score_train else set())

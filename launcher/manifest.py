@@ -111,18 +111,21 @@ def check_references(loaded: Loaded) -> list[str]:
         for name, j, ref in flat_references(refs):
             if ref.from_ is None:
                 continue
-            written = name in stage.model_fields_set  # else a default derived from another input
-            where = loaded.where(("stages", i, name, *(() if j is None else (j,)), "from"))
+            at = ("stages", i, *stage.reference_key(name, j))
+            written = at in loaded.lines  # else a default derived from another input
+            where = loaded.where(at)
             upstream = seen.get(ref.from_)
             if upstream is None:
                 if written:
                     later = ref.from_ in [s.name for s in stages[i:]]
                     hint = "it comes later; stages run in order" if later else f"known: {', '.join(seen) or 'none'}"
                     problems.append(f"{where}: unknown earlier stage '{ref.from_}'; {hint}")
-            elif ref.needs not in upstream.gives:
-                gives = ", ".join(sorted(upstream.gives))
-                fits = [n for n, _, r in flat_references(refs) if r.needs in upstream.gives and n != name]
+            elif ref.needs not in upstream.outputs():
+                gives = ", ".join(sorted(upstream.outputs()))
+                fits = [n for n, _, r in flat_references(refs) if r.needs in upstream.outputs() and n != name]
                 hint = f"; use {fits[0]}.from" if fits else ""
+                if ref.needs == "train_losses" and getattr(upstream, "scores_train", False):
+                    hint = f"; give stage '{ref.from_}' eval: {{score_train: true}}"
                 problems.append(f"{where}: stage '{ref.from_}' is a {upstream.kind} stage and gives no {ref.needs} "
                                 f"(it gives: {gives}){hint}")
         for section, key in ((section, key) for section in stage.data_sections() for key in ("train", "eval")):

@@ -65,9 +65,36 @@ def resolve(loaded: Loaded) -> list[Resolved]:
             out.append(_resolve_stage(loaded, i, stage))
         except ConfigError as e:
             problems += [p for p in e.problems if p not in problems]
+    problems += _scored_data(loaded, out)
     if problems:
         raise ConfigError(problems)
     return out
+
+
+def _scored_data(loaded: Loaded, stages: list[Resolved]) -> list[str]:
+    """A curriculum ranked by an earlier stage's training losses (difficulty.loss_of) must train on the data that
+    stage scored: the losses are per row of its training split."""
+    by_name = {r.name: r for r in stages}
+    problems = []
+    for r in stages:
+        ref = r.base["inputs"].get("difficulty")
+        scorer = by_name.get(ref["stage"]) if ref else None
+        if scorer is None or _train_data(scorer) == _train_data(r):
+            continue
+        problems.append(f"{loaded.where(('stages', r.index, 'curriculum', 'difficulty', 'loss_of'))}: stage "
+                        f"'{scorer.name}' scored its own training data ({_shown(scorer)}), but this stage trains on "
+                        f"{_shown(r)}; the losses are per row of the same training data")
+    return problems
+
+
+def _train_data(r: Resolved) -> tuple:
+    data = r.base["data"]
+    return tuple(data["digests"][f] for f in data["train_files"]), json.dumps(data["hub"], sort_keys=True)
+
+
+def _shown(r: Resolved) -> str:
+    data = r.base["data"]
+    return ", ".join(Path(f).name for f in data["train_files"]) or f"hub {data['hub']['name']}"
 
 
 def _resolve_stage(loaded: Loaded, i: int, stage: StageBase) -> Resolved:
@@ -375,6 +402,8 @@ def settings(spec: Spec) -> dict[str, Any]:
                 ref.pop("path")  # the digest says it all
     if s.get("train"):
         s["train"].pop("log_every")
+    if s.get("eval") and not s["eval"]["score_train"]:
+        s["eval"].pop("score_train")  # a stage without it keeps the fingerprint it had before it existed
     if s.get("curriculum") is None:
         s.pop("curriculum", None)  # a stage without one keeps the fingerprint it had before curricula existed
     else:

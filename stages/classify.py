@@ -127,9 +127,14 @@ def main(spec: Spec, d: Dist) -> int:
         return {"accuracy": float(confusion.trace()) / total, "macro_f1": macro_f1(confusion),
                 "eval_loss": float(loss_sum) / total}
 
+    def example_losses(indices: list[int]) -> torch.Tensor:
+        logits = t.engine(**batch_of(train, indices))[0].float().cpu()
+        return F.cross_entropy(logits, train_labels[indices], reduction="none")
+
     if t.fit(micro_step, evaluate):
         return EXIT_STOPPED
-    return t.finish(lambda step: evaluate(step, f"{spec.stage_dir}/eval_predictions.jsonl"), tokenizer)
+    return t.finish(lambda step: evaluate(step, f"{spec.stage_dir}/eval_predictions.jsonl"), tokenizer,
+                    losses=example_losses)
 
 
 def supervised(options: ClassifyLayerwise, model) -> list[float]:

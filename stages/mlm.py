@@ -58,9 +58,14 @@ def main(spec: Spec, d: Dist) -> int:
                 total += torch.tensor([loss_sum.item(), n.item()], dtype=torch.float64)
         return language_model_metrics(total)
 
+    def example_losses(indices: list[int]) -> torch.Tensor:
+        """Each example's mean loss over its masked tokens, masked as the eval split is (0 with none)."""
+        sums, counts = t.engine(**dist.to_device(batch_of(train, [(i, EVAL_EPOCH) for i in indices])), per_row=True)
+        return sums / counts.clamp(min=1)
+
     if t.fit(micro_step, evaluate):
         return EXIT_STOPPED
-    return t.finish(evaluate, tokenizer)
+    return t.finish(evaluate, tokenizer, losses=example_losses)
 
 
 if __name__ == "__main__":

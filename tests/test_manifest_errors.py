@@ -369,6 +369,26 @@ CASES |= {
              "    curriculum: {order: easy_first, difficulty: {column: hard}, phases: [{until_step: 4, "
              "data_fraction: 0.5}, {}]}\n"),
         "stages[1].data.train", ("a text file has one column",)),
+    "curriculum-loss-of-a-stage-that-scores-nothing": Case(
+        edit(CLS_TRAIN, CLS_TRAIN + CUR.format("order: easy_first, difficulty: {loss_of: pre}, "
+                                               "phases: [{until_step: 4, data_fraction: 0.5}, {}]")),
+        "stages[2].curriculum.difficulty.loss_of",
+        ("stage 'pre' is a mlm stage and gives no train_losses", "give stage 'pre' eval: {score_train: true}")),
+    "curriculum-loss-of-itself": Case(
+        edit(CLS_TRAIN, CLS_TRAIN + CUR.format("order: easy_first, difficulty: {loss_of: cls}, "
+                                               "phases: [{until_step: 4, data_fraction: 0.5}, {}]")),
+        "stages[2].curriculum.difficulty.loss_of", ("unknown earlier stage 'cls'",)),
+    "curriculum-loss-of-other-training-data": Case(
+        edit("    train: {max_steps: 10, micro_batch_size: 4}\n", "    train: {max_steps: 10, micro_batch_size: 4}\n"
+             "    eval: {score_train: true}\n").replace(CLS_TRAIN, CLS_TRAIN + CUR.format(
+                 "order: easy_first, difficulty: {loss_of: pre}, phases: [{until_step: 4, data_fraction: 0.5}, {}]")),
+        "stages[2].curriculum.difficulty.loss_of",
+        ("stage 'pre' scored its own training data (train.txt), but this stage trains on train.jsonl",)),
+    "score-train-on-clm": Case(
+        edit("kind: mlm", "kind: clm").replace("    train: {max_steps: 10, micro_batch_size: 4}\n",
+                                             "    train: {max_steps: 10, micro_batch_size: 4}\n"
+                                             "    eval: {score_train: true}  #!\n"),
+        "stages[1].eval.score_train", ("kind clm does not score its training examples",)),
     "curriculum-difficulty-on-clm": Case(
         edit("kind: mlm", "kind: clm").replace("    train: {max_steps: 10", CUR.format(
             "order: easy_first, difficulty: {by: length}, phases: [{until_step: 4, data_fraction: 0.5}, {}]")

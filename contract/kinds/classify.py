@@ -54,6 +54,7 @@ class ClassifyLayerwise(Layerwise):
 
 class ClassifyStage(TrainingStage):
     options_field: ClassVar[str | None] = "layerwise"
+    scores_train: ClassVar[bool] = True
 
     kind: Literal["classify"] = Field(description="Sequence-classification fine-tuning; eval: accuracy, macro-F1.")
     layerwise: ClassifyLayerwise = Field(default_factory=ClassifyLayerwise,

@@ -17,6 +17,7 @@ class MlmOptions(Strict):
 
 class MlmStage(TrainingStage):
     options_field: ClassVar[str | None] = "mlm"
+    scores_train: ClassVar[bool] = True
 
     kind: Literal["mlm"] = Field(description="Masked-LM pretraining or continued (domain-adaptive) pretraining.")
     mlm: MlmOptions = Field(default_factory=MlmOptions, description="Masking settings.")

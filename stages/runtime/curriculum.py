@@ -21,12 +21,15 @@ exactly what an uninterrupted run draws; a checkpoint needs nothing more than th
 from __future__ import annotations
 
 import bisect
+import json
 import math
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from contract.layout import TRAIN_LOSSES
 from contract.sections import Curriculum
 from stages.runtime import dist
 from stages.runtime.data import StreamSampler, seed_of
@@ -130,6 +133,8 @@ def difficulty(spec: Spec, train) -> list[float] | None:
         return None
     if c.difficulty.by == "length":
         return [float(len(ids)) for ids in train["input_ids"]]
+    if c.difficulty.loss_of is not None:
+        return _losses_of(spec, len(train))
     column = c.difficulty.column
     if column not in train.column_names:
         raise SpecError(f"curriculum.difficulty.column: no column {column!r} in the train split "
@@ -139,6 +144,23 @@ def difficulty(spec: Spec, train) -> list[float] | None:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
             raise SpecError(f"curriculum.difficulty.column: train row {i}: {column} is {v!r}, not a finite number")
     return [float(v) for v in values]
+
+
+def _losses_of(spec: Spec, n: int) -> list[float]:
+    """The training losses an earlier stage wrote with eval.score_train, checked against this stage's data."""
+    ref = spec.ref("difficulty")
+    path = Path(str(ref.path), TRAIN_LOSSES)
+    where = f"curriculum.difficulty.loss_of: stage {ref.stage}"
+    try:
+        scored = json.loads(path.read_text())
+        losses, digests = scored["losses"], scored["train_digests"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SpecError(f"{where}: {path} is missing or unreadable ({e}); rerun it with eval.score_train") from None
+    if digests != [spec.data.digests[f] for f in spec.data.train_files] or len(losses) != n:
+        raise SpecError(f"{where} scored {len(losses)} examples of other training data than this stage's {n}")
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in losses):
+        raise SpecError(f"{where}: {path} holds a loss that is not a finite number")
+    return [float(v) for v in losses]
 
 
 def sampler(spec: Spec, d: dist.Dist, *, num_samples: int, step: int, samples: int,

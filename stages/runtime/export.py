@@ -12,18 +12,19 @@ from typing import Any
 import torch
 
 from contract import layout
-from contract.files import dir_digest, fsync_dir, json_safe
+from contract.files import dir_digest, fsync_dir, json_safe, write_json
 from contract.layout import Output, Result, final_dir
 from stages.runtime import dist
 from stages.runtime.spec import Diverged, Spec
 
 
-def save_final(model, tokenizer, spec: Spec, *, zero_stage: int,
-               beside: dict[str, Any] | None = None) -> tuple[str, str | None]:
+def save_final(model, tokenizer, spec: Spec, *, zero_stage: int, beside: dict[str, Any] | None = None,
+               files: dict[str, Any] | None = None) -> tuple[str, str | None]:
     """Collective. Writes `save_pretrained` safetensors + tokenizer to final.tmp/, then publishes it as final/.
 
     `model` is the transformers model itself (unwrapped); `beside` maps folders below final/ to more such models
-    (multitask: {"tasks/<task>": its classifier}), each saved with the tokenizer. Under ZeRO-3 each rank holds a
+    (multitask: {"tasks/<task>": its classifier}), each saved with the tokenizer; `files` maps file names to JSON
+    values written beside the model (eval.score_train's losses). Under ZeRO-3 each rank holds a
     shard, so all ranks gather and rank 0 writes. Returns (path, digest); the digest only on rank 0.
     """
     final = final_dir(spec.stage_dir)
@@ -42,6 +43,8 @@ def save_final(model, tokenizer, spec: Spec, *, zero_stage: int,
             out = staging(final)
             for folder, m in folders.items():
                 _write(m, tokenizer, out / folder)
+            for name, value in (files or {}).items():
+                write_json(out / name, json_safe(value))
     digest = publish(tmp, final) if dist.is_main() else None
     dist.barrier()
     return str(final), digest

@@ -20,14 +20,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from contract.layout import EXIT_DONE, step_of
+from contract.layout import EXIT_DONE, TRAIN_LOSSES, step_of
 from contract.sections import Unfreeze
-from stages.runtime import checkpoint, curriculum, dist, engine, export, layers, loop, models
+from stages.runtime import checkpoint, curriculum, data, dist, engine, export, layers, loop, models
 from stages.runtime.checkpoint import Position
 from stages.runtime.dist import Dist
 from stages.runtime.loop import Evaluate, MicroStep, Sampler
 from stages.runtime.metrics import Metrics
 from stages.runtime.spec import Spec, training
+
+# Each example's loss, one value per index of a batch of training examples (eval.score_train)
+ExampleLosses = Callable[[list[int]], torch.Tensor]
 
 
 @dataclass
@@ -36,6 +39,7 @@ class Training:
     model: nn.Module  # the transformers model: what final/ saves
     engine: Any  # the DeepSpeed engine; wraps `model`, or a loss module around it
     sampler: Sampler  # this rank's micro-batches from the current position on
+    num_samples: int  # training examples
     pos: Position
     max_steps: int
     metrics: Metrics
@@ -66,19 +70,43 @@ class Training:
         self.engine.global_samples = pos.samples
         return self.engine
 
-    def finish(self, evaluate: Evaluate, tokenizer, beside: dict[str, nn.Module] | None = None) -> int:
+    def finish(self, evaluate: Evaluate, tokenizer, beside: dict[str, nn.Module] | None = None,
+               losses: ExampleLosses | None = None) -> int:
         """Collective. The final eval (if eval.at_end), final/ (model + tokenizer, and the models `beside` in
-        folders below it), then result.json."""
+        folders below it; with eval.score_train each training example's loss, `losses(indices)` by batch), then
+        result.json."""
         spec = self.spec
         final_metrics: dict[str, float] = {}
         if training(spec).eval.at_end:
             final_metrics = evaluate(self.pos.step)
             loop.record_eval(spec, self.metrics, self.pos.step, final_metrics)
+        files = {}
+        if training(spec).eval.score_train:
+            assert losses is not None, f"kind {spec.kind} scores its training examples: finish needs losses"
+            files[TRAIN_LOSSES] = self._train_losses(losses)
         path, digest = export.save_final(self.model, tokenizer, spec, zero_stage=engine.zero_stage(spec),
-                                         beside=beside)
+                                         beside=beside, files=files)
         export.write_result(spec, steps=self.pos.step, samples=self.pos.samples, output=path, digest=digest,
                             metrics=final_metrics)
         return EXIT_DONE
+
+    def _train_losses(self, losses: ExampleLosses) -> dict[str, Any]:
+        """Collective. Every training example's loss under the final model, in row order (eval mode; the ranks
+        score a strided share each, as in eval), for final/train_losses.json."""
+        spec, n = self.spec, self.num_samples
+        values = torch.zeros(n, dtype=torch.float64)
+        self.engine.eval()
+        with torch.no_grad():
+            for indices in data.eval_shards(n, training(spec).train.micro_batch_size, dist.world_size(), dist.rank()):
+                real = [j for j, i in enumerate(indices) if i >= 0]  # padding rows (-1): forward pass only
+                got = losses([max(i, 0) for i in indices]).double().cpu()
+                values[[indices[j] for j in real]] = got[real]
+        dist.all_reduce_sum(values)
+        out = values.tolist()
+        self.metrics.log("train_losses", examples=n, mean=sum(out) / max(n, 1), min=min(out, default=0.0),
+                         max=max(out, default=0.0))
+        return {"stage": spec.stage, "examples": n,
+                "train_digests": [spec.data.digests[f] for f in spec.data.train_files], "losses": out}
 
 
 def start(spec: Spec, d: Dist, *, num_samples: int, build: Callable[[bool], nn.Module],
@@ -122,8 +150,8 @@ def start(spec: Spec, d: Dist, *, num_samples: int, build: Callable[[bool], nn.M
     metrics.start(pos.step, d.world_size, resharded_from=saved.world_size if saved and resharded else None)
     drawn = sampler(pos, metrics, max_steps) if sampler else curriculum.sampler(
         spec, d, num_samples=num_samples, step=pos.step, samples=pos.samples, difficulty=difficulty, log=metrics.log)
-    return Training(spec=spec, model=model, engine=net, sampler=drawn, pos=pos, max_steps=max_steps, metrics=metrics,
-                    build=build, wrap=wrap, unfreezing=unfreezing)
+    return Training(spec=spec, model=model, engine=net, sampler=drawn, num_samples=num_samples, pos=pos,
+                    max_steps=max_steps, metrics=metrics, build=build, wrap=wrap, unfreezing=unfreezing)
 
 
 def _engine(spec: Spec, net: nn.Module, model: nn.Module, max_steps: int, unfreezing: layers.Unfreezing | None, *,

@@ -34,15 +34,24 @@ class MaskedLMLoss(nn.Module):
         heads = [name for name, _ in model.named_children() if name != model.base_model_prefix]
         self.head = heads[0] if len(heads) == 1 else None
 
-    def forward(self, input_ids, attention_mask, labels, **extra) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, input_ids, attention_mask, labels, per_row: bool = False,
+                **extra) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss sum, masked tokens) of the batch; per_row: both per row of the batch."""
         selected = labels != -100
         n = selected.sum()
-        if self.head is None:
+        if self.head is None and not per_row:
             loss = self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **extra).loss
             return torch.where(n > 0, loss * n, torch.zeros_like(loss)), n
-        hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, **extra)[0]
-        logits = getattr(self.model, self.head)(hidden[selected])
-        return F.cross_entropy(logits.float(), labels[selected], reduction="sum"), n
+        if self.head is None:
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits[selected]
+        else:
+            hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, **extra)[0]
+            logits = getattr(self.model, self.head)(hidden[selected])
+        if not per_row:
+            return F.cross_entropy(logits.float(), labels[selected], reduction="sum"), n
+        tokens = F.cross_entropy(logits.float(), labels[selected], reduction="none")
+        rows = torch.zeros(len(labels), dtype=tokens.dtype, device=tokens.device)
+        return rows.index_add_(0, selected.nonzero()[:, 0], tokens), selected.sum(1)
 
 
 class Masker:

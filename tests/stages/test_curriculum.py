@@ -143,7 +143,8 @@ stages:
     sentencepiece: {vocab_size: 1000}"""
 
 
-def _classify(name: str, steps: int, cur: str | None, *, difficulty: bool = True, every: int = EVERY) -> str:
+def _classify(name: str, steps: int, cur: str | None, *, difficulty: bool = True, every: int = EVERY,
+              score: bool = False) -> str:
     train = "data/hard.jsonl" if difficulty else "data/supersense_train.jsonl"
     return f"""
   - name: {name}
@@ -154,18 +155,20 @@ def _classify(name: str, steps: int, cur: str | None, *, difficulty: bool = True
     data: {{train: {train}, max_length: 32}}
     train: {{max_steps: {steps}, micro_batch_size: 4, lr: 1.0e-3, warmup_steps: 2, log_every: 1}}
     checkpoint: {{every_steps: {every}}}
-    eval: {{at_end: false}}""" + (f"\n    curriculum: {cur}" if cur else "")
+    eval: {{at_end: false{", score_train: true" if score else ""}}}""" + (f"\n    curriculum: {cur}" if cur else "")
 
 
 MANIFEST = MANIFEST_HEAD + _classify("cls-ref", STEPS, CURRICULUM) + _classify("cls-kill", STEPS, CURRICULUM) + \
-    _classify("cls-nocut", 9, CURRICULUM.replace(", max_length: 8", ""), every=100) + f"""
+    _classify("cls-nocut", 9, CURRICULUM.replace(", max_length: 8", ""), every=100, score=True) + \
+    _classify("cls-by-loss", 4, "{order: easy_first, difficulty: {loss_of: cls-nocut}, log_draws: true, "
+              "phases: [{until_step: 2, data_fraction: 0.1}, {}]}", every=100) + f"""
   - name: mlm-length
     kind: mlm
     init: {{config: {specs.TINY_BERT}}}
     tokenizer: {{from: tokenizer}}
     data: {{train: data/pretrain.txt, max_length: 32}}
     train: {{max_steps: 6, micro_batch_size: 4, lr: 1.0e-3}}
-    eval: {{at_end: false}}
+    eval: {{at_end: false, score_train: true}}
     curriculum: {{order: easy_first, difficulty: {{by: length}}, log_draws: true,
                  phases: [{{until_step: 3, data_fraction: 0.1, max_length: 8}}, {{}}]}}
   - name: clm-grow
@@ -236,10 +239,15 @@ def test_classify_draws_the_schedule_easiest_first_and_grows(work, cls_ref):
     assert late - set(easiest[:100]), "the last phase drew nothing beyond the second phase's pool"
 
 
+@pytest.fixture(scope="module")
+def cls_nocut(work) -> dict:
+    return work["stages"].run("cls-nocut")
+
+
 @pytest.mark.slow
-def test_phase_max_length_changes_what_the_model_sees(work, cls_ref):
+def test_phase_max_length_changes_what_the_model_sees(work, cls_ref, cls_nocut):
     """The same draws without the first phase's max_length: 8 give other losses there."""
-    nocut = work["stages"].run("cls-nocut")
+    nocut = cls_nocut
     ref_dir, nocut_dir = work["stages"].folder("cls-ref"), Path(nocut["output"]["path"]).parent
     assert {s: d for s, d in _draws(ref_dir).items() if s <= 9} == _draws(nocut_dir)
     ref, other = _losses(ref_dir), _losses(nocut_dir)
@@ -269,6 +277,7 @@ def test_classify_killed_mid_curriculum_resumes_bitwise(work, cls_ref):
 
 @pytest.mark.slow
 def test_mlm_by_length_and_clm_growing_pool(work):
+    import torch
     from transformers import AutoTokenizer
 
     stages = work["stages"]
@@ -283,9 +292,58 @@ def test_mlm_by_length_and_clm_growing_pool(work):
     assert all(set(draws[s]) <= set(easiest) for s in (1, 2, 3))
     assert draws == {s: _schedule(stages.spec("mlm-length"), len(lines), lengths).global_batch_of(s)
                      for s in range(1, 7)}
+    # mlm with eval.score_train: each gloss's mean loss over its masked tokens, masked as the eval split is
+    from transformers import AutoModelForMaskedLM
+
+    from stages.runtime.masking import EVAL_EPOCH, Masker
+
+    final = stages.folder("mlm-length") / "final"
+    losses = json.loads((final / "train_losses.json").read_text())["losses"]
+    model = AutoModelForMaskedLM.from_pretrained(final).eval()
+    masker = Masker(tok, 0.15, stages.spec("mlm-length").seed)
+    for i in (0, 7, 123):
+        batch = {k: v for k, v in tok(lines[i], truncation=True, max_length=32, return_tensors="pt").items()
+                 if k != "token_type_ids"}
+        masker(batch, [(i, EVAL_EPOCH)])
+        labels = batch.pop("labels")
+        with torch.no_grad():
+            logits = model(**batch).logits
+        assert abs(float(torch.nn.functional.cross_entropy(logits[0], labels[0])) - losses[i]) < 1e-4
     # clm: blocks, a random half of them first, then all
     phases = specs.records(stages.folder("clm-grow"), "phase")
     blocks = phases[0]["examples"]
     assert [(p["pool"], p["max_length"]) for p in phases] == [(math.floor(blocks / 2 + 0.5), 16), (blocks, None)]
     schedule = _schedule(stages.spec("clm-grow"), blocks)
     assert _draws(stages.folder("clm-grow")) == {s: schedule.global_batch_of(s) for s in range(1, 7)}
+
+
+@pytest.mark.slow
+def test_easy_first_by_an_earlier_stages_training_losses(work, cls_nocut):
+    """cls-nocut (eval.score_train) writes each training example's loss under its final model into final/;
+    cls-by-loss (difficulty: {loss_of: cls-nocut}) draws its first phase from the lowest-loss tenth."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    stages = work["stages"]
+    final = Path(cls_nocut["output"]["path"])
+    scored = json.loads((final / "train_losses.json").read_text())
+    rows = [json.loads(line) for line in (work["root"] / "data" / "hard.jsonl").read_text().splitlines()]
+    assert scored["stage"] == "cls-nocut" and scored["examples"] == len(rows) == len(scored["losses"])
+    # The same losses, recomputed here from final/ one example at a time
+    model = AutoModelForSequenceClassification.from_pretrained(final).eval()
+    tok = AutoTokenizer.from_pretrained(final)
+    with torch.no_grad():
+        want = [float(F.cross_entropy(model(**tok(r["text"], truncation=True, max_length=32, return_tensors="pt"))
+                                      .logits, torch.tensor([model.config.label2id[r["label"]]])))
+                for r in rows]
+    assert max(abs(a - b) for a, b in zip(scored["losses"], want)) < 1e-4
+    assert specs.records(stages.folder("cls-nocut"), "train_losses")[0]["examples"] == len(rows)
+
+    spec = stages.spec("cls-by-loss")
+    assert spec.ref("difficulty").digest == cls_nocut["output"]["digest"]  # in the fingerprint, like any input
+    stages.run("cls-by-loss", spec)
+    easiest = sorted(range(len(rows)), key=lambda i: (want[i], i))[: math.floor(0.1 * len(rows) + 0.5)]
+    draws = _draws(stages.folder("cls-by-loss"))
+    assert set(draws[1] + draws[2]) <= set(easiest)
+    assert draws == {s: _schedule(spec, len(rows), scored["losses"]).global_batch_of(s) for s in range(1, 5)}
