@@ -32,7 +32,8 @@ from contract.spec import Ref, Spec
 from launcher import ledger
 from launcher.backends import Backend
 from launcher.backends.local import TORCHRUN_LOG
-from launcher.plan import Step, output_stat, outputs_of, world_size_change
+from launcher.digests import folder_stat
+from launcher.plan import Step, outputs_of, world_size_change
 from launcher.resolve import Resolved, build_spec, settings
 
 PREVIOUS = "previous"  # <stage>/previous/: the output a new attempt replaces, until that attempt passes its checks
@@ -151,7 +152,7 @@ def _record_result(entry: dict[str, Any], result: Result, folder: Path) -> None:
     """A done stage: its output digest (the stage's) and, beside it, its files' sizes and mtimes, which let a
     later plan trust the digest without hashing the folder again (`plan.output_damage`)."""
     final = final_dir(folder)
-    output = result.output.model_dump() | ({"stat": output_stat(final)} if final.is_dir() else {})
+    output = result.output.model_dump() | ({"stat": folder_stat(final)} if final.is_dir() else {})
     ledger.set_state(entry, "done", output=output, metrics=result.metrics, steps=result.steps)
 
 

@@ -15,9 +15,10 @@ from launcher.attempts import adopt_finished, run_stage, version_drift
 from launcher.backends import Backend
 from launcher.backends.local import LocalBackend
 from launcher.backends.srun import SrunBackend, allocation_nodes
+from launcher.digests import known_intact
 from launcher.errors import ConfigError
 from launcher.manifest import Loaded, load
-from launcher.plan import Step, known_intact, make_plan
+from launcher.plan import Step, make_plan
 from launcher.resolve import Resolved, default_run_dir, resolve
 
 

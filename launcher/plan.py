@@ -8,9 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from contract.files import dir_digest, short
+from contract.files import short
 from contract.layout import final_dir, newest_complete, resumable, stage_dir
 from contract.spec import Spec
+from launcher.digests import folder_digest, folder_stat
 from launcher.errors import ConfigError
 from launcher.resolve import Resolved, build_spec, fingerprint_any_world, settings
 
@@ -136,20 +137,8 @@ def _short(value: Any) -> str:
 # ----------------------------------------------------------------- is a done stage's output still there?
 
 
-def output_stat(folder: Path) -> dict[str, list[int]]:
-    """{relative path: [size, mtime_ns]} of every file below `folder`: the cheap sign that nothing changed.
-
-    Recorded beside the output digest when a stage finishes; while it matches, the digest is trusted."""
-    out: dict[str, list[int]] = {}
-    for p in sorted(folder.rglob("*")):
-        if p.is_file():
-            st = p.stat()
-            out[p.relative_to(folder).as_posix()] = [st.st_size, st.st_mtime_ns]
-    return out
-
-
 def stat_changes(recorded: dict[str, list[int]], now: dict[str, list[int]], prefix: str = "final/") -> list[str]:
-    """What differs between two `output_stat`s: `final/x changed`, `final/x is missing`, `final/x is new`."""
+    """What differs between two `folder_stat`s: `final/x changed`, `final/x is missing`, `final/x is new`."""
     changed = [f"{prefix}{p} changed" for p in recorded if p in now and list(now[p]) != list(recorded[p])]
     return (changed + [f"{prefix}{p} is missing" for p in recorded if p not in now]
             + [f"{prefix}{p} is new" for p in now if p not in recorded])
@@ -164,7 +153,7 @@ def disk_state(run_dir: Path, name: str, entry: dict[str, Any]) -> Literal["ok",
         return "missing"
     if recorded is None:
         return "unknown"
-    return "ok" if output_stat(final) == recorded else "changed"
+    return "ok" if folder_stat(final) == recorded else "changed"
 
 
 def output_damage(run_dir: Path, name: str, entry: dict[str, Any]) -> str | None:
@@ -178,32 +167,12 @@ def output_damage(run_dir: Path, name: str, entry: dict[str, Any]) -> str | None
     final = final_dir(stage_dir(run_dir, name))
     if not final.is_dir():
         return "final/ is missing"
-    now = output_stat(final)
+    now = folder_stat(final)
     recorded = out.get("stat")
-    if recorded == now or hashed(final, now) == out["digest"]:
+    if recorded == now or folder_digest(final, now) == out["digest"]:
         return None
     changes = stat_changes(recorded, now) if recorded is not None else []
     if not changes:
-        return f"final/ holds {short(hashed(final, now))}, not the recorded {short(out['digest'])}"
+        return f"final/ holds {short(folder_digest(final, now))}, not the recorded {short(out['digest'])}"
     return ", ".join(changes[:3]) + (f" and {len(changes) - 3} more" if len(changes) > 3 else "") + \
         " since it was recorded"
-
-
-def hashed(folder: Path, stat: dict[str, list[int]]) -> str:
-    """`dir_digest(folder)`, once per state of its files (a plan is made twice: before and under the lock)."""
-    key = (str(folder), json.dumps(stat, sort_keys=True))
-    if key not in _HASHED:
-        _HASHED[key] = dir_digest(folder)
-    return _HASHED[key]
-
-
-_HASHED: dict[tuple[str, str], str] = {}
-
-
-def known_intact(folder: Path, digest: str) -> dict[str, list[int]] | None:
-    """The folder's stat if this process hashed it, as it is now, and found `digest`: a stat record to keep
-    so that the next plan need not hash it again. Never hashes."""
-    if not folder.is_dir():
-        return None
-    now = output_stat(folder)
-    return now if _HASHED.get((str(folder), json.dumps(now, sort_keys=True))) == digest else None

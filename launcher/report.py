@@ -11,8 +11,9 @@ from typing import Any
 from contract.files import dir_digest, short
 from contract.layout import final_dir, read_metrics, stage_dir
 from launcher import ledger
+from launcher.digests import folder_stat
 from launcher.errors import BatonError
-from launcher.plan import disk_state, output_stat, stat_changes
+from launcher.plan import disk_state, stat_changes
 
 ON_DISK = {"changed": "CHANGED ON DISK", "missing": "final/ MISSING"}  # marks of a done stage whose final/ differs
 
@@ -102,7 +103,7 @@ def verify(run_dir: Path) -> tuple[str, bool]:
             lines.append(f"{name}: ok {short(now)}")
             continue
         intact = False
-        changes = stat_changes(out["stat"], output_stat(final)) if out.get("stat") is not None else []
+        changes = stat_changes(out["stat"], folder_stat(final)) if out.get("stat") is not None else []
         lines.append(f"{name}: DAMAGED: recorded {short(out['digest'])} now {short(now)}"
                      + (f" ({', '.join(changes[:3])}{' …' if len(changes) > 3 else ''})" if changes else ""))
     return "\n".join(lines), intact

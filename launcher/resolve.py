@@ -6,19 +6,18 @@ absolute paths, the final DeepSpeed config, data digests, and the fingerprint.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from contract.files import dir_digest, file_digest
 from contract.layout import final_dir, stage_dir
 from contract.sections import Data, DataSection, RefBase, StageBase, TrainingStage, inherit
 from contract.spec import SPEC_VERSION, Spec
 from launcher import datacheck, dsconfig, modelcheck
 from launcher.backends import sbatch
+from launcher.digests import data_file_digest, folder_digest
 from launcher.errors import ConfigError
 from launcher.manifest import Loaded, flat_references
 
@@ -204,7 +203,7 @@ def _reference(loaded: Loaded, where: tuple, ref: RefBase, base_dir: Path) -> di
     if ref.pretrained is not None:
         local = (base_dir / ref.pretrained).resolve()
         if local.is_dir():
-            return {"source": "pretrained", "stage": None, "path": str(local), "digest": _dir_digest(local),
+            return {"source": "pretrained", "stage": None, "path": str(local), "digest": folder_digest(local),
                     "config": None}
         if ref.pretrained.startswith((".", "/")):
             raise ConfigError(f"{loaded.where(where)}: local folder not found: {local}")
@@ -322,7 +321,7 @@ def _data(loaded: Loaded, i: int, stage: StageBase, section: DataSection, base_d
         "label_field": data.label_field,
         "labels": data.labels,
         "max_length": data.max_length,
-        "digests": {f: _file_digest(f) for f in files["train"] + files["eval"]},
+        "digests": {f: data_file_digest(f) for f in files["train"] + files["eval"]},
     }
 
 
@@ -331,28 +330,6 @@ def _difficulty_column(stage: StageBase) -> list[str]:
     curriculum = getattr(stage, "curriculum", None)
     column = curriculum.difficulty.column if curriculum and curriculum.difficulty else None
     return [column] if column else []
-
-
-def _file_digest(path: str) -> str:
-    """A data file is hashed once however many stages read it (keyed by its stat, so an edit is seen)."""
-    st = Path(path).stat()
-    return _digest_of(path, st.st_size, st.st_mtime_ns)
-
-
-@functools.cache
-def _digest_of(path: str, size: int, mtime_ns: int) -> str:
-    return file_digest(Path(path))
-
-
-def _dir_digest(path: Path) -> str:
-    """A local model folder is hashed once however many inputs name it (keyed by its files' stats)."""
-    stats = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(path.rglob("*")) if p.is_file())
-    return _dir_digest_of(str(path), stats)
-
-
-@functools.cache
-def _dir_digest_of(path: str, stats: tuple) -> str:
-    return dir_digest(path)
 
 
 # ----------------------------------------------------------------- spec and fingerprint

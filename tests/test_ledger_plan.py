@@ -21,10 +21,11 @@ import pytest
 
 from contract.files import dir_digest
 from contract.layout import stage_dir
+from launcher.digests import folder_stat
 from launcher.errors import ConfigError, LedgerError
 from launcher.ledger import LEDGER, LOCK, Ledger, read
 from launcher.manifest import load
-from launcher.plan import Step, make_plan, output_stat
+from launcher.plan import Step, make_plan
 from launcher.resolve import Resolved, build_spec, resolve, settings
 
 # ----------------------------------------------------------------- ledger
@@ -220,7 +221,7 @@ def finish(stages: list[Resolved], run_dir: Path, ledger: dict[str, Any] | None 
         (folder / "final").mkdir(parents=True, exist_ok=True)
         (folder / "final" / "model.safetensors").write_text(f"{r.name} weights")
         output = {"path": str(folder / "final"), "digest": dir_digest(folder / "final"),
-                  "stat": output_stat(folder / "final")}
+                  "stat": folder_stat(folder / "final")}
         (folder / "result.json").write_text(json.dumps(
             {"status": "done", "stage": r.name, "fingerprint": spec.fingerprint, "output": output}))
         ledger["stages"][r.name] = {"state": "done", "fingerprint": spec.fingerprint, "settings": settings(spec),

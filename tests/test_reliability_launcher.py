@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+import launcher.digests
 import launcher.pipeline
 import launcher.plan
 import launcher.report
@@ -83,7 +84,7 @@ def backend(monkeypatch: pytest.MonkeyPatch) -> FakeBackend:
     monkeypatch.setattr(launcher.pipeline, "LocalBackend", lambda: fake)
     monkeypatch.setattr(launcher.pipeline, "check_deepspeed", lambda stages: None)
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
-    monkeypatch.setattr(launcher.plan, "_HASHED", {})  # each test is a fresh process as far as hashing goes
+    monkeypatch.setattr(launcher.digests, "_FOLDERS", {})  # each test is a fresh process as far as hashing goes
     return fake
 
 
@@ -189,7 +190,7 @@ def test_a_successful_restart_records_the_new_output_and_drops_the_old(done: dic
     final = stage_dir(run_dir, "cls") / "final"
     assert entry["state"] == "done" and entry["output"]["digest"] != old["digest"]
     assert entry["output"]["digest"] == dir_digest(final)
-    assert entry["output"]["stat"] == launcher.plan.output_stat(final)
+    assert entry["output"]["stat"] == launcher.digests.folder_stat(final)
     assert not (stage_dir(run_dir, "cls") / "previous").exists() and "previous" not in entry
 
 
@@ -294,7 +295,7 @@ def test_an_output_whose_stat_matches_is_not_hashed_again(done: dict[str, Any],
         hashed.append(Path(path).parent.name)
         return dir_digest(path)
 
-    monkeypatch.setattr(launcher.plan, "dir_digest", counting)
+    monkeypatch.setattr(launcher.digests, "dir_digest", counting)
     steps = make_plan(done["stages"], read(run_dir), run_dir)
     assert actions(steps) == {"tok": "skip", "pre": "skip", "cls": "skip"} and hashed == []
 
@@ -307,7 +308,7 @@ def test_an_output_whose_stat_matches_is_not_hashed_again(done: dict[str, Any],
     assert hashed == ["tok"]
     assert run("run", done["manifest"], "--run-dir", run_dir) == 0  # nothing to do, but the stat is kept
     assert hashed == ["tok"]
-    monkeypatch.setattr(launcher.plan, "_HASHED", {})  # a later process
+    monkeypatch.setattr(launcher.digests, "_FOLDERS", {})  # a later process
     make_plan(done["stages"], read(run_dir), run_dir)
     assert hashed == ["tok"]
 
@@ -319,11 +320,11 @@ def test_a_ledger_without_stat_records_is_hashed_once(done: dict[str, Any], monk
             del entry["output"]["stat"]
         led.save()
     hashed: list[str] = []
-    monkeypatch.setattr(launcher.plan, "dir_digest", lambda p: hashed.append(Path(p).parent.name) or dir_digest(p))
+    monkeypatch.setattr(launcher.digests, "dir_digest", lambda p: hashed.append(Path(p).parent.name) or dir_digest(p))
     assert run("run", done["manifest"], "--run-dir", run_dir) == 0
     assert sorted(hashed) == ["cls", "pre", "tok"]
     assert all(e["output"]["stat"] for e in read(run_dir)["stages"].values())
-    monkeypatch.setattr(launcher.plan, "_HASHED", {})
+    monkeypatch.setattr(launcher.digests, "_FOLDERS", {})
     assert run("run", done["manifest"], "--run-dir", run_dir) == 0
     assert sorted(hashed) == ["cls", "pre", "tok"]
 
@@ -335,7 +336,7 @@ def test_status_and_lineage_show_changed_files_without_hashing(done: dict[str, A
     def refuse(path: object) -> str:
         raise AssertionError("status and lineage must not hash")
 
-    monkeypatch.setattr(launcher.plan, "dir_digest", refuse)
+    monkeypatch.setattr(launcher.digests, "dir_digest", refuse)
     monkeypatch.setattr(launcher.report, "dir_digest", refuse)
     assert launcher.report.lineage(run_dir).count("(ok)") == 3
     assert "CHANGED" not in launcher.report.status(run_dir)
