@@ -14,7 +14,6 @@ L = Σ_l α_l · L_l, with a training-only linear head on each other supervised 
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import torch
@@ -23,9 +22,9 @@ from torch import nn
 
 from contract.kinds.classify import ClassifyLayerwise, layer_weights
 from contract.layout import EXIT_STOPPED
-from stages.runtime import curriculum, data, dist, entry, lifecycle, models
+from stages.runtime import curriculum, data, dist, entry, evaluation, lifecycle, models
 from stages.runtime.dist import Dist
-from stages.runtime.labels import label_ids, label_names, macro_f1
+from stages.runtime.labels import label_ids, label_names
 from stages.runtime.spec import Spec, SpecError, training
 
 
@@ -94,38 +93,13 @@ def main(spec: Spec, d: Dist) -> int:
         _, loss, terms = t.engine(labels=train_labels[indices].to(batch["input_ids"].device), **batch)
         return loss, terms
 
-    def evaluate(step: int, predictions_path: str | None = None) -> dict[str, float]:
+    def evaluate(step: int, predictions: str | None = None) -> dict[str, float]:
         if evalset is None or eval_labels is None:
             return {}
         t.engine.eval()
-        k = len(names)
-        confusion = torch.zeros(k * k, dtype=torch.float64)
-        loss_sum = torch.zeros(1, dtype=torch.float64)
-        rows = []
-        with torch.no_grad():
-            for indices in data.eval_shards(len(evalset), micro, d.world_size, d.rank):
-                # Padding rows (index -1) run through the model with zero weight: ZeRO-3 needs equal forward counts.
-                real = torch.tensor(indices) >= 0
-                safe = [max(i, 0) for i in indices]
-                logits = t.engine(**batch_of(evalset, safe))[0].float().cpu()  # metrics on the CPU
-                labels, preds = eval_labels[safe], logits.argmax(-1)
-                loss_sum += (F.cross_entropy(logits, labels, reduction="none") * real).sum().double()
-                confusion += torch.bincount((labels * k + preds)[real], minlength=k * k).double()
-                if predictions_path:
-                    rows += [{"index": i, "label": int(labels[j]), "pred": int(preds[j]), "logits": logits[j].tolist()}
-                             for j, i in enumerate(indices) if i >= 0]
-        dist.all_reduce_sum(loss_sum)
-        dist.all_reduce_sum(confusion)
-        if predictions_path:
-            gathered = dist.all_gather_objects(rows)
-            if dist.is_main():
-                ordered = sorted((r for part in gathered for r in part), key=lambda r: r["index"])
-                with open(predictions_path, "w") as f:
-                    f.writelines(json.dumps(r) + "\n" for r in ordered)
-        confusion = confusion.view(k, k)
-        total = float(confusion.sum())
-        return {"accuracy": float(confusion.trace()) / total, "macro_f1": macro_f1(confusion),
-                "eval_loss": float(loss_sum) / total}
+        return evaluation.classification(len(evalset), micro, d,
+                                         lambda indices: t.engine(**batch_of(evalset, indices))[0], eval_labels,
+                                         len(names), predictions)
 
     def example_losses(indices: list[int]) -> torch.Tensor:
         logits = t.engine(**batch_of(train, indices))[0].float().cpu()

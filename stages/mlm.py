@@ -11,10 +11,9 @@ import torch
 
 from contract.kinds.mlm import MlmOptions
 from contract.layout import EXIT_STOPPED
-from stages.runtime import curriculum, data, dist, entry, lifecycle, models
+from stages.runtime import curriculum, data, dist, entry, evaluation, lifecycle, models
 from stages.runtime.dist import Dist
 from stages.runtime.masking import EVAL_EPOCH, MaskedLMLoss, Masker
-from stages.runtime.metrics import language_model_metrics
 from stages.runtime.spec import Spec, training
 
 
@@ -49,14 +48,13 @@ def main(spec: Spec, d: Dist) -> int:
         if evalset is None:
             return {}
         t.engine.eval()
-        total = torch.zeros(2, dtype=torch.float64)
-        with torch.no_grad():
-            for indices in data.eval_shards(len(evalset), micro, d.world_size, d.rank):
-                batch = batch_of(evalset, [(max(i, 0), EVAL_EPOCH) for i in indices])
-                batch["labels"][torch.tensor(indices) < 0] = -100  # padding rows: forward pass only
-                loss_sum, n = t.engine(**dist.to_device(batch))
-                total += torch.tensor([loss_sum.item(), n.item()], dtype=torch.float64)
-        return language_model_metrics(total)
+
+        def loss_of(indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+            batch = batch_of(evalset, [(max(i, 0), EVAL_EPOCH) for i in indices])
+            batch["labels"][torch.tensor(indices) < 0] = -100  # padding rows: forward pass only
+            return t.engine(**dist.to_device(batch))
+
+        return evaluation.language_model(len(evalset), micro, d, loss_of)
 
     def example_losses(indices: list[int]) -> torch.Tensor:
         """Each example's mean loss over its masked tokens, masked as the eval split is (0 with none)."""

@@ -25,10 +25,9 @@ from torch import nn
 
 from contract.kinds.multitask import MultitaskOptions, TaskSettings
 from contract.layout import EXIT_STOPPED, newest_complete
-from stages.runtime import data, dist, entry, lifecycle, masking, models
+from stages.runtime import data, dist, entry, evaluation, lifecycle, masking, models
 from stages.runtime.dist import Dist
-from stages.runtime.labels import label_ids, label_names, macro_f1
-from stages.runtime.metrics import language_model_metrics
+from stages.runtime.labels import label_ids, label_names
 from stages.runtime.spec import Spec, SpecError, training
 
 BLOCK = 4096  # task draws are made in blocks of this many micro-batches, each block from a seed of its own
@@ -271,33 +270,18 @@ class Task:
         """Collective. classify: accuracy, macro_f1, eval_loss; mlm: eval_loss, perplexity. {} without eval data."""
         if self.evalset is None:
             return {}
-        shards = data.eval_shards(len(self.evalset), micro, d.world_size, d.rank)
         if self.settings.type == "mlm":
-            total = torch.zeros(2, dtype=torch.float64)
-            for indices in shards:
+            def loss_of(indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
                 batch = self.batch(self.evalset, [(max(i, 0), masking.EVAL_EPOCH) for i in indices])
                 batch["labels"][torch.tensor(indices) < 0] = -100  # padding rows: forward pass only
-                loss_sum, n = engine(task=self.name, **dist.to_device(batch))
-                total += torch.tensor([loss_sum.item(), n.item()], dtype=torch.float64)
-            return language_model_metrics(total)
+                return engine(task=self.name, **dist.to_device(batch))
+
+            return evaluation.language_model(len(self.evalset), micro, d, loss_of)
         assert self.eval_labels is not None
-        k = len(self.labels)
-        confusion = torch.zeros(k * k, dtype=torch.float64)
-        loss_sum = torch.zeros(1, dtype=torch.float64)
-        for indices in shards:
-            real = torch.tensor(indices) >= 0  # padding rows (-1) run with zero weight: equal forward counts
-            safe = [max(i, 0) for i in indices]
-            logits = engine(task=self.name, **dist.to_device(self.batch(self.evalset, [(i, 0) for i in safe])))
-            logits = logits.float().cpu()
-            labels, preds = self.eval_labels[safe], logits.argmax(-1)
-            loss_sum += (nn.functional.cross_entropy(logits, labels, reduction="none") * real).sum().double()
-            confusion += torch.bincount((labels * k + preds)[real], minlength=k * k).double()
-        dist.all_reduce_sum(loss_sum)
-        dist.all_reduce_sum(confusion)
-        confusion = confusion.view(k, k)
-        count = float(confusion.sum())
-        return {"accuracy": float(confusion.trace()) / count, "macro_f1": macro_f1(confusion),
-                "eval_loss": float(loss_sum) / count}
+        return evaluation.classification(
+            len(self.evalset), micro, d, lambda indices: engine(
+                task=self.name, **dist.to_device(self.batch(self.evalset, [(i, 0) for i in indices]))),
+            self.eval_labels, len(self.labels))
 
 
 if __name__ == "__main__":

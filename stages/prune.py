@@ -1,0 +1,164 @@
+"""Structured pruning (stages/runtime/pruning.py): rank FFN neurons, kv-head groups and layers, keep the best,
+and hand on a smaller `save_pretrained` model.
+
+    python -m torch.distributed.run --nproc_per_node N -m stages.prune --spec spec.json
+
+Nothing is trained, so there is no DeepSpeed engine: every rank holds the whole model (as for inference), scores
+a share of the calibration batches, and the score sums are all-reduced, so every rank cuts alike. The eval split
+is scored before and after the cut (sharded over the ranks). final/ holds the pruned model, the tokenizer and
+pruning.json (what was kept); result.json's metrics hold both evals and the parameter counts.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from contract.files import write_json
+from contract.kinds.prune import PruneOptions
+from contract.layout import EXIT_DONE, EXIT_STOPPED, final_dir
+from stages.runtime import data, dist, entry, evaluation, export, models, pruning, signals
+from stages.runtime.dist import Dist
+from stages.runtime.labels import label_ids
+from stages.runtime.masking import EVAL_EPOCH, MaskedLMLoss, Masker
+from stages.runtime.metrics import Metrics
+from stages.runtime.spec import Spec, SpecError
+
+
+def main(spec: Spec, d: Dist) -> int:
+    from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification
+
+    opts = spec.options_as(PruneOptions)
+    metrics = Metrics(spec.stage_dir, 0)
+    metrics.start(0, d.world_size)
+    tokenizer = models.load_tokenizer(spec)
+    init = spec.ref("init")
+    if init.path is None:
+        raise SpecError("inputs.init.path: missing (prune needs a trained model)")
+    models.verify_digest("inputs.init", init.path, init.digest)
+    cls = AutoModelForSequenceClassification if opts.task == "classify" else AutoModelForMaskedLM
+    model = cls.from_pretrained(init.path).eval()
+    f = pruning.family_of(model)
+    shape = pruning.shape_of(model, f)
+    if opts.heads is not None and not f.heads:
+        raise SpecError(f"prune.heads: a {model.config.model_type} model derives its head size from the hidden "
+                        "size, so it cannot keep fewer heads of the same size (models whose config states head_dim "
+                        "can: llama, qwen2, mistral); prune ffn and layers instead")
+    if opts.layers is not None and opts.layers > shape.layers:
+        raise SpecError(f"prune.layers: {opts.layers} but the model has {shape.layers} layers")
+    splits = data.tokenize(spec, data.load_raw(spec), tokenizer, data.tokenizer_digest(spec))
+    train, evalset = splits["train"], splits["eval"]
+    task = Task(spec, opts, model, tokenizer, train, evalset)
+
+    before = task.evaluate(model, d)
+    params_before = pruning.parameters(model)
+    if opts.calibrates:
+        calibration = pruning.Calibration(model, f, opts.importance)
+        with calibration:
+            for indices in calibration_batches(spec, opts, len(train), d):
+                batch, run = task.calibration_step(model, indices)
+                calibration.batch(batch["attention_mask"], run)
+                if dist.all_reduce_sum(torch.tensor([int(signals.received())])).item():
+                    metrics.log("stop", step=0, reason="signal")
+                    return EXIT_STOPPED  # nothing written: a rerun prunes from the start
+        scores = calibration.scores
+        for t in scores.tensors():
+            dist.all_reduce_sum(t)
+        if opts.importance == "magnitude":  # the calibration ranked the layers; the weights rank the rest
+            by_weight = pruning.magnitude(model, f)
+            scores.ffn, scores.groups = by_weight.ffn, by_weight.groups
+    else:
+        scores = pruning.magnitude(model, f)
+    plan = pruning.plan(scores, ffn=opts.ffn, heads=opts.heads, layers=opts.layers)
+    pruned = pruning.apply(model, f, plan)
+    del model
+    after = task.evaluate(pruned, d)
+    params_after = pruning.parameters(pruned)
+    kept = {"layers": len(plan.layers), "ffn": len(plan.ffn[0]),
+            "heads": len(plan.groups[0]) * (shape.heads // max(shape.kv_heads, 1)) if f.heads else None}
+    record = {"before": {"layers": shape.layers, "ffn": shape.ffn, "heads": shape.heads or None,
+                         "parameters": params_before, **before},
+              "after": {**kept, "parameters": params_after, **after},
+              "importance": opts.importance, "kept": plan.as_json()}
+    metrics.log("prune", **{k: v for k, v in record.items() if k != "kept"})
+    dist.print0(f"{spec.stage}: {params_before:,} → {params_after:,} parameters "
+                f"({shape.layers}→{kept['layers']} layers, FFN {shape.ffn}→{kept['ffn']}"
+                + (f", heads {shape.heads}→{kept['heads']}" if f.heads else "") + ")"
+                + "".join(f"; {k} {before[k]:.4f} → {after[k]:.4f}" for k in after))
+    if after:
+        metrics.log("eval", step=0, **after)
+    final, digest = final_dir(spec.stage_dir), None
+    if dist.is_main():
+        out = export.staging(final)
+        pruned.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+        write_json(out / "pruning.json", record)
+        digest = export.publish(out, final)
+        if after:
+            write_json(f"{spec.stage_dir}/eval.json", {"step": 0, **after})
+    dist.barrier()
+    results = {**after, **{f"before/{k}": v for k, v in before.items()},
+               "params_before": float(params_before), "params_after": float(params_after)}
+    export.write_result(spec, steps=0, samples=0, output=str(final), digest=digest, metrics=results)
+    return EXIT_DONE
+
+
+def calibration_batches(spec: Spec, opts: PruneOptions, n: int, d: Dist) -> list[list[int]]:
+    """This rank's calibration batches: a seeded sample of the train split, strided over the ranks."""
+    g = torch.Generator().manual_seed(data.seed_of(spec.seed, "calibration"))
+    sample = torch.randperm(n, generator=g)[: opts.calibration_batches * opts.micro_batch_size * d.world_size]
+    mine = sample[d.rank:: d.world_size].tolist()
+    return [mine[i: i + opts.micro_batch_size] for i in range(0, len(mine), opts.micro_batch_size)]
+
+
+class Task:
+    """The model's task: its batches, its calibration loss and its eval."""
+
+    def __init__(self, spec: Spec, opts: PruneOptions, model, tokenizer, train, evalset) -> None:
+        self.opts, self.tokenizer, self.train, self.evalset = opts, tokenizer, train, evalset
+        if opts.task == "classify":
+            label2id = {str(k): int(v) for k, v in model.config.label2id.items()}
+            field = spec.data.label_field
+            self.labels = {split: torch.tensor(label_ids(ds, field, label2id, split))
+                           for split, ds in (("train", train), ("eval", evalset)) if ds is not None}
+            self.num_labels = model.config.num_labels
+        else:
+            self.masker = Masker(tokenizer, opts.mask_prob, spec.seed)
+
+    def batch(self, split, indices: list[int], epoch: int = EVAL_EPOCH) -> dict[str, torch.Tensor]:
+        out = data.collate(split, indices, self.tokenizer.pad_token_id, None, self.tokenizer.all_special_ids)
+        if self.opts.task == "mlm":
+            self.masker(out, [(i, epoch) for i in indices])
+        return dist.to_device(out)
+
+    def calibration_step(self, model, indices: list[int]):
+        """(batch, run): run() is the forward pass, returning (loss, hidden states)."""
+        batch = self.batch(self.train, indices, epoch=0)
+        if self.opts.task == "classify":
+            batch["labels"] = self.labels["train"][indices].to(batch["input_ids"].device)
+
+        def run():
+            out = model(**batch, output_hidden_states=True)
+            return out.loss, out.hidden_states
+
+        return batch, run
+
+    def evaluate(self, model, d: Dist) -> dict[str, float]:
+        """Collective. The eval split's metrics under `model` ({} without one)."""
+        if self.evalset is None:
+            return {}
+        micro, n = self.opts.micro_batch_size, len(self.evalset)
+        if self.opts.task == "classify":
+            return evaluation.classification(n, micro, d, lambda idx: model(**self.batch(self.evalset, idx)).logits,
+                                             self.labels["eval"], self.num_labels)
+        loss = MaskedLMLoss(model)
+
+        def loss_of(indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+            batch = self.batch(self.evalset, [max(i, 0) for i in indices])
+            batch["labels"][torch.tensor(indices, device=batch["labels"].device) < 0] = -100
+            return loss(**batch)
+
+        return evaluation.language_model(n, micro, d, loss_of)
+
+
+if __name__ == "__main__":
+    entry.run(main)
