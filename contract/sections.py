@@ -125,9 +125,11 @@ class Data(Strict):
     )
     max_length: int = Field(128, ge=8, le=65536, strict=True, description="Tokens per example after truncation.")
 
+    reads_train: ClassVar[bool] = True  # a training stage's data; an eval-only kind's (ensemble) is a subclass
+
     @model_validator(mode="after")
     def _source(self) -> Data:
-        if (self.train is None) == (self.hub is None):
+        if self.reads_train and (self.train is None) == (self.hub is None):
             raise ValueError("give exactly one of: train (local files) or hub (a datasets name)")
         if self.hub is not None and self.eval is not None:
             raise ValueError("with hub, name the evaluation split in eval_split instead of eval files")

@@ -57,7 +57,7 @@ def main(spec: Spec, d: Dist) -> int:
             for indices in calibration_batches(spec, opts, len(train), d):
                 batch, run = task.calibration_step(model, indices)
                 calibration.batch(batch["attention_mask"], run)
-                if dist.all_reduce_sum(torch.tensor([int(signals.received())])).item():
+                if dist.any_rank(signals.received()):
                     metrics.log("stop", step=0, reason="signal")
                     return EXIT_STOPPED  # nothing written: a rerun prunes from the start
         scores = calibration.scores

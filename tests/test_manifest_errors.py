@@ -522,6 +522,21 @@ CASES |= {
 CUSTOM_DS = '{"zero_optimization": {"stage": 1}, "optimizer": {"type": "AdamW", "params": {"lr": 0.1}}}\n'
 
 
+# prune (contract/kinds/prune.py)
+PRUNE = "  - name: small\n    kind: prune\n    init: {from: cls}\n    data: {train: train.jsonl}\n"
+CASES |= {
+    "prune-nothing-to-cut": Case(BASE + PRUNE + "    prune: {task: classify}  #!\n", "stages[3].prune",
+                                 ("nothing to prune: give ffn, heads or layers",)),
+    "prune-ffn-above-1": Case(BASE + PRUNE + "    prune: {task: classify, ffn: 1.5}  #!\n", "stages[3].prune.ffn",
+                              ("less than or equal to 1",)),
+    "prune-init-from-config": Case(
+        BASE + PRUNE.replace("init: {from: cls}", "init: {config: {model_type: bert}}  #!")
+        + "    prune: {task: classify, ffn: 0.5}\n", "stages[3].init.config", ("nothing learnt to prune",)),
+    "prune-init-from-a-tokenizer": Case(
+        BASE + PRUNE.replace("init: {from: cls}", "init: {from: tok}  #!") + "    prune: {task: classify, ffn: 0.5}\n",
+        "stages[3].init.from", ("stage 'tok' is a tokenizer stage and gives no model",)),
+}
+
 def write_inputs(folder: Path) -> None:
     """The small data files BASE refers to (a few real WordNet lines), plus a DeepSpeed JSON."""
     glosses = (WORDNET / "pretrain.txt").read_text(encoding="utf-8").splitlines()[:20]

@@ -27,13 +27,14 @@ from stages.runtime.spec import Spec, SpecError
 _BUILDERS = {"json": "json", "csv": "csv", "parquet": "parquet", "text": "text"}
 
 
-def load_raw(spec: Spec) -> dict[str, Any]:
-    """{"train": Dataset, "eval": Dataset | None}; rank 0 fills the datasets cache first."""
+def load_raw(spec: Spec, *, train: bool = True) -> dict[str, Any]:
+    """{"train": Dataset, "eval": Dataset | None}; rank 0 fills the datasets cache first. train=False: a stage
+    that only evaluates (ensemble): {"train": None, "eval": …}."""
     with rank0_first():
-        return _load_raw(spec.data, os.path.join(spec.cache_dir, "datasets"))
+        return _load_raw(spec.data, os.path.join(spec.cache_dir, "datasets"), train)
 
 
-def _load_raw(data: DataSpec, cache_dir: str) -> dict[str, Any]:
+def _load_raw(data: DataSpec, cache_dir: str, train: bool = True) -> dict[str, Any]:
     import datasets
 
     datasets.disable_progress_bars()
@@ -41,24 +42,28 @@ def _load_raw(data: DataSpec, cache_dir: str) -> dict[str, Any]:
         hub = data.hub
         try:
             load = lambda split: datasets.load_dataset(hub.name, hub.config, split=split, cache_dir=cache_dir)  # noqa: E731
-            return {"train": load(hub.train_split), "eval": load(hub.eval_split) if hub.eval_split else None}
+            return {"train": load(hub.train_split) if train else None,
+                    "eval": load(hub.eval_split) if hub.eval_split else None}
         except Exception as e:  # datasets raises many types for "not found / offline"
             raise SpecError(f"data.hub: cannot load {hub.name!r}: {type(e).__name__}: {e}") from None
     for key, files in (("data.train_files", data.train_files), ("data.eval_files", data.eval_files)):
         for path in files:
             if not os.path.isfile(path):
                 raise SpecError(f"{key}: {path}: no such file")
-    if not data.train_files:
+    if train and not data.train_files:
         raise SpecError("data.train_files: empty and no data.hub")
+    split_files = {"train": data.train_files} if train else {}
+    split_files |= {"eval": data.eval_files} if data.eval_files else {}
+    if not split_files:
+        return {"train": None, "eval": None}
     if data.format is None:
         raise SpecError("data.format: null without data.hub")
-    split_files = {"train": data.train_files} | ({"eval": data.eval_files} if data.eval_files else {})
     ds = datasets.load_dataset(_BUILDERS[data.format], data_files=split_files, cache_dir=cache_dir)
     for split, d in ds.items():
         if data.text_field not in d.column_names:
             raise SpecError(f"data.text_field: column {data.text_field!r} not in {split_files[split]} "
                             f"(columns: {d.column_names})")
-    return {"train": ds["train"], "eval": ds.get("eval")}
+    return {"train": ds.get("train"), "eval": ds.get("eval")}
 
 
 def tokenize(spec: Spec, raw: dict[str, Any], tokenizer, tokenizer_digest: str) -> dict[str, Any]:

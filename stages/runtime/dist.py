@@ -80,6 +80,11 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def any_rank(flag: bool) -> bool:
+    """Collective. Whether `flag` is true on some rank (e.g. a stop request that reached only some)."""
+    return bool(all_reduce_sum(torch.tensor([int(flag)])).item())
+
+
 def to_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A collated batch (built on the CPU) on this rank's device."""
     device = _state.device if _state is not None else torch.device("cpu")

@@ -22,33 +22,39 @@ def classification(n: int, micro: int, d: Dist, logits_of: Callable[[list[int]],
 
     `logits_of(indices)` gives a batch's logits; a padding row comes as index 0 and counts for nothing. With
     `predictions`, rank 0 writes that file: per example {"index", "label", "pred", "logits"}, in eval order."""
-    k = num_labels
-    confusion = torch.zeros(k * k, dtype=torch.float64)
-    loss_sum = torch.zeros(1, dtype=torch.float64)
-    rows: list[dict[str, Any]] = []
+    mine: list[int] = []  # this rank's examples, in the order of `logits`
+    parts = []
     with torch.no_grad():
         for indices in data.eval_shards(n, micro, d.world_size, d.rank):
-            real = torch.tensor(indices) >= 0
-            safe = [max(i, 0) for i in indices]
-            logits = logits_of(safe).float().cpu()
-            y, preds = labels[safe], logits.argmax(-1)
-            loss_sum += (F.cross_entropy(logits, y, reduction="none") * real).sum().double()
-            confusion += torch.bincount((y * k + preds)[real], minlength=k * k).double()
-            if predictions:
-                rows += [{"index": i, "label": int(y[j]), "pred": int(preds[j]), "logits": logits[j].tolist()}
-                         for j, i in enumerate(indices) if i >= 0]
-    dist.all_reduce_sum(loss_sum)
-    dist.all_reduce_sum(confusion)
+            real = [j for j, i in enumerate(indices) if i >= 0]
+            parts.append(logits_of([max(i, 0) for i in indices]).float().cpu()[real])
+            mine += [indices[j] for j in real]
+    logits = torch.cat(parts) if parts else torch.zeros(0, num_labels)
     if predictions:
+        preds = logits.argmax(-1)
+        rows: list[dict[str, Any]] = [
+            {"index": i, "label": int(labels[i]), "pred": int(preds[j]), "logits": logits[j].tolist()}
+            for j, i in enumerate(mine)]
         gathered = dist.all_gather_objects(rows)
         if dist.is_main():
             ordered = sorted((r for part in gathered for r in part), key=lambda r: r["index"])
             with open(predictions, "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in ordered)
+    return classification_metrics(logits, labels[mine], num_labels)
+
+
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, num_labels: int) -> dict[str, float]:
+    """Collective. accuracy, macro_f1 and eval_loss (mean cross-entropy) of this rank's `logits` [examples,
+    labels] against their label ids, summed over the ranks."""
+    k = num_labels
+    loss = F.cross_entropy(logits.float(), labels, reduction="sum").double().reshape(1)
+    confusion = torch.bincount(labels * k + logits.argmax(-1), minlength=k * k).double()
+    dist.all_reduce_sum(loss)
+    dist.all_reduce_sum(confusion)
     confusion = confusion.view(k, k)
     total = float(confusion.sum())
     return {"accuracy": float(confusion.trace()) / total, "macro_f1": macro_f1(confusion),
-            "eval_loss": float(loss_sum) / total}
+            "eval_loss": float(loss) / total}
 
 
 def language_model(n: int, micro: int, d: Dist,

@@ -21,6 +21,8 @@ def label_names(spec: Spec, raw: dict) -> list[str | int]:
 
 def label_ids(ds, field: str, label2id: dict[str, int], split: str) -> list[int]:
     # Keyed by str(): a spec's "3" and a file's 3 name the same label.
+    if field not in ds.column_names:
+        raise SpecError(f"data.label_field: column {field!r} not in the {split} split (columns: {ds.column_names})")
     out = []
     for i, value in enumerate(ds[field]):
         if str(value) not in label2id:
