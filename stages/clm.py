@@ -13,9 +13,6 @@ over every eval block.
 
 from __future__ import annotations
 
-import itertools
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,88 +23,10 @@ from contract.layout import EXIT_STOPPED
 from stages.runtime import data, dist, entry, lifecycle, models
 from stages.runtime.dist import Dist
 from stages.runtime.metrics import language_model_metrics
-from stages.runtime.spec import Spec, SpecError, training
+from stages.runtime.packing import PACK_BATCH, Packed, check_block_size, end_of_document, pack
+from stages.runtime.spec import Spec, training
 
-# Documents per datasets .map batch. Each batch's remainder (< block_size tokens) is dropped, so the
-# blocks depend on this number: fixed, not tuned per machine, and large, so that few tokens are lost.
-PACK_BATCH = 10_000
-
-
-def end_of_document(tokenizer) -> int:
-    """The token that follows each document."""
-    for name in ("eos_token_id", "sep_token_id"):
-        if (token := getattr(tokenizer, name, None)) is not None:
-            return int(token)
-    raise SpecError("inputs.tokenizer: has neither an EOS nor a SEP token to end each document with")
-
-
-def check_block_size(spec: Spec, block_size: int) -> None:
-    """clm.block_size against the init model's positions, where its config says: before any data work,
-    which can take long on a real corpus."""
-    from transformers import AutoConfig
-
-    init = spec.ref("init")
-    try:
-        if init.source == "config" and init.config:
-            config = AutoConfig.for_model(**init.config)
-        elif init.path:
-            config = AutoConfig.from_pretrained(init.path)
-        else:
-            return
-    except (OSError, ValueError, TypeError):
-        return  # build_model reports a bad init with its own message
-    limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
-    if isinstance(limit, int) and block_size > limit:
-        raise SpecError(f"clm.block_size: {block_size} tokens exceed the {limit} positions of the model "
-                        f"(inputs.init, n_positions / max_position_embeddings); lower clm.block_size")
-
-
-@dataclass(frozen=True)
-class Packed:
-    documents: Any  # a datasets.Dataset: input_ids per document, end-of-document token included
-    blocks: Any  # a datasets.Dataset: input_ids rows of exactly block_size tokens
-
-
-def pack(spec: Spec, raw: dict[str, Any], tokenizer, eos: int, block_size: int) -> dict[str, Packed | None]:
-    """Each split's documents and blocks, cached under cache_dir; rank 0 fills the cache first.
-
-    Two cached steps, as in run_clm: documents → token ids, then → blocks (a new block_size only regroups).
-    """
-    field = spec.data.text_field
-    out_dir = Path(spec.cache_dir, "tokenized")
-
-    def encode(batch: dict[str, list]) -> dict[str, list]:
-        texts = [text for text in batch[field] if isinstance(text, str) and text.strip()]  # blank: no document
-        # verbose=False: documents longer than the tokenizer's model_max_length are expected; packing cuts them.
-        ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
-        return {"input_ids": [doc + [eos] for doc in ids]}
-
-    def group(batch: dict[str, list]) -> dict[str, list]:
-        stream = list(itertools.chain.from_iterable(batch["input_ids"]))
-        usable = len(stream) // block_size * block_size  # the batch's remainder is dropped
-        return {"input_ids": [stream[i : i + block_size] for i in range(0, usable, block_size)]}
-
-    out: dict[str, Packed | None] = {}
-    with data.rank0_first():
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for split, ds in raw.items():
-            if ds is None:
-                out[split] = None
-                continue
-            key = data.cache_key("clm-documents", data.tokenizer_digest(spec), ds._fingerprint, field, eos)
-            docs = ds.map(encode, batched=True, batch_size=PACK_BATCH, remove_columns=ds.column_names,
-                          new_fingerprint=key, cache_file_name=str(out_dir / f"clm-{split}-{key}.arrow"))
-            key = data.cache_key("clm-blocks", key, block_size, PACK_BATCH)
-            blocks = docs.map(group, batched=True, batch_size=PACK_BATCH, remove_columns=docs.column_names,
-                              new_fingerprint=key, cache_file_name=str(out_dir / f"clm-{split}-{key}.arrow"))
-            out[split] = Packed(docs, blocks)
-    # Outside the rank-0-first block, so that every rank fails here alike.
-    for split, packed in out.items():
-        if packed is not None and len(packed.blocks) == 0:
-            tokens = sum(map(len, packed.documents["input_ids"]))
-            raise SpecError(f"data: the {split} split makes no block of clm.block_size {block_size} tokens: "
-                            f"{len(packed.documents)} documents, {tokens} tokens with their end-of-document tokens")
-    return out
+__all__ = ["PACK_BATCH", "Packed", "check_block_size", "end_of_document", "main", "pack"]  # tests import them from here
 
 
 def main(spec: Spec, d: Dist) -> int:

@@ -76,21 +76,28 @@ def check_vocabulary(spec: Spec, tokenizer) -> None:
         own = AutoTokenizer.from_pretrained(init.path)
     except (OSError, ValueError, TypeError):
         return  # a folder with weights only: the model's vocab_size is checked in build_model
+    why = vocabulary_difference(own, tokenizer)
+    if why is None:
+        return
+    raise SpecError(f"inputs.tokenizer: {ref.path} is not the tokenizer of inputs.init {init.path}: {why}. "
+                    "Leave tokenizer: out to use the init model's own")
+
+
+def vocabulary_difference(own, tokenizer) -> str | None:
+    """How `tokenizer` differs from `own`, a model's own tokenizer (None: the same tokens, ids and special tokens),
+    as the end of a sentence about `tokenizer` ("it …")."""
     theirs, ours = own.get_vocab(), tokenizer.get_vocab()
     specials = [n.removesuffix("_id") for n in SPECIAL_IDS if getattr(own, n, None) != getattr(tokenizer, n, None)]
     if theirs == ours and not specials:
-        return
+        return None
     moved = sum(1 for token, i in theirs.items() if ours.get(token) != i)
     if moved == 0 and len(ours) > len(theirs):
-        why = (f"it adds {len(ours) - len(theirs)} tokens to the model's {len(theirs)}, and vocabulary extension "
-               "(new embedding rows) is not supported")
-    elif moved:
-        why = (f"{moved} of the model's {len(theirs)} tokens have another id in it ({len(ours)} tokens); the model's "
-               "embedding rows would be fed other tokens than they were trained on")
-    else:
-        why = f"its special tokens differ ({', '.join(specials) or 'vocabulary'})"
-    raise SpecError(f"inputs.tokenizer: {ref.path} is not the tokenizer of inputs.init {init.path}: {why}. "
-                    "Leave tokenizer: out to use the init model's own")
+        return (f"it adds {len(ours) - len(theirs)} tokens to the model's {len(theirs)}, and vocabulary extension "
+                "(new embedding rows) is not supported")
+    if moved:
+        return (f"{moved} of the model's {len(theirs)} tokens have another id in it ({len(ours)} tokens); the "
+                "model's embedding rows would be fed other tokens than they were trained on")
+    return f"its special tokens differ ({', '.join(specials) or 'vocabulary'})"
 
 
 def build_model(spec: Spec, auto_class, tokenizer, *, resume: bool, name: str = "init", **overrides: Any):

@@ -1,0 +1,112 @@
+"""`distill`: online knowledge distillation. A frozen teacher's logits train a student alongside the task's labels:
+
+    L = (1 − alpha) · L_task(y, ŷ_S) + alpha · T² · KL(softmax(z_T / T) ‖ softmax(z_S / T))
+
+for sequence classification (one row of logits per example), masked-LM (the masked positions) or causal-LM (every
+predicted token). The student is `init` (optionally with only some of its transformer layers kept: DistilBERT's
+student is its teacher with every other layer); the teacher is `teacher`, an earlier stage's output or a folder.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from contract.sections import ModelRef, Problem, Strict, TrainingStage
+
+DEFAULT_BLOCK_SIZE = 128
+
+
+class DistillOptions(Strict):
+    """The manifest's `distill:` section; as spec.options it holds only what its task uses."""
+
+    task: Literal["classify", "mlm", "clm"] = Field(
+        description="The student's (and teacher's) head and task loss: classify (sequence classification, "
+        "data.label_field / data.labels), mlm (masked-LM at mask_prob), clm (next-token prediction on blocks of "
+        "block_size tokens).")
+    alpha: float = Field(0.5, ge=0, le=1, description="λ in [0, 1]: the distillation term's weight; 0 is the task "
+                         "loss alone, 1 the distillation loss alone.")
+    temperature: float = Field(2.0, gt=0, description="T > 0: both logit sets are divided by T before the softmax; "
+                               "the distillation term is scaled by T² so its gradients keep their size.")
+    teacher_placement: Literal["replicate", "zero3", "cpu"] = Field(
+        "replicate", description="Where the frozen teacher lives: replicate (a full copy on every rank), zero3 "
+        "(partitioned across the ranks by a DeepSpeed ZeRO-3 engine without optimizer, forward only: a teacher "
+        "larger than one device fits), cpu (kept on the CPU, its logits moved to the student's device; on a CPU-only "
+        "machine the same as replicate).")
+    keep_layers: Literal["every_other"] | list[int] | None = Field(
+        None, description="The student is `init` with only these transformer layers kept (0-based, in order): a list "
+        "of indices, or every_other (0, 2, 4 …; DistilBERT's student when init is the teacher). Null: all. "
+        "BERT-like (encoder.layer) and GPT-2-like (transformer.h) models.")
+    mask_prob: float | None = Field(None, gt=0, lt=1, description="task mlm: share of tokens masked (80% [MASK], "
+                                    "10% random, 10% kept); default 0.15.")
+    block_size: int | None = Field(None, ge=8, le=1_048_576, strict=True, description="task clm: tokens per "
+                                   f"training block (as clm.block_size); default {DEFAULT_BLOCK_SIZE}.")
+
+    @field_validator("alpha", "temperature", "mask_prob", mode="before")
+    @classmethod
+    def _number(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ValueError(f"{value!r}: a number is expected, not a boolean")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{value}: not a finite number")
+        return value
+
+    @field_validator("keep_layers", mode="before")
+    @classmethod
+    def _layers(cls, value: Any) -> Any:
+        if not isinstance(value, list):
+            return value
+        if not value:
+            raise ValueError("an empty list keeps no layer; name at least one, or leave keep_layers out")
+        if any(isinstance(v, bool) or not isinstance(v, int) for v in value):
+            raise ValueError(f"{value!r}: layer indices (integers) are expected")
+        if any(v < 0 for v in value):
+            raise ValueError(f"{value!r}: layer indices are 0 or more")
+        if len(set(value)) != len(value):
+            raise ValueError(f"{value!r}: an index repeats")
+        if value != sorted(value):
+            raise ValueError(f"{value!r}: give the indices in increasing order (the student keeps the layers' order)")
+        return value
+
+    @model_validator(mode="after")
+    def _task_settings(self) -> DistillOptions:
+        if self.mask_prob is not None and self.task != "mlm":
+            raise Problem(("mask_prob",), f"mask_prob is for task mlm (task is {self.task})")
+        if self.block_size is not None and self.task != "clm":
+            raise Problem(("block_size",), f"block_size is for task clm (task is {self.task})")
+        return self
+
+    def settings(self) -> dict[str, Any]:
+        """spec.options: the task's defaults filled in, the other tasks' settings left out."""
+        out = self.model_dump(exclude={"mask_prob", "block_size"})
+        if self.task == "mlm":
+            out["mask_prob"] = 0.15 if self.mask_prob is None else self.mask_prob
+        if self.task == "clm":
+            out["block_size"] = self.block_size or DEFAULT_BLOCK_SIZE
+        return out
+
+
+class DistillStage(TrainingStage):
+    options_field: ClassVar[str | None] = "distill"
+
+    kind: Literal["distill"] = Field(description="Knowledge distillation: a student learns from a frozen teacher's "
+                                     "logits and the task's labels; eval: the task's metrics and teacher_agreement.")
+    teacher: ModelRef = Field(description="The frozen teacher: an earlier stage (from) or a trained model folder / "
+                              "hub name (pretrained), with the head of distill.task. Its tokenizer must be the "
+                              "student's.")
+    distill: DistillOptions = Field(description="Task, λ, temperature, teacher placement, student layers.")
+
+    @model_validator(mode="after")
+    def _teacher(self) -> DistillStage:
+        if self.teacher.config is not None:
+            raise Problem(("teacher", "config"), "a teacher built from a config is untrained and teaches nothing; "
+                          "give teacher.from (an earlier stage) or teacher.pretrained (a trained model)")
+        return self
+
+    def options(self) -> dict[str, Any]:
+        return self.distill.settings()
+
+
+STAGE = DistillStage

@@ -1,0 +1,204 @@
+"""Knowledge distillation: a student learns from a frozen teacher's logits and the task's labels.
+
+    python -m torch.distributed.run --nproc_per_node N -m stages.distill --spec spec.json
+
+    L = (1 − α) · L_task(y, ŷ_S) + α · T² · KL(softmax(z_T / T) ‖ softmax(z_S / T))
+
+over the rows of logits that count (`rows`): classify one per example, mlm one per masked position (the teacher
+reads the same masked input as the student), clm one per predicted token (every position but each block's last).
+L_task is the mean cross-entropy over those rows and the KL is their mean ("batchmean": the sum over rows and
+classes divided by the number of rows), so α = 0 is the task's own loss and α = 1 pure distillation. Both terms
+are logged per step as a `loss_terms` record ({"task", "kd"}). The data are the task's as its own stage reads them
+(classify: labels; mlm: stages/runtime/masking.py; clm: stages/runtime/packing.py).
+
+The teacher (stages/runtime/teacher.py) is loaded from its input on every start and stays outside the student's
+engine. The student is `init`, with only `distill.keep_layers` of its transformer layers when given. Eval: the
+task's metrics for the student and `teacher_agreement`, the share of rows where the student's argmax is the
+teacher's (classify also `teacher_accuracy`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from contract.kinds.distill import DistillOptions
+from contract.layout import EXIT_STOPPED
+from stages.runtime import curriculum, data, dist, entry, lifecycle, models, packing, teacher
+from stages.runtime.dist import Dist
+from stages.runtime.labels import label_ids, label_names, macro_f1
+from stages.runtime.masking import EVAL_EPOCH, Masker
+from stages.runtime.metrics import language_model_metrics
+from stages.runtime.spec import Spec, training
+
+
+def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, task_loss: torch.Tensor, alpha: float,
+                 temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L, KL) for (rows, classes) logits: L = (1 − α) · task_loss + α · T² · KL(p_T ‖ p_S), p = softmax(z / T), the
+    KL summed over classes and averaged over rows. Computed in float32."""
+    t = temperature
+    kd = F.kl_div(F.log_softmax(student_logits.float() / t, dim=-1), F.log_softmax(teacher_logits.float() / t, dim=-1),
+                  log_target=True, reduction="batchmean")
+    return (1 - alpha) * task_loss + alpha * t * t * kd, kd
+
+
+def rows(task: str, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The logits that count, as (rows, classes): classify all, mlm the masked positions, clm all but the last."""
+    if task == "mlm":
+        return logits[batch["labels"] != -100]
+    if task == "clm":
+        return logits[:, :-1].flatten(0, 1)
+    return logits
+
+
+def targets(task: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The label of each row of `rows`."""
+    if task == "mlm":
+        return batch["labels"][batch["labels"] != -100]
+    if task == "clm":
+        return batch["input_ids"][:, 1:].flatten()
+    return batch["labels"]
+
+
+class Student(nn.Module):
+    """The student's rows of logits for a batch (its `labels` select mlm's rows; the model never sees them).
+    For mlm the vocabulary projection runs on the masked positions alone, as in MaskedLMLoss."""
+
+    def __init__(self, model: nn.Module, task: str) -> None:
+        super().__init__()
+        self.model: Any = model
+        self.task = task
+        heads = [name for name, _ in model.named_children() if name != self.model.base_model_prefix]
+        self.head = heads[0] if task == "mlm" and len(heads) == 1 else None
+
+    def forward(self, labels: torch.Tensor | None = None, **inputs: torch.Tensor) -> torch.Tensor:
+        batch = {**inputs, "labels": labels} if labels is not None else inputs
+        if self.head is not None:
+            hidden = self.model.base_model(**inputs)[0]
+            return getattr(self.model, self.head)(hidden[labels != -100])
+        extra = {"use_cache": False} if self.task == "clm" else {}
+        return rows(self.task, self.model(**inputs, **extra).logits, batch)
+
+
+def main(spec: Spec, d: Dist) -> int:
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSequenceClassification
+
+    opts = spec.options_as(DistillOptions)
+    task, micro = opts.task, training(spec).train.micro_batch_size
+    auto = {"classify": AutoModelForSequenceClassification, "mlm": AutoModelForMaskedLM,
+            "clm": AutoModelForCausalLM}[task]
+    if task == "clm":
+        packing.check_block_size(spec, opts.block_size or 0, "distill.block_size")
+    tokenizer = models.load_tokenizer(spec)
+    teacher.check_tokenizer(spec, tokenizer, task)
+    tutor = teacher.load(spec, d.device, auto, opts.teacher_placement, task)
+
+    # The task's data: each split's examples, and a batch of them as the student and the teacher read it.
+    build_extra: dict[str, Any] = {}
+    names: list[str | int] = []
+    labels: dict[str, Any] = {}  # classify: each split's label ids
+    raw = data.load_raw(spec)
+    if task == "clm":
+        eos = packing.end_of_document(tokenizer)
+        packed = packing.pack(spec, raw, tokenizer, eos, opts.block_size or 0)
+        splits: dict[str, Any] = {split: p.blocks if p else None for split, p in packed.items()}
+        build_extra = {"eos_token_id": eos} if spec.ref("init").source == "config" else {}
+    else:
+        splits = data.tokenize(spec, raw, tokenizer, data.tokenizer_digest(spec))
+    train, evalset = splits["train"], splits["eval"]
+    if task == "classify":
+        names = label_names(spec, raw)
+        teacher.check_labels(tutor, names)
+        label2id = {str(name): i for i, name in enumerate(names)}
+        build_extra = {"num_labels": len(names), "id2label": {i: str(n) for i, n in enumerate(names)},
+                       "label2id": label2id}
+        labels = {split: torch.tensor(label_ids(ds, spec.data.label_field, label2id, split)) if ds else None
+                  for split, ds in splits.items()}
+    masker = Masker(tokenizer, opts.mask_prob or 0.15, spec.seed) if task == "mlm" else None
+    ends = tokenizer.all_special_ids
+
+    def batch_of(split: str, keys: list[tuple[int, int]], max_length: int | None = None) -> dict[str, torch.Tensor]:
+        ds, indices = splits[split], [i for i, _ in keys]
+        if task == "clm":
+            return dist.to_device({"input_ids": torch.tensor(ds[indices]["input_ids"])[:, :max_length]})
+        batch = data.collate(ds, indices, tokenizer.pad_token_id, max_length, ends)
+        if masker is not None:
+            masker(batch, keys)
+        else:
+            batch["labels"] = labels[split][indices]
+        return dist.to_device(batch)
+
+    def build(resume: bool) -> nn.Module:
+        model = models.build_model(spec, auto, tokenizer, resume=resume, **build_extra)
+        if opts.keep_layers is not None:
+            kept = teacher.keep_layers(model, opts.keep_layers)
+            if not resume:
+                dist.print0(f"{spec.stage}: the student keeps layers {kept} of inputs.init")
+        teacher.check_logits(tutor, model, task)
+        return model
+
+    what = (f"distill ({task}, α {opts.alpha}, T {opts.temperature}, teacher {opts.teacher_placement}: "
+            f"{teacher.count(tutor.model):,} parameters), {len(train)} train samples")
+    t = lifecycle.start(spec, d, num_samples=len(train), what=what, build=build,
+                        wrap=lambda model: Student(model, task),
+                        difficulty=curriculum.difficulty(spec, train) if task != "clm" else None)
+    dist.print0(f"{spec.stage}: the student has {teacher.count(t.model):,} parameters")
+
+    def micro_step(keys: list[tuple[int, int]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        batch = batch_of("train", keys, t.sampler.max_length)
+        taught = rows(task, tutor.logits(**_inputs(task, batch)), batch)
+        student = t.engine(**batch)
+        task_loss = F.cross_entropy(student.float(), targets(task, batch))
+        loss, kd = distill_loss(student, taught, task_loss, opts.alpha, opts.temperature)
+        return loss, {"task": task_loss.detach(), "kd": kd.detach()}
+
+    def evaluate(step: int) -> dict[str, float]:
+        if evalset is None:
+            return {}
+        t.engine.eval()
+        k = len(names)
+        confusion = torch.zeros(k * k, dtype=torch.float64)
+        total = torch.zeros(4, dtype=torch.float64)  # loss sum, rows, rows where student = teacher, teacher right
+        with torch.no_grad():
+            for indices in data.eval_shards(len(evalset), micro, d.world_size, d.rank):
+                # Padding rows (index -1) run with zero weight: ZeRO-3 needs equal forward counts on every rank.
+                real = torch.tensor(indices) >= 0
+                batch = batch_of("eval", [(max(i, 0), EVAL_EPOCH) for i in indices])
+                if task == "mlm":
+                    batch["labels"][real.logical_not().to(batch["labels"].device)] = -100
+                student = t.engine(**batch).float().cpu()
+                taught = rows(task, tutor.logits(**_inputs(task, batch)), batch).cpu()
+                y = targets(task, batch).cpu()
+                weight = {"classify": real, "mlm": torch.ones(len(y), dtype=torch.bool),
+                          "clm": real.repeat_interleave(batch["input_ids"].shape[1] - 1)}[task].double()
+                pred, said = student.argmax(-1), taught.argmax(-1)
+                total += torch.stack([F.cross_entropy(student, y, reduction="none").double() @ weight, weight.sum(),
+                                      (pred == said).double() @ weight, (said == y).double() @ weight])
+                if task == "classify":
+                    confusion += torch.bincount((y * k + pred)[real], minlength=k * k).double()
+        if task != "classify":
+            lm = language_model_metrics(total[:2].clone())  # eval_loss, perplexity: summed over the ranks there
+            dist.all_reduce_sum(total)
+            return lm | {"teacher_agreement": float(total[2] / total[1])}
+        dist.all_reduce_sum(total)
+        dist.all_reduce_sum(confusion)
+        n = float(total[1])
+        return {"accuracy": float(confusion.view(k, k).trace()) / n, "macro_f1": macro_f1(confusion.view(k, k)),
+                "eval_loss": float(total[0]) / n, "teacher_agreement": float(total[2]) / n,
+                "teacher_accuracy": float(total[3]) / n}
+
+    if t.fit(micro_step, evaluate):
+        return EXIT_STOPPED
+    return t.finish(evaluate, tokenizer)
+
+
+def _inputs(task: str, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """What the teacher's forward takes of a batch: the model inputs, not the labels."""
+    return {k: v for k, v in batch.items() if k != "labels"} | ({"use_cache": False} if task == "clm" else {})
+
+
+if __name__ == "__main__":
+    entry.run(main)

@@ -1,0 +1,217 @@
+"""A frozen teacher for knowledge distillation, and a student made of some of a model's layers.
+
+The teacher stays outside the student's DeepSpeed engine: it is a plain object here, never a submodule of the
+trained net, so DeepSpeed neither partitions it with the student nor gives its parameters to the optimizer. It is
+loaded from its input on every start (a resume included: the same weights, so the same logits), frozen
+(`requires_grad_(False)`), in eval mode, and run under `torch.no_grad()`. Where it lives (`teacher_placement`):
+
+- replicate: a full copy on every rank's device;
+- zero3: partitioned across the ranks by a DeepSpeed engine with ZeRO stage 3 and no optimizer (forward only), built
+  partitioned from the start (transformers' ZeRO-3 loading), so a teacher larger than one device fits. Each forward
+  gathers its layers collectively: every rank must run the teacher equally often (the stage's eval shards are equal);
+- cpu: kept on the CPU (its inputs go there, its logits come back to the student's device); on a machine without
+  accelerator this is replicate.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from stages.runtime import dist, models
+from stages.runtime.spec import Spec, SpecError, training
+
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.txt", "vocab.json", "spiece.model",
+                   "sentencepiece.bpe.model", "tokenizer.model")
+Placement = Literal["replicate", "zero3", "cpu"]
+Task = Literal["classify", "mlm", "clm"]
+
+# What each task's teacher must carry, for messages.
+HEADS = {"classify": "sequence-classification head", "mlm": "masked-LM head", "clm": "causal-LM head"}
+
+
+class _Zero3Config:
+    """What transformers asks of `HfDeepSpeedConfig` while it builds the teacher partitioned."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+
+    def is_zero3(self) -> bool:
+        return True
+
+
+class Teacher:
+    """The frozen teacher: `logits(**inputs)` → its float32 logits on the student's device."""
+
+    def __init__(self, model: Any, run: Any, placement: Placement, *, where: torch.device,
+                 out: torch.device) -> None:
+        self.model: Any = model  # a transformers PreTrainedModel
+        self.placement = placement
+        self._run = run  # the module itself, or its ZeRO-3 engine
+        self._device, self._out = where, out  # where the teacher computes; the student's device
+
+    def logits(self, **inputs: Any) -> torch.Tensor:
+        """Its logits for a batch of model inputs (tensors go to the teacher's device, flags as they are)."""
+        with torch.no_grad():
+            out = self._run(**{k: v.to(self._device) if torch.is_tensor(v) else v for k, v in inputs.items()})
+        return out.logits.float().to(self._out)
+
+
+def count(model: nn.Module) -> int:
+    """Parameters of `model` (ZeRO-3 partitions counted whole)."""
+    return sum(int(getattr(p, "ds_numel", 0) or p.numel()) for p in model.parameters())
+
+
+def load(spec: Spec, device: torch.device, auto_class, placement: Placement, task: Task) -> Teacher:
+    """Collective with zero3. The teacher of input `teacher`, on `device` (the student's) or as placed, with its
+    trained head: exit 2 when the checkpoint lacks weights of the model (a random head would teach noise)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    ref = spec.ref("teacher")
+    if ref.path is None:
+        raise SpecError(f"inputs.teacher.path: missing (source {ref.source}); the teacher must be a trained model")
+    models.verify_digest("inputs.teacher", ref.path, ref.digest)
+    holder = None
+    if placement == "zero3":
+        from transformers.integrations.deepspeed import set_hf_deepspeed_config
+
+        holder = _Zero3Config(ds_config(spec))
+        set_hf_deepspeed_config(holder)  # transformers builds and loads it partitioned
+    try:
+        model, info = auto_class.from_pretrained(ref.path, output_loading_info=True)
+    except (OSError, ValueError) as e:
+        raise SpecError(f"inputs.teacher.path: {ref.path}: cannot load a model with a {HEADS[task]}: {e}") from None
+    finally:
+        if holder is not None:
+            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+            unset_hf_deepspeed_config()  # the student is built by its own rules
+    params = dict(model.named_parameters())
+    missing = sorted(k for k in info.get("missing_keys", ()) if k in params)
+    if missing:
+        shown = ", ".join(missing[:6]) + (f" … and {len(missing) - 6} more" if len(missing) > 6 else "")
+        raise SpecError(f"inputs.teacher.path: {ref.path} lacks {len(missing)} weights of {type(model).__name__} "
+                        f"({shown}): they would be random in the teacher. distill.task {task} needs a teacher "
+                        f"trained with a {HEADS[task]}")
+    model.requires_grad_(False)
+    model.eval()
+    if placement == "zero3":
+        import deepspeed
+
+        run, *_ = deepspeed.initialize(model=model, config=ds_config(spec), dist_init_required=False)
+        run.eval()
+        here = sum(int(p.ds_tensor.numel()) for p in model.parameters() if hasattr(p, "ds_tensor"))
+        dist.print0(f"{spec.stage}: teacher partitioned by ZeRO-3: {here:,} of its {count(model):,} values on rank 0")
+        return Teacher(model, run, placement, where=device, out=device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[spec.precision]
+    where = torch.device("cpu") if placement == "cpu" else device
+    model.to(device=where, dtype=dtype)
+    return Teacher(model, model, placement, where=where, out=device)
+
+
+def ds_config(spec: Spec) -> dict[str, Any]:
+    """The teacher's DeepSpeed config under zero3: ZeRO stage 3, no optimizer, the student's batch shape (DeepSpeed
+    checks it) and precision. Persistence threshold 0: every parameter partitioned, however small."""
+    student = training(spec).deepspeed
+    keep = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "bf16", "fp16")
+    return {k: student[k] for k in keep if k in student} | {
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+
+
+def check_tokenizer(spec: Spec, tokenizer, task: Task) -> None:
+    """Exit 2 unless the teacher reads the student's tokens: logit distillation over a vocabulary (mlm, clm) needs one
+    vocabulary, and a classifier teacher must see the same token ids as the student. Compares the teacher folder's
+    tokenizer with the student's (tokens, ids, special tokens); a folder without one is compared by its config's
+    vocab_size (mlm, clm: equal to the student tokenizer's size; classify: at least it). Before any data work."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    ref, mine = spec.ref("teacher"), spec.ref("tokenizer")
+    if ref.path is None:
+        return  # load() says why
+    why = "logits over one vocabulary" if task != "classify" else "the same token ids for teacher and student"
+    own = None
+    # transformers 5 makes an empty tokenizer of the model type from a folder that has none: look for its files
+    saved = not Path(ref.path).is_dir() or any(Path(ref.path, f).is_file() for f in TOKENIZER_FILES)
+    try:
+        own = AutoTokenizer.from_pretrained(ref.path) if saved else None
+    except (OSError, ValueError, TypeError):
+        pass
+    if own is not None:
+        differs = models.vocabulary_difference(own, tokenizer)
+        if differs:
+            raise SpecError(f"inputs.teacher: {ref.path} was trained with another tokenizer than the student's "
+                            f"(inputs.tokenizer {mine.path}): {differs}. Distillation needs {why}: give the student "
+                            "the teacher's tokenizer (tokenizer.from: the teacher's stage)")
+        return
+    try:
+        size = int(AutoConfig.from_pretrained(ref.path).vocab_size)
+    except (OSError, ValueError, TypeError, AttributeError):
+        return  # load() reports a folder that holds no model
+    fits = size >= len(tokenizer) if task == "classify" else size == len(tokenizer)
+    if not fits:
+        raise SpecError(f"inputs.teacher: {ref.path} has no tokenizer and a vocabulary of {size} tokens, the "
+                        f"student's tokenizer (inputs.tokenizer {mine.path}) {len(tokenizer)}. Distillation needs "
+                        f"{why}")
+
+
+def check_labels(teacher: Teacher, names: list[str | int]) -> None:
+    """Exit 2 unless the classifier teacher's labels (config.id2label) are the student's, in the same order."""
+    config = teacher.model.config
+    theirs = [str(config.id2label.get(i, i)) for i in range(config.num_labels)]
+    ours = [str(n) for n in names]
+    if theirs != ours:
+        raise SpecError(f"inputs.teacher: its labels {theirs} (config.id2label) are not the student's {ours} "
+                        "(data.labels, or the sorted labels of the train split): distillation matches logits class "
+                        "by class; give data.labels in the teacher's order")
+
+
+def check_logits(teacher: Teacher, student: nn.Module, task: Task) -> None:
+    """Exit 2 when the student's logits would not line up with the teacher's (vocab_size, num_labels)."""
+    key = "num_labels" if task == "classify" else "vocab_size"
+    theirs, ours = getattr(teacher.model.config, key), getattr(student.config, key)
+    if theirs != ours:
+        raise SpecError(f"inputs.init: the student's {key} {ours} is not the teacher's {theirs}: distillation "
+                        f"compares their logits position by position")
+
+
+# ----------------------------------------------------------------- keep_layers
+
+
+def layer_list(model: nn.Module) -> tuple[Any, str, nn.ModuleList]:
+    """(the module holding the transformer layers, its attribute naming them, the layers) of a BERT-like
+    (`encoder.layer`) or GPT-2-like (`transformer.h`) transformers model; exit 2 for another."""
+    base: Any = getattr(model, "base_model", model)
+    encoder: Any = getattr(base, "encoder", None)
+    if isinstance(getattr(encoder, "layer", None), nn.ModuleList):
+        return encoder, "layer", encoder.layer
+    if isinstance(getattr(base, "h", None), nn.ModuleList):
+        return base, "h", base.h
+    raise SpecError(f"distill.keep_layers: {type(model).__name__} is neither BERT-like (encoder.layer) nor "
+                    "GPT-2-like (transformer.h); keep_layers supports those only. Leave it out, or build a smaller "
+                    "student from init.config")
+
+
+def keep_layers(model: nn.Module, keep: Literal["every_other"] | list[int]) -> list[int]:
+    """Keep only the transformer layers `keep` (every_other: 0, 2, 4 …) of `model`, in place, and set its config's
+    layer count; the kept layers are the same modules, their weights untouched. Returns the kept indices."""
+    parent, attr, layers = layer_list(model)
+    config: Any = model.config
+    n = len(layers)
+    indices = list(range(0, n, 2)) if keep == "every_other" else list(keep)
+    if indices[-1] >= n:
+        raise SpecError(f"distill.keep_layers: {indices}: the student's init model has {n} layers (0 … {n - 1})")
+    if getattr(config, "scale_attn_by_inverse_layer_idx", False):
+        raise SpecError("distill.keep_layers: the model scales attention by its layer index "
+                        "(scale_attn_by_inverse_layer_idx), so a layer moved to another index would compute otherwise")
+    kept = nn.ModuleList([layers[i] for i in indices])
+    for new, layer in enumerate(kept):
+        for module in layer.modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = new  # type: ignore[assignment]  # the key/value cache's slot
+    setattr(parent, attr, kept)
+    config.num_hidden_layers = len(indices)  # GPT-2: n_layer, through its attribute map
+    return indices
