@@ -27,9 +27,9 @@ from torch import nn
 
 from contract.kinds.distill import DistillOptions
 from contract.layout import EXIT_STOPPED
-from stages.runtime import curriculum, data, dist, entry, lifecycle, models, packing, teacher
+from stages.runtime import curriculum, data, dist, entry, evaluation, lifecycle, models, packing, pruning, teacher
 from stages.runtime.dist import Dist
-from stages.runtime.labels import label_ids, label_names, macro_f1
+from stages.runtime.labels import label_ids, label_names
 from stages.runtime.masking import EVAL_EPOCH, Masker
 from stages.runtime.metrics import language_model_metrics
 from stages.runtime.spec import Spec, training
@@ -134,18 +134,18 @@ def main(spec: Spec, d: Dist) -> int:
     def build(resume: bool) -> nn.Module:
         model = models.build_model(spec, auto, tokenizer, resume=resume, **build_extra)
         if opts.keep_layers is not None:
-            kept = teacher.keep_layers(model, opts.keep_layers)
+            kept = pruning.keep_layers(model, opts.keep_layers, "distill.keep_layers")
             if not resume:
                 dist.print0(f"{spec.stage}: the student keeps layers {kept} of inputs.init")
         teacher.check_logits(tutor, model, task)
         return model
 
     what = (f"distill ({task}, α {opts.alpha}, T {opts.temperature}, teacher {opts.teacher_placement}: "
-            f"{teacher.count(tutor.model):,} parameters), {len(train)} train samples")
+            f"{models.parameter_count(tutor.model):,} parameters), {len(train)} train samples")
     t = lifecycle.start(spec, d, num_samples=len(train), what=what, build=build,
                         wrap=lambda model: Student(model, task),
                         difficulty=curriculum.difficulty(spec, train) if task != "clm" else None)
-    dist.print0(f"{spec.stage}: the student has {teacher.count(t.model):,} parameters")
+    dist.print0(f"{spec.stage}: the student has {models.parameter_count(t.model):,} parameters")
 
     def micro_step(keys: list[tuple[int, int]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         batch = batch_of("train", keys, t.sampler.max_length)
@@ -159,9 +159,8 @@ def main(spec: Spec, d: Dist) -> int:
         if evalset is None:
             return {}
         t.engine.eval()
-        k = len(names)
-        confusion = torch.zeros(k * k, dtype=torch.float64)
         total = torch.zeros(4, dtype=torch.float64)  # loss sum, rows, rows where student = teacher, teacher right
+        mine: list[tuple[torch.Tensor, torch.Tensor]] = []  # classify: this rank's (logits, labels) of real rows
         with torch.no_grad():
             for indices in data.eval_shards(len(evalset), micro, d.world_size, d.rank):
                 # Padding rows (index -1) run with zero weight: ZeRO-3 needs equal forward counts on every rank.
@@ -178,17 +177,16 @@ def main(spec: Spec, d: Dist) -> int:
                 total += torch.stack([F.cross_entropy(student, y, reduction="none").double() @ weight, weight.sum(),
                                       (pred == said).double() @ weight, (said == y).double() @ weight])
                 if task == "classify":
-                    confusion += torch.bincount((y * k + pred)[real], minlength=k * k).double()
+                    mine.append((student[real], y[real]))
         if task != "classify":
             lm = language_model_metrics(total[:2].clone())  # eval_loss, perplexity: summed over the ranks there
             dist.all_reduce_sum(total)
             return lm | {"teacher_agreement": float(total[2] / total[1])}
+        scores = evaluation.classification_metrics(torch.cat([x for x, _ in mine]), torch.cat([y for _, y in mine]),
+                                                   len(names))
         dist.all_reduce_sum(total)
-        dist.all_reduce_sum(confusion)
         n = float(total[1])
-        return {"accuracy": float(confusion.view(k, k).trace()) / n, "macro_f1": macro_f1(confusion.view(k, k)),
-                "eval_loss": float(total[0]) / n, "teacher_agreement": float(total[2]) / n,
-                "teacher_accuracy": float(total[3]) / n}
+        return scores | {"teacher_agreement": float(total[2]) / n, "teacher_accuracy": float(total[3]) / n}
 
     if t.fit(micro_step, evaluate):
         return EXIT_STOPPED

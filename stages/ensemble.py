@@ -232,15 +232,15 @@ def same_vocabulary(members: Members, tokenizer) -> None:
     """Every member that saved a tokenizer must have the stage's vocabulary: one batch feeds them all."""
     from transformers import AutoTokenizer
 
-    ours = tokenizer.get_vocab()
     for i, path in enumerate(members.paths):
         try:
-            theirs = AutoTokenizer.from_pretrained(path).get_vocab()
+            own = AutoTokenizer.from_pretrained(path)
         except (OSError, ValueError, TypeError):
             continue  # a folder with weights only
-        if theirs != ours:
-            raise SpecError(f"inputs.members[{i}] ({members.names[i]}): its tokenizer differs from the stage's "
-                            f"tokenizer ({len(theirs)} vs {len(ours)} tokens); every member reads the same batch")
+        why = models.vocabulary_difference(own, tokenizer)
+        if why:
+            raise SpecError(f"inputs.members[{i}] ({members.names[i]}): the stage's tokenizer is not this member's: "
+                            f"{why}; every member reads the same batch")
 
 
 def _config(members: Members, i: int):

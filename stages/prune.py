@@ -50,7 +50,7 @@ def main(spec: Spec, d: Dist) -> int:
     task = Task(spec, opts, model, tokenizer, train, evalset)
 
     before = task.evaluate(model, d)
-    params_before = pruning.parameters(model)
+    params_before = models.parameter_count(model)
     if opts.calibrates:
         calibration = pruning.Calibration(model, f, opts.importance)
         with calibration:
@@ -72,7 +72,7 @@ def main(spec: Spec, d: Dist) -> int:
     pruned = pruning.apply(model, f, plan)
     del model
     after = task.evaluate(pruned, d)
-    params_after = pruning.parameters(pruned)
+    params_after = models.parameter_count(pruned)
     kept = {"layers": len(plan.layers), "ffn": len(plan.ffn[0]),
             "heads": len(plan.groups[0]) * (shape.heads // max(shape.kv_heads, 1)) if f.heads else None}
     record = {"before": {"layers": shape.layers, "ffn": shape.ffn, "heads": shape.heads or None,

@@ -100,6 +100,11 @@ def vocabulary_difference(own, tokenizer) -> str | None:
     return f"its special tokens differ ({', '.join(specials) or 'vocabulary'})"
 
 
+def parameter_count(model) -> int:
+    """Parameters of `model`, tied ones once, ZeRO-3 partitions counted whole."""
+    return sum(int(getattr(p, "ds_numel", 0) or p.numel()) for p in {id(p): p for p in model.parameters()}.values())
+
+
 def build_model(spec: Spec, auto_class, tokenizer, *, resume: bool, name: str = "init", **overrides: Any):
     """The model of input `name` (the one to train). On resume only the architecture is built:
     the checkpoint brings the weights."""

@@ -29,7 +29,7 @@ import math
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -80,10 +80,11 @@ FAMILIES = {"bert": ENCODER, "roberta": ENCODER, "xlm-roberta": ENCODER, "electr
             "qwen2": LLAMA, "mistral": LLAMA, "gpt2": GPT2}
 
 
-def family_of(model) -> Family:
+def family_of(model, key: str = "prune") -> Family:
+    """The model's family; exit 2 naming `key` (the manifest setting that needs it) for another model."""
     f = FAMILIES.get(model.config.model_type)
     if f is None:
-        raise SpecError(f"prune: model_type {model.config.model_type!r} is not supported (supported: "
+        raise SpecError(f"{key}: model_type {model.config.model_type!r} is not supported (supported: "
                         f"{', '.join(sorted(FAMILIES))})")
     return f
 
@@ -109,11 +110,48 @@ def shape_of(model, f: Family) -> Shape:
     return Shape(len(layer_list(model, f)), ffn, heads, kv, getattr(c, "head_dim", None) or c.hidden_size // heads)
 
 
+def _layer_holder(model, f: Family) -> tuple[Any, str]:
+    """(the module holding the layer list, the list's attribute name)."""
+    *path, name = f.layers.split(".")
+    holder: Any = model.base_model
+    for part in path:
+        holder = getattr(holder, part)
+    return holder, name
+
+
 def layer_list(model, f: Family) -> nn.ModuleList:
-    out: Any = model.base_model
-    for part in f.layers.split("."):
-        out = getattr(out, part)
-    return out
+    holder, name = _layer_holder(model, f)
+    return getattr(holder, name)
+
+
+def keep_layers(model, keep: Literal["every_other"] | list[int], key: str) -> list[int]:
+    """Keep only the transformer layers `keep` (every_other: 0, 2, 4 …) of `model`, in place (a ZeRO-3-partitioned
+    model too), and set its config's layer count; the kept layers are the same modules, their weights untouched.
+    Returns the kept indices; exit 2 naming `key` for indices the model lacks or a model this cannot cut."""
+    f = family_of(model, key)
+    holder, name = _layer_holder(model, f)
+    layers = getattr(holder, name)
+    n = len(layers)
+    indices: list[int] = list(range(0, n, 2)) if keep == "every_other" else list(keep)
+    if indices[-1] >= n:
+        raise SpecError(f"{key}: {indices}: the model has {n} layers (0 … {n - 1})")
+    _check_movable(model, indices, key)
+    kept = nn.ModuleList([layers[i] for i in indices])
+    for new, layer in enumerate(kept):
+        for module in layer.modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
+                setattr(module, "layer_idx", new)  # noqa: B010  # the key/value cache's slot
+    setattr(holder, name, kept)
+    setattr(model.config, f.keys["layers"], len(indices))
+    if isinstance(getattr(model.config, "layer_types", None), list):
+        model.config.layer_types = [model.config.layer_types[i] for i in indices]
+    return indices
+
+
+def _check_movable(model, indices: list[int], key: str) -> None:
+    if getattr(model.config, "scale_attn_by_inverse_layer_idx", False) and indices != list(range(len(indices))):
+        raise SpecError(f"{key}: the model scales attention by its layer index (scale_attn_by_inverse_layer_idx), so "
+                        "a layer moved to another index would compute otherwise")
 
 
 # ----------------------------------------------------------------- importance
@@ -293,6 +331,7 @@ def pruned_config(model, f: Family, p: Plan):
 
 def apply(model, f: Family, p: Plan):
     """A new model of the same class, with the pruned config and the kept weights (eval mode, CPU)."""
+    _check_movable(model, p.layers, "prune.layers")
     shape = shape_of(model, f)
     config = pruned_config(model, f, p)
     new = type(model)(config)
@@ -321,8 +360,3 @@ def apply(model, f: Family, p: Plan):
         out[key] = t.clone()
     new.load_state_dict(out, strict=True)
     return new.eval()
-
-
-def parameters(model) -> int:
-    """Distinct parameters (tied ones once)."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())

@@ -1,4 +1,4 @@
-"""A frozen teacher for knowledge distillation, and a student made of some of a model's layers.
+"""A frozen teacher for knowledge distillation.
 
 The teacher stays outside the student's DeepSpeed engine: it is a plain object here, never a submodule of the
 trained net, so DeepSpeed neither partitions it with the student nor gives its parameters to the optimizer. It is
@@ -60,11 +60,6 @@ class Teacher:
         return out.logits.float().to(self._out)
 
 
-def count(model: nn.Module) -> int:
-    """Parameters of `model` (ZeRO-3 partitions counted whole)."""
-    return sum(int(getattr(p, "ds_numel", 0) or p.numel()) for p in model.parameters())
-
-
 def load(spec: Spec, device: torch.device, auto_class, placement: Placement, task: Task) -> Teacher:
     """Collective with zero3. The teacher of input `teacher`, on `device` (the student's) or as placed, with its
     trained head: exit 2 when the checkpoint lacks weights of the model (a random head would teach noise)."""
@@ -105,7 +100,8 @@ def load(spec: Spec, device: torch.device, auto_class, placement: Placement, tas
         run, *_ = deepspeed.initialize(model=model, config=ds_config(spec), dist_init_required=False)
         run.eval()
         here = sum(int(p.ds_tensor.numel()) for p in model.parameters() if hasattr(p, "ds_tensor"))
-        dist.print0(f"{spec.stage}: teacher partitioned by ZeRO-3: {here:,} of its {count(model):,} values on rank 0")
+        dist.print0(f"{spec.stage}: teacher partitioned by ZeRO-3: {here:,} of its "
+                    f"{models.parameter_count(model):,} values on rank 0")
         return Teacher(model, run, placement, where=device, out=device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[spec.precision]
     where = torch.device("cpu") if placement == "cpu" else device
@@ -176,42 +172,3 @@ def check_logits(teacher: Teacher, student: nn.Module, task: Task) -> None:
     if theirs != ours:
         raise SpecError(f"inputs.init: the student's {key} {ours} is not the teacher's {theirs}: distillation "
                         f"compares their logits position by position")
-
-
-# ----------------------------------------------------------------- keep_layers
-
-
-def layer_list(model: nn.Module) -> tuple[Any, str, nn.ModuleList]:
-    """(the module holding the transformer layers, its attribute naming them, the layers) of a BERT-like
-    (`encoder.layer`) or GPT-2-like (`transformer.h`) transformers model; exit 2 for another."""
-    base: Any = getattr(model, "base_model", model)
-    encoder: Any = getattr(base, "encoder", None)
-    if isinstance(getattr(encoder, "layer", None), nn.ModuleList):
-        return encoder, "layer", encoder.layer
-    if isinstance(getattr(base, "h", None), nn.ModuleList):
-        return base, "h", base.h
-    raise SpecError(f"distill.keep_layers: {type(model).__name__} is neither BERT-like (encoder.layer) nor "
-                    "GPT-2-like (transformer.h); keep_layers supports those only. Leave it out, or build a smaller "
-                    "student from init.config")
-
-
-def keep_layers(model: nn.Module, keep: Literal["every_other"] | list[int]) -> list[int]:
-    """Keep only the transformer layers `keep` (every_other: 0, 2, 4 …) of `model`, in place, and set its config's
-    layer count; the kept layers are the same modules, their weights untouched. Returns the kept indices."""
-    parent, attr, layers = layer_list(model)
-    config: Any = model.config
-    n = len(layers)
-    indices = list(range(0, n, 2)) if keep == "every_other" else list(keep)
-    if indices[-1] >= n:
-        raise SpecError(f"distill.keep_layers: {indices}: the student's init model has {n} layers (0 … {n - 1})")
-    if getattr(config, "scale_attn_by_inverse_layer_idx", False):
-        raise SpecError("distill.keep_layers: the model scales attention by its layer index "
-                        "(scale_attn_by_inverse_layer_idx), so a layer moved to another index would compute otherwise")
-    kept = nn.ModuleList([layers[i] for i in indices])
-    for new, layer in enumerate(kept):
-        for module in layer.modules():
-            if isinstance(getattr(module, "layer_idx", None), int):
-                module.layer_idx = new  # type: ignore[assignment]  # the key/value cache's slot
-    setattr(parent, attr, kept)
-    config.num_hidden_layers = len(indices)  # GPT-2: n_layer, through its attribute map
-    return indices

@@ -99,13 +99,13 @@ def test_keep_layers_keeps_exactly_the_named_layers(config, prefix, keep, kept):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 
-    from stages.runtime import teacher
+    from stages.runtime import pruning
 
     auto = AutoModelForMaskedLM if config["model_type"] == "bert" else AutoModelForCausalLM
     torch.manual_seed(0)
     model = auto.from_config(AutoConfig.for_model(**config))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    assert teacher.keep_layers(model, keep) == kept
+    assert pruning.keep_layers(model, keep, "distill.keep_layers") == kept
     after = model.state_dict()
     assert model.config.num_hidden_layers == len(kept)
     for new, old in enumerate(kept):
@@ -126,16 +126,19 @@ def test_keep_layers_keeps_exactly_the_named_layers(config, prefix, keep, kept):
 def test_keep_layers_refuses_what_it_cannot_do():
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 
-    from stages.runtime import teacher
+    from stages.runtime import pruning
     from stages.runtime.spec import SpecError
 
     bert = AutoModelForMaskedLM.from_config(AutoConfig.for_model(**BERT))
-    with pytest.raises(SpecError, match=r"distill.keep_layers: \[1, 4\]: the student's init model has 4 layers"):
-        teacher.keep_layers(bert, [1, 4])
-    llama = AutoModelForCausalLM.from_config(AutoConfig.for_model(
-        "llama", hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, vocab_size=50))
-    with pytest.raises(SpecError, match="neither BERT-like .* nor GPT-2-like"):
-        teacher.keep_layers(llama, "every_other")
+    with pytest.raises(SpecError, match=r"distill.keep_layers: \[1, 4\]: the model has 4 layers"):
+        pruning.keep_layers(bert, [1, 4], "distill.keep_layers")
+    t5 = AutoModelForMaskedLM.from_config(AutoConfig.for_model(
+        "distilbert", dim=16, n_layers=2, n_heads=2, hidden_dim=32, vocab_size=50))
+    with pytest.raises(SpecError, match="distill.keep_layers: model_type 'distilbert' is not supported"):
+        pruning.keep_layers(t5, "every_other", "distill.keep_layers")
+    gpt2 = AutoModelForCausalLM.from_config(AutoConfig.for_model(**GPT2, scale_attn_by_inverse_layer_idx=True))
+    with pytest.raises(SpecError, match="scale_attn_by_inverse_layer_idx"):
+        pruning.keep_layers(gpt2, [1, 3], "distill.keep_layers")
 
 
 # ----------------------------------------------------------------- fast: teacher and student must match
@@ -352,7 +355,7 @@ def chain(tmp_path_factory) -> dict:
 
     from transformers import AutoModelForSequenceClassification
 
-    from stages.runtime import teacher as teaching
+    from stages.runtime import pruning
 
     root = tmp_path_factory.mktemp("distill")
     specs.copy_data(root / "data", labelled_lines=800)
@@ -361,7 +364,7 @@ def chain(tmp_path_factory) -> dict:
     result = trained.run("teacher")
     shutil.copytree(result["output"]["path"], root / "teacher")
     model = AutoModelForSequenceClassification.from_pretrained(root / "teacher")
-    assert teaching.keep_layers(model, [1]) == [1]
+    assert pruning.keep_layers(model, [1], "distill.keep_layers") == [1]
     model.save_pretrained(root / "student")
     tokenizer_files = [f for f in (root / "teacher").iterdir() if "token" in f.name or f.suffix == ".model"]
     for f in tokenizer_files:
