@@ -389,6 +389,9 @@ class StageBase(Strict):
     gives: ClassVar[frozenset[str]]  # what final/ holds, for the inputs of later stages: "model", "tokenizer"
     options_field: ClassVar[str | None] = None  # the kind's own section, handed to the stage as spec.options
     one_process: ClassVar[bool] = False  # runs as a single process whatever launcher says
+    # pairs of inputs that must read the same token ids (a model and its tokenizer, a teacher and its student's
+    # tokenizer): compared before launch where both are local folders that hold a tokenizer
+    same_vocabulary: ClassVar[tuple[tuple[str, str], ...]] = ()
 
     kind: str = Field(description="The stage kind: a module of contract/kinds/.")  # a Literal in each kind
     name: str = Field(pattern=NAME_PATTERN, max_length=100,
@@ -440,6 +443,7 @@ class TrainingStage(StageBase):
     """A stage that trains a model with DeepSpeed: init, tokenizer, train, checkpoint, eval."""
 
     gives: ClassVar[frozenset[str]] = frozenset({"model", "tokenizer"})
+    same_vocabulary: ClassVar[tuple[tuple[str, str], ...]] = (("init", "tokenizer"),)
     scores_train: ClassVar[bool] = False  # the stage program writes eval.score_train's per-example losses
 
     init: ModelRef = Field(description="Where the weights come from.")

@@ -17,6 +17,12 @@ SPEC_VERSION = 2
 M = TypeVar("M", bound=BaseModel)
 
 
+# What a tokenizer's ids mean beyond its vocabulary: a model continued with another tokenizer, or a teacher and its
+# student, must agree on these too (the launcher checks local folders before launch, the stage again at start)
+SPECIAL_TOKEN_IDS = ("pad_token_id", "mask_token_id", "cls_token_id", "sep_token_id", "bos_token_id", "eos_token_id",
+                     "unk_token_id")
+
+
 class ContractError(Exception):
     """A spec that does not hold what its kind needs: the stage exits 2 with this message."""
 

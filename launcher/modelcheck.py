@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from contract.files import write_atomic
+from contract.spec import SPECIAL_TOKEN_IDS
 
 Problem = tuple[tuple[str, ...], str]  # (key path below the reference's config, or (), message)
 Positions = tuple[str, int]  # (the config's name for it, the number) of a model's position embeddings
@@ -149,28 +150,39 @@ def max_length_applies(options: dict[str, Any]) -> bool:
 
 
 @functools.cache
-def tokenizer_folder(path: str, digest: str) -> str | None:
-    """Why a local folder (its files' `digest`) gives the stage no tokenizer (`AutoTokenizer.from_pretrained`),
-    or None. The stage also needs a pad token (it pads batches)."""
-    _, problem = _remembered("tokenizer folder", [path, digest], lambda: (None, _tokenizer_folder(path)))
-    return problem or None
+def tokenizer_folder(path: str, digest: str) -> tuple[str | None, str | None]:
+    """A local folder (its files' `digest`) as the stage's tokenizer (`AutoTokenizer.from_pretrained`):
+    (its `vocabulary`, or None; why it gives no tokenizer, or None). The stage also needs a pad token."""
+    found, problem = _remembered("tokenizer folder", [path, digest], lambda: _tokenizer_folder(path))
+    return found, problem or None
 
 
-def _tokenizer_folder(path: str) -> str | None:
-    folder = Path(path)
-    if not any(next(folder.glob(pattern), None) for pattern in TOKENIZER_FILES):
-        return (f"{path} holds no tokenizer: none of tokenizer.json, tokenizer_config.json, vocab.*, *.model, "
-                "merges.txt")
+def holds_tokenizer(path: str) -> bool:
+    """Whether a local folder holds tokenizer files (a model folder may hold weights only)."""
+    return any(next(Path(path).glob(pattern), None) for pattern in TOKENIZER_FILES)
+
+
+def _tokenizer_folder(path: str) -> tuple[str | None, str | None]:
+    if not holds_tokenizer(path):
+        return None, (f"{path} holds no tokenizer: none of tokenizer.json, tokenizer_config.json, vocab.*, *.model, "
+                      "merges.txt")
     with _quiet() as transformers:
         try:
             tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
         except Exception as e:
-            return f"{path} does not load as a tokenizer: {_one_line(e)}"
+            return None, f"{path} does not load as a tokenizer: {_one_line(e)}"
     if len(tok) <= len(tok.all_special_tokens):
-        return f"{path} holds no tokenizer vocabulary: it loads with only its {len(tok)} special tokens"
+        return None, f"{path} holds no tokenizer vocabulary: it loads with only its {len(tok)} special tokens"
     if tok.pad_token_id is None:
-        return f"{path}: the tokenizer has no pad token (the stage pads its batches)"
-    return None
+        return None, f"{path}: the tokenizer has no pad token (the stage pads its batches)"
+    return vocabulary(tok), None
+
+
+def vocabulary(tokenizer: Any) -> str:
+    """A digest of what a model's embedding rows mean: every token with its id, and the special tokens' ids (as the
+    stage compares a tokenizer with a model's own, `stages.runtime.models.vocabulary_difference`)."""
+    what = [sorted(tokenizer.get_vocab().items()), [getattr(tokenizer, n, None) for n in SPECIAL_TOKEN_IDS]]
+    return "sha256:" + hashlib.sha256(json.dumps(what).encode()).hexdigest()
 
 
 # ----------------------------------------------------------------- transformers, quietly; what passed before
@@ -198,10 +210,10 @@ def _one_line(error: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _remembered(what: str, key: Any, check: Callable[[], tuple[Any, Any]]) -> tuple[Positions | None, Any]:
-    """`check()` → (positions, problems), unless a check of the same `key` passed before (with the same
-    `_versions`): then its positions from the cache and no problems. Only a check that passed is written down.
-    Without a usable cache (a key that is not JSON, no home folder) it just checks."""
+def _remembered(what: str, key: Any, check: Callable[[], tuple[Any, Any]]) -> tuple[Any, Any]:
+    """`check()` → (what it found: positions, a vocabulary; problems), unless a check of the same `key` passed
+    before (with the same `_versions`): then what it found, from the cache, and no problems. Only a check that
+    passed is written down. Without a usable cache (a key that is not JSON, no home folder) it just checks."""
     try:
         blob = json.dumps([what, key, _versions()], sort_keys=True)
         path: Path | None = _cache_dir() / f"{hashlib.sha256(blob.encode()).hexdigest()}.json"
@@ -209,9 +221,9 @@ def _remembered(what: str, key: Any, check: Callable[[], tuple[Any, Any]]) -> tu
         path = None
     if path is not None:
         try:
-            found = json.loads(path.read_text(encoding="utf-8"))["positions"]
-            if found is None:
-                return None, ()
+            found = json.loads(path.read_text(encoding="utf-8"))["found"]
+            if found is None or isinstance(found, str):
+                return found, ()
             if isinstance(found, list) and len(found) == 2 and isinstance(found[0], str) \
                     and isinstance(found[1], int):
                 return (found[0], found[1]), ()
@@ -221,7 +233,7 @@ def _remembered(what: str, key: Any, check: Callable[[], tuple[Any, Any]]) -> tu
     if path is not None and not problems:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(path, json.dumps({"positions": list(found) if found else None}) + "\n")
+            write_atomic(path, json.dumps({"found": list(found) if isinstance(found, tuple) else found}) + "\n")
         except OSError:
             pass
     return found, problems

@@ -157,6 +157,7 @@ def _inputs(loaded: Loaded, i: int, stage: StageBase, base_dir: Path) -> tuple[d
     upstream: list[str] = []
     problems: list[str] = []
     models: list[tuple[Any, str]] = []  # (position embeddings, how messages name the model) of each model input
+    vocabularies: dict[str, tuple[str, str]] = {}  # input -> (its local folder's vocabulary, the folder)
     refs = flat_references(stage.references())
     for name, j, ref in refs:
         at = ("stages", i, name, *(() if j is None else (j,)))
@@ -175,8 +176,14 @@ def _inputs(loaded: Loaded, i: int, stage: StageBase, base_dir: Path) -> tuple[d
             positions, found, what = _model(resolved, name)
             problems += [f"{loaded.where((*at, *key))}: {message}" for key, message in found]
             models.append((positions, what))
+            if j is None and resolved["digest"] is not None and modelcheck.holds_tokenizer(resolved["path"]):
+                vocabulary, _ = modelcheck.tokenizer_folder(resolved["path"], resolved["digest"])
+                if vocabulary:
+                    vocabularies[name] = (vocabulary, resolved["path"])
         elif ref.needs == "tokenizer" and resolved["digest"] is not None:  # a local folder (hub names: left alone)
-            why = modelcheck.tokenizer_folder(resolved["path"], resolved["digest"])
+            vocabulary, why = modelcheck.tokenizer_folder(resolved["path"], resolved["digest"])
+            if vocabulary:
+                vocabularies[name] = (vocabulary, resolved["path"])
             # a tokenizer the manifest does not name is the folder of another input (TrainingStage: init's)
             lent = [n for n, k, r in refs if k is None and n != name and n in stage.model_fields_set
                     and r.pretrained == ref.pretrained]
@@ -185,6 +192,12 @@ def _inputs(loaded: Loaded, i: int, stage: StageBase, base_dir: Path) -> tuple[d
                                 f"this folder: give {name}.pretrained or {name}.from")
             elif why:
                 problems.append(f"{loaded.where((*at, 'pretrained'))}: {why}")
+    for a, b in stage.same_vocabulary:
+        if a in vocabularies and b in vocabularies and vocabularies[a][0] != vocabularies[b][0]:
+            key = ("stages", i, b) if b in stage.model_fields_set else ("stages", i, a)
+            problems.append(f"{loaded.where((*key, 'pretrained'))}: {a} ({vocabularies[a][1]}) and {b} "
+                            f"({vocabularies[b][1]}) hold different tokenizers (other tokens, ids or special tokens); "
+                            f"{a} must read the token ids {b} gives: give {b} the folder of {a}'s own tokenizer")
     if modelcheck.max_length_applies(stage.options()):
         for section in stage.data_sections():
             length = ("stages", i, *section.path, "max_length")

@@ -450,6 +450,17 @@ CASES |= {
     "pretrained-folder-without-its-tokenizer": Case(
         edit(CLS_INIT, "    init: {pretrained: ./model-only}  #!\n"), "stages[2].init.pretrained",
         ("model-only holds no tokenizer", "tokenizer defaults to this folder: give tokenizer.pretrained")),
+    "tokenizer-folder-other-than-the-init-models-own": Case(
+        edit(PRE_INIT + "    tokenizer: {from: tok}\n", "      pretrained: model-with-tok-a\n"
+             "    tokenizer: {pretrained: tok-b}  #!\n"),
+        "stages[1].tokenizer.pretrained", ("init (", "model-with-tok-a) and tokenizer (", "tok-b) hold different "
+                                           "tokenizers",)),
+    "distill-teacher-with-another-tokenizer": Case(
+        BASE + "  - name: small\n    kind: distill\n    init: {config: {model_type: bert, hidden_size: 32, "
+        "num_attention_heads: 2}}\n    tokenizer: {pretrained: tok-b}  #!\n"
+        "    teacher: {pretrained: model-with-tok-a}\n    data: {train: train.jsonl, max_length: 64}\n"
+        "    train: {max_steps: 2}\n    distill: {task: classify}\n",
+        "stages[3].tokenizer.pretrained", ("teacher (", "and tokenizer (", "hold different tokenizers")),
     "tokenizer-folder-that-does-not-load": Case(
         edit("tokenizer: {from: tok}", "tokenizer: {pretrained: ./broken-tokenizer}  #!"),
         "stages[1].tokenizer.pretrained", ("broken-tokenizer does not load as a tokenizer",)),
@@ -560,6 +571,11 @@ TINY_CONFIG = ('{"model_type": "bert", "hidden_size": 32, "num_attention_heads":
                '"intermediate_size": 64, "max_position_embeddings": 64}\n')
 
 
+def WORDPIECE(letters: str) -> dict[str, str]:  # noqa: N802  # a tokenizer folder's files, like a constant
+    vocab = "\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *letters]) + "\n"
+    return {"vocab.txt": vocab, "tokenizer_config.json": '{"tokenizer_class": "BertTokenizer"}'}
+
+
 def write_model_folders(folder: Path) -> None:
     """Local folders that look like save_pretrained folders and are not: validate only looks at what they hold
     (the weights are never read, so a few bytes stand for them)."""
@@ -570,6 +586,10 @@ def write_model_folders(folder: Path) -> None:
         "model-only": {"config.json": TINY_CONFIG.replace(', "max_position_embeddings": 64', ""),
                        "model.safetensors": "not read"},
         "broken-tokenizer": {"tokenizer.json": "{not json", "tokenizer_config.json": "{}"},
+        "tok-a": WORDPIECE("abcdefgh"),
+        "tok-b": WORDPIECE("hgfedcba"),  # the same tokens, other ids
+        "model-with-tok-a": {"config.json": TINY_CONFIG.replace(', "max_position_embeddings": 64', ""),
+                             "model.safetensors": "not read", **WORDPIECE("abcdefgh")},
     }.items():
         (folder / name).mkdir(exist_ok=True)
         for file, text in files.items():

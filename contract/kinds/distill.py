@@ -90,6 +90,7 @@ class DistillOptions(Strict):
 
 class DistillStage(TrainingStage):
     options_field: ClassVar[str | None] = "distill"
+    same_vocabulary: ClassVar[tuple[tuple[str, str], ...]] = (("init", "tokenizer"), ("teacher", "tokenizer"))
 
     kind: Literal["distill"] = Field(description="Knowledge distillation: a student learns from a frozen teacher's "
                                      "logits and the task's labels; eval: the task's metrics and teacher_agreement.")

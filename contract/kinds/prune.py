@@ -54,6 +54,7 @@ class PruneOptions(Strict):
 class PruneStage(StageBase):
     gives: ClassVar[frozenset[str]] = frozenset({"model", "tokenizer"})
     options_field: ClassVar[str | None] = "prune"
+    same_vocabulary: ClassVar[tuple[tuple[str, str], ...]] = (("init", "tokenizer"),)
 
     kind: Literal["prune"] = Field(description="Structured pruning: a smaller model that from_pretrained loads.")
     init: ModelRef = Field(description="The model to prune: an earlier stage or a local folder / hub name.")

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from contract.files import digest as digest_of
+from contract.spec import SPECIAL_TOKEN_IDS
 from stages.runtime import dist, engine
 from stages.runtime.metrics import Metrics
 from stages.runtime.spec import Ref, Spec, SpecError
@@ -58,9 +59,6 @@ def load_tokenizer(spec: Spec, name: str = "tokenizer"):
     return tok
 
 
-SPECIAL_IDS = ("pad_token_id", "mask_token_id", "cls_token_id", "sep_token_id", "bos_token_id", "eos_token_id",
-               "unk_token_id")
-
 
 def check_vocabulary(spec: Spec, tokenizer) -> None:
     """Exit-2 error when a model continued from a checkpoint (inputs.init from a stage or a folder) is given
@@ -87,7 +85,8 @@ def vocabulary_difference(own, tokenizer) -> str | None:
     """How `tokenizer` differs from `own`, a model's own tokenizer (None: the same tokens, ids and special tokens),
     as the end of a sentence about `tokenizer` ("it …")."""
     theirs, ours = own.get_vocab(), tokenizer.get_vocab()
-    specials = [n.removesuffix("_id") for n in SPECIAL_IDS if getattr(own, n, None) != getattr(tokenizer, n, None)]
+    specials = [n.removesuffix("_id") for n in SPECIAL_TOKEN_IDS
+                if getattr(own, n, None) != getattr(tokenizer, n, None)]
     if theirs == ours and not specials:
         return None
     moved = sum(1 for token, i in theirs.items() if ours.get(token) != i)

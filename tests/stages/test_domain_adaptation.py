@@ -71,11 +71,35 @@ def work(folders) -> specs.Stages:
     manifest = "version: 1\nrun: {name: domain}\nstages:" + "".join([
         stage("from-encoder", "encoder", zero=3),  # parameters partitioned while loading: the harder case
         stage("same", "encoder", "same"),
-        stage("reordered", "encoder", "reordered", nproc=1),
-        stage("extended", "encoder", "extended"),
+        stage("one-process", "encoder", "same", nproc=1),
         stage("unrelated", "unrelated"),
     ]) + "\n"
     return specs.Stages(folders["root"], manifest, folders["root"] / "hf")
+
+
+def with_tokenizer(work: specs.Stages, folders: dict[str, Path], name: str, base: str = "same"):
+    """Stage `base`'s spec with tokenizer folder `name` instead: what a stage meets when `validate` could not
+    compare the two (a tokenizer from an earlier stage's output, unknown before that stage ran)."""
+    from contract.files import dir_digest
+
+    spec = work.spec(base)
+    ref = spec.ref("tokenizer").model_copy(update={"path": str(folders[name]), "digest": dir_digest(folders[name])})
+    return spec.model_copy(update={"inputs": spec.inputs | {"tokenizer": ref}, "stage_dir": str(work.folder(name))})
+
+
+def test_validate_refuses_local_folders_of_other_tokenizers(folders) -> None:
+    from launcher.errors import ConfigError
+    from launcher.manifest import load
+    from launcher.resolve import resolve
+
+    path = folders["root"] / "refused.yaml"
+    path.write_text("version: 1\nrun: {name: refused}\nstages:" + stage("reordered", "encoder", "reordered")
+                    + stage("same", "encoder", "same") + "\n")
+    with pytest.raises(ConfigError) as e:
+        resolve(load(path))
+    (problem,) = e.value.problems
+    assert f"refused.yaml:7 stages[0].tokenizer.pretrained: init ({folders['encoder']}) and tokenizer " \
+           f"({folders['reordered']}) hold different tokenizers" in problem
 
 
 def head_names() -> list[str]:
@@ -100,9 +124,9 @@ def test_the_same_vocabulary_from_another_folder_is_accepted(work) -> None:
     ("extended", r"^inputs\.tokenizer: .*/extended is not the tokenizer of inputs\.init .*/encoder: it adds 2 tokens "
                  r"to the model's 305, and vocabulary extension \(new embedding rows\) is not supported"),
 ])
-def test_a_tokenizer_that_is_not_the_models_own_is_refused(work, name: str, why: str) -> None:
+def test_a_tokenizer_that_is_not_the_models_own_is_refused(work, folders, name: str, why: str) -> None:
     with pytest.raises(SpecError, match=why):
-        models.load_tokenizer(work.spec(name))
+        models.load_tokenizer(with_tokenizer(work, folders, name))
 
 
 def test_a_checkpoint_without_the_models_body_is_refused(work) -> None:
@@ -149,7 +173,7 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_a_tokenizer_of_other_ids_exits_2_and_writes_nothing(work, folders) -> None:
     """One process without torchrun, which would fold the exit code into 1."""
-    spec = work.spec("reordered")
+    spec = with_tokenizer(work, folders, "reordered", base="one-process")
     env = work.env() | {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
                         "MASTER_PORT": str(_free_port())}
     argv = [sys.executable, "-m", "stages.mlm", "--spec", str(specs.write_spec(spec))]
