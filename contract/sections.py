@@ -392,6 +392,8 @@ class StageBase(Strict):
     # pairs of inputs that must read the same token ids (a model and its tokenizer, a teacher and its student's
     # tokenizer): compared before launch where both are local folders that hold a tokenizer
     same_vocabulary: ClassVar[tuple[tuple[str, str], ...]] = ()
+    # the input (its first item, for a list) whose folder the `tokenizer` input defaults to, when not written
+    tokenizer_from: ClassVar[str | None] = None
 
     kind: str = Field(description="The stage kind: a module of contract/kinds/.")  # a Literal in each kind
     name: str = Field(pattern=NAME_PATTERN, max_length=100,
@@ -410,7 +412,8 @@ class StageBase(Strict):
         return name_fits(value)
 
     def references(self) -> References:
-        """The named inputs: every field holding a reference (or a list of them), by field name."""
+        """The named inputs: every field holding a reference (or a list of them), by field name; and the tokenizer
+        saved with input `tokenizer_from` where the stage gives none."""
         out: References = {}
         for name in type(self).model_fields:
             value = getattr(self, name)
@@ -418,6 +421,10 @@ class StageBase(Strict):
                 isinstance(value, list) and value and all(isinstance(v, RefBase) for v in value)
             ):
                 out[name] = value
+        if self.tokenizer_from is not None and getattr(self, "tokenizer", None) is None:
+            source = getattr(self, self.tokenizer_from)
+            source = source[0] if isinstance(source, list) else source
+            out["tokenizer"] = TokenizerRef.model_validate({"from": source.from_, "pretrained": source.pretrained})
         return out
 
     def outputs(self) -> frozenset[str]:
@@ -444,6 +451,7 @@ class TrainingStage(StageBase):
 
     gives: ClassVar[frozenset[str]] = frozenset({"model", "tokenizer"})
     same_vocabulary: ClassVar[tuple[tuple[str, str], ...]] = (("init", "tokenizer"),)
+    tokenizer_from: ClassVar[str | None] = "init"
     scores_train: ClassVar[bool] = False  # the stage program writes eval.score_train's per-example losses
 
     init: ModelRef = Field(description="Where the weights come from.")
@@ -493,9 +501,6 @@ class TrainingStage(StageBase):
 
     def references(self) -> References:
         refs = super().references()
-        if self.tokenizer is None:  # the tokenizer saved with the init model
-            init = {"from": self.init.from_, "pretrained": self.init.pretrained}
-            refs["tokenizer"] = TokenizerRef.model_validate(init)
         difficulty = self.curriculum.difficulty if self.curriculum else None
         if difficulty is not None and difficulty.loss_of is not None:
             refs["difficulty"] = TrainLossesRef.model_validate({"from": difficulty.loss_of})

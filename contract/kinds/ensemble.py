@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from contract.sections import Data, DataSection, ModelRef, Problem, References, StageBase, Strict, TokenizerRef
+from contract.sections import Data, DataSection, ModelRef, Problem, StageBase, Strict, TokenizerRef
 
 Method = Literal["logits", "uniform_soup", "greedy_soup"]
 
@@ -67,6 +67,7 @@ class EnsembleOptions(Strict):
 
 class EnsembleStage(StageBase):
     options_field: ClassVar[str | None] = "ensemble"
+    tokenizer_from: ClassVar[str | None] = "members"  # the first member's
     gives: ClassVar[frozenset[str]] = frozenset({"model", "tokenizer"})  # a soup's; see outputs()
 
     kind: Literal["ensemble"] = Field(description="Combine classifiers of earlier stages: a logits ensemble, a "
@@ -103,13 +104,6 @@ class EnsembleStage(StageBase):
     def outputs(self) -> frozenset[str]:
         # a logits ensemble is several models and ensemble.json: no `init` can start from it
         return frozenset({"ensemble", "tokenizer"}) if self.ensemble.method == "logits" else self.gives
-
-    def references(self) -> References:
-        refs = super().references()
-        if self.tokenizer is None:  # the tokenizer saved with the first member
-            first = self.members[0]
-            refs["tokenizer"] = TokenizerRef.model_validate({"from": first.from_, "pretrained": first.pretrained})
-        return refs
 
     def data_sections(self) -> list[DataSection]:
         return [] if self.data is None else [DataSection(None, ("data",), self.data)]

@@ -7,7 +7,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from contract.sections import ModelRef, Problem, References, StageBase, Strict, TokenizerRef
+from contract.sections import ModelRef, Problem, StageBase, Strict, TokenizerRef
 
 
 class PruneOptions(Strict):
@@ -55,6 +55,7 @@ class PruneStage(StageBase):
     gives: ClassVar[frozenset[str]] = frozenset({"model", "tokenizer"})
     options_field: ClassVar[str | None] = "prune"
     same_vocabulary: ClassVar[tuple[tuple[str, str], ...]] = (("init", "tokenizer"),)
+    tokenizer_from: ClassVar[str | None] = "init"
 
     kind: Literal["prune"] = Field(description="Structured pruning: a smaller model that from_pretrained loads.")
     init: ModelRef = Field(description="The model to prune: an earlier stage or a local folder / hub name.")
@@ -67,13 +68,6 @@ class PruneStage(StageBase):
             raise Problem(("init", "config"), "a model built from a config has nothing learnt to prune: give "
                           "init.from or init.pretrained")
         return self
-
-    def references(self) -> References:
-        refs = super().references()
-        if self.tokenizer is None:  # the tokenizer saved with the init model
-            init = {"from": self.init.from_, "pretrained": self.init.pretrained}
-            refs["tokenizer"] = TokenizerRef.model_validate(init)
-        return refs
 
 
 STAGE = PruneStage

@@ -25,6 +25,19 @@ TINY_BERT = ("{model_type: bert, hidden_size: 32, num_hidden_layers: 2, num_atte
              "intermediate_size: 64, max_position_embeddings: 64}")
 
 
+def head(run: str) -> str:
+    """The start of a test manifest: run `run` on 2 processes, and a tokenizer stage trained on data/pretrain.txt."""
+    return f"""version: 1
+run: {{name: {run}}}
+defaults:
+  launcher: {{nproc_per_node: 2}}
+stages:
+  - name: tokenizer
+    kind: tokenizer
+    data: {{train: data/pretrain.txt}}
+    sentencepiece: {{vocab_size: 1000}}"""
+
+
 def copy_data(dest: Path, *, pretrain_lines: int = 400, labelled_lines: int = 200) -> dict[str, Path]:
     """Small slices of the WordNet demo data, copied so tests never write near the repo."""
     dest.mkdir(parents=True, exist_ok=True)

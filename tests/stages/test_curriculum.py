@@ -132,15 +132,7 @@ STEPS, EVERY = 16, 6
 CURRICULUM = ("{order: easy_first, difficulty: {column: hard}, log_draws: true, phases: ["
               "{until_step: 4, data_fraction: 0.25, max_length: 8}, {until_step: 8, data_fraction: 0.5}, {}]}")
 
-MANIFEST_HEAD = """version: 1
-run: {name: curriculum}
-defaults:
-  launcher: {nproc_per_node: 2}
-stages:
-  - name: tokenizer
-    kind: tokenizer
-    data: {train: data/pretrain.txt}
-    sentencepiece: {vocab_size: 1000}"""
+MANIFEST_HEAD = specs.head("curriculum")
 
 
 def _classify(name: str, steps: int, cur: str | None, *, difficulty: bool = True, every: int = EVERY,

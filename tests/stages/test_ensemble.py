@@ -168,15 +168,7 @@ ENSEMBLE = """
     data: {{eval: data/supersense_eval.jsonl, max_length: 32}}
     ensemble: {{method: {method}, batch_size: 16}}"""
 
-MANIFEST = """version: 1
-run: {name: ensemble}
-defaults:
-  launcher: {nproc_per_node: 2}
-stages:
-  - name: tokenizer
-    kind: tokenizer
-    data: {train: data/pretrain.txt}
-    sentencepiece: {vocab_size: 1000}""" + "".join(
+MANIFEST = specs.head("ensemble") + "".join(
     MEMBER.format(name=n, tiny=specs.TINY_BERT, seed=s) for n, s in (("a", 1), ("b", 2))) + "".join(
     ENSEMBLE.format(name=n, members=m, method=k) for n, m, k in (
         ("copies", "[{from: a}, {from: a}]", "uniform_soup"),

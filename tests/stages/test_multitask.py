@@ -101,15 +101,7 @@ def stage(name: str, zero: int) -> str:
 
 
 ZEROS = [2, 3]
-MANIFEST = """version: 1
-run: {name: mt}
-defaults:
-  launcher: {nproc_per_node: 2}
-stages:
-  - name: tokenizer
-    kind: tokenizer
-    data: {train: data/pretrain.txt}
-    sentencepiece: {vocab_size: 1000}""" + "".join(
+MANIFEST = specs.head("mt") + "".join(
     stage(f"mt-{role}-z{z}", z) for z in ZEROS for role in ("ref", "kill")) + "\n"
 
 

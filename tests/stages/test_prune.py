@@ -154,15 +154,7 @@ def test_heads_are_refused_where_the_head_size_derives_from_the_hidden_size():
 
 # ----------------------------------------------------------------- the stage under torchrun (slow)
 
-MANIFEST = f"""version: 1
-run: {{name: prune}}
-defaults:
-  launcher: {{nproc_per_node: 2}}
-stages:
-  - name: tokenizer
-    kind: tokenizer
-    data: {{train: data/pretrain.txt}}
-    sentencepiece: {{vocab_size: 600}}
+MANIFEST = specs.head("prune") + f"""
   - name: cls
     kind: classify
     init: {{config: {specs.TINY_BERT}}}

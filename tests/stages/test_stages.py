@@ -43,15 +43,7 @@ def classify(name: str, zero: int, *, train: str = f"max_steps: {STEPS}", checkp
 
 
 # Every stage these tests run, resolved by the launcher: the kill runs share their reference's settings.
-MANIFEST = f"""version: 1
-run: {{name: stages}}
-defaults:
-  launcher: {{nproc_per_node: 2}}
-stages:
-  - name: tokenizer
-    kind: tokenizer
-    data: {{train: data/pretrain.txt}}
-    sentencepiece: {{vocab_size: 1000}}
+MANIFEST = specs.head("stages") + f"""
   - name: mlm-ref-z1
     kind: mlm
     init: {{config: {specs.TINY_BERT}}}
