@@ -38,7 +38,7 @@ lint: $(BIN)/.installed
 	$(BIN)/lint-imports
 
 test: lint
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=10
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=10
 
 test-fast: lint
 	$(BIN)/python -m pytest -q -n 2 -m "not slow and not slurm"

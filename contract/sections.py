@@ -14,6 +14,7 @@ from typing import Any, ClassVar, Literal, NamedTuple, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 NAME_PATTERN = r"^[^/\x00-\x1f.][^/\x00-\x1f]*$"
+BLOCK_SIZE = 128  # tokens per packed block of the causal-LM kinds (clm, distill, teacher_logits) by default
 Precision = Literal["fp32", "bf16", "fp16"]
 
 
@@ -171,15 +172,24 @@ class TokenizerRef(RefBase):
         return self
 
 
-class TrainLossesRef(RefBase):
+class RowsRef(RefBase):
+    """Values an earlier stage wrote per row of its training data: the stage that reads them must train on the same
+    data (the same files), and where `same_rows`, on rows made alike (`StageBase.training_rows`). Only `from`."""
+
+    holds: ClassVar[str]  # what the values are, for messages
+    same_rows: ClassVar[bool] = False
+
+    @model_validator(mode="after")
+    def _one(self) -> RowsRef:
+        exactly_one(self, "from_")
+        return self
+
+
+class TrainLossesRef(RowsRef):
     """An earlier stage's per-example training losses (its eval.score_train): final/train_losses.json."""
 
     needs: ClassVar[str] = "train_losses"
-
-    @model_validator(mode="after")
-    def _one(self) -> TrainLossesRef:
-        exactly_one(self, "from_")
-        return self
+    holds: ClassVar[str] = "losses"
 
 
 References = dict[str, RefBase | list[RefBase]]
@@ -435,6 +445,11 @@ class StageBase(Strict):
     def reference_key(self, name: str, index: int | None) -> tuple[str | int, ...]:
         """Where input `name` (item `index` of a list) names its earlier stage, below the stage in the manifest."""
         return (name, *(() if index is None else (index,)), "from")
+
+    def training_rows(self) -> dict[str, Any]:
+        """What, besides its training data, decides the rows of its training split (a packed block's size, a
+        classifier's truncation): values stored per row (`RowsRef.same_rows`) fit only rows made alike."""
+        return {}
 
     def options(self) -> dict[str, Any]:
         """The kind's own section as spec.options."""

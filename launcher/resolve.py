@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from contract.layout import final_dir, stage_dir
-from contract.sections import Data, DataSection, RefBase, StageBase, TrainingStage, inherit
+from contract.sections import Data, DataSection, RefBase, RowsRef, StageBase, TrainingStage, inherit
 from contract.spec import SPEC_VERSION, Spec
 from launcher import datacheck, dsconfig, modelcheck
 from launcher.backends import sbatch
@@ -71,18 +71,30 @@ def resolve(loaded: Loaded) -> list[Resolved]:
 
 
 def _scored_data(loaded: Loaded, stages: list[Resolved]) -> list[str]:
-    """A curriculum ranked by an earlier stage's training losses (difficulty.loss_of) must train on the data that
-    stage scored: the losses are per row of its training split."""
+    """An input holding values per row of an earlier stage's training data (`RowsRef`: a curriculum's
+    difficulty.loss_of, a distill stage's teacher_logits) needs this stage to train on the data that stage scored,
+    and, where the values fit only rows made alike, on rows made alike (`StageBase.training_rows`)."""
     by_name = {r.name: r for r in stages}
     problems = []
     for r in stages:
-        ref = r.base["inputs"].get("difficulty")
-        scorer = by_name.get(ref["stage"]) if ref else None
-        if scorer is None or _train_data(scorer) == _train_data(r):
-            continue
-        problems.append(f"{loaded.where(('stages', r.index, 'curriculum', 'difficulty', 'loss_of'))}: stage "
-                        f"'{scorer.name}' scored its own training data ({_shown(scorer)}), but this stage trains on "
-                        f"{_shown(r)}; the losses are per row of the same training data")
+        stage = loaded.manifest.stages[r.index]
+        for name, j, ref in flat_references(stage.references()):
+            scorer = by_name.get(ref.from_ or "") if isinstance(ref, RowsRef) else None
+            if scorer is None:
+                continue
+            assert isinstance(ref, RowsRef)
+            where = loaded.where(("stages", r.index, *stage.reference_key(name, j)))
+            if _train_data(scorer) != _train_data(r):
+                problems.append(f"{where}: stage '{scorer.name}' scored its own training data ({_shown(scorer)}), but "
+                                f"this stage trains on {_shown(r)}; the {ref.holds} are per row of the same training "
+                                "data")
+                continue
+            theirs, ours = loaded.manifest.stages[scorer.index].training_rows(), stage.training_rows()
+            differ = [k for k in dict.fromkeys([*theirs, *ours]) if theirs.get(k) != ours.get(k)]
+            if ref.same_rows and differ:
+                k = differ[0]
+                problems.append(f"{where}: stage '{scorer.name}' made its rows with {k} {theirs.get(k)}, but this "
+                                f"stage's have {k} {ours.get(k)}; the {ref.holds} are per row of rows made alike")
     return problems
 
 

@@ -12,7 +12,10 @@ are logged per step as a `loss_terms` record ({"task", "kd"}). The data are the 
 (classify: labels; mlm: stages/runtime/masking.py; clm: stages/runtime/packing.py).
 
 The teacher (stages/runtime/teacher.py) is loaded from its input on every start and stays outside the student's
-engine. The student is `init`, with only `distill.keep_layers` of its transformer layers when given. Eval: the
+engine. Offline (input `teacher_logits`, a teacher_logits stage's output) no teacher runs: each row's stored top-k
+logits stand for the teacher's, p_T = softmax(values / T) over the k stored classes (the others count as 0), and the
+KL takes the student's log-probabilities (over all classes) at the stored ids; with k = all classes it is the online
+term. The student is `init`, with only `distill.keep_layers` of its transformer layers when given. Eval: the
 task's metrics for the student and `teacher_agreement`, the share of rows where the student's argmax is the
 teacher's (classify also `teacher_accuracy`).
 """
@@ -34,14 +37,24 @@ from stages.runtime.masking import EVAL_EPOCH, Masker
 from stages.runtime.metrics import language_model_metrics
 from stages.runtime.spec import Spec, training
 
+# The teacher's side of a batch's rows: its logits (rows, classes), or stored top-k (values, class ids), each (rows, k)
+Taught = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
-def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, task_loss: torch.Tensor, alpha: float,
+
+def distill_loss(student_logits: torch.Tensor, teacher: Taught, task_loss: torch.Tensor, alpha: float,
                  temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(L, KL) for (rows, classes) logits: L = (1 − α) · task_loss + α · T² · KL(p_T ‖ p_S), p = softmax(z / T), the
-    KL summed over classes and averaged over rows. Computed in float32."""
+    """(L, KL) for (rows, classes) student logits: L = (1 − α) · task_loss + α · T² · KL(p_T ‖ p_S), p = softmax(z / T),
+    the KL summed over classes and averaged over rows. Computed in float32.
+
+    `teacher` is its logits, or its top-k (values, indices): then p_T = softmax(values / T) over the k stored classes
+    (renormalised; the others count as 0) and the KL is Σ_{i ∈ top-k} p_T,i (log p_T,i − log p_S,i), with log p_S
+    over all classes taken at the stored ids; with k = all classes that is the full KL."""
     t = temperature
-    kd = F.kl_div(F.log_softmax(student_logits.float() / t, dim=-1), F.log_softmax(teacher_logits.float() / t, dim=-1),
-                  log_target=True, reduction="batchmean")
+    log_s = F.log_softmax(student_logits.float() / t, dim=-1)
+    if isinstance(teacher, tuple):
+        values, indices = teacher
+        log_s, teacher = log_s.gather(-1, indices), values
+    kd = F.kl_div(log_s, F.log_softmax(teacher.float() / t, dim=-1), log_target=True, reduction="batchmean")
     return (1 - alpha) * task_loss + alpha * t * t * kd, kd
 
 
@@ -93,8 +106,9 @@ def main(spec: Spec, d: Dist) -> int:
     if task == "clm":
         packing.check_block_size(spec, opts.block_size or 0, "distill.block_size")
     tokenizer = models.load_tokenizer(spec)
-    teacher.check_tokenizer(spec, tokenizer, task)
-    tutor = teacher.load(spec, d.device, auto, opts.teacher_placement, task)
+    offline = "teacher_logits" in spec.inputs  # the stored logits of a teacher_logits stage; no teacher runs
+    teacher.check_tokenizer(spec, tokenizer, task, "teacher_logits" if offline else "teacher")
+    tutor = None if offline else teacher.load(spec, d.device, auto, opts.teacher_placement, task)
 
     # The task's data: each split's examples, and a batch of them as the student and the teacher read it.
     build_extra: dict[str, Any] = {}
@@ -109,9 +123,14 @@ def main(spec: Spec, d: Dist) -> int:
     else:
         splits = data.tokenize(spec, raw, tokenizer, data.tokenizer_digest(spec))
     train, evalset = splits["train"], splits["eval"]
+    stored = teacher.load_stored(spec, task, block_size=opts.block_size, device=d.device, examples={
+        "train": len(train), "eval": len(evalset) if evalset is not None else None}) if offline else None
     if task == "classify":
         names = label_names(spec, raw)
-        teacher.check_labels(tutor, names)
+        if stored is not None:
+            stored.check_labels(names)
+        else:
+            teacher.check_labels(_online(tutor), names)
         label2id = {str(name): i for i, name in enumerate(names)}
         build_extra = {"num_labels": len(names), "id2label": {i: str(n) for i, n in enumerate(names)},
                        "label2id": label2id}
@@ -137,19 +156,33 @@ def main(spec: Spec, d: Dist) -> int:
             kept = pruning.keep_layers(model, opts.keep_layers, "distill.keep_layers")
             if not resume:
                 dist.print0(f"{spec.stage}: the student keeps layers {kept} of inputs.init")
-        teacher.check_logits(tutor, model, task)
+        if stored is not None:
+            stored.check_logits(model, task)
+        else:
+            teacher.check_logits(_online(tutor), model, task)
         return model
 
-    what = (f"distill ({task}, α {opts.alpha}, T {opts.temperature}, teacher {opts.teacher_placement}: "
-            f"{models.parameter_count(tutor.model):,} parameters), {len(train)} train samples")
+    source = (f"stored logits of stage {spec.ref('teacher_logits').stage}, top {stored.meta['top_k']} of "
+              f"{stored.meta['classes']}" if stored is not None else
+              f"teacher {opts.teacher_placement}: {models.parameter_count(_online(tutor).model):,} parameters")
+    what = f"distill ({task}, α {opts.alpha}, T {opts.temperature}, {source}), {len(train)} train samples"
     t = lifecycle.start(spec, d, num_samples=len(train), what=what, build=build,
                         wrap=lambda model: Student(model, task),
                         difficulty=curriculum.difficulty(spec, train) if task != "clm" else None)
     dist.print0(f"{spec.stage}: the student has {models.parameter_count(t.model):,} parameters")
 
+    def taught_of(split: str, keys: list[tuple[int, int]], batch: dict[str, torch.Tensor]) -> Taught | None:
+        """The teacher's side of the batch's rows: its logits, or the stored top-k (None: no stored eval rows)."""
+        if stored is None:
+            return rows(task, _online(tutor).logits(**_inputs(task, batch)), batch)
+        if not stored.has(split):
+            return None
+        return stored.rows(split, [i for i, _ in keys], batch["input_ids"].shape[1] if task == "clm" else None)
+
     def micro_step(keys: list[tuple[int, int]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         batch = batch_of("train", keys, t.sampler.max_length)
-        taught = rows(task, tutor.logits(**_inputs(task, batch)), batch)
+        taught = taught_of("train", keys, batch)
+        assert taught is not None, "load_stored checked the training rows"
         student = t.engine(**batch)
         task_loss = F.cross_entropy(student.float(), targets(task, batch))
         loss, kd = distill_loss(student, taught, task_loss, opts.alpha, opts.temperature)
@@ -165,32 +198,43 @@ def main(spec: Spec, d: Dist) -> int:
             for indices in data.eval_shards(len(evalset), micro, d.world_size, d.rank):
                 # Padding rows (index -1) run with zero weight: ZeRO-3 needs equal forward counts on every rank.
                 real = torch.tensor(indices) >= 0
-                batch = batch_of("eval", [(max(i, 0), EVAL_EPOCH) for i in indices])
+                keys = [(max(i, 0), EVAL_EPOCH) for i in indices]
+                batch = batch_of("eval", keys)
                 if task == "mlm":
                     batch["labels"][real.logical_not().to(batch["labels"].device)] = -100
                 student = t.engine(**batch).float().cpu()
-                taught = rows(task, tutor.logits(**_inputs(task, batch)), batch).cpu()
+                taught = taught_of("eval", keys, batch)
                 y = targets(task, batch).cpu()
                 weight = {"classify": real, "mlm": torch.ones(len(y), dtype=torch.bool),
                           "clm": real.repeat_interleave(batch["input_ids"].shape[1] - 1)}[task].double()
-                pred, said = student.argmax(-1), taught.argmax(-1)
+                pred = student.argmax(-1)
+                # the teacher's top-1 (stored: the first of the top-k); -1 where no stored eval rows: matches nothing
+                said = (taught[1][:, 0] if isinstance(taught, tuple) else taught.argmax(-1)).cpu() \
+                    if taught is not None else torch.full_like(y, -1)
                 total += torch.stack([F.cross_entropy(student, y, reduction="none").double() @ weight, weight.sum(),
                                       (pred == said).double() @ weight, (said == y).double() @ weight])
                 if task == "classify":
                     mine.append((student[real], y[real]))
+        taught_eval = stored is None or stored.has("eval")
         if task != "classify":
             lm = language_model_metrics(total[:2].clone())  # eval_loss, perplexity: summed over the ranks there
             dist.all_reduce_sum(total)
-            return lm | {"teacher_agreement": float(total[2] / total[1])}
+            return lm | ({"teacher_agreement": float(total[2] / total[1])} if taught_eval else {})
         scores = evaluation.classification_metrics(torch.cat([x for x, _ in mine]), torch.cat([y for _, y in mine]),
                                                    len(names))
         dist.all_reduce_sum(total)
         n = float(total[1])
-        return scores | {"teacher_agreement": float(total[2]) / n, "teacher_accuracy": float(total[3]) / n}
+        return scores | ({"teacher_agreement": float(total[2]) / n, "teacher_accuracy": float(total[3]) / n}
+                         if taught_eval else {})
 
     if t.fit(micro_step, evaluate):
         return EXIT_STOPPED
     return t.finish(evaluate, tokenizer)
+
+
+def _online(tutor: teacher.Teacher | None) -> teacher.Teacher:
+    assert tutor is not None, "an online stage loads its teacher"
+    return tutor
 
 
 def _inputs(task: str, batch: dict[str, torch.Tensor]) -> dict[str, Any]:

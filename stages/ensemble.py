@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from contract.kinds.ensemble import EnsembleOptions
-from contract.layout import EXIT_DONE, EXIT_STOPPED, final_dir
+from contract.layout import EXIT_DONE, EXIT_STOPPED
 from stages.runtime import data, dist, entry, evaluation, export, loop, models, signals
 from stages.runtime import ensemble as combining
 from stages.runtime.dist import Dist
@@ -116,9 +117,7 @@ def main(spec: Spec, d: Dist) -> int:
         weights = options.weights or [1.0] * len(members.refs)
         values = scorer.score(combining.combine(member_logits, weights)) if scorer.size else {}
         loop.record_eval(spec, metrics, 0, values | per_member)
-        digest = _write_logits(spec, members, tokenizer, weights, names) if dist.is_main() else None
-        dist.barrier()
-        path = str(final_dir(spec.stage_dir))
+        path, digest = export.write_folder(spec, lambda out: _write_logits(out, members, tokenizer, weights, names))
     else:
         if _stopped(metrics):
             return EXIT_STOPPED
@@ -261,9 +260,8 @@ def _stopped(metrics: Metrics) -> bool:
     return True
 
 
-def _write_logits(spec: Spec, members: Members, tokenizer, weights: list[float], names: list[str]) -> str:
-    """Rank 0: final/ of a logits ensemble (members copied in, ensemble.json, tokenizer), published at once."""
-    tmp = export.staging(final_dir(spec.stage_dir))
+def _write_logits(tmp: Path, members: Members, tokenizer, weights: list[float], names: list[str]) -> None:
+    """Rank 0: final/ of a logits ensemble, into `tmp`: the members copied in, ensemble.json, the tokenizer."""
     shares = combining.normalised(weights)
     listed = []
     for i, ref in enumerate(members.refs):
@@ -274,7 +272,6 @@ def _write_logits(spec: Spec, members: Members, tokenizer, weights: list[float],
     manifest = {"format": combining.FORMAT, "method": "logits", "combine": "mean of probabilities",
                 "members": listed, "labels": names}
     (tmp / combining.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    return export.publish(tmp, final_dir(spec.stage_dir))
 
 
 if __name__ == "__main__":

@@ -11,12 +11,14 @@ pruning.json (what was kept); result.json's metrics hold both evals and the para
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from contract.files import write_json
 from contract.kinds.prune import PruneOptions
-from contract.layout import EXIT_DONE, EXIT_STOPPED, final_dir
-from stages.runtime import data, dist, entry, evaluation, export, models, pruning, signals
+from contract.layout import EXIT_DONE, EXIT_STOPPED
+from stages.runtime import data, dist, entry, evaluation, export, loop, models, pruning, signals
 from stages.runtime.dist import Dist
 from stages.runtime.labels import label_ids
 from stages.runtime.masking import EVAL_EPOCH, MaskedLMLoss, Masker
@@ -84,21 +86,17 @@ def main(spec: Spec, d: Dist) -> int:
                 f"({shape.layers}→{kept['layers']} layers, FFN {shape.ffn}→{kept['ffn']}"
                 + (f", heads {shape.heads}→{kept['heads']}" if f.heads else "") + ")"
                 + "".join(f"; {k} {before[k]:.4f} → {after[k]:.4f}" for k in after))
-    if after:
-        metrics.log("eval", step=0, **after)
-    final, digest = final_dir(spec.stage_dir), None
-    if dist.is_main():
-        out = export.staging(final)
+    loop.record_eval(spec, metrics, 0, after)
+
+    def fill(out: Path) -> None:
         pruned.save_pretrained(out, safe_serialization=True)
         tokenizer.save_pretrained(out)
         write_json(out / "pruning.json", record)
-        digest = export.publish(out, final)
-        if after:
-            write_json(f"{spec.stage_dir}/eval.json", {"step": 0, **after})
-    dist.barrier()
+
+    path, digest = export.write_folder(spec, fill)
     results = {**after, **{f"before/{k}": v for k, v in before.items()},
                "params_before": float(params_before), "params_after": float(params_after)}
-    export.write_result(spec, steps=0, samples=0, output=str(final), digest=digest, metrics=results)
+    export.write_result(spec, steps=0, samples=0, output=path, digest=digest, metrics=results)
     return EXIT_DONE
 
 

@@ -114,18 +114,3 @@ def baton_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     os.environ["BATON_CACHE_DIR"] = str(folder)
     return folder
 
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under `pytest -n N --dist loadgroup` (make test) a worker takes whole groups: each test file, so its
-    module-scoped trained fixtures are made once; the tests of the shared tiny run together, so it is trained
-    once; and every Slurm test, which share one cluster."""
-    for item in items:
-        path = item.nodeid.split("::")[0]
-        if path.startswith("tests/slurm/"):
-            group = "slurm"
-        elif "tiny_run" in getattr(item, "fixturenames", ()):
-            group = "tiny_run"
-        else:
-            group = path
-        item.add_marker(pytest.mark.xdist_group(group))

@@ -6,12 +6,12 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from contract.sections import Strict, TrainingStage
+from contract.sections import BLOCK_SIZE, Strict, TrainingStage
 
 
 class ClmOptions(Strict):
     block_size: int = Field(
-        128, ge=8, le=1_048_576, strict=True,
+        BLOCK_SIZE, ge=8, le=1_048_576, strict=True,
         description="Tokens per training block: the documents, each followed by the end-of-document token, are "
         "concatenated and cut into blocks of exactly this length (no padding); at most the model's maximum "
         "positions. data.max_length does not apply.",

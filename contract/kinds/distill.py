@@ -4,7 +4,9 @@
 
 for sequence classification (one row of logits per example), masked-LM (the masked positions) or causal-LM (every
 predicted token). The student is `init` (optionally with only some of its transformer layers kept: DistilBERT's
-student is its teacher with every other layer); the teacher is `teacher`, an earlier stage's output or a folder.
+student is its teacher with every other layer); the teacher is `teacher`, an earlier stage's output or a folder, run
+at every step (online), or `teacher_logits`, the top-k logits a `teacher_logits` stage stored for every training row
+(offline: no teacher runs).
 """
 
 from __future__ import annotations
@@ -14,9 +16,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from contract.sections import ModelRef, Problem, Strict, TrainingStage
-
-DEFAULT_BLOCK_SIZE = 128
+from contract.sections import BLOCK_SIZE, ModelRef, Problem, RowsRef, Strict, TrainingStage
 
 
 class DistillOptions(Strict):
@@ -42,7 +42,7 @@ class DistillOptions(Strict):
     mask_prob: float | None = Field(None, gt=0, lt=1, description="task mlm: share of tokens masked (80% [MASK], "
                                     "10% random, 10% kept); default 0.15.")
     block_size: int | None = Field(None, ge=8, le=1_048_576, strict=True, description="task clm: tokens per "
-                                   f"training block (as clm.block_size); default {DEFAULT_BLOCK_SIZE}.")
+                                   f"training block (as clm.block_size); default {BLOCK_SIZE}.")
 
     @field_validator("alpha", "temperature", "mask_prob", mode="before")
     @classmethod
@@ -84,8 +84,16 @@ class DistillOptions(Strict):
         if self.task == "mlm":
             out["mask_prob"] = 0.15 if self.mask_prob is None else self.mask_prob
         if self.task == "clm":
-            out["block_size"] = self.block_size or DEFAULT_BLOCK_SIZE
+            out["block_size"] = self.block_size or BLOCK_SIZE
         return out
+
+
+class TeacherLogitsRef(RowsRef):
+    """An earlier teacher_logits stage's stored logits (its final/), per row of this stage's training data."""
+
+    needs: ClassVar[str] = "teacher_logits"
+    holds: ClassVar[str] = "logits"
+    same_rows: ClassVar[bool] = True
 
 
 class DistillStage(TrainingStage):
@@ -94,20 +102,41 @@ class DistillStage(TrainingStage):
 
     kind: Literal["distill"] = Field(description="Knowledge distillation: a student learns from a frozen teacher's "
                                      "logits and the task's labels; eval: the task's metrics and teacher_agreement.")
-    teacher: ModelRef = Field(description="The frozen teacher: an earlier stage (from) or a trained model folder / "
-                              "hub name (pretrained), with the head of distill.task. Its tokenizer must be the "
-                              "student's.")
+    teacher: ModelRef | None = Field(None, description="The frozen teacher, run at every step: an earlier stage "
+                                     "(from) or a trained model folder / hub name (pretrained), with the head of "
+                                     "distill.task. Its tokenizer must be the student's. Or give teacher_logits.")
+    teacher_logits: TeacherLogitsRef | None = Field(
+        None, description="Offline distillation: the top-k logits an earlier teacher_logits stage (from) stored for "
+        "this stage's training data (the same files, task and block_size), used instead of running a teacher.")
     distill: DistillOptions = Field(description="Task, λ, temperature, teacher placement, student layers.")
 
     @model_validator(mode="after")
     def _teacher(self) -> DistillStage:
-        if self.teacher.config is not None:
+        if self.teacher is None and self.teacher_logits is None:
+            raise Problem(("teacher",), "required: give teacher (a model, run at every step) or teacher_logits "
+                          "(from: an earlier teacher_logits stage, its stored logits)")
+        if self.teacher is not None and self.teacher_logits is not None:
+            raise Problem(("teacher_logits",), "give teacher or teacher_logits, not both: teacher_logits replace "
+                          "running a teacher with its stored logits")
+        if self.teacher_logits is not None:
+            if self.distill.task == "mlm":
+                raise Problem(("teacher_logits",), "distill.task mlm cannot read stored logits: its masks change "
+                              "every epoch; give teacher (online) instead")
+            if "teacher_placement" in self.distill.model_fields_set:
+                raise Problem(("distill", "teacher_placement"), "with teacher_logits no teacher runs: leave out "
+                              "teacher_placement")
+        elif self.teacher is not None and self.teacher.config is not None:
             raise Problem(("teacher", "config"), "a teacher built from a config is untrained and teaches nothing; "
                           "give teacher.from (an earlier stage) or teacher.pretrained (a trained model)")
         return self
 
     def options(self) -> dict[str, Any]:
         return self.distill.settings()
+
+    def training_rows(self) -> dict[str, Any]:
+        o = self.distill.settings()
+        return {"task": o["task"]} | ({"block_size": o["block_size"]} if o["task"] == "clm"
+                                      else {"max_length": self.data.max_length})
 
 
 STAGE = DistillStage

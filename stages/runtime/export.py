@@ -6,6 +6,7 @@ import contextlib
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,19 @@ def save_final(model, tokenizer, spec: Spec, *, zero_stage: int, beside: dict[st
             for name, value in (files or {}).items():
                 write_json(out / name, json_safe(value))
     digest = publish(tmp, final) if dist.is_main() else None
+    dist.barrier()
+    return str(final), digest
+
+
+def write_folder(spec: Spec, fill: Callable[[Path], None]) -> tuple[str, str | None]:
+    """Collective. final/ of a stage whose output is not one trained model (prune, ensemble, teacher_logits): rank 0
+    has `fill(folder)` write into an empty final.tmp/, which is then published as final/. Returns (path, digest);
+    the digest only on rank 0."""
+    final, digest = final_dir(spec.stage_dir), None
+    if dist.is_main():
+        tmp = staging(final)
+        fill(tmp)
+        digest = publish(tmp, final)
     dist.barrier()
     return str(final), digest
 

@@ -11,16 +11,21 @@ loaded from its input on every start (a resume included: the same weights, so th
   gathers its layers collectively: every rank must run the teacher equally often (the stage's eval shards are equal);
 - cpu: kept on the CPU (its inputs go there, its logits come back to the student's device); on a machine without
   accelerator this is replicate.
+
+Offline, a distill stage runs no teacher: `load_stored` reads the top-k logits a teacher_logits stage stored for every
+training row (`Stored`), after checking that they are of this stage's rows.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from contract.kinds.teacher_logits import LOGITS_FILE, META_FILE
 from stages.runtime import dist, models
 from stages.runtime.spec import Spec, SpecError, training
 
@@ -118,14 +123,15 @@ def ds_config(spec: Spec) -> dict[str, Any]:
         "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
 
 
-def check_tokenizer(spec: Spec, tokenizer, task: Task) -> None:
+def check_tokenizer(spec: Spec, tokenizer, task: Task, name: str = "teacher") -> None:
     """Exit 2 unless the teacher reads the student's tokens: logit distillation over a vocabulary (mlm, clm) needs one
     vocabulary, and a classifier teacher must see the same token ids as the student. Compares the teacher folder's
     tokenizer with the student's (tokens, ids, special tokens); a folder without one is compared by its config's
-    vocab_size (mlm, clm: equal to the student tokenizer's size; classify: at least it). Before any data work."""
+    vocab_size (mlm, clm: equal to the student tokenizer's size; classify: at least it). Before any data work.
+    `name`: the input holding the teacher's folder (teacher_logits: the stored logits, saved with its tokenizer)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    ref, mine = spec.ref("teacher"), spec.ref("tokenizer")
+    ref, mine = spec.ref(name), spec.ref("tokenizer")
     if ref.path is None:
         return  # load() says why
     why = "logits over one vocabulary" if task != "classify" else "the same token ids for teacher and student"
@@ -139,7 +145,7 @@ def check_tokenizer(spec: Spec, tokenizer, task: Task) -> None:
     if own is not None:
         differs = models.vocabulary_difference(own, tokenizer)
         if differs:
-            raise SpecError(f"inputs.teacher: {ref.path} was trained with another tokenizer than the student's "
+            raise SpecError(f"inputs.{name}: {ref.path} was trained with another tokenizer than the student's "
                             f"(inputs.tokenizer {mine.path}): {differs}. Distillation needs {why}: give the student "
                             "the teacher's tokenizer (tokenizer.from: the teacher's stage)")
         return
@@ -149,7 +155,7 @@ def check_tokenizer(spec: Spec, tokenizer, task: Task) -> None:
         return  # load() reports a folder that holds no model
     fits = size >= len(tokenizer) if task == "classify" else size == len(tokenizer)
     if not fits:
-        raise SpecError(f"inputs.teacher: {ref.path} has no tokenizer and a vocabulary of {size} tokens, the "
+        raise SpecError(f"inputs.{name}: {ref.path} has no tokenizer and a vocabulary of {size} tokens, the "
                         f"student's tokenizer (inputs.tokenizer {mine.path}) {len(tokenizer)}. Distillation needs "
                         f"{why}")
 
@@ -157,10 +163,14 @@ def check_tokenizer(spec: Spec, tokenizer, task: Task) -> None:
 def check_labels(teacher: Teacher, names: list[str | int]) -> None:
     """Exit 2 unless the classifier teacher's labels (config.id2label) are the student's, in the same order."""
     config = teacher.model.config
-    theirs = [str(config.id2label.get(i, i)) for i in range(config.num_labels)]
+    _same_labels([str(config.id2label.get(i, i)) for i in range(config.num_labels)], names,
+                 "inputs.teacher: its labels")
+
+
+def _same_labels(theirs: list[str], names: list[str | int], what: str) -> None:
     ours = [str(n) for n in names]
     if theirs != ours:
-        raise SpecError(f"inputs.teacher: its labels {theirs} (config.id2label) are not the student's {ours} "
+        raise SpecError(f"{what} {theirs} (config.id2label) are not the student's {ours} "
                         "(data.labels, or the sorted labels of the train split): distillation matches logits class "
                         "by class; give data.labels in the teacher's order")
 
@@ -172,3 +182,90 @@ def check_logits(teacher: Teacher, student: nn.Module, task: Task) -> None:
     if theirs != ours:
         raise SpecError(f"inputs.init: the student's {key} {ours} is not the teacher's {theirs}: distillation "
                         f"compares their logits position by position")
+
+
+class Stored:
+    """A teacher_logits stage's output: per split ("train", "eval" where usable), the top-k (values, indices) of
+    every row, rows in example order; `per_example` rows each (classify 1, clm block_size − 1 predicted tokens)."""
+
+    def __init__(self, meta: dict[str, Any], tensors: dict[str, torch.Tensor], per_example: int,
+                 device: torch.device) -> None:
+        self.meta, self.per_example, self._device = meta, per_example, device
+        self._splits = {split: (tensors[f"{split}.values"], tensors[f"{split}.indices"])
+                        for split in ("train", "eval") if f"{split}.values" in tensors}
+
+    def has(self, split: str) -> bool:
+        return split in self._splits
+
+    def rows(self, split: str, examples: list[int], tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values, indices) of the rows of `examples`, on the student's device, in the order distill's `rows` has
+        the student's logits. clm: `tokens` is the batch's block length (a curriculum phase's max_length cuts it):
+        the first tokens − 1 predictions of each block, which under causal attention see what the full block saw."""
+        per = self.per_example
+        take = per if tokens is None else min(per, tokens - 1)
+        at = (torch.tensor(examples)[:, None] * per + torch.arange(take)).flatten()
+        values, indices = self._splits[split]
+        return values[at].to(self._device), indices[at].to(self._device)
+
+    def check_labels(self, names: list[str | int]) -> None:
+        """Exit 2 unless the stored classes are the student's labels, in the same order."""
+        _same_labels([str(n) for n in self.meta["labels"]], names, "inputs.teacher_logits: the teacher's labels")
+
+    def check_logits(self, student: nn.Module, task: Task) -> None:
+        """Exit 2 when the student's logits would not line up with the stored classes (num_labels, vocab_size)."""
+        key = "num_labels" if task == "classify" else "vocab_size"
+        if getattr(student.config, key) != self.meta["classes"]:
+            raise SpecError(f"inputs.init: the student's {key} {getattr(student.config, key)} is not the "
+                            f"{self.meta['classes']} classes of the stored teacher logits (inputs.teacher_logits)")
+
+
+def load_stored(spec: Spec, task: Task, *, block_size: int | None, examples: dict[str, int | None],
+                device: torch.device) -> Stored:
+    """The logits of input `teacher_logits`, checked against this stage: exit 2 (naming the file) unless they are of
+    its task, training files (digests), block_size (clm) or data.max_length (classify), and its number of training
+    examples. Eval rows are used only where they are of this stage's eval files, else left out (with a note)."""
+    from safetensors.torch import load_file
+
+    ref = spec.ref("teacher_logits")
+    if ref.path is None:
+        raise SpecError("inputs.teacher_logits.path: missing (the output of a teacher_logits stage)")
+    models.verify_digest("inputs.teacher_logits", ref.path, ref.digest)
+    meta_path, logits_path = Path(ref.path, META_FILE), Path(ref.path, LOGITS_FILE)
+    where = f"inputs.teacher_logits: stage {ref.stage}"
+    try:
+        meta = json.loads(meta_path.read_text())
+        tensors = load_file(str(logits_path))
+        stored_task, made = meta["task"], meta["examples"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SpecError(f"{where}: {meta_path} or {logits_path} is missing or unreadable ({e})") from None
+    if stored_task != task:
+        raise SpecError(f"{where}: {meta_path} holds logits of task {stored_task}, this stage's distill.task is {task}")
+    setting = ("block_size", block_size) if task == "clm" else ("max_length", spec.data.max_length)
+    if meta.get(setting[0]) != setting[1]:
+        raise SpecError(f"{where}: {meta_path}: its rows were made with {setting[0]} {meta.get(setting[0])}, this "
+                        f"stage's is {setting[1]}")
+    hub = spec.data.hub.model_dump() if spec.data.hub else None
+    digests = [spec.data.digests[f] for f in spec.data.train_files]
+    if meta.get("train_digests") != digests or _train_hub(meta.get("hub")) != _train_hub(hub) \
+            or made.get("train") != examples["train"]:
+        raise SpecError(f"{where}: {meta_path} holds the logits of {made.get('train')} examples of other training "
+                        f"data than this stage's {examples['train']}; store them for this stage's data.train")
+    per_example = 1 if task == "classify" else (block_size or 0) - 1
+    for split in ("train", "eval"):
+        shapes = [tuple(tensors[f"{split}.{part}"].shape) for part in ("values", "indices")
+                  if f"{split}.{part}" in tensors]
+        if split in made and shapes != [(made[split] * per_example, meta["top_k"])] * 2:
+            raise SpecError(f"{where}: {logits_path} holds {shapes} for {split}, {meta_path} says "
+                            f"{made[split]} examples of {per_example} rows, top_k {meta['top_k']}")
+    eval_digests = [spec.data.digests[f] for f in spec.data.eval_files]
+    if "eval" in made and (meta.get("eval_digests") != eval_digests or meta.get("hub") != hub
+                             or made["eval"] != examples["eval"]):
+        dist.print0(f"{spec.stage}: the stored teacher logits are of other eval data than this stage's: "
+                    "teacher_agreement is left out")
+        tensors = {k: v for k, v in tensors.items() if not k.startswith("eval.")}
+    return Stored(meta, tensors, per_example, device)
+
+
+def _train_hub(hub: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What of a hub data section decides the training rows (not its eval split)."""
+    return None if hub is None else {k: v for k, v in hub.items() if k != "eval_split"}
