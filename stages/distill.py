@@ -123,14 +123,13 @@ def main(spec: Spec, d: Dist) -> int:
     else:
         splits = data.tokenize(spec, raw, tokenizer, data.tokenizer_digest(spec))
     train, evalset = splits["train"], splits["eval"]
-    stored = teacher.load_stored(spec, task, block_size=opts.block_size, device=d.device, examples={
-        "train": len(train), "eval": len(evalset) if evalset is not None else None}) if offline else None
+    # The teacher's side of each batch: the teacher itself, or the logits it stored
+    source: teacher.Teacher | teacher.Stored = tutor if tutor is not None else teacher.load_stored(
+        spec, task, block_size=opts.block_size, device=d.device,
+        examples={"train": len(train), "eval": len(evalset) if evalset is not None else None})
     if task == "classify":
         names = label_names(spec, raw)
-        if stored is not None:
-            stored.check_labels(names)
-        else:
-            teacher.check_labels(_online(tutor), names)
+        source.check_labels(names)
         label2id = {str(name): i for i, name in enumerate(names)}
         build_extra = {"num_labels": len(names), "id2label": {i: str(n) for i, n in enumerate(names)},
                        "label2id": label2id}
@@ -156,16 +155,10 @@ def main(spec: Spec, d: Dist) -> int:
             kept = pruning.keep_layers(model, opts.keep_layers, "distill.keep_layers")
             if not resume:
                 dist.print0(f"{spec.stage}: the student keeps layers {kept} of inputs.init")
-        if stored is not None:
-            stored.check_logits(model, task)
-        else:
-            teacher.check_logits(_online(tutor), model, task)
+        source.check_logits(model, task)
         return model
 
-    source = (f"stored logits of stage {spec.ref('teacher_logits').stage}, top {stored.meta['top_k']} of "
-              f"{stored.meta['classes']}" if stored is not None else
-              f"teacher {opts.teacher_placement}: {models.parameter_count(_online(tutor).model):,} parameters")
-    what = f"distill ({task}, α {opts.alpha}, T {opts.temperature}, {source}), {len(train)} train samples"
+    what = f"distill ({task}, α {opts.alpha}, T {opts.temperature}, {source.describe()}), {len(train)} train samples"
     t = lifecycle.start(spec, d, num_samples=len(train), what=what, build=build,
                         wrap=lambda model: Student(model, task),
                         difficulty=curriculum.difficulty(spec, train) if task != "clm" else None)
@@ -173,11 +166,11 @@ def main(spec: Spec, d: Dist) -> int:
 
     def taught_of(split: str, keys: list[tuple[int, int]], batch: dict[str, torch.Tensor]) -> Taught | None:
         """The teacher's side of the batch's rows: its logits, or the stored top-k (None: no stored eval rows)."""
-        if stored is None:
-            return rows(task, _online(tutor).logits(**_inputs(task, batch)), batch)
-        if not stored.has(split):
+        if isinstance(source, teacher.Teacher):
+            return rows(task, source.logits(**_inputs(task, batch)), batch)
+        if not source.has(split):
             return None
-        return stored.rows(split, [i for i, _ in keys], batch["input_ids"].shape[1] if task == "clm" else None)
+        return source.rows(split, [i for i, _ in keys], batch["input_ids"].shape[1] if task == "clm" else None)
 
     def micro_step(keys: list[tuple[int, int]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         batch = batch_of("train", keys, t.sampler.max_length)
@@ -215,7 +208,7 @@ def main(spec: Spec, d: Dist) -> int:
                                       (pred == said).double() @ weight, (said == y).double() @ weight])
                 if task == "classify":
                     mine.append((student[real], y[real]))
-        taught_eval = stored is None or stored.has("eval")
+        taught_eval = source.has("eval")
         if task != "classify":
             lm = language_model_metrics(total[:2].clone())  # eval_loss, perplexity: summed over the ranks there
             dist.all_reduce_sum(total)
@@ -230,11 +223,6 @@ def main(spec: Spec, d: Dist) -> int:
     if t.fit(micro_step, evaluate):
         return EXIT_STOPPED
     return t.finish(evaluate, tokenizer)
-
-
-def _online(tutor: teacher.Teacher | None) -> teacher.Teacher:
-    assert tutor is not None, "an online stage loads its teacher"
-    return tutor
 
 
 def _inputs(task: str, batch: dict[str, torch.Tensor]) -> dict[str, Any]:

@@ -64,6 +64,22 @@ class Teacher:
             out = self._run(**{k: v.to(self._device) if torch.is_tensor(v) else v for k, v in inputs.items()})
         return out.logits.float().to(self._out)
 
+    def has(self, split: str) -> bool:
+        return True  # it reads any batch
+
+    def check_labels(self, names: list[str | int]) -> None:
+        """Exit 2 unless the classifier teacher's labels (config.id2label) are the student's, in the same order."""
+        config = self.model.config
+        _same_labels([str(config.id2label.get(i, i)) for i in range(config.num_labels)], names,
+                     "inputs.teacher: its labels")
+
+    def check_logits(self, student: nn.Module, task: Task) -> None:
+        """Exit 2 when the student's logits would not line up with the teacher's (vocab_size, num_labels)."""
+        _same_classes(student, task, getattr(self.model.config, _CLASSES[task]), "the teacher's")
+
+    def describe(self) -> str:
+        return f"teacher {self.placement}: {models.parameter_count(self.model):,} parameters"
+
 
 def load(spec: Spec, device: torch.device, auto_class, placement: Placement, task: Task) -> Teacher:
     """Collective with zero3. The teacher of input `teacher`, on `device` (the student's) or as placed, with its
@@ -160,13 +176,6 @@ def check_tokenizer(spec: Spec, tokenizer, task: Task, name: str = "teacher") ->
                         f"{why}")
 
 
-def check_labels(teacher: Teacher, names: list[str | int]) -> None:
-    """Exit 2 unless the classifier teacher's labels (config.id2label) are the student's, in the same order."""
-    config = teacher.model.config
-    _same_labels([str(config.id2label.get(i, i)) for i in range(config.num_labels)], names,
-                 "inputs.teacher: its labels")
-
-
 def _same_labels(theirs: list[str], names: list[str | int], what: str) -> None:
     ours = [str(n) for n in names]
     if theirs != ours:
@@ -175,13 +184,15 @@ def _same_labels(theirs: list[str], names: list[str | int], what: str) -> None:
                         "by class; give data.labels in the teacher's order")
 
 
-def check_logits(teacher: Teacher, student: nn.Module, task: Task) -> None:
-    """Exit 2 when the student's logits would not line up with the teacher's (vocab_size, num_labels)."""
-    key = "num_labels" if task == "classify" else "vocab_size"
-    theirs, ours = getattr(teacher.model.config, key), getattr(student.config, key)
+_CLASSES = {"classify": "num_labels", "mlm": "vocab_size", "clm": "vocab_size"}
+
+
+def _same_classes(student: nn.Module, task: Task, theirs: int, whose: str) -> None:
+    key = _CLASSES[task]
+    ours = getattr(student.config, key)
     if theirs != ours:
-        raise SpecError(f"inputs.init: the student's {key} {ours} is not the teacher's {theirs}: distillation "
-                        f"compares their logits position by position")
+        raise SpecError(f"inputs.init: the student's {key} {ours} is not {whose} {theirs}: distillation compares "
+                        "their logits class by class")
 
 
 class Stored:
@@ -213,10 +224,10 @@ class Stored:
 
     def check_logits(self, student: nn.Module, task: Task) -> None:
         """Exit 2 when the student's logits would not line up with the stored classes (num_labels, vocab_size)."""
-        key = "num_labels" if task == "classify" else "vocab_size"
-        if getattr(student.config, key) != self.meta["classes"]:
-            raise SpecError(f"inputs.init: the student's {key} {getattr(student.config, key)} is not the "
-                            f"{self.meta['classes']} classes of the stored teacher logits (inputs.teacher_logits)")
+        _same_classes(student, task, self.meta["classes"], "the stored teacher logits' (inputs.teacher_logits)")
+
+    def describe(self) -> str:
+        return f"stored logits of stage {self.meta['stage']}, top {self.meta['top_k']} of {self.meta['classes']}"
 
 
 def load_stored(spec: Spec, task: Task, *, block_size: int | None, examples: dict[str, int | None],

@@ -191,14 +191,18 @@ def test_a_teacher_with_another_tokenizer_is_refused(tmp_path, task):
 def test_a_classifier_teacher_with_other_labels_is_refused():
     from types import SimpleNamespace
 
+    import torch
+
     from stages.runtime import teacher
     from stages.runtime.spec import SpecError
 
-    tutor = SimpleNamespace(model=SimpleNamespace(config=SimpleNamespace(num_labels=2, id2label={0: "a", 1: "b"})))
-    teacher.check_labels(tutor, ["a", "b"])
+    def tutor(id2label: dict[int, str]) -> teacher.Teacher:
+        model = SimpleNamespace(config=SimpleNamespace(num_labels=2, id2label=id2label))
+        return teacher.Teacher(model, model, "replicate", where=torch.device("cpu"), out=torch.device("cpu"))
+
+    tutor({0: "a", 1: "b"}).check_labels(["a", "b"])
     with pytest.raises(SpecError, match=r"its labels \['b', 'a'\] .* are not the student's \['a', 'b'\]"):
-        teacher.check_labels(SimpleNamespace(model=SimpleNamespace(config=SimpleNamespace(
-            num_labels=2, id2label={0: "b", 1: "a"}))), ["a", "b"])
+        tutor({0: "b", 1: "a"}).check_labels(["a", "b"])
 
 
 # ----------------------------------------------------------------- fast: the manifest
