@@ -84,13 +84,18 @@ class Stages:
 
     def run(self, name: str, spec: Spec | None = None, timeout: float = 300) -> dict[str, Any]:
         """Run the stage to the end (exit 0 asserted) and return its result.json."""
+        return self.run_with_output(name, spec, timeout)[0]
+
+    def run_with_output(self, name: str, spec: Spec | None = None,
+                        timeout: float = 300) -> tuple[dict[str, Any], str]:
+        """`run`, and rank 0's stdout (the progress lines)."""
         spec = spec or self.spec(name)
         proc = subprocess.run(self.command(spec), cwd=REPO, env=self.env(), capture_output=True, text=True,
                               timeout=timeout)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
         result: dict[str, Any] = json.loads(Path(spec.stage_dir, "result.json").read_text())
         self.outputs[name] = result["output"]
-        return result
+        return result, proc.stdout
 
     def folder(self, name: str) -> Path:
         return stage_dir(self.run_dir, name)

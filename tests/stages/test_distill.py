@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -401,23 +400,14 @@ def _lm_teachers(root: Path, tokenizer_files: list[Path]) -> None:
             shutil.copy(f, root / f"{task}-teacher" / f.name)
 
 
-def _run(chain: dict, name: str) -> tuple[dict, str]:
-    stages = chain["stages"]
-    spec = stages.spec(name)
-    proc = subprocess.run(stages.command(spec), cwd=specs.REPO, env=stages.env(), capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return json.loads(Path(spec.stage_dir, "result.json").read_text()), proc.stdout
-
-
 def _predictions(folder: Path) -> list[int]:
     return [json.loads(line)["pred"] for line in (folder / "eval_predictions.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.slow
 def test_a_distilled_student_agrees_with_its_teacher_more_than_one_trained_alone(chain):
-    distilled, out = _run(chain, "distilled")
-    alone, _ = _run(chain, "alone")
+    distilled, out = chain["stages"].run_with_output("distilled")
+    alone, _ = chain["stages"].run_with_output("alone")
     m = distilled["metrics"]
     assert set(m) >= {"accuracy", "macro_f1", "eval_loss", "teacher_agreement", "teacher_accuracy"}
     # the teacher the stage ran is the trained one, unchanged: its accuracy is the teacher stage's own
@@ -440,7 +430,7 @@ def test_a_zero3_partitioned_teacher_teaches_as_a_replicated_one(chain):
     import torch
     from safetensors.torch import load_file
 
-    results = {p: _run(chain, f"z3-{p}") for p in ("replicate", "zero3")}
+    results = {p: chain["stages"].run_with_output(f"z3-{p}") for p in ("replicate", "zero3")}
     terms = {p: specs.records(chain["stages"].folder(f"z3-{p}"), "loss_terms") for p in results}
     shares = [line for line in results["zero3"][1].splitlines() if "teacher partitioned by ZeRO-3" in line]
     here, total = (int(n.replace(",", "")) for n in re.findall(r"([\d,]+) of its ([\d,]+) values", shares[0])[0])
@@ -464,7 +454,7 @@ def test_a_zero3_partitioned_teacher_teaches_as_a_replicated_one(chain):
 def test_language_model_logits_distil_too(chain, task):
     """mlm (ZeRO-3 student, ZeRO-3 teacher) and clm (ZeRO-1 student, teacher on the CPU): the student of every other
     layer (mlm) or layer 1 (clm) trains, its loss is the formula of its logged terms, eval has the LM metrics."""
-    result, _ = _run(chain, f"kd-{task}")
+    result, _ = chain["stages"].run_with_output(f"kd-{task}")
     folder = chain["stages"].folder(f"kd-{task}")
     for logged, parts in zip(specs.records(folder, "train"), specs.records(folder, "loss_terms"), strict=True):
         task_loss, kd = parts["terms"]["task"], parts["terms"]["kd"]

@@ -8,8 +8,6 @@ group every 6 steps from the head alone, so phase 1 starts at step 6, phase 2 at
 
 from __future__ import annotations
 
-import json
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -165,19 +163,9 @@ def _safetensors(folder: Path | str) -> dict:
     return load_file(str(Path(folder, "model.safetensors")))
 
 
-def _run(work: dict, name: str) -> tuple[dict, str]:
-    """Run a stage to the end; its result.json and rank 0's stdout."""
-    stages = work["stages"]
-    spec = stages.spec(name)
-    proc = subprocess.run(stages.command(spec), cwd=specs.REPO, env=stages.env(), capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return json.loads(Path(spec.stage_dir, "result.json").read_text()), proc.stdout
-
-
 @pytest.fixture(scope="module")
 def refs(work) -> dict[int, tuple[dict, str]]:
-    return {z: _run(work, f"lw-ref-z{z}") for z in (2, 3)}
+    return {z: work["stages"].run_with_output(f"lw-ref-z{z}", timeout=600) for z in (2, 3)}
 
 
 def _checkpoint_weights(stage_dir: Path, step: int) -> dict:
@@ -240,7 +228,7 @@ def test_killed_in_phase_2_resumes_in_phase_2_like_an_uninterrupted_run(work, re
 
     ref, _ = refs[3]
     work["stages"].kill_after_first_checkpoint(work["stages"].spec("lw-kill-z3"), "step00000014")
-    result, out = _run(work, "lw-kill-z3")
+    result, out = work["stages"].run_with_output("lw-kill-z3", timeout=600)
     stage_dir, ref_dir = work["stages"].folder("lw-kill-z3"), work["stages"].folder("lw-ref-z3")
     starts = specs.records(stage_dir, "start")
     assert [s["step"] for s in starts] == [0, 14], starts
@@ -281,8 +269,8 @@ def test_deep_supervision_loss_is_the_weighted_sum_and_final_is_a_plain_classifi
 def test_deep_supervision_of_the_last_layer_alone_is_plain_classification(work):
     import torch
 
-    plain, _ = _run(work, "plain-none")
-    last, _ = _run(work, "plain-last-only")
+    plain, _ = work["stages"].run_with_output("plain-none", timeout=600)
+    last, _ = work["stages"].run_with_output("plain-last-only", timeout=600)
     folder = work["stages"].folder
     assert [r["loss"] for r in specs.records(folder("plain-last-only"), "train")] == \
         [r["loss"] for r in specs.records(folder("plain-none"), "train")]
