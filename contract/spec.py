@@ -41,6 +41,8 @@ class Ref(Frozen):
     path: str | None = Field(None, description="the folder (absolute) or hub name; null for source=config")
     digest: str | None = Field(None, description="of the folder's content; null for hub names and configs")
     config: dict[str, Any] | None = Field(None, description="source=config: AutoConfig.for_model(**config)")
+    named: str | None = Field(None, description="source=stage, when a decision handed on another stage's output: "
+                              "the stage the manifest names (`stage` is the retry attempt, variant or fallback read)")
 
 
 class Hub(Frozen):
@@ -62,6 +64,15 @@ class DataSpec(Frozen):
     max_length: int
     digests: dict[str, str] = Field(description="file -> digest of every local data file the stage reads, "
                                     "those of its data sections too; already part of the fingerprint")
+
+
+class SharedEvalSpec(DataSpec):
+    """A shared eval set (the manifest's `evals:`): every stage whose model fits `task` is scored on its eval files
+    at its end; the scores join the stage's metrics as `<set>/<metric>`."""
+
+    task: Literal["classify", "text"] = Field(
+        description="classify: a sequence classifier's accuracy, macro_f1 and eval_loss (labels as the model's "
+        "own); text: a language model's eval_loss and perplexity under its own objective (masked or causal)")
 
 
 class Spec(Frozen):
@@ -89,6 +100,8 @@ class Spec(Frozen):
     curriculum: Curriculum | None = Field(
         None, description="the training stage's curriculum section as the manifest gives it; null: none")
     deepspeed: dict[str, Any] | None = Field(description="the final DeepSpeed config; null where train is")
+    shared_evals: dict[str, SharedEvalSpec] = Field(
+        default_factory=dict, description="the run's shared eval sets this stage is scored on at its end, by name")
 
     @model_validator(mode="after")
     def _batch(self) -> Spec:

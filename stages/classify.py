@@ -108,7 +108,7 @@ def main(spec: Spec, d: Dist) -> int:
     if t.fit(micro_step, evaluate):
         return EXIT_STOPPED
     return t.finish(lambda step: evaluate(step, f"{spec.stage_dir}/eval_predictions.jsonl"), tokenizer,
-                    losses=example_losses)
+                    losses=example_losses, task="classify")
 
 
 def supervised(options: ClassifyLayerwise, model) -> list[float]:

@@ -85,7 +85,7 @@ def main(spec: Spec, d: Dist) -> int:
 
     if t.fit(micro_step, evaluate):
         return EXIT_STOPPED
-    return t.finish(evaluate, tokenizer)
+    return t.finish(evaluate, tokenizer, task="clm")
 
 
 if __name__ == "__main__":

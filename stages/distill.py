@@ -222,7 +222,7 @@ def main(spec: Spec, d: Dist) -> int:
 
     if t.fit(micro_step, evaluate):
         return EXIT_STOPPED
-    return t.finish(evaluate, tokenizer)
+    return t.finish(evaluate, tokenizer, task=task, mask_prob=opts.mask_prob or 0.15)
 
 
 def _inputs(task: str, batch: dict[str, torch.Tensor]) -> dict[str, Any]:

@@ -116,6 +116,13 @@ def main(spec: Spec, d: Dist) -> int:
     if options.method == "logits":
         weights = options.weights or [1.0] * len(members.refs)
         values = scorer.score(combining.combine(member_logits, weights)) if scorer.size else {}
+        if spec.shared_evals:  # the combined probabilities, as final/ gives them: every member in memory at once
+            from stages.runtime import shared_eval
+
+            ensemble = combining.LogitsEnsemble([members.load(i) for i in range(len(members.refs))], weights,
+                                                dict(enumerate(names)))
+            values |= shared_eval.score(spec, d, ensemble.members[0], tokenizer, "classify",
+                                        batch_size=options.batch_size, logits_of=lambda batch: ensemble(**batch))
         loop.record_eval(spec, metrics, 0, values | per_member)
         path, digest = export.write_folder(spec, lambda out: _write_logits(out, members, tokenizer, weights, names))
     else:
@@ -125,6 +132,10 @@ def main(spec: Spec, d: Dist) -> int:
             model, values, extra = uniform_soup(members, scorer)
         else:
             model, values, extra = greedy_soup(members, scorer, scores, metrics)
+        if spec.shared_evals:
+            from stages.runtime import shared_eval
+
+            values |= shared_eval.score(spec, d, model, tokenizer, "classify", batch_size=options.batch_size)
         loop.record_eval(spec, metrics, 0, values | per_member)
         path, digest = export.save_final(model, tokenizer, spec, zero_stage=0)
     export.write_result(spec, steps=0, samples=0, output=path, digest=digest, metrics=values | per_member | extra)

@@ -63,7 +63,7 @@ def main(spec: Spec, d: Dist) -> int:
 
     if t.fit(micro_step, evaluate):
         return EXIT_STOPPED
-    return t.finish(evaluate, tokenizer, losses=example_losses)
+    return t.finish(evaluate, tokenizer, losses=example_losses, task="mlm", mask_prob=opts.mask_prob)
 
 
 if __name__ == "__main__":

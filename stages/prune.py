@@ -86,7 +86,13 @@ def main(spec: Spec, d: Dist) -> int:
                 f"({shape.layers}→{kept['layers']} layers, FFN {shape.ffn}→{kept['ffn']}"
                 + (f", heads {shape.heads}→{kept['heads']}" if f.heads else "") + ")"
                 + "".join(f"; {k} {before[k]:.4f} → {after[k]:.4f}" for k in after))
-    loop.record_eval(spec, metrics, 0, after)
+    shared: dict[str, float] = {}
+    if spec.shared_evals:
+        from stages.runtime import shared_eval
+
+        shared = shared_eval.score(spec, d, pruned, tokenizer, opts.task, batch_size=opts.micro_batch_size,
+                                   mask_prob=opts.mask_prob)
+    loop.record_eval(spec, metrics, 0, after | shared)
 
     def fill(out: Path) -> None:
         pruned.save_pretrained(out, safe_serialization=True)
@@ -94,7 +100,7 @@ def main(spec: Spec, d: Dist) -> int:
         write_json(out / "pruning.json", record)
 
     path, digest = export.write_folder(spec, fill)
-    results = {**after, **{f"before/{k}": v for k, v in before.items()},
+    results = {**after, **shared, **{f"before/{k}": v for k, v in before.items()},
                "params_before": float(params_before), "params_after": float(params_after)}
     export.write_result(spec, steps=0, samples=0, output=path, digest=digest, metrics=results)
     return EXIT_DONE

@@ -34,7 +34,18 @@ def load_raw(spec: Spec, *, train: bool = True) -> dict[str, Any]:
         return _load_raw(spec.data, os.path.join(spec.cache_dir, "datasets"), train)
 
 
-def _load_raw(data: DataSpec, cache_dir: str, train: bool = True) -> dict[str, Any]:
+def load_eval(data: DataSpec, cache_dir: str, key: str) -> Any:
+    """The eval split (a Dataset) of `data`, a section with eval data only (a shared eval set), which errors name
+    `key`; rank 0 fills the datasets cache under cache_dir first."""
+    with rank0_first():
+        ds = _load_raw(data, os.path.join(cache_dir, "datasets"), train=False, key=key)["eval"]
+    if ds is None or len(ds) == 0:
+        raise SpecError(f"{key}: no eval rows (eval_files {data.eval_files}"
+                        + (f", hub {data.hub.name} split {data.hub.eval_split}" if data.hub else "") + ")")
+    return ds
+
+
+def _load_raw(data: DataSpec, cache_dir: str, train: bool = True, key: str = "data") -> dict[str, Any]:
     import datasets
 
     datasets.disable_progress_bars()
@@ -45,34 +56,40 @@ def _load_raw(data: DataSpec, cache_dir: str, train: bool = True) -> dict[str, A
             return {"train": load(hub.train_split) if train else None,
                     "eval": load(hub.eval_split) if hub.eval_split else None}
         except Exception as e:  # datasets raises many types for "not found / offline"
-            raise SpecError(f"data.hub: cannot load {hub.name!r}: {type(e).__name__}: {e}") from None
-    for key, files in (("data.train_files", data.train_files), ("data.eval_files", data.eval_files)):
+            raise SpecError(f"{key}.hub: cannot load {hub.name!r}: {type(e).__name__}: {e}") from None
+    for field, files in (("train_files", data.train_files), ("eval_files", data.eval_files)):
         for path in files:
             if not os.path.isfile(path):
-                raise SpecError(f"{key}: {path}: no such file")
+                raise SpecError(f"{key}.{field}: {path}: no such file")
     if train and not data.train_files:
-        raise SpecError("data.train_files: empty and no data.hub")
+        raise SpecError(f"{key}.train_files: empty and no {key}.hub")
     split_files = {"train": data.train_files} if train else {}
     split_files |= {"eval": data.eval_files} if data.eval_files else {}
     if not split_files:
         return {"train": None, "eval": None}
     if data.format is None:
-        raise SpecError("data.format: null without data.hub")
+        raise SpecError(f"{key}.format: null without {key}.hub")
     ds = datasets.load_dataset(_BUILDERS[data.format], data_files=split_files, cache_dir=cache_dir)
     for split, d in ds.items():
         if data.text_field not in d.column_names:
-            raise SpecError(f"data.text_field: column {data.text_field!r} not in {split_files[split]} "
+            raise SpecError(f"{key}.text_field: column {data.text_field!r} not in {split_files[split]} "
                             f"(columns: {d.column_names})")
     return {"train": ds.get("train"), "eval": ds.get("eval")}
 
 
 def tokenize(spec: Spec, raw: dict[str, Any], tokenizer, tokenizer_digest: str) -> dict[str, Any]:
-    """Token ids per split (no padding: batches pad to their longest row), cached under cache_dir."""
-    data = spec.data
-    out_dir = Path(spec.cache_dir, "tokenized")
-    keep = [c for c in tokenizer.model_input_names if c != "attention_mask"]
+    """Token ids per split of spec.data (no padding: batches pad to their longest row), cached under cache_dir."""
     c = spec.curriculum
     difficulty = [c.difficulty.column] if c and c.difficulty and c.difficulty.column else []
+    return tokenize_data(spec.data, spec.cache_dir, raw, tokenizer, tokenizer_digest, difficulty)
+
+
+def tokenize_data(data: DataSpec, cache_dir: str, raw: dict[str, Any], tokenizer, tokenizer_digest: str,
+                  difficulty: Sequence[str] = ()) -> dict[str, Any]:
+    """`tokenize` of any data section (a shared eval set's too): each split keeps its label column, and the
+    `difficulty` column (a curriculum's) where given."""
+    out_dir = Path(cache_dir, "tokenized")
+    keep = [c for c in tokenizer.model_input_names if c != "attention_mask"]
 
     def encode(batch: dict[str, list]) -> dict[str, list]:
         pair = batch[data.text_pair_field] if data.text_pair_field else None
@@ -86,7 +103,7 @@ def tokenize(spec: Spec, raw: dict[str, Any], tokenizer, tokenizer_digest: str) 
             if ds is None:
                 out[split] = None
                 continue
-            kept = [data.label_field] + difficulty  # the label, and a curriculum's difficulty column
+            kept = [data.label_field, *difficulty]  # the label, and a curriculum's difficulty column
             key = cache_key(tokenizer_digest, ds._fingerprint, data.text_field, data.text_pair_field,
                             data.max_length, keep, *([kept] if difficulty else []))
             drop = [c for c in ds.column_names if c not in kept]

@@ -15,7 +15,7 @@ import contextlib
 import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -27,7 +27,10 @@ from stages.runtime.checkpoint import Position
 from stages.runtime.dist import Dist
 from stages.runtime.loop import Evaluate, MicroStep, Sampler
 from stages.runtime.metrics import Metrics
-from stages.runtime.spec import Spec, training
+from stages.runtime.spec import Spec, SpecError, training
+
+if TYPE_CHECKING:
+    from stages.runtime.shared_eval import Task
 
 # Each example's loss, one value per index of a batch of training examples (eval.score_train)
 ExampleLosses = Callable[[list[int]], torch.Tensor]
@@ -46,6 +49,7 @@ class Training:
     build: Callable[[bool], nn.Module]
     wrap: Callable[[nn.Module], nn.Module] | None
     unfreezing: layers.Unfreezing | None  # gradual unfreezing: a new engine at each phase
+    d: Dist
 
     def fit(self, micro_step: MicroStep, evaluate: Evaluate) -> bool:
         """Train to max_steps; True when a signal stopped it (a checkpoint is saved: exit 75)."""
@@ -71,14 +75,18 @@ class Training:
         return self.engine
 
     def finish(self, evaluate: Evaluate, tokenizer, beside: dict[str, nn.Module] | None = None,
-               losses: ExampleLosses | None = None) -> int:
-        """Collective. The final eval (if eval.at_end), final/ (model + tokenizer, and the models `beside` in
-        folders below it; with eval.score_train each training example's loss, `losses(indices)` by batch), then
-        result.json."""
+               losses: ExampleLosses | None = None, *, task: Task | None = None, mask_prob: float = 0.15) -> int:
+        """Collective. The final eval (if eval.at_end) and the shared eval sets' scores (spec.shared_evals, on
+        `model` as a `task` model: classify, mlm at `mask_prob`, clm; None: a model the sets do not fit), final/
+        (model + tokenizer, and the models `beside` in folders below it; with eval.score_train each training
+        example's loss, `losses(indices)` by batch), then result.json."""
         spec = self.spec
         final_metrics: dict[str, float] = {}
         if training(spec).eval.at_end:
             final_metrics = evaluate(self.pos.step)
+        if spec.shared_evals:
+            final_metrics |= self._shared_evals(tokenizer, task, mask_prob)
+        if final_metrics:
             loop.record_eval(spec, self.metrics, self.pos.step, final_metrics)
         files = {}
         if training(spec).eval.score_train:
@@ -89,6 +97,16 @@ class Training:
         export.write_result(spec, steps=self.pos.step, samples=self.pos.samples, output=path, digest=digest,
                             metrics=final_metrics)
         return EXIT_DONE
+
+    def _shared_evals(self, tokenizer, task: Task | None, mask_prob: float) -> dict[str, float]:
+        from stages.runtime import shared_eval
+
+        spec = self.spec
+        if task is None:
+            raise SpecError(f"shared_evals: kind {spec.kind} is scored on no shared eval set, but the spec gives "
+                            f"{', '.join(spec.shared_evals)}")
+        return shared_eval.score(spec, self.d, self.model, tokenizer, task,
+                                 batch_size=training(spec).train.micro_batch_size, mask_prob=mask_prob)
 
     def _train_losses(self, losses: ExampleLosses) -> dict[str, Any]:
         """Collective. Every training example's loss under the final model, in row order (eval mode; the ranks
@@ -151,7 +169,7 @@ def start(spec: Spec, d: Dist, *, num_samples: int, build: Callable[[bool], nn.M
     drawn = sampler(pos, metrics, max_steps) if sampler else curriculum.sampler(
         spec, d, num_samples=num_samples, step=pos.step, samples=pos.samples, difficulty=difficulty, log=metrics.log)
     return Training(spec=spec, model=model, engine=net, sampler=drawn, num_samples=num_samples, pos=pos,
-                    max_steps=max_steps, metrics=metrics, build=build, wrap=wrap, unfreezing=unfreezing)
+                    max_steps=max_steps, metrics=metrics, build=build, wrap=wrap, unfreezing=unfreezing, d=d)
 
 
 def _engine(spec: Spec, net: nn.Module, model: nn.Module, max_steps: int, unfreezing: layers.Unfreezing | None, *,
