@@ -18,6 +18,7 @@ from contract.files import write_json
 EXIT_DONE = 0
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2  # bad spec or input; the message says what and where
+EXIT_GATE_STOPPED = 3  # the driver's: a stage failed its gate with on_fail stop; nothing after it ran
 EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped on a signal after a complete checkpoint; run again to resume
 
 TAG = re.compile(r"step(\d{8})")

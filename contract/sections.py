@@ -139,6 +139,22 @@ class Data(Strict):
         return self
 
 
+class EvalData(Data):
+    """Data read only for scoring (an ensemble's, a shared eval set's): data.eval files, or hub with eval_split."""
+
+    reads_train: ClassVar[bool] = False
+
+    @model_validator(mode="after")
+    def _eval_only(self) -> EvalData:
+        if self.train is not None:
+            raise Problem(("train",), "this data is only scored, never trained on: give the files as eval")
+        if self.eval is None and self.hub is None:
+            raise ValueError("give eval (local files) or hub with eval_split")
+        if self.hub is not None and self.eval_split is None:
+            raise Problem(("hub",), "only the eval split is read: give eval_split")
+        return self
+
+
 class RefBase(Strict):
     """A named input: an earlier stage's final/, or a local folder (relative to the manifest) or hub name."""
 
@@ -389,6 +405,130 @@ class Curriculum(Strict):
         return self
 
 
+# ----------------------------------------------------------------- decisions after a stage
+
+Overrides = dict[str, Any]  # dotted keys of the stage's own section ("train.lr") -> the value that replaces it
+NOT_OVERRIDDEN = ("name", "kind", "gate", "variants")  # keys an override may not touch
+
+
+def _overrides(value: Any) -> Any:
+    for key in value if isinstance(value, dict) else []:
+        if not isinstance(key, str) or not key or key.split(".")[0] in NOT_OVERRIDDEN:
+            raise ValueError(f"{key!r}: an override's key is a dotted path into the stage, e.g. train.lr; "
+                             f"not {', '.join(NOT_OVERRIDDEN)}")
+    return value
+
+
+class Gate(Strict):
+    """Conditions on the stage's metrics, checked when it ends, and what a failure does."""
+
+    require: list[str] = Field(
+        min_length=1, max_length=100, description="Conditions that must all hold, e.g. `accuracy >= 0.80`, "
+        "`eval_loss <= upstream.eval_loss`, `accuracy >= teacher.accuracy - 0.02`: metrics, numbers, + - * / and "
+        "parentheses, one comparison (< <= > >= == !=). A metric is the stage's own, or owner.metric where owner is "
+        "upstream (the stage its model came from), one of its inputs (teacher …) or an earlier stage.")
+    on_fail: Literal["stop", "retry", "fallback"] = Field(
+        "stop", description="stop: the run ends (exit 3) and nothing downstream runs; retry: run the stage again with "
+        "the next of `retries`; fallback: hand on the output of stage `fallback` instead of this one's.")
+    retries: list[dict[str, Any]] | None = Field(
+        None, min_length=1, max_length=20, description="on_fail retry: one mapping of overrides per further attempt "
+        "({train.lr: 2.5e-5, train.max_steps: 400}, {seed: 7} …); each attempt runs in its own folder "
+        "<stage>@2, <stage>@3 … and all are kept. When the last one fails too: fallback if given, else stop.")
+    fallback: str | None = Field(
+        None, description="An earlier stage whose output is handed on instead when the gate fails (on_fail "
+        "fallback, or after the last retry).")
+
+    @field_validator("require", mode="before")
+    @classmethod
+    def _listed(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("retries")
+    @classmethod
+    def _retries(cls, value: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        for item in value or []:
+            _overrides(item)
+        return value
+
+    @model_validator(mode="after")
+    def _action(self) -> Gate:
+        if self.on_fail == "retry" and not self.retries:
+            raise Problem(("on_fail",), "retry needs retries: one mapping of overrides per further attempt")
+        if self.on_fail != "retry" and self.retries:
+            raise Problem(("retries",), f"retries are for on_fail: retry (on_fail is {self.on_fail})")
+        if self.on_fail == "fallback" and self.fallback is None:
+            raise Problem(("on_fail",), "fallback needs fallback: the earlier stage whose output goes on instead")
+        if self.on_fail == "stop" and self.fallback is not None:
+            raise Problem(("fallback",), "on_fail is stop: a fallback is used with on_fail fallback or retry")
+        return self
+
+
+class Select(Strict):
+    """Which variant goes on: the one with the largest (max) or smallest (min) value of a metric."""
+
+    max: str | None = Field(None, description="A metric of the stage; the variant with the largest value wins.")
+    min: str | None = Field(None, description="A metric of the stage; the variant with the smallest value wins.")
+
+    @model_validator(mode="after")
+    def _one(self) -> Select:
+        exactly_one(self, "max", "min")
+        return self
+
+    @property
+    def metric(self) -> str:
+        return self.max or self.min or ""
+
+
+class Variants(Strict):
+    """Run the stage several times with other settings; the best by `select` is handed on."""
+
+    grid: dict[str, list[Any]] | None = Field(
+        None, description="Overrides to combine, each key with its values: {train.lr: [1e-4, 5e-5], seed: [1, 2]} "
+        "runs 4 variants (the product, in order).")
+    each: list[dict[str, Any]] | None = Field(
+        None, min_length=1, description="Or the variants one by one: [{train.lr: 1e-4}, {train.lr: 5e-5, "
+        "train.max_steps: 400}].")
+    select: Select = Field(description="{max: <metric>} or {min: <metric>}: the variant handed on.")
+
+    @field_validator("grid")
+    @classmethod
+    def _grid(cls, value: dict[str, list[Any]] | None) -> dict[str, list[Any]] | None:
+        _overrides(value)
+        for key, values in (value or {}).items():
+            if not values:
+                raise ValueError(f"{key}: give at least one value")
+        return value
+
+    @field_validator("each")
+    @classmethod
+    def _each(cls, value: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        for item in value or []:
+            _overrides(item)
+        return value
+
+    @model_validator(mode="after")
+    def _one(self) -> Variants:
+        exactly_one(self, "grid", "each")
+        if len(self.overrides()) > 64:
+            raise ValueError(f"{len(self.overrides())} variants; at most 64")
+        return self
+
+    def overrides(self) -> list[Overrides]:
+        """Each variant's overrides, in order."""
+        if self.each is not None:
+            return list(self.each)
+        out: list[Overrides] = [{}]
+        for key, values in (self.grid or {}).items():
+            out = [o | {key: v} for o in out for v in values]
+        return out
+
+
+Head = Literal["classify", "mlm", "clm"]
+HEAD_METRICS: dict[str, tuple[str, ...]] = {"classify": ("accuracy", "macro_f1", "eval_loss"),
+                                            "mlm": ("eval_loss", "perplexity"), "clm": ("eval_loss", "perplexity"),
+                                            "text": ("eval_loss", "perplexity")}
+
+
 # ----------------------------------------------------------------- stage shapes
 
 
@@ -404,6 +544,7 @@ class StageBase(Strict):
     same_vocabulary: ClassVar[tuple[tuple[str, str], ...]] = ()
     # the input (its first item, for a list) whose folder the `tokenizer` input defaults to, when not written
     tokenizer_from: ClassVar[str | None] = None
+    head: ClassVar[Head | None] = None  # the head of the model final/ holds, when the kind alone says it
 
     kind: str = Field(description="The stage kind: a module of contract/kinds/.")  # a Literal in each kind
     name: str = Field(pattern=NAME_PATTERN, max_length=100,
@@ -415,11 +556,39 @@ class StageBase(Strict):
     precision: Precision | None = Field(None, description="Overrides defaults.precision.")
     slurm: Slurm = Field(default_factory=Slurm, description="Overrides defaults.slurm, field by field.")
     data: Data = Field(description="What the stage reads.")
+    gate: Gate | None = Field(None, description="Conditions on the stage's metrics when it ends, and what a "
+                              "failure does (stop, retry, fallback). Default: none.")
+    variants: Variants | None = Field(None, description="Run the stage once per variant (a grid of overrides) "
+                                      "and hand on the best by a metric. Default: none.")
 
     @field_validator("name")
     @classmethod
     def _name_bytes(cls, value: str) -> str:
+        if "@" in value:
+            raise ValueError(f"{value!r}: @ is not allowed in stage names (it names a stage's retry attempts and "
+                             "variants: <stage>@2, <stage>@v1)")
         return name_fits(value)
+
+    @model_validator(mode="after")
+    def _decisions(self) -> StageBase:
+        if self.variants is not None and self.gate is not None and self.gate.on_fail == "retry":
+            raise Problem(("gate", "on_fail"), "a stage with variants is not retried: the gate checks the "
+                          "selected variant; use on_fail stop or fallback")
+        return self
+
+    def model_head(self) -> Head | None:
+        """The head of the model this stage hands on (what a shared eval set can score), or None."""
+        return self.head
+
+    def metric_names(self) -> frozenset[str]:
+        """The metrics the stage reports in its result (what a gate or a selection may name)."""
+        head = self.model_head()
+        return frozenset(HEAD_METRICS[head]) if head and self.scored() else frozenset()
+
+    def scored(self) -> bool:
+        """Whether the stage has eval data to report its head's metrics on."""
+        data = self.data
+        return data is not None and (data.eval is not None or (data.hub is not None and data.eval_split is not None))
 
     def references(self) -> References:
         """The named inputs: every field holding a reference (or a list of them), by field name; and the tokenizer

@@ -33,8 +33,8 @@ from launcher import ledger
 from launcher.backends import Backend
 from launcher.backends.local import TORCHRUN_LOG
 from launcher.digests import folder_stat
-from launcher.plan import Step, outputs_of, world_size_change
-from launcher.resolve import Resolved, build_spec, settings
+from launcher.plan import Step, world_size_change
+from launcher.resolve import Resolved, settings
 
 PREVIOUS = "previous"  # <stage>/previous/: the output a new attempt replaces, until that attempt passes its checks
 KEPT = ("slurm", PREVIOUS)  # what starting over leaves in place (Slurm's logs stay)
@@ -46,8 +46,7 @@ def run_stage(step: Step, led: ledger.Ledger, run_dir: Path, backend: Backend,
               attempt_info: dict[str, Any] | None = None) -> int:
     """Launch one stage with `backend` and record it. Returns 0 done, 75 stopped after a checkpoint,
     2 bad input, else the failure's code. `attempt_info` adds to the ledger's attempt record (job ids)."""
-    r = step.stage
-    spec = step.spec or build_spec(r, run_dir, outputs_of(led.data))
+    r, spec = step.stage, step.spec
     assert spec is not None, f"{r.name}: upstream outputs must exist by now"
     folder = stage_dir(run_dir, r.name)
     resumed_from = resumable(folder, spec.fingerprint, spec.any_world) if step.action == "resume" else None

@@ -19,6 +19,12 @@ class ConfigError(BatonError):
         super().__init__("\n".join(self.problems))
 
 
+class GateStopped(BatonError):
+    """A stage failed its gate (on_fail stop, or its retries spent without a fallback): the run ends there."""
+
+    exit_code = 3  # contract.layout.EXIT_GATE_STOPPED
+
+
 class LedgerError(BatonError):
     """The run folder is locked by another driver, or its ledger is unreadable."""
 

@@ -28,7 +28,8 @@ LOCK = ".baton.lock"
 VERSION = 1
 
 # A stage's state; only `set_state` writes it.
-State = Literal["pending", "queued", "running", "requeued", "preempted", "done", "failed", "cancelled"]
+State = Literal["pending", "queued", "running", "requeued", "preempted", "done", "failed", "cancelled",
+                "skipped"]  # skipped: a Slurm job whose stage a decision made unneeded (or a gate stop before it)
 ACTIVE: tuple[State, ...] = ("queued", "running", "requeued")  # a Slurm job of the stage is live
 
 

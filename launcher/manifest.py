@@ -20,6 +20,7 @@ from contract.sections import (
     NAME_PATTERN,
     Checkpoint,
     DeepSpeed,
+    EvalData,
     Launcher,
     Precision,
     Problem,
@@ -60,10 +61,28 @@ class Run(Strict):
         return name_fits(value)
 
 
+class SharedEval(EvalData):
+    """A shared eval set: every stage whose model fits its task is scored on it at its end, so the ledger and
+    `baton status` show how each stage moved the same numbers."""
+
+    task: Literal["classify", "text"] = Field(
+        description="classify: scored by sequence classifiers (accuracy, macro_f1, eval_loss; label_field read "
+        "through each model's own labels); text: scored by masked and causal language models under their own "
+        "objective (eval_loss, perplexity).")
+    stages: list[str] | None = Field(None, description="The stages scored on it; default: every stage whose model "
+                                     "fits task.")
+
+
+EVAL_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
+
+
 class Manifest(Strict):
     version: Literal[1] = Field(1, description="Manifest format version.")
     run: Run = Field(description="Name and folder of the run.")
     defaults: Defaults = Field(default_factory=Defaults, description="Inherited by every stage.")
+    evals: dict[Annotated[str, Field(pattern=EVAL_NAME, max_length=64)], SharedEval] = Field(
+        default_factory=dict, description="Shared eval sets by name (letters, digits, _): the stages are scored on "
+        "them at their end, as metrics <name>/<metric>.")
     stages: list[Stage] = Field(min_length=1, description="The stages, in order.")
 
 

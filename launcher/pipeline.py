@@ -9,14 +9,14 @@ from pathlib import Path
 from typing import Any
 
 from contract.files import file_digest, write_atomic
-from contract.layout import final_dir, stage_dir
-from launcher import dsconfig, ledger
+from contract.layout import EXIT_GATE_STOPPED, final_dir, stage_dir
+from launcher import decisions, dsconfig, ledger
 from launcher.attempts import adopt_finished, run_stage, version_drift
 from launcher.backends import Backend
 from launcher.backends.local import LocalBackend
 from launcher.backends.srun import SrunBackend, allocation_nodes
 from launcher.digests import known_intact
-from launcher.errors import ConfigError
+from launcher.errors import BatonError, ConfigError, GateStopped
 from launcher.manifest import Loaded, load
 from launcher.plan import Step, make_plan
 from launcher.resolve import Resolved, default_run_dir, resolve
@@ -67,7 +67,8 @@ def plan_run(manifest: Path, run_dir: Path | None, only: str | None, start: str 
 
 def record_manifest(led: ledger.Ledger, stages: list[Resolved], manifest: Path, run_dir: Path) -> None:
     led.data.setdefault("created", ledger.now())
-    led.data.update(run=stages[0].base["run_name"], manifest=str(manifest), manifest_digest=file_digest(manifest))
+    led.data.update(run=stages[0].base["run_name"], manifest=str(manifest), manifest_digest=file_digest(manifest),
+                    evals=list(dict.fromkeys(n for r in stages for n in r.base["shared_evals"])))
     write_atomic(run_dir / "manifest.yaml", manifest.read_text(encoding="utf-8"))
     led.save()
 
@@ -83,23 +84,41 @@ def run(manifest: Path, run_dir: Path | None = None, dry_run: bool = False,
         return 0
     with ledger.Ledger(run_dir) as led:
         adopt_finished(led, stages, run_dir)
-        steps = make_plan(stages, led.data, run_dir, only, start)  # again, under the lock
         if keep_stats(led.data, run_dir):
             led.save()
-        if all(s.action == "skip" for s in steps):
-            warn_versions(steps, led.data)
-            print(f"{run_dir}: nothing to do; every selected stage is done and unchanged")
-            return 0
-        record_manifest(led, stages, manifest, run_dir)
-        for step in steps:
-            if step.action == "skip":
-                print(f"== {step.stage.name}: skip ({step.reason})")
-                warn_versions([step], led.data)
-                continue
+        shown: set[str] = set()  # instances this run has printed or run
+        while True:  # run the first stage that can run, take the decisions its end allows, plan again
+            records, said = decisions.settle(led, stages)
+            for line in said:
+                print(line, flush=True)
+            steps = make_plan(stages, led.data, run_dir, only, start)  # under the lock, with the decisions so far
+            step = next((s for s in steps if s.action in ("run", "resume", "rerun") and s.spec is not None), None)
+            if not shown:
+                if step is None and not decisions.stopped_at(records, records):
+                    warn_versions(steps, led.data)
+                    print(f"{run_dir}: nothing to do; every selected stage is done and unchanged")
+                    return 0
+                record_manifest(led, stages, manifest, run_dir)
+            for s in steps:  # the skipped ones up to the one that runs
+                if s.action == "skip" and s.stage.name not in shown and \
+                        (step is None or s.stage.index <= step.stage.index):
+                    print(f"== {s.stage.name}: skip ({s.reason})")
+                    warn_versions([s], led.data)
+                    shown.add(s.stage.name)
+            if step is None:
+                break
             warn_versions([step], led.data)
+            shown.add(step.stage.name)
             code = run_stage(step, led, run_dir, backend, {"job_id": os.environ["SLURM_JOB_ID"]} if nodes else None)
             if code != 0:
                 return code
+    stopped = decisions.stopped_at(records, [s.stage.group for s in steps if s.selected])
+    if stopped:
+        raise GateStopped(f"{records[stopped]['reason']}; the run stops here: the stages after it did not run "
+                          f"(exit {EXIT_GATE_STOPPED})")
+    waiting = [s.stage.name for s in steps if s.action in ("run", "resume", "rerun")]
+    if waiting:
+        raise BatonError(f"not run: {', '.join(waiting)}: their inputs were not decided (see `baton status`)")
     return 0
 
 

@@ -11,11 +11,12 @@ from typing import Any, Literal
 from contract.files import short
 from contract.layout import final_dir, newest_complete, resumable, stage_dir
 from contract.spec import Spec
+from launcher import decisions
 from launcher.digests import folder_digest, folder_stat
 from launcher.errors import ConfigError
 from launcher.resolve import Resolved, build_spec, fingerprint_any_world, settings
 
-Action = Literal["skip", "run", "resume", "rerun"]
+Action = Literal["skip", "run", "resume", "rerun", "wait"]  # wait: a retry attempt, until its gate decides
 
 
 @dataclass
@@ -25,26 +26,25 @@ class Step:
     reason: str
     resume_tag: str | None = None
     spec: Spec | None = None  # None until every upstream stage has its output
-
-
-def outputs_of(ledger: dict[str, Any]) -> dict[str, dict[str, str]]:
-    return {name: e["output"] for name, e in ledger.get("stages", {}).items()
-            if e.get("state") == "done" and e.get("output")}
+    selected: bool = True  # False: left out by --only / --from
 
 
 def make_plan(stages: list[Resolved], ledger: dict[str, Any], run_dir: Path,
               only: str | None = None, start: str | None = None) -> list[Step]:
-    """Before skipping a done stage or handing its final/ to a later stage, the plan makes sure the folder
-    still holds what the ledger recorded (`output_damage`); a damaged one reruns with its descendants."""
-    names = [s.name for s in stages]
+    """One step per instance (`launcher.instances`). Before skipping a done stage or handing its final/ to a later
+    stage, the plan makes sure the folder still holds what the ledger recorded (`output_damage`); a damaged one
+    reruns with its descendants. Decisions (`launcher.decisions`) say which retry attempts run and what each stage
+    hands on; those of a stage that this plan changes wait until it has run."""
+    names = list(decisions.groups(stages))
     for flag, value in (("--only", only), ("--from", start)):
         if value is not None and value not in names:
             raise ConfigError(f"{flag} {value}: no such stage; stages: {', '.join(names)}")
     selected = {only} if only else set(names[names.index(start):]) if start else set(names)
     entries = ledger.get("stages", {})
-    outputs = outputs_of(ledger)
-    changing: set[str] = set()  # stages whose output this plan will replace
-    damage: dict[str, str | None] = {}  # stages whose output was checked: why it is damaged, or None
+    records = decisions.decide_all(ledger, stages)
+    outputs = decisions.outputs_of(ledger, stages)
+    changing: set[str] = set()  # stages (manifest names) whose hand-on this plan may replace
+    damage: dict[str, str | None] = {}  # instances whose output was checked: why it is damaged, or None
 
     def damaged(name: str) -> str | None:
         if name not in damage:
@@ -54,11 +54,24 @@ def make_plan(stages: list[Resolved], ledger: dict[str, Any], run_dir: Path,
     steps: list[Step] = []
     for r in stages:
         entry = entries.get(r.name, {})
-        if r.name not in selected:
+        if r.group not in selected:
             done = entry.get("state") == "done"
-            steps.append(Step(r, "skip",
-                              "not selected" + ("" if done else f" (state {entry.get('state', 'never run')})")))
+            reason = "not selected" + ("" if done else f" (state {entry.get('state', 'never run')})")
+            steps.append(Step(r, "skip", reason, selected=False))
             continue
+        stopped = decisions.stopped_at(records, [g for g in names[:names.index(r.group)] if g not in changing])
+        if stopped:
+            steps.append(Step(r, "skip", f"not run: {records[stopped]['reason']}"))
+            continue
+        if r.role == "retry":
+            earlier = [s for s in steps if s.stage.group == r.group]
+            if any(s.action != "skip" for s in earlier) or decisions.wanted(r, records, names) == "undecided":
+                steps.append(Step(r, "wait", f"runs if the gate of {r.group} fails on {earlier[-1].stage.name}"))
+                changing.add(r.group)
+                continue
+            if decisions.wanted(r, records, names) == "away":
+                steps.append(Step(r, "skip", decisions.not_needed(records[r.group])))
+                continue
         stale = [u for u in r.upstream if u in changing]
         missing = [u for u in r.upstream if u not in outputs and u not in changing]
         if missing:
@@ -66,16 +79,16 @@ def make_plan(stages: list[Resolved], ledger: dict[str, Any], run_dir: Path,
                 f"stage {r.name} needs the output of {', '.join(missing)}, which has not run; "
                 f"run {'them' if len(missing) > 1 else 'it'} first (drop --only/--from)"
             )
-        broken = [(u, why) for u in r.upstream if u not in changing and (why := damaged(u))]
+        broken = [(u, hurt) for u in r.upstream if u not in changing and (hurt := damaged(outputs[u]["instance"]))]
         if broken:
-            raise ConfigError([f"stage {r.name} needs the output of {u}, which is damaged ({why}); "
-                               f"rerun {u} first (baton run --from {u}, or drop --only/--from)" for u, why in broken])
+            raise ConfigError([f"stage {r.name} needs the output of {u}, which is damaged ({hurt}); "
+                               f"rerun {u} first (baton run --from {u}, or drop --only/--from)" for u, hurt in broken])
         spec = None if stale else build_spec(r, run_dir, outputs)
         step = _decide(r, entry, spec, stale, stage_dir(run_dir, r.name))
         if step.action == "skip" and (why := damaged(r.name)):
             step = Step(r, "rerun", f"output damaged: {why}", spec=spec)
-        if step.action != "skip":
-            changing.add(r.name)
+        if step.action != "skip" or (r.rule is not None and records[r.group]["outcome"] == "pending"):
+            changing.add(r.group)
         steps.append(step)
     return steps
 
@@ -85,7 +98,7 @@ def _decide(r: Resolved, entry: dict[str, Any], spec: Spec | None, stale: list[s
     if spec is None:
         return Step(r, "rerun" if state else "run", f"input from {', '.join(stale)} will change")
     fp = spec.fingerprint
-    if not entry or state == "pending":
+    if not entry or state in ("pending", "skipped"):
         return Step(r, "run", "new", spec=spec)
     recorded = entry.get("settings") or {}
     same = entry.get("fingerprint") == fp

@@ -11,6 +11,7 @@ from typing import Any
 from contract.files import dir_digest, short
 from contract.layout import final_dir, read_metrics, stage_dir
 from launcher import ledger
+from launcher.decisions import describe
 from launcher.digests import folder_stat
 from launcher.errors import BatonError
 from launcher.plan import disk_state, stat_changes
@@ -40,6 +41,7 @@ def status(run_dir: Path) -> str:
     rows: list[tuple[str, ...]] = [
         ("stage", "kind", "state", "steps", "metrics", "input -> output", "tries", "launch -> step 1")]
     jobs: dict[str, str] = {}
+    shared = set(data.get("evals") or [])  # the shared eval sets' metrics have a table of their own
     if any(e.get("slurm") for e in data["stages"].values()):
         from launcher.jobs import slurm_column
 
@@ -49,8 +51,8 @@ def status(run_dir: Path) -> str:
         folder = stage_dir(run_dir, name)
         progress = last_progress(folder, (e.get("attempts") or [{}])[-1].get("started"))
         steps = e.get("steps") if e.get("state") == "done" else progress.get("step")
-        metrics = e.get("metrics") or {}
-        shown = ", ".join(f"{k} {_num(v)}" for k, v in metrics.items()) or "-"  # in the order the stage gave them
+        own = [(k, v) for k, v in (e.get("metrics") or {}).items() if k.split("/")[0] not in shared]  # see below
+        shown = ", ".join(f"{k} {_num(v)}" for k, v in own[:4]) + (" …" if len(own) > 4 else "") or "-"
         refs = [ref for k, value in (e.get("inputs") or {}).items() if k != "data" for ref in _each(value)]
         inputs = [i for i in dict.fromkeys(short(ref.get("digest")) for ref in refs) if i != "-"] or ["data"]
         io = f"{','.join(inputs)} -> {short((e.get('output') or {}).get('digest'))}"
@@ -62,7 +64,32 @@ def status(run_dir: Path) -> str:
         row = (name, e.get("kind", "?"), state, str(steps if steps is not None else "-"),
                shown, io, str(len(e.get("attempts", []))), startup)
         rows.append(row + ((jobs.get(name, "-"),) if jobs else ()))
-    return f"run {data.get('run', '?')}  ({run_dir})\n" + _table(rows)
+    text = f"run {data.get('run', '?')}  ({run_dir})\n" + _table(rows)
+    return "\n\n".join([text, *filter(None, [_shared_table(data), _decisions(data)])])
+
+
+def _shared_table(data: dict[str, Any]) -> str:
+    """The shared eval sets' metrics of every done stage side by side: what each stage bought."""
+    sets = data.get("evals") or []
+    done = {n: e.get("metrics") or {} for n, e in data["stages"].items() if e.get("state") == "done"}
+    columns = [k for s in sets for k in dict.fromkeys(k for m in done.values() for k in m if k.startswith(f"{s}/"))]
+    if not columns:
+        return ""
+    rows = [("shared evals", *columns)] + [(n, *(_num(m[c]) if c in m else "-" for c in columns))
+                                           for n, m in done.items() if any(c in m for c in columns)]
+    return _table(rows)
+
+
+def _decisions(data: dict[str, Any]) -> str:
+    """Each decision taken: the gates' checks with their numbers, retries, fallbacks, the chosen variants."""
+    lines = []
+    for name, rec in (data.get("decisions") or {}).items():
+        lines += [f"{name}: {describe(e)}" for e in rec.get("events", [])]
+        outcome = {"pass": f"hands on {rec.get('hand_on')}", "pending": f"waiting for {rec.get('next')}",
+                   "fallback": f"hands on {rec.get('hand_on')} (fallback {rec.get('fallback')})",
+                   "stop": f"STOPPED THE RUN: {rec.get('reason')}"}.get(rec.get("outcome"), "?")
+        lines.append(f"{name}: {outcome}")
+    return "decisions\n" + "\n".join(f"  {line}" for line in lines) if lines else ""
 
 
 def lineage(run_dir: Path) -> str:
@@ -81,6 +108,9 @@ def lineage(run_dir: Path) -> str:
         if out:
             mark = ON_DISK.get(disk_state(run_dir, name, e)) if e.get("state") == "done" else None
             lines.append(f"  -> {out['path']}  {short(out['digest'])}" + (f"  ({mark})" if mark else ""))
+        rec = (data.get("decisions") or {}).get(name)
+        if rec:
+            lines += [f"  decided: {describe(ev)}" for ev in rec.get("events", [])]
     return "\n".join(lines)
 
 
@@ -123,7 +153,8 @@ def _input_line(key: str, ref: dict[str, Any], stages: dict[str, Any], run_dir: 
         else:  # the digests agree; do the files still? (sizes and mtimes only: `baton verify` hashes)
             on_disk = disk_state(run_dir, ref["stage"], entry)
             mark = ON_DISK.get(on_disk) or ("ok" if on_disk == "ok" else "ok as recorded; `baton verify` checks files")
-        return f"  <- {key} {ref['stage']}/final  {short(ref['digest'])}  ({mark})"
+        via = f"; handed on for {ref['named']}" if ref.get("named") else ""
+        return f"  <- {key} {ref['stage']}/final  {short(ref['digest'])}  ({mark}{via})"
     if ref["source"] == "pretrained":
         return f"  <- {key} {ref['path']}  {short(ref.get('digest'))}"
     return f"  <- {key} built from a config"

@@ -6,16 +6,17 @@ absolute paths, the final DeepSpeed config, data digests, and the fingerprint.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from contract.layout import final_dir, stage_dir
-from contract.sections import Data, DataSection, RefBase, RowsRef, StageBase, TrainingStage, inherit
+from contract.sections import Data, RefBase, RowsRef, StageBase, TrainingStage, inherit
 from contract.spec import SPEC_VERSION, Spec
-from launcher import datacheck, dsconfig, modelcheck
+from launcher import datacheck, dsconfig, instances, modelcheck
 from launcher.backends import sbatch
 from launcher.digests import data_file_digest, folder_digest
 from launcher.errors import ConfigError
@@ -37,6 +38,10 @@ class Resolved:
     base: dict[str, Any]  # the spec without run paths, fingerprint and upstream paths/digests
     ds_source: str  # where the DeepSpeed config came from, for messages
     slurm: dict[str, Any]  # sbatch settings (not part of the fingerprint: where a stage runs does not change it)
+    group: str = ""  # the manifest's stage this is an instance of (its name, unless a retry attempt or variant)
+    role: instances.Role = "stage"
+    overrides: dict[str, Any] = field(default_factory=dict)
+    rule: instances.Rule | None = None  # the stage's gate and selection (every instance holds it)
 
     @property
     def world_size(self) -> int:
@@ -57,11 +62,22 @@ def default_run_dir(loaded: Loaded) -> Path:
 
 
 def resolve(loaded: Loaded) -> list[Resolved]:
-    """Resolve every stage; raises one ConfigError listing every problem."""
-    out, problems = [], []
-    for i, stage in enumerate(loaded.manifest.stages):
+    """Resolve every stage, each instance of it (`launcher.instances`); raises one ConfigError listing every
+    problem."""
+    out: list[Resolved] = []
+    problems = instances.check_evals(loaded)
+    try:
+        shared = _shared_evals(loaded)
+    except ConfigError as e:
+        shared, problems = {}, problems + e.problems
+    for i in range(len(loaded.manifest.stages)):
         try:
-            out.append(_resolve_stage(loaded, i, stage))
+            rule = instances.rule(loaded, i)
+            for inst in instances.instances(loaded, i):
+                r = _resolve_stage(loaded, i, inst.stage, inst.name, shared)
+                upstream = tuple(dict.fromkeys(r.upstream + (rule.reads if rule else ())))
+                out.append(dataclasses.replace(r, group=inst.stage.name, role=inst.role, overrides=inst.overrides,
+                                               rule=rule, upstream=upstream))
         except ConfigError as e:
             problems += [p for p in e.problems if p not in problems]
     problems += _scored_data(loaded, out)
@@ -74,7 +90,7 @@ def _scored_data(loaded: Loaded, stages: list[Resolved]) -> list[str]:
     """An input holding values per row of an earlier stage's training data (`RowsRef`: a curriculum's
     difficulty.loss_of, a distill stage's teacher_logits) needs this stage to train on the data that stage scored,
     and, where the values fit only rows made alike, on rows made alike (`StageBase.training_rows`)."""
-    by_name = {r.name: r for r in stages}
+    by_name = {r.group: r for r in stages if r.role != "retry"}
     problems = []
     for r in stages:
         stage = loaded.manifest.stages[r.index]
@@ -108,7 +124,21 @@ def _shown(r: Resolved) -> str:
     return ", ".join(Path(f).name for f in data["train_files"]) or f"hub {data['hub']['name']}"
 
 
-def _resolve_stage(loaded: Loaded, i: int, stage: StageBase) -> Resolved:
+def _shared_evals(loaded: Loaded) -> dict[str, dict[str, Any]]:
+    """The manifest's shared eval sets (`evals:`), resolved as a spec's data sections are, plus their task."""
+    out, problems = {}, []
+    for name, s in loaded.manifest.evals.items():
+        try:
+            out[name] = _data(loaded, ("evals", name), s, []) | {"task": s.task}
+        except ConfigError as e:
+            problems += e.problems
+    if problems:
+        raise ConfigError(problems)
+    return out
+
+
+def _resolve_stage(loaded: Loaded, i: int, stage: StageBase, name: str,
+                   shared: dict[str, dict[str, Any]]) -> Resolved:
     m, base_dir = loaded.manifest, loaded.file.parent
     d = m.defaults
     launcher = inherit(d.launcher, stage.launcher)
@@ -119,7 +149,7 @@ def _resolve_stage(loaded: Loaded, i: int, stage: StageBase) -> Resolved:
     spec: dict[str, Any] = {
         "spec_version": SPEC_VERSION,
         "run_name": m.run.name,
-        "stage": stage.name,
+        "stage": name,
         "kind": stage.kind,
         "seed": stage.seed if stage.seed is not None else d.seed,
         "precision": precision,
@@ -128,7 +158,10 @@ def _resolve_stage(loaded: Loaded, i: int, stage: StageBase) -> Resolved:
         **_data_sections(loaded, i, stage, base_dir),
         "train": None, "checkpoint": None, "eval": None, "deepspeed": None,
         "options": stage.options(),
+        "shared_evals": {n: shared[n] for n in instances.shared_sets(loaded, stage) if n in shared},
     }
+    for section in spec["shared_evals"].values():
+        spec["data"]["digests"] |= section["digests"]  # the plan, the ledger and `lineage` show them as data read
     ds_source = ""
     if isinstance(stage, TrainingStage):
         train = stage.train.model_dump(mode="json")
@@ -144,7 +177,7 @@ def _resolve_stage(loaded: Loaded, i: int, stage: StageBase) -> Resolved:
         own = ("stages", i, "deepspeed")
         section = own if own in loaded.lines else ("defaults", "deepspeed")
         path = dsconfig.template_path(ds_name, base_dir)
-        ds_source = f"{loaded.where(section)} (stage {stage.name}: {path.name} + overrides)"
+        ds_source = f"{loaded.where(section)} (stage {name}: {path.name} + overrides)"
         template = dsconfig.read_template(path, loaded.where((*section, "config")))
         merged = dsconfig.merge(dsconfig.merge(template, d.deepspeed.overrides), stage.deepspeed.overrides)
         spec |= {
@@ -155,7 +188,7 @@ def _resolve_stage(loaded: Loaded, i: int, stage: StageBase) -> Resolved:
             "curriculum": stage.curriculum.model_dump(mode="json") if stage.curriculum else None,
         }
     slurm = _slurm(loaded, i, stage, base_dir)
-    return Resolved(i, stage.name, spec["kind"], nproc, nnodes, upstream, spec, ds_source, slurm)
+    return Resolved(i, name, spec["kind"], nproc, nnodes, upstream, spec, ds_source, slurm, group=stage.name)
 
 
 def _inputs(loaded: Loaded, i: int, stage: StageBase, base_dir: Path) -> tuple[dict[str, Any], tuple[str, ...]]:
@@ -295,8 +328,9 @@ def _data_sections(loaded: Loaded, i: int, stage: StageBase, base_dir: Path) -> 
     out: dict[str | None, dict[str, Any]] = {}
     problems: list[str] = []
     for section in stage.data_sections():
+        numbers = _difficulty_column(stage) if section.name is None else []
         try:
-            out[section.name] = _data(loaded, i, stage, section, base_dir)
+            out[section.name] = _data(loaded, ("stages", i, *section.path), section.data, numbers)
         except ConfigError as e:
             problems += e.problems
     if problems:
@@ -311,8 +345,9 @@ def _data_sections(loaded: Loaded, i: int, stage: StageBase, base_dir: Path) -> 
     return {"data": main, "sections": out}
 
 
-def _data(loaded: Loaded, i: int, stage: StageBase, section: DataSection, base_dir: Path) -> dict[str, Any]:
-    data, at = section.data, ("stages", i, *section.path)
+def _data(loaded: Loaded, at: tuple[str | int, ...], data: Data, numbers: list[str]) -> dict[str, Any]:
+    """A data section as spec data: files made absolute, the format, each file checked and its digest."""
+    base_dir = loaded.file.parent
     files = {k: [str((base_dir / f).resolve()) for f in ([v] if isinstance(v, str) else v or [])]
              for k, v in (("train", data.train), ("eval", data.eval))}
     fmt: str | None = data.format
@@ -327,7 +362,6 @@ def _data(loaded: Loaded, i: int, stage: StageBase, section: DataSection, base_d
         fmt = found.pop()
     if data.hub is None and fmt is not None:
         fields = [] if fmt == "text" else [f for f in (data.text_field, data.text_pair_field) if f]
-        numbers = _difficulty_column(stage) if section.name is None else []
         problems = [f"{loaded.where((*at, split))}: {problem}"
                     for split, problem in datacheck.check(files, fmt, fields, numbers)]
         if problems:
@@ -363,7 +397,8 @@ def _difficulty_column(stage: StageBase) -> list[str]:
 def build_spec(r: Resolved, run_dir: Path, outputs: dict[str, dict[str, str]]) -> Spec | None:
     """The spec.json of a stage, or None while an upstream stage has no output yet.
 
-    `outputs` maps a finished stage's name to {"digest", …} of its final/.
+    `outputs` maps a manifest stage's name to {"digest", "instance", …} of what it hands on: its own final/, or
+    that of the retry attempt, variant or fallback stage its decisions chose (`launcher.decisions`).
     """
     spec = json.loads(json.dumps(r.base))
     for value in spec["inputs"].values():
@@ -373,7 +408,10 @@ def build_spec(r: Resolved, run_dir: Path, outputs: dict[str, dict[str, str]]) -
                 if out is None:
                     return None
                 # the folder as it is now (a run folder may have moved); the digest as the ledger recorded it
-                ref["path"], ref["digest"] = str(final_dir(stage_dir(run_dir, ref["stage"]))), out["digest"]
+                instance = out.get("instance", ref["stage"])
+                ref["path"], ref["digest"] = str(final_dir(stage_dir(run_dir, instance))), out["digest"]
+                if instance != ref["stage"]:
+                    ref["stage"], ref["named"] = instance, ref["stage"]
     spec["stage_dir"] = str(stage_dir(run_dir, r.name))
     spec["cache_dir"] = str(run_dir / "cache")
     spec["fingerprint"] = spec["fingerprint_any_world"] = ""
@@ -391,15 +429,17 @@ def settings(spec: Spec) -> dict[str, Any]:
     s = spec.model_dump(mode="json")
     for key in ("run_name", "stage", "stage_dir", "cache_dir", "fingerprint", "fingerprint_any_world", "checkpoint"):
         s.pop(key, None)
-    data = s["data"]
-    for data in (s["data"], *s["sections"].values()):
+    for data in (s["data"], *s["sections"].values(), *s["shared_evals"].values()):
         data["train"] = [data["digests"][f] for f in data.pop("train_files")]
         data["eval"] = [data["digests"][f] for f in data.pop("eval_files")]
         data.pop("digests")
     if not s["sections"]:
         s.pop("sections")  # a stage with data: alone keeps the fingerprint it had before data sections existed
+    if not s["shared_evals"]:
+        s.pop("shared_evals")  # as a stage had before shared eval sets existed
     for value in s["inputs"].values():
         for ref in value if isinstance(value, list) else [value]:
+            ref.pop("named", None)  # which stage the manifest named: the instance and its digest say what was read
             if ref.get("digest"):
                 ref.pop("path")  # the digest says it all
     if s.get("train"):

@@ -17,14 +17,14 @@ from pathlib import Path
 
 from contract.files import file_digest, write_atomic
 from contract.layout import EXIT_STOPPED, resumable, stage_dir
-from launcher import jobs, ledger
+from launcher import decisions, jobs, ledger
 from launcher.attempts import run_stage, start_over
 from launcher.backends import sbatch
 from launcher.backends.srun import SrunBackend
-from launcher.errors import BatonError, ConfigError
+from launcher.errors import BatonError, ConfigError, GateStopped
 from launcher.manifest import load
 from launcher.pipeline import plan_run, record_manifest
-from launcher.plan import Step, outputs_of
+from launcher.plan import Step
 from launcher.resolve import Resolved, build_spec, resolve
 
 LEDGER_WAIT_S = 300  # jobs take turns on the ledger lock, briefly
@@ -37,6 +37,10 @@ def submit(manifest: Path, run_dir: Path | None = None, only: str | None = None,
     stages, run_dir, manifest, steps = plan_run(manifest, run_dir, only, start, nodes_available=None)
     todo = [s for s in steps if s.action != "skip"]
     if not todo:
+        records = decisions.decide_all(ledger.read(run_dir), stages)
+        stopped = decisions.stopped_at(records, [s.stage.group for s in steps if s.selected])
+        if stopped:
+            raise GateStopped(f"{records[stopped]['reason']}; the run stopped there (replayed decision)")
         print(f"{run_dir}: nothing to submit; every selected stage is done and unchanged")
         return 0
     jobs.require("sbatch")
@@ -47,15 +51,20 @@ def submit(manifest: Path, run_dir: Path | None = None, only: str | None = None,
             raise BatonError(f"{run_dir}: jobs of this run are still queued or running "
                              f"({', '.join(f'{n}: {j}' for n, j in live.items())}); `baton cancel {run_dir}` first")
         record_manifest(led, stages, manifest, run_dir)
-        submitted: dict[str, str] = {}
+        submitted: dict[str, str] = {}  # instance -> job
+        jobs_of: dict[str, list[str]] = {}  # manifest stage -> the jobs of its instances
         for step in todo:
             r = step.stage
             folder = stage_dir(run_dir, r.name)
-            if step.action != "resume":  # aside until the job's attempt passes its input checks (attempts.py)
+            if step.action not in ("resume", "wait"):  # aside until the job's attempt passes its input checks
                 start_over(folder, led.stage(r.name))
                 led.save()
             script = write_script(r, run_dir)
-            deps = [submitted[u] for u in r.upstream if u in submitted]
+            # after every instance of each stage it reads (a job decided away exits 0), a retry after the attempt
+            # before it; variants side by side
+            deps = [j for u in r.upstream for j in jobs_of.get(u, [])]
+            if r.role == "retry" and jobs_of.get(r.group):
+                deps.append(jobs_of[r.group][-1])
             argv = ["sbatch", "--parsable", *([f"--dependency=afterok:{':'.join(deps)}"] if deps else []), str(script)]
             out = subprocess.run(argv, capture_output=True, text=True)
             if out.returncode != 0:
@@ -69,6 +78,7 @@ def submit(manifest: Path, run_dir: Path | None = None, only: str | None = None,
                               "submitted": ledger.now(), "depends_on": deps}
             led.save()
             submitted[r.name] = job_id
+            jobs_of.setdefault(r.group, []).append(job_id)
             print(f"submitted {r.name}: job {job_id}", flush=True)
     return 0
 
@@ -106,19 +116,38 @@ def run_job(run_dir: Path, name: str) -> int:
     manifest = Path(data.get("manifest", ""))
     if not manifest.is_file() or file_digest(manifest) != data.get("manifest_digest"):
         raise ConfigError(f"{manifest}: changed or gone since `baton submit`; cancel and submit again")
-    r = next((s for s in resolve(load(manifest)) if s.name == name), None)
+    stages = resolve(load(manifest))
+    r = next((s for s in stages if s.name == name), None)
     if r is None:
         raise ConfigError(f"{manifest}: no stage {name!r}")
-    spec = build_spec(r, run_dir, outputs_of(data))
-    if spec is None:
-        raise ConfigError(f"stage {name}: its input stages ({', '.join(r.upstream)}) are not done")
+    led = ledger.Ledger(run_dir, wait_s=LEDGER_WAIT_S)
+    with led:  # the decisions taken so far, replayed: is this instance still to run, on which inputs?
+        records, said = decisions.settle(led, stages)
+        for line in said:
+            print(line, flush=True)
+        wanted = decisions.wanted(r, records, list(decisions.groups(stages)))
+        if wanted in ("away", "stopped"):
+            stop = decisions.stopped_at(records, records)
+            why = records[stop]["reason"] if wanted == "stopped" and stop else decisions.not_needed(records[r.group])
+            ledger.set_state(led.stage(name), "skipped", skipped=why)
+            led.save()
+            print(f"== {name}: not run: {why}", flush=True)
+            return 0  # so that the afterok chain goes on: the jobs after it decide for themselves
+        spec = build_spec(r, run_dir, decisions.outputs_of(led.data, stages))
+    if wanted == "undecided" or spec is None:
+        raise BatonError(f"stage {name}: its inputs ({', '.join(r.upstream)}) are not done or not decided")
     tag = resumable(stage_dir(run_dir, name), spec.fingerprint, spec.any_world)
     step = Step(r, "resume" if tag else "run", f"job {os.environ.get('SLURM_JOB_ID')}", resume_tag=tag, spec=spec)
     job_id = os.environ["SLURM_JOB_ID"]
     restart = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
-    led = ledger.Ledger(run_dir, wait_s=LEDGER_WAIT_S)
     info = {"job_id": job_id, "restart": restart, "nodes": os.environ.get("SLURM_JOB_NODELIST")}
     code = run_stage(step, led, run_dir, SrunBackend(), attempt_info=info)
+    if code == 0:
+        with led:  # the decisions this stage's end allows (a stop ends the run: the jobs after it skip themselves)
+            records, said = decisions.settle(led, stages)
+        for line in said:
+            print(line, flush=True)
+        return 0
     if code != EXIT_STOPPED:
         return code
     state, _ = jobs.job_states([job_id]).get(job_id, ("", ""))

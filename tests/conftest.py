@@ -94,6 +94,93 @@ stages:
 """
 
 
+def gates_manifest(slurm: str = "") -> str:
+    """A run that takes every kind of decision with real stages: pretrain's gate fails at lr 1e-9 (nothing learnt:
+    eval_loss ln 600 = 6.4) and passes on the retry at 2e-3 (6.0); two finetune variants, the lower eval_loss goes
+    on; prune's gate asks what pruning cannot give (eval_loss 1 below its upstream's), so finetune's model goes on
+    to `last`, whose gate passes at once (its retry is never needed). A shared eval set scores every classifier.
+    `slurm`: a defaults.slurm section, for `baton submit`."""
+    return f"""version: 1
+run: {{name: gates}}
+defaults:
+  launcher: {{nproc_per_node: 2}}
+  seed: 7
+{slurm}
+evals:
+  heldout: {{task: classify, eval: data/eval.jsonl, max_length: 32}}
+stages:
+  - name: tokenizer
+    kind: tokenizer
+    data: {{train: data/pretrain.txt}}
+    sentencepiece: {{vocab_size: 600}}
+  - name: pretrain
+    kind: mlm
+    init:
+{TINY_BERT}
+    tokenizer: {{from: tokenizer}}
+    data: {{train: data/pretrain.txt, eval: data/pretrain_eval.txt, max_length: 32}}
+    train: {{max_steps: 20, micro_batch_size: 16, lr: 1.0e-9}}
+    checkpoint: {{every_steps: 4, keep_last: 2}}
+    gate:
+      require: eval_loss <= 6.2
+      on_fail: retry
+      retries: [{{train.lr: 2.0e-3}}]
+  - name: finetune
+    kind: classify
+    init: {{from: pretrain}}
+    data: {{train: data/train.jsonl, eval: data/eval.jsonl, max_length: 32}}
+    train: {{max_steps: 8, micro_batch_size: 8}}
+    variants:
+      grid: {{train.lr: [1.0e-5, 2.0e-3]}}
+      select: {{min: eval_loss}}
+  - name: prune
+    kind: prune
+    init: {{from: finetune}}
+    data: {{train: data/train.jsonl, eval: data/eval.jsonl, max_length: 32}}
+    prune: {{task: classify, ffn: 0.25, importance: magnitude}}
+    gate: {{require: eval_loss <= upstream.eval_loss - 1, on_fail: fallback, fallback: finetune}}
+  - name: last
+    kind: classify
+    init: {{from: prune}}
+    data: {{train: data/train.jsonl, eval: data/eval.jsonl, max_length: 32}}
+    train: {{max_steps: 4, micro_batch_size: 8}}
+    gate: {{require: "heldout/accuracy >= 0", on_fail: retry, retries: [{{seed: 8}}]}}
+"""
+
+
+def expected_decisions(led: dict[str, Any]) -> dict[str, Any]:
+    """Check a run of `gates_manifest` took the decisions it was made to take (and that each follows from the
+    recorded metrics); return them without their times, to compare runs by."""
+    stages, decided = led["stages"], led["decisions"]
+    assert [(e["attempt"], e["action"]) for e in decided["pretrain"]["events"]] == [
+        ("pretrain", "retry"), ("pretrain@2", "pass")]
+    select = decided["finetune"]["events"][0]
+    values = {n: stages[n]["metrics"]["eval_loss"] for n in ("finetune@v1", "finetune@v2")}
+    assert select["values"] == values and select["chosen"] == min(values, key=lambda n: values[n])
+    assert decided["prune"]["outcome"] == "fallback" and decided["prune"]["hand_on"] == select["chosen"]
+    assert decided["last"]["outcome"] == "pass" and decided["last"]["hand_on"] == "last"
+    init = stages["last"]["inputs"]["init"]
+    assert (init["stage"], init["named"], init["digest"]) == (select["chosen"], "prune",
+                                                              stages[select["chosen"]]["output"]["digest"])
+    for name in ("finetune@v1", "finetune@v2", "prune", "last"):  # the shared eval set scores every classifier
+        assert "heldout/accuracy" in stages[name]["metrics"], name
+    assert not any(k.startswith("heldout/") for k in stages["pretrain@2"]["metrics"])
+    return {name: [{k: v for k, v in e.items() if k != "time"} for e in rec["events"]]
+            for name, rec in decided.items()}
+
+
+@pytest.fixture(scope="session")
+def gates_run(tmp_path_factory: pytest.TempPathFactory, hf_env: dict[str, str]) -> dict[str, Any]:
+    """`gates_manifest` run by `baton run`: the decisions (and weights) other runs of it must take (and end on)."""
+    root = tmp_path_factory.mktemp("gates")
+    write_data(root / "data")
+    manifest = root / "gates.yaml"
+    manifest.write_text(gates_manifest())
+    run_dir = root / "run"
+    proc = baton("run", manifest, "--run-dir", run_dir, env=hf_env)
+    return {"root": root, "manifest": manifest, "run_dir": run_dir, "out": proc.stdout}
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory, hf_env: dict[str, str]) -> dict[str, Any]:
     """One trained tokenizer → mlm → classify run (ZeRO-2, 2 processes), shared by the heavy tests."""

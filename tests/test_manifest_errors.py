@@ -68,7 +68,7 @@ CLS_TRAIN = "    train: {epochs: 1, micro_batch_size: 4}\n"
 
 CASES: dict[str, Case] = {
     "unknown-top-level-key": Case(
-        BASE + "stagez: []  #!\n", "stagez", ("unknown key", "valid keys here: version, run, defaults, stages")),
+        BASE + "stagez: []  #!\n", "stagez", ("unknown key", "valid keys here: version, run, defaults, evals, stages")),
     "unknown-key-in-train": Case(
         edit(CLS_TRAIN, "    train: {epochs: 1, micro_batch_size: 4, learning_rate: 0.1}  #!\n"),
         "stages[2].train.learning_rate", ("unknown key", "max_steps, epochs, micro_batch_size", "lr")),

@@ -27,10 +27,10 @@ import launcher.report
 from contract.files import dir_digest
 from contract.layout import Output, Result, read_metrics, stage_dir, write_bad_input, write_result
 from contract.spec import Spec
-from launcher import attempts, cli
+from launcher import attempts, cli, decisions
 from launcher.errors import ConfigError
 from launcher.ledger import Ledger, read
-from launcher.plan import Step, make_plan, outputs_of
+from launcher.plan import Step, make_plan
 from launcher.resolve import build_spec
 from tests.conftest import WORDNET, baton, pipeline_manifest
 from tests.test_ledger_plan import actions, reasons, stages_of, write_manifest
@@ -38,8 +38,10 @@ from tests.test_ledger_plan import actions, reasons, stages_of, write_manifest
 Act = Callable[[Spec, Path], int]
 
 
-def play_stage(spec: Spec, log_dir: Path) -> int:
-    """What a stage does, by the contract, without torch: check inputs, start, write final/ and result.json."""
+def play_stage(spec: Spec, log_dir: Path, metrics: dict[str, float] | None = None) -> int:
+    """What a stage does, by the contract, without torch: check inputs, start, write final/ and result.json
+    (`metrics`: its final metrics; default accuracy 0.5)."""
+    metrics = {"accuracy": 0.5} if metrics is None else metrics
     folder = Path(spec.stage_dir)
     (log_dir / "0").mkdir(parents=True, exist_ok=True)
     (log_dir / "0" / "stderr.log").write_text(f"{spec.stage} ran\n")
@@ -54,10 +56,10 @@ def play_stage(spec: Spec, log_dir: Path) -> int:
     final.mkdir(exist_ok=True)
     (final / "model.safetensors").write_bytes(b"weights of " + spec.fingerprint.encode() * 50)
     (final / "config.json").write_text(json.dumps({"stage": spec.stage}))
-    (folder / "eval.json").write_text(json.dumps({"accuracy": 0.5}))
+    (folder / "eval.json").write_text(json.dumps(metrics))
     write_result(folder, Result(stage=spec.stage, kind=spec.kind, fingerprint=spec.fingerprint, steps=3, samples=12,
                                 output=Output(path=str(final), digest=dir_digest(final)),
-                                metrics={"accuracy": 0.5}, time=0.0))
+                                metrics=metrics, time=0.0))
     return 0
 
 
@@ -213,7 +215,7 @@ def test_submit_sets_the_old_output_aside_and_the_job_puts_it_back_on_exit_2(
 
     # the job: a bad input this time
     backend.act = lambda spec, log_dir: write_bad_input(spec.stage_dir, "data.text_field: no such column") or 1
-    spec = build_spec(done["stages"][2], run_dir, outputs_of(read(run_dir)))
+    spec = build_spec(done["stages"][2], run_dir, decisions.outputs_of(read(run_dir), done["stages"]))
     step = Step(done["stages"][2], "run", "job 4242", spec=spec)
     assert attempts.run_stage(step, Ledger(run_dir), run_dir, backend, {"job_id": "4242"}) == 2
     assert {k: v for k, v in snapshot(folder).items() if not k.startswith("slurm/")} == before_files
@@ -267,7 +269,8 @@ def test_the_rerun_of_a_damaged_stage_repairs_it(done: dict[str, Any]) -> None:
     run_dir, manifest = done["run_dir"], done["manifest"]
     flip_a_byte(stage_dir(run_dir, "pre") / "final" / "model.safetensors")
     assert run("run", manifest, "--run-dir", run_dir) == 0
-    assert {n: len(e["attempts"]) for n, e in read(run_dir)["stages"].items()} == {"tok": 1, "pre": 2, "cls": 2}
+    # the plan is made again after each stage: pre's repaired output is the recorded one, so cls's input is too
+    assert {n: len(e["attempts"]) for n, e in read(run_dir)["stages"].items()} == {"tok": 1, "pre": 2, "cls": 1}
     assert run("verify", run_dir) == 0
 
 

@@ -7,7 +7,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator
 
-from contract.sections import Layerwise, TrainingStage
+from contract.sections import Head, Layerwise, TrainingStage
 
 Profile = Literal["last_only", "linear", "uniform"]
 
@@ -55,6 +55,7 @@ class ClassifyLayerwise(Layerwise):
 class ClassifyStage(TrainingStage):
     options_field: ClassVar[str | None] = "layerwise"
     scores_train: ClassVar[bool] = True
+    head: ClassVar[Head | None] = "classify"
 
     kind: Literal["classify"] = Field(description="Sequence-classification fine-tuning; eval: accuracy, macro-F1.")
     layerwise: ClassifyLayerwise = Field(default_factory=ClassifyLayerwise,

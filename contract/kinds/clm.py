@@ -6,7 +6,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from contract.sections import BLOCK_SIZE, Strict, TrainingStage
+from contract.sections import BLOCK_SIZE, Head, Strict, TrainingStage
 
 
 class ClmOptions(Strict):
@@ -20,6 +20,7 @@ class ClmOptions(Strict):
 
 class ClmStage(TrainingStage):
     options_field: ClassVar[str | None] = "clm"
+    head: ClassVar[Head | None] = "clm"
 
     kind: Literal["clm"] = Field(description="Causal-LM pretraining (next-token prediction); eval: perplexity.")
     clm: ClmOptions = Field(default_factory=ClmOptions, description="Packing settings.")

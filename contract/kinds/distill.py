@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from contract.sections import BLOCK_SIZE, ModelRef, Problem, RowsRef, Strict, TrainingStage
+from contract.sections import BLOCK_SIZE, Head, ModelRef, Problem, RowsRef, Strict, TrainingStage
 
 
 class DistillOptions(Strict):
@@ -132,6 +132,15 @@ class DistillStage(TrainingStage):
 
     def options(self) -> dict[str, Any]:
         return self.distill.settings()
+
+    def model_head(self) -> Head | None:
+        return self.distill.task
+
+    def metric_names(self) -> frozenset[str]:
+        if not self.scored():
+            return frozenset()
+        with_labels = self.distill.task == "classify"
+        return super().metric_names() | {"teacher_agreement"} | ({"teacher_accuracy"} if with_labels else set())
 
     def training_rows(self) -> dict[str, Any]:
         o = self.distill.settings()

@@ -14,27 +14,9 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from contract.sections import Data, DataSection, ModelRef, Problem, StageBase, Strict, TokenizerRef
+from contract.sections import DataSection, EvalData, Head, ModelRef, Problem, StageBase, Strict, TokenizerRef
 
 Method = Literal["logits", "uniform_soup", "greedy_soup"]
-
-
-class EvalData(Data):
-    """Classification eval data: every member and the ensemble are scored on data.eval (greedy_soup: the
-    held-out set its choices are made on)."""
-
-    reads_train: ClassVar[bool] = False
-
-    @model_validator(mode="after")
-    def _eval_only(self) -> EvalData:
-        if self.train is not None:
-            raise Problem(("train",), "an ensemble trains nothing: give the data its members are scored on as "
-                          "data.eval")
-        if self.eval is None and self.hub is None:
-            raise ValueError("give eval (local files) or hub with eval_split")
-        if self.hub is not None and self.eval_split is None:
-            raise Problem(("hub",), "an ensemble reads only the eval split: give eval_split")
-        return self
 
 
 class EnsembleOptions(Strict):
@@ -69,6 +51,7 @@ class EnsembleStage(StageBase):
     options_field: ClassVar[str | None] = "ensemble"
     tokenizer_from: ClassVar[str | None] = "members"  # the first member's
     gives: ClassVar[frozenset[str]] = frozenset({"model", "tokenizer"})  # a soup's; see outputs()
+    head: ClassVar[Head | None] = "classify"
 
     kind: Literal["ensemble"] = Field(description="Combine classifiers of earlier stages: a logits ensemble, a "
                                       "uniform or a greedy weight soup; trains nothing.")

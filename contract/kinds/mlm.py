@@ -6,7 +6,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from contract.sections import Strict, TrainingStage
+from contract.sections import Head, Strict, TrainingStage
 
 
 class MlmOptions(Strict):
@@ -18,6 +18,7 @@ class MlmOptions(Strict):
 class MlmStage(TrainingStage):
     options_field: ClassVar[str | None] = "mlm"
     scores_train: ClassVar[bool] = True
+    head: ClassVar[Head | None] = "mlm"
 
     kind: Literal["mlm"] = Field(description="Masked-LM pretraining or continued (domain-adaptive) pretraining.")
     mlm: MlmOptions = Field(default_factory=MlmOptions, description="Masking settings.")

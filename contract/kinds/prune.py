@@ -7,7 +7,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from contract.sections import ModelRef, Problem, StageBase, Strict, TokenizerRef
+from contract.sections import Head, ModelRef, Problem, StageBase, Strict, TokenizerRef
 
 
 class PruneOptions(Strict):
@@ -61,6 +61,13 @@ class PruneStage(StageBase):
     init: ModelRef = Field(description="The model to prune: an earlier stage or a local folder / hub name.")
     tokenizer: TokenizerRef | None = Field(None, description="Default: the tokenizer saved with the init model.")
     prune: PruneOptions = Field(description="What to cut and how units are ranked.")
+
+    def model_head(self) -> Head | None:
+        return self.prune.task
+
+    def metric_names(self) -> frozenset[str]:
+        task = super().metric_names()
+        return task | {f"before/{m}" for m in task} | {"params_before", "params_after"}
 
     @model_validator(mode="after")
     def _inputs(self) -> PruneStage:

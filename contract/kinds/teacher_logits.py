@@ -80,6 +80,9 @@ class TeacherLogitsStage(StageBase):
     def options(self) -> dict[str, Any]:
         return self.teacher_logits.settings()
 
+    def metric_names(self) -> frozenset[str]:
+        return frozenset({"accuracy"} if self.scored() else ())
+
     def training_rows(self) -> dict[str, Any]:
         o = self.teacher_logits.settings()
         return {"task": o["task"]} | ({"block_size": o["block_size"]} if o["task"] == "clm"

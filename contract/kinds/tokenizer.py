@@ -23,6 +23,9 @@ class TokenizerStage(StageBase):
     options_field: ClassVar[str | None] = "sentencepiece"
     one_process: ClassVar[bool] = True  # SentencePiece trains in one process
 
+    def metric_names(self) -> frozenset[str]:
+        return frozenset({"vocab_size"})
+
     kind: Literal["tokenizer"] = Field(
         description="Train a SentencePiece tokenizer; saves a Hugging Face tokenizer folder."
     )

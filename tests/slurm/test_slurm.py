@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, TINY_BERT, baton, write_data
+from tests.conftest import ROOT, TINY_BERT, baton, expected_decisions, gates_manifest, write_data
 from tests.slurm.helpers import (
     ENDED,
     SLURM_DEFAULTS,
@@ -187,6 +187,31 @@ def test_submitted_pipeline_has_the_lineage_of_a_local_run(slurm_cluster: dict, 
     assert lineage(run_dir) == lineage(local_two)
     status = baton("status", run_dir, env=env).stdout
     assert "slurm" in status.splitlines()[1] and f"{jobs['mlm']} COMPLETED" in status, status
+
+
+def test_the_same_decisions_under_submit(slurm_cluster: dict, root: Path, gates_run: dict) -> None:
+    """Every instance is a job; each takes the decisions recorded so far (replayed, never taken again) and one that a
+    decision made unneeded (last@2: last passed its gate) exits 0, so the afterok chain goes on."""
+    env = slurm_cluster["env"]
+    (root / "gates.yaml").write_text(gates_manifest(SLURM_DEFAULTS))
+    run_dir = root / "slurm-gates"
+    jobs = submit(root / "gates.yaml", run_dir, env, cwd=root)
+    assert list(jobs) == ["tokenizer", "pretrain", "pretrain@2", "finetune@v1", "finetune@v2", "prune", "last",
+                          "last@2"]
+    prune = show_job(jobs["prune"], env).get("Dependency", "")
+    assert all(jobs[v] in prune for v in ("finetune@v1", "finetune@v2")) or not prune, prune
+
+    ended = {"done", "failed", "skipped"}
+    stages = wait_states(run_dir, env, {name: ended for name in jobs}, timeout=600)
+    assert {n: e["state"] for n, e in stages.items()} == {n: "skipped" if n == "last@2" else "done" for n in jobs}, \
+        describe(run_dir, env)
+    for job_id in jobs.values():
+        job = job_end(job_id, env)
+        assert job.get("JobState") == "COMPLETED" and job.get("ExitCode") == "0:0", job
+    assert stages["last@2"]["skipped"] == "not needed: last passed its gate"
+    led = ledger(run_dir)
+    assert expected_decisions(led) == expected_decisions(ledger(gates_run["run_dir"]))
+    assert "prune: hands on" in baton("status", run_dir, env=env).stdout
 
 
 def test_requeue_mid_training_resumes_to_the_same_weights(slurm_cluster: dict, root: Path, long_mlm: dict) -> None:

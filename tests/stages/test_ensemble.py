@@ -70,7 +70,7 @@ def problems(tmp_path: Path, stage: str) -> tuple[list[str], int, Path]:
     ("    members: [{from: a}]  #!\n    ensemble: {method: logits}\n",
      "stages[2].members", "at least 2"),
     ("    members: [{from: a}, {from: b}]\n    data: {train: train.jsonl, eval: eval.jsonl}  #!\n"
-     "    ensemble: {method: logits}\n", "stages[2].data.train", "an ensemble trains nothing"),
+     "    ensemble: {method: logits}\n", "stages[2].data.train", "only scored, never trained on"),
     ("    members: [{from: a}, {from: b}]\n    ensemble: {method: mean}  #!\n",
      "stages[2].ensemble.method", "'logits', 'uniform_soup' or 'greedy_soup'"),
 ], ids=["weights-length", "weights-negative", "weights-zero-sum", "weights-on-a-soup", "greedy-without-eval",
