@@ -75,8 +75,7 @@ def decide(name: str, members: list[Resolved], data: dict[str, Any],
 
     def keep(event: dict[str, Any]) -> dict[str, Any]:
         """The recorded event decided on the same basis, else this new one."""
-        same = next((e for e in recorded if e.get("basis") == event["basis"] and e.get("kind") == event["kind"]),
-                    None)
+        same = next((e for e in recorded if _key(e) == _key(event)), None)
         if same is None:
             event["time"] = ledger.now()
         events.append(same or event)
@@ -147,6 +146,11 @@ def _check(check: Any, own: dict[str, Any], reads: dict[str, str | None], data: 
             "passed": gates.COMPARE[c.compare](left, right)}
 
 
+def _key(event: dict[str, Any]) -> tuple[Any, ...]:
+    """What an event was decided on: its kind and the digests of what it read."""
+    return event.get("kind"), sorted((event.get("basis") or {}).items(), key=str)
+
+
 def _hand_on(records: dict[str, dict[str, Any]], data: dict[str, Any], name: str) -> str | None:
     if name in records:
         rec = records[name]
@@ -202,8 +206,9 @@ def settle(led: ledger.Ledger, stages: list[Resolved]) -> tuple[dict[str, dict[s
     before = led.data.get("decisions") or {}
     said = []
     for name, rec in records.items():
-        old = {id(e) for e in (before.get(name) or {}).get("events", [])}
-        said += [f"== {name}: {describe(e)}" for e in rec["events"] if id(e) not in old]
+        previous = before.get(name) or {}
+        old = [_key(e) for e in previous.get("events", [])] if previous.get("rule") == rec["rule"] else []
+        said += [f"== {name}: {describe(e)}" for e in rec["events"] if _key(e) not in old]
     stale = {n for n in before if n not in records}
     if records != {n: r for n, r in before.items() if n in records} or stale:
         with led.edit():

@@ -131,6 +131,7 @@ def test_a_gate_that_stops_ends_the_run_with_its_numbers(tmp_path: Path, scored:
     # a gate changed by hand is decided anew (ft itself is unchanged: its settings do not include the gate)
     write(tmp_path, lr=6e-4, ft_extra="    gate: {require: accuracy >= 0.5, on_fail: stop}")
     assert run("run", manifest, "--run-dir", run_dir) == 0
+    assert "== ft: gate on ft: accuracy >= 0.5: 0.6 >= 0.5 is true -> passed" in capsys.readouterr().out
     assert len(entries(run_dir)["ft"]["attempts"]) == 1 and entries(run_dir)["after"]["state"] == "done"
 
 
