@@ -9,9 +9,9 @@ Defaults live here, in the models, and nowhere else. A section a stage writes ov
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar, Literal, NamedTuple, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, NamedTuple, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 NAME_PATTERN = r"^[^/\x00-\x1f.][^/\x00-\x1f]*$"
 BLOCK_SIZE = 128  # tokens per packed block of the causal-LM kinds (clm, distill, teacher_logits) by default
@@ -407,16 +407,19 @@ class Curriculum(Strict):
 
 # ----------------------------------------------------------------- decisions after a stage
 
-Overrides = dict[str, Any]  # dotted keys of the stage's own section ("train.lr") -> the value that replaces it
 NOT_OVERRIDDEN = ("name", "kind", "gate", "variants")  # keys an override may not touch
 
 
-def _overrides(value: Any) -> Any:
-    for key in value if isinstance(value, dict) else []:
-        if not isinstance(key, str) or not key or key.split(".")[0] in NOT_OVERRIDDEN:
+def _dotted_keys(value: dict[str, Any]) -> dict[str, Any]:
+    for key in value:
+        if not key or key.split(".")[0] in NOT_OVERRIDDEN:
             raise ValueError(f"{key!r}: an override's key is a dotted path into the stage, e.g. train.lr; "
                              f"not {', '.join(NOT_OVERRIDDEN)}")
     return value
+
+
+# dotted keys into the stage ("train.lr") -> the value that replaces what is there
+Overrides = Annotated[dict[str, Any], AfterValidator(_dotted_keys)]
 
 
 class Gate(Strict):
@@ -430,7 +433,7 @@ class Gate(Strict):
     on_fail: Literal["stop", "retry", "fallback"] = Field(
         "stop", description="stop: the run ends (exit 3) and nothing downstream runs; retry: run the stage again with "
         "the next of `retries`; fallback: hand on the output of stage `fallback` instead of this one's.")
-    retries: list[dict[str, Any]] | None = Field(
+    retries: list[Overrides] | None = Field(
         None, min_length=1, max_length=20, description="on_fail retry: one mapping of overrides per further attempt "
         "({train.lr: 2.5e-5, train.max_steps: 400}, {seed: 7} …); each attempt runs in its own folder "
         "<stage>@2, <stage>@3 … and all are kept. When the last one fails too: fallback if given, else stop.")
@@ -442,13 +445,6 @@ class Gate(Strict):
     @classmethod
     def _listed(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
-
-    @field_validator("retries")
-    @classmethod
-    def _retries(cls, value: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
-        for item in value or []:
-            _overrides(item)
-        return value
 
     @model_validator(mode="after")
     def _action(self) -> Gate:
@@ -482,10 +478,10 @@ class Select(Strict):
 class Variants(Strict):
     """Run the stage several times with other settings; the best by `select` is handed on."""
 
-    grid: dict[str, list[Any]] | None = Field(
+    grid: Annotated[dict[str, list[Any]], AfterValidator(_dotted_keys)] | None = Field(
         None, description="Overrides to combine, each key with its values: {train.lr: [1e-4, 5e-5], seed: [1, 2]} "
         "runs 4 variants (the product, in order).")
-    each: list[dict[str, Any]] | None = Field(
+    each: list[Overrides] | None = Field(
         None, min_length=1, description="Or the variants one by one: [{train.lr: 1e-4}, {train.lr: 5e-5, "
         "train.max_steps: 400}].")
     select: Select = Field(description="{max: <metric>} or {min: <metric>}: the variant handed on.")
@@ -493,17 +489,9 @@ class Variants(Strict):
     @field_validator("grid")
     @classmethod
     def _grid(cls, value: dict[str, list[Any]] | None) -> dict[str, list[Any]] | None:
-        _overrides(value)
         for key, values in (value or {}).items():
             if not values:
                 raise ValueError(f"{key}: give at least one value")
-        return value
-
-    @field_validator("each")
-    @classmethod
-    def _each(cls, value: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
-        for item in value or []:
-            _overrides(item)
         return value
 
     @model_validator(mode="after")
@@ -513,11 +501,11 @@ class Variants(Strict):
             raise ValueError(f"{len(self.overrides())} variants; at most 64")
         return self
 
-    def overrides(self) -> list[Overrides]:
+    def overrides(self) -> list[dict[str, Any]]:
         """Each variant's overrides, in order."""
         if self.each is not None:
             return list(self.each)
-        out: list[Overrides] = [{}]
+        out: list[dict[str, Any]] = [{}]
         for key, values in (self.grid or {}).items():
             out = [o | {key: v} for o in out for v in values]
         return out
