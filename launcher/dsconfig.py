@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from launcher import verdicts
 from launcher.errors import ConfigError
 
 DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
@@ -121,11 +122,20 @@ def _differs(a: Any, b: Any) -> bool:
 
 
 def check_with_deepspeed(config: dict[str, Any], source: str) -> None:
-    """Let DeepSpeed's own config parser judge the final config (imports deepspeed: ~2 s).
+    """Let DeepSpeed's own config parser judge the final config (imports deepspeed: ~2.5 s). A config it accepted
+    is remembered (`launcher.verdicts`, for this DeepSpeed and this file), so a run launched again does not import
+    DeepSpeed to judge it again.
 
     DeepSpeed ignores top-level keys it does not know (a misspelt `zero_optimizaton` ran ZeRO-0), so
     unknown keys there and in zero_optimization are refused first, with the nearest known key.
     """
+    _, problems = verdicts.remembered("deepspeed", "config", config, verdicts.judges(__file__, "deepspeed"),
+                                      lambda: (None, _judged(config, source)))
+    if problems:
+        raise ConfigError(problems)
+
+
+def _judged(config: dict[str, Any], source: str) -> list[str]:
     import contextlib
     import io
     import os
@@ -137,7 +147,7 @@ def check_with_deepspeed(config: dict[str, Any], source: str) -> None:
     if isinstance(config.get("zero_optimization"), dict):
         problems += _unknown(config["zero_optimization"], zero, "zero_optimization.", source)
     if problems:
-        raise ConfigError(problems)
+        return problems
     # DeepSpeed checks train_batch_size against the world size it sees (1 here, no process group);
     # the launcher has already checked the arithmetic for the real world size.
     probe = copy.deepcopy(config)
@@ -149,7 +159,8 @@ def check_with_deepspeed(config: dict[str, Any], source: str) -> None:
             DeepSpeedConfig(probe)
         except Exception as e:  # DeepSpeed raises pydantic errors, ValueError, AssertionError …
             detail = " ".join(str(e).split())
-            raise ConfigError(f"{source}: DeepSpeed rejects the config: {detail[:600]}") from None
+            return [f"{source}: DeepSpeed rejects the config: {detail[:600]}"]
+    return []
 
 
 def _unknown(section: dict[str, Any], known: frozenset[str], prefix: str, source: str) -> list[str]:

@@ -7,8 +7,8 @@ position embeddings. Only what is cheap: configs are built without weights, a fo
 for, not read; tokenizers load (they are small). Local folders only: a hub name is never looked up.
 
 transformers, and with it torch (2.5 s), is imported by the first check that needs it, never at module level,
-and once per process. A check that passed is remembered (`_remembered`: a small JSON file per config or
-folder digest in ~/.cache/baton, or $BATON_CACHE_DIR) for the same transformers and the same version of this
+and once per process. A check that passed is remembered (`launcher.verdicts`: a small JSON file per config or
+folder digest in ~/.cache/baton/modelcheck, or $BATON_CACHE_DIR) for the same transformers and the same version of this
 file, so an unchanged manifest (`baton run` with nothing to do) imports neither. Failures are not remembered.
 Messages name no place in the manifest: the caller (`resolve`) prefixes `file:line key.path`.
 """
@@ -19,17 +19,15 @@ import contextlib
 import difflib
 import functools
 import hashlib
-import importlib.metadata
 import json
-import os
 import re
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from contract.files import write_atomic
 from contract.spec import SPECIAL_TOKEN_IDS
+from launcher import verdicts
 
 Problem = tuple[tuple[str, ...], str]  # (key path below the reference's config, or (), message)
 Positions = tuple[str, int]  # (the config's name for it, the number) of a model's position embeddings
@@ -211,43 +209,6 @@ def _one_line(error: BaseException, limit: int = 300) -> str:
 
 
 def _remembered(what: str, key: Any, check: Callable[[], tuple[Any, Any]]) -> tuple[Any, Any]:
-    """`check()` → (what it found: positions, a vocabulary; problems), unless a check of the same `key` passed
-    before (with the same `_versions`): then what it found, from the cache, and no problems. Only a check that
-    passed is written down. Without a usable cache (a key that is not JSON, no home folder) it just checks."""
-    try:
-        blob = json.dumps([what, key, _versions()], sort_keys=True)
-        path: Path | None = _cache_dir() / f"{hashlib.sha256(blob.encode()).hexdigest()}.json"
-    except Exception:  # TypeError: not JSON; RuntimeError: no home; PackageNotFoundError …
-        path = None
-    if path is not None:
-        try:
-            found = json.loads(path.read_text(encoding="utf-8"))["found"]
-            if found is None or isinstance(found, str):
-                return found, ()
-            if isinstance(found, list) and len(found) == 2 and isinstance(found[0], str) \
-                    and isinstance(found[1], int):
-                return (found[0], found[1]), ()
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
-    found, problems = check()
-    if path is not None and not problems:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(path, json.dumps({"found": list(found) if isinstance(found, tuple) else found}) + "\n")
-        except OSError:
-            pass
-    return found, problems
-
-
-def _cache_dir() -> Path:
-    """$BATON_CACHE_DIR/modelcheck, else baton/modelcheck in the user's cache folder (~/.cache)."""
-    own = os.environ.get("BATON_CACHE_DIR")
-    root = Path(own) if own else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "baton"
-    return root / "modelcheck"
-
-
-@functools.cache
-def _versions() -> list[str]:
-    """What a remembered verdict depends on besides its input: the libraries that judged it, and these rules."""
-    libraries = [f"{n} {importlib.metadata.version(n)}" for n in ("transformers", "huggingface_hub", "tokenizers")]
-    return [*libraries, hashlib.sha256(Path(__file__).read_bytes()).hexdigest()]
+    """`verdicts.remembered` for the checks of this module, judged by transformers and these rules."""
+    return verdicts.remembered("modelcheck", what, key,
+                               verdicts.judges(__file__, "transformers", "huggingface_hub", "tokenizers"), check)

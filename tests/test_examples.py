@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -96,6 +97,27 @@ def test_deepspeed_check_can_say_no() -> None:
     config["zero_optimization"]["stage"] = 7
     with pytest.raises(ConfigError, match="DeepSpeed rejects"):
         dsconfig.check_with_deepspeed(config, "zero2")
+
+
+def test_a_config_deepspeed_accepted_is_not_judged_again(tmp_path: Path) -> None:
+    """A launch of an unchanged manifest does not import DeepSpeed (seconds) to judge its config again; a config
+    it rejected is judged every time."""
+    template = REPO / "ds_configs" / "zero2.json"
+    good = dsconfig.fill(dsconfig.read_template(template, "zero2"), TRAIN, "fp32", 2, "zero2")
+    bad = json.loads(json.dumps(good))
+    bad["zero_optimization"]["stage"] = 7
+    probe = ("import json, sys; from launcher import dsconfig; from launcher.errors import ConfigError\n"
+             "try: dsconfig.check_with_deepspeed(json.loads(sys.argv[1]), 'zero2'); print('ok', end=' ')\n"
+             "except ConfigError: print('rejected', end=' ')\n"
+             "print('imported' if 'deepspeed' in sys.modules else 'not imported')")
+    env = {**os.environ, "BATON_CACHE_DIR": str(tmp_path)}
+
+    def check(config: dict[str, Any]) -> str:
+        return subprocess.run([sys.executable, "-c", probe, json.dumps(config)], cwd=REPO, env=env,
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    assert [check(good), check(good)] == ["ok imported", "ok not imported"]
+    assert [check(bad), check(bad)] == ["rejected imported", "rejected imported"]
 
 
 def refs(node: Any) -> list[str]:
