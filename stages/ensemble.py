@@ -279,7 +279,7 @@ def _write_logits(tmp: Path, members: Members, tokenizer, weights: list[float], 
         shutil.copytree(members.paths[i], tmp / "members" / str(i))
         listed.append({"name": members.names[i], "source": ref.source, "stage": ref.stage, "digest": ref.digest,
                        "path": f"members/{i}", "weight": shares[i], "weight_given": weights[i]})
-    tokenizer.save_pretrained(tmp)
+    export.save_tokenizer(tokenizer, tmp)
     manifest = {"format": combining.FORMAT, "method": "logits", "combine": "mean of probabilities",
                 "members": listed, "labels": names}
     (tmp / combining.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

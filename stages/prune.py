@@ -96,7 +96,7 @@ def main(spec: Spec, d: Dist) -> int:
 
     def fill(out: Path) -> None:
         pruned.save_pretrained(out, safe_serialization=True)
-        tokenizer.save_pretrained(out)
+        export.save_tokenizer(tokenizer, out)
         write_json(out / "pruning.json", record)
 
     path, digest = export.write_folder(spec, fill)

@@ -134,7 +134,7 @@ def main(spec: Spec, d: Dist) -> int:
     def fill(out: Path) -> None:
         save_file({name: t.contiguous() for name, t in tensors.items()}, str(out / LOGITS_FILE))
         write_json(out / META_FILE, meta)
-        tokenizer.save_pretrained(out)
+        export.save_tokenizer(tokenizer, out)
 
     path, digest = export.write_folder(spec, fill)
     export.write_result(spec, steps=0, samples=0, output=path, digest=digest, metrics=results)

@@ -249,6 +249,10 @@ def test_real_stages_take_every_decision_and_replay_them(gates_run: dict[str, An
     expected_decisions(led)
     assert "last@2" not in led["stages"]  # its gate passed at once
     assert "== last@2: skip (not needed: last passed its gate)" in gates_run["out"]
+    # the tokenizer a stage hands on does not depend on whether it tokenized its data or found it in the run's cache
+    # (finetune@v1 tokenized, @v2 found v1's): no truncation left set on it by the last call
+    v1, v2 = (stage_dir(run_dir, n) / "final" / "tokenizer.json" for n in ("finetune@v1", "finetune@v2"))
+    assert v1.read_bytes() == v2.read_bytes()
     again = baton("run", gates_run["manifest"], "--run-dir", run_dir, env=hf_env)
     assert "nothing to do" in again.stdout and read(run_dir)["decisions"] == led["decisions"]
 

@@ -104,7 +104,18 @@ def _write(model, tokenizer, path: Path) -> None:
         # and "reverting" them would save LayerNorm.weight as LayerNorm.gamma. Names as in memory load everywhere.
         model.save_pretrained(path, safe_serialization=True, save_original_format=False)
     if tokenizer is not None:
-        tokenizer.save_pretrained(path)
+        save_tokenizer(tokenizer, path)
+
+
+def save_tokenizer(tokenizer, path: Path | str) -> None:
+    """`save_pretrained`, without the truncation and padding that the last call left set on a fast tokenizer's
+    backend: tokenizer.json would otherwise hold them or not as this process tokenized its data or found it in the
+    run's cache, and the same stage would hand on two different digests."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        backend.no_truncation()
+        backend.no_padding()
+    tokenizer.save_pretrained(path)
 
 
 def write_result(spec: Spec, *, steps: int, samples: int, output: str, digest: str | None,
