@@ -52,7 +52,7 @@ def status(run_dir: Path) -> str:
         progress = last_progress(folder, (e.get("attempts") or [{}])[-1].get("started"))
         steps = e.get("steps") if e.get("state") == "done" else progress.get("step")
         own = [(k, v) for k, v in (e.get("metrics") or {}).items() if k.split("/")[0] not in shared]  # see below
-        shown = ", ".join(f"{k} {_num(v)}" for k, v in own[:4]) + (" …" if len(own) > 4 else "") or "-"
+        shown = ", ".join(f"{k} {_num(v)}" for k, v in own) or "-"  # in the order the stage gave them
         refs = [ref for k, value in (e.get("inputs") or {}).items() if k != "data" for ref in _each(value)]
         inputs = [i for i in dict.fromkeys(short(ref.get("digest")) for ref in refs) if i != "-"] or ["data"]
         io = f"{','.join(inputs)} -> {short((e.get('output') or {}).get('digest'))}"
