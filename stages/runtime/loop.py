@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -48,16 +47,18 @@ def fit(engine, spec: Spec, sampler: Sampler, micro_step: MicroStep, evaluate: E
     nonfinite_run = 0  # consecutive steps with a NaN or infinite loss on some rank
     engine.train()
     while step < max_steps:
-        finite = True
+        losses, parts = [], []  # this step's micro-batch losses (and terms), read back from the device at once
         for items in sampler.next_step():
-            loss, parts = _terms(micro_step(items))
+            loss, named = _terms(micro_step(items))
             engine.backward(loss)
             engine.step()
-            value = loss.item()
-            finite = finite and math.isfinite(value)
-            window += torch.tensor([value, 1.0], dtype=torch.float64)
-            for name, part in parts.items():
-                terms[name] = terms.get(name, 0.0) + part.item()
+            losses.append(loss.detach())
+            parts.append(named)
+        values = torch.stack([*losses, *(p.detach() for named in parts for p in named.values())]).double().cpu()
+        finite = bool(torch.isfinite(values[:len(losses)]).all())
+        window += torch.tensor([float(values[:len(losses)].sum()), len(losses)], dtype=torch.float64)
+        for name, value in zip((n for named in parts for n in named), values[len(losses):].tolist(), strict=True):
+            terms[name] = terms.get(name, 0.0) + value
         step += 1
         # One collective a step, so every rank decides alike: a signal may reach only some ranks,
         # a non-finite loss may show on only some.
