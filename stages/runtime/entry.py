@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
+import os
 import sys
 import traceback
 from collections.abc import Callable
@@ -22,6 +24,7 @@ from stages.runtime.spec import Spec, SpecError
 def run(main: Callable[[Spec, Dist], int]) -> None:
     """Parse --spec, start distributed state, call `main`, and exit with the contract's code. Never returns."""
     signals.install()
+    keep_freed_memory()
     parser = argparse.ArgumentParser()
     parser.add_argument("--spec", required=True, help="path to the stage's spec.json")
     args = parser.parse_args()
@@ -43,3 +46,25 @@ def run(main: Callable[[Spec, Dist], int]) -> None:
         traceback.print_exc()
         dist.finish(EXIT_FAILED, sync=False)
     dist.finish(code)
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+KEEP = 1 << 30  # bytes
+
+
+def keep_freed_memory() -> None:
+    """On the CPU, glibc gives every block above its mmap threshold (at most 32 MiB) back to the system when it is
+    freed, and trims the heap's top: a training step that allocates and frees its gradient buckets and activations
+    maps fresh pages every step (page faults, kernel time). Blocks up to 1 GiB come from the heap and up to 1 GiB of
+    free memory stays there instead, at the price of a larger resident set. Left alone on a GPU (the big buffers
+    live on the device), off glibc, and when the environment sets glibc's own MALLOC_*_ variables."""
+    import torch
+
+    if torch.cuda.is_available() or any(k.startswith("MALLOC_") and k.endswith("_") for k in os.environ):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc
+        return
+    libc.mallopt(M_MMAP_THRESHOLD, KEEP)
+    libc.mallopt(M_TRIM_THRESHOLD, KEEP)
