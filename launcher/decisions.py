@@ -42,23 +42,12 @@ def decide_all(data: dict[str, Any], stages: list[Resolved]) -> dict[str, dict[s
     return records
 
 
-def hand_ons(data: dict[str, Any], stages: list[Resolved],
-             records: dict[str, dict[str, Any]] | None = None) -> dict[str, str]:
-    """{manifest stage: the instance whose output it hands on}, for the stages that have one now."""
-    records = decide_all(data, stages) if records is None else records
-    out = {}
-    for name, members in groups(stages).items():
-        if name in records:
-            if records[name]["outcome"] in ("pass", "fallback"):
-                out[name] = records[name]["hand_on"]
-        elif _done(data, members[0].name):
-            out[name] = members[0].name
-    return out
-
-
 def outputs_of(data: dict[str, Any], stages: list[Resolved]) -> dict[str, dict[str, Any]]:
-    """{manifest stage: its hand-on's output record plus "instance"}: what later stages read."""
-    return {name: data["stages"][inst]["output"] | {"instance": inst} for name, inst in hand_ons(data, stages).items()}
+    """{manifest stage: the output record of the instance it hands on, plus "instance"}: what later stages read,
+    for the stages that hand on something now."""
+    records = decide_all(data, stages)
+    hand_ons = {name: inst for name in groups(stages) if (inst := _hand_on(records, data, name))}
+    return {name: data["stages"][inst]["output"] | {"instance": inst} for name, inst in hand_ons.items()}
 
 
 def decide(name: str, members: list[Resolved], data: dict[str, Any],
@@ -124,7 +113,8 @@ def decide(name: str, members: list[Resolved], data: dict[str, Any],
 
 
 def _check(check: Any, own: dict[str, Any], reads: dict[str, str | None], data: dict[str, Any]) -> dict[str, Any]:
-    """One condition against the metrics: {condition, left, right, passed[, problem]}."""
+    """One condition against the metrics: {condition, left, compare, right, passed}, or {…, problem} when a value is
+    missing."""
     def lookup(ref: gates.Ref) -> float:
         if ref.owner is None:
             metrics, whose = own, "this stage"
@@ -152,6 +142,7 @@ def _key(event: dict[str, Any]) -> tuple[Any, ...]:
 
 
 def _hand_on(records: dict[str, dict[str, Any]], data: dict[str, Any], name: str) -> str | None:
+    """The instance stage `name` hands on: its decision's, or (a stage without gate or variants) itself once done."""
     if name in records:
         rec = records[name]
         return rec["hand_on"] if rec["outcome"] in ("pass", "fallback") else None
