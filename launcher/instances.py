@@ -68,14 +68,14 @@ def instances(loaded: Loaded, i: int) -> list[Instance]:
     """The instances of stage `i`; a bad override is refused with its line."""
     stage = loaded.manifest.stages[i]
     if stage.variants is not None:
-        where = ("stages", i, "variants", "grid" if stage.variants.grid is not None else "each")
-        return [_instance(loaded, i, f"{stage.name}@v{k}", "variant", o, (*where, *(() if stage.variants.grid
-                                                                                      else (k - 1,))))
+        grid = stage.variants.grid is not None
+        at = ("stages", i, "variants", "grid" if grid else "each")
+        return [_instance(loaded, i, f"{stage.name}@v{k}", "variant", o, at if grid else (*at, k - 1))
                 for k, o in enumerate(stage.variants.overrides(), 1)]
-    out = [Instance(stage.name, stage, "stage")]
-    for k, o in enumerate(stage.gate.retries or [] if stage.gate else [], 2):
-        out.append(_instance(loaded, i, f"{stage.name}@{k}", "retry", o, ("stages", i, "gate", "retries", k - 2)))
-    return out
+    retries = stage.gate.retries if stage.gate is not None and stage.gate.retries else []
+    return [Instance(stage.name, stage, "stage")] + [
+        _instance(loaded, i, f"{stage.name}@{k}", "retry", o, ("stages", i, "gate", "retries", k - 2))
+        for k, o in enumerate(retries, 2)]
 
 
 def _instance(loaded: Loaded, i: int, name: str, role: Role, overrides: dict[str, Any],
