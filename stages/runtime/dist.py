@@ -85,10 +85,14 @@ def any_rank(flag: bool) -> bool:
     return bool(all_reduce_sum(torch.tensor([int(flag)])).item())
 
 
+def device() -> torch.device:
+    """This rank's device (the CPU before init)."""
+    return _state.device if _state is not None else torch.device("cpu")
+
+
 def to_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A collated batch (built on the CPU) on this rank's device."""
-    device = _state.device if _state is not None else torch.device("cpu")
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    return {k: v.to(device(), non_blocking=True) for k, v in batch.items()}
 
 
 def all_gather_objects(obj: T) -> list[T]:

@@ -22,7 +22,7 @@ from torch import nn
 
 from contract.layout import EXIT_DONE, TRAIN_LOSSES, step_of
 from contract.sections import Unfreeze
-from stages.runtime import checkpoint, curriculum, data, dist, engine, export, layers, loop, models
+from stages.runtime import checkpoint, curriculum, data, dist, engine, export, layers, loop, models, speed
 from stages.runtime.checkpoint import Position
 from stages.runtime.dist import Dist
 from stages.runtime.loop import Evaluate, MicroStep, Sampler
@@ -164,7 +164,8 @@ def start(spec: Spec, d: Dist, *, num_samples: int, build: Callable[[bool], nn.M
     resuming = "" if saved is None else f", resuming from {saved.tag}" + (
         f" (saved at world size {saved.world_size}, now {d.world_size})" if resharded else "")
     dist.print0(f"{spec.stage}: {what}, {max_steps} steps, ZeRO-{engine.zero_stage(spec)}{resuming}")
-    metrics = Metrics(spec.stage_dir, max_steps)
+    metrics = Metrics(spec.stage_dir, max_steps, flops=speed.flops_of(model),
+                      peak_flops=speed.peak_flops(spec.precision))
     metrics.start(pos.step, d.world_size, resharded_from=saved.world_size if saved and resharded else None)
     drawn = sampler(pos, metrics, max_steps) if sampler else curriculum.sampler(
         spec, d, num_samples=num_samples, step=pos.step, samples=pos.samples, difficulty=difficulty, log=metrics.log)

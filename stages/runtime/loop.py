@@ -7,7 +7,7 @@ from typing import Any, Protocol
 
 import torch
 
-from stages.runtime import checkpoint, dist, signals
+from stages.runtime import checkpoint, dist, signals, speed
 from stages.runtime.checkpoint import Position
 from stages.runtime.engine import current_lr
 from stages.runtime.layers import Unfreezing
@@ -42,36 +42,47 @@ def fit(engine, spec: Spec, sampler: Sampler, micro_step: MicroStep, evaluate: E
     settings = training(spec)
     every_ckpt, every_eval = settings.checkpoint.every_steps, settings.eval.every_steps
     start = step = pos.step
-    window = torch.zeros(2, dtype=torch.float64)  # loss sum, micro-batch count since the last log line
-    terms: dict[str, float] = {}  # the loss terms' sums since the last log line
+    # Since the last log line, on the device (read back only at log lines): the loss sum, the loss terms' sums
+    # and the tokens (tokens.take()); on the host: the micro-batch count.
+    device = dist.device()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    micro_batches = 0
+    terms: dict[str, torch.Tensor] = {}
+    tokens = speed.TokenCounter(engine.module)
     nonfinite_run = 0  # consecutive steps with a NaN or infinite loss on some rank
     engine.train()
     while step < max_steps:
-        losses, parts = [], []  # this step's micro-batch losses (and terms), read back from the device at once
+        losses = []
         for items in sampler.next_step():
             loss, named = _terms(micro_step(items))
             engine.backward(loss)
             engine.step()
             losses.append(loss.detach())
-            parts.append(named)
-        values = torch.stack([*losses, *(p.detach() for named in parts for p in named.values())]).double().cpu()
-        finite = bool(torch.isfinite(values[:len(losses)]).all())
-        window += torch.tensor([float(values[:len(losses)].sum()), len(losses)], dtype=torch.float64)
-        for name, value in zip((n for named in parts for n in named), values[len(losses):].tolist(), strict=True):
-            terms[name] = terms.get(name, 0.0) + value
+            for name, value in named.items():
+                terms[name] = terms.get(name, 0.0) + value.detach().double()
+        step_losses = torch.stack(losses).double()
+        loss_sum += step_losses.sum()
+        micro_batches += len(losses)
         step += 1
-        # One collective a step, so every rank decides alike: a signal may reach only some ranks,
-        # a non-finite loss may show on only some.
-        stop_flag, nonfinite = dist.all_reduce_sum(torch.tensor([int(signals.received()), int(not finite)])).tolist()
+        # One collective a step, so every rank decides alike: a signal may reach only some ranks, a non-finite
+        # loss may show on only some. Its read-back is the step's one wait on the device.
+        flags = torch.stack([torch.tensor(float(signals.received()), dtype=torch.float64, device=device),
+                             (~torch.isfinite(step_losses)).any().double()])
+        stop_flag, nonfinite = dist.all_reduce_sum(flags).tolist()
         nonfinite_run = nonfinite_run + 1 if nonfinite else 0
         if step == start + 1:
             metrics.first_step(step)
+            tokens.take(device)  # rates are measured from the end of the first step (its warm-up left out)
         if step % settings.train.log_every == 0 or step == max_steps:
-            total = dist.all_reduce_sum(torch.tensor([*window.tolist(), *terms.values()], dtype=torch.float64))
-            metrics.train(step, sampler.samples, float(total[0] / total[1]), current_lr(engine))
+            counts = torch.stack([loss_sum, torch.tensor(float(micro_batches), dtype=torch.float64, device=device),
+                                  *tokens.take(device), *terms.values()])
+            total = dist.all_reduce_sum(counts).tolist()
+            metrics.train(step, sampler.samples, total[0] / total[1], current_lr(engine), tokens=total[2],
+                          rows=total[3])
             if terms:
-                metrics.log("loss_terms", step=step, terms={k: float(v / total[1]) for k, v in zip(terms, total[2:])})
-            window.zero_()
+                metrics.log("loss_terms", step=step, terms={k: v / total[1] for k, v in zip(terms, total[4:])})
+            loss_sum.zero_()
+            micro_batches = 0
             terms.clear()
         if nonfinite_run >= settings.train.stop_after_nonfinite:
             metrics.log("stop", step=step, reason="non-finite loss")
@@ -85,6 +96,7 @@ def fit(engine, spec: Spec, sampler: Sampler, micro_step: MicroStep, evaluate: E
             # Gradual unfreezing: DeepSpeed fixes the trainable set at initialize, so the phase gets an engine of
             # its own, and a checkpoint of it at once (a resume in this phase loads into the same engine)
             engine = renew(pos)
+            tokens.attach(engine.module)
             engine.train()
         stop = bool(stop_flag)
         if stop or new_phase or (every_ckpt and step % every_ckpt == 0 and step < max_steps):

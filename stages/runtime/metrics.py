@@ -14,6 +14,7 @@ import torch
 
 from contract.files import json_safe
 from stages.runtime import dist
+from stages.runtime.speed import Flops
 
 
 def process_start_time() -> float:
@@ -45,9 +46,13 @@ def environment() -> dict[str, Any]:
 class Metrics:
     """Appends one JSON object per line to `<stage_dir>/metrics.jsonl` on rank 0; other ranks write nothing."""
 
-    def __init__(self, stage_dir: str, max_steps: int) -> None:
+    def __init__(self, stage_dir: str, max_steps: int, *, flops: Flops | None = None,
+                 peak_flops: float | None = None) -> None:
+        """`flops`: the model's FLOPs estimate, and `peak_flops` the accelerator's (per rank): with both, the
+        train records carry the model FLOPs utilisation (mfu)."""
         self.path = Path(stage_dir) / "metrics.jsonl"
         self.max_steps = max_steps
+        self.flops, self.peak_flops = flops, peak_flops
         self._window: tuple[float, int] | None = None
 
     def log(self, event: str, **fields: Any) -> None:
@@ -70,14 +75,24 @@ class Metrics:
         # The rate then measures steady state, not the first step's warm-up.
         self._window = (time.perf_counter(), step)
 
-    def train(self, step: int, samples: int, loss: float, lr: float) -> None:
+    def train(self, step: int, samples: int, loss: float, lr: float, tokens: float, rows: float) -> None:
+        """`tokens`, `rows`: what every rank's training passes processed since the last train record."""
         t0, s0 = self._window or (time.perf_counter(), step)
         now = time.perf_counter()
-        rate = (step - s0) / (now - t0) if now > t0 and step > s0 else 0.0
+        seconds = now - t0 if now > t0 and step > s0 else 0.0
+        rate = (step - s0) / seconds if seconds else 0.0
+        token_rate = tokens / seconds if seconds else 0.0
         self._window = (now, step)
-        self.log("train", step=step, samples=samples, loss=loss, lr=lr, steps_per_s=round(rate, 3))
+        extra: dict[str, float] = {}
+        if self.flops is not None and self.peak_flops and rows:
+            achieved = token_rate * self.flops.per_token(tokens / rows)
+            extra["mfu"] = round(achieved / (self.peak_flops * dist.world_size()), 4)
+        self.log("train", step=step, samples=samples, loss=loss, lr=lr, steps_per_s=round(rate, 3),
+                 tokens_per_s=round(token_rate, 1), **extra)
         eta = (self.max_steps - step) / rate if rate else float("nan")
-        dist.print0(f"step {step}/{self.max_steps}  loss {loss:.4f}  lr {lr:.3e}  {rate:.2f} steps/s  eta {eta:.0f} s")
+        mfu = f"  mfu {extra['mfu']:.1%}" if extra else ""
+        dist.print0(f"step {step}/{self.max_steps}  loss {loss:.4f}  lr {lr:.3e}  {rate:.2f} steps/s  "
+                    f"{token_rate:,.0f} tokens/s{mfu}  eta {eta:.0f} s")
 
 
 def language_model_metrics(total: torch.Tensor) -> dict[str, float]:

@@ -209,6 +209,14 @@ def test_killed_and_resumed_equals_uninterrupted_zero3(work, tokenizer, ref):
     assert all(torch.equal(got[k], want[k]) for k in want)
 
 
+def test_tokens_per_second_count_every_block_token(ref):
+    """Packed blocks have no padding: each step is micro batch 4 × 2 ranks × BLOCK tokens, whatever the speed."""
+    records = specs.records(Path(ref["output"]["path"]).parent, "train")
+    assert records and all(r["steps_per_s"] > 0 for r in records)
+    assert all(r["tokens_per_s"] / r["steps_per_s"] == pytest.approx(4 * 2 * BLOCK, rel=2e-3) for r in records)
+    assert all("mfu" not in r for r in records)  # no GPU: no peak to divide by
+
+
 def test_block_size_over_the_models_positions_exits_2(work, tokenizer):
     """Run as a single process without torchrun, which would fold the exit code into 1."""
     spec = work["stages"].spec("clm-too-long")
