@@ -52,7 +52,8 @@ class Packed:
 
 
 def pack(spec: Spec, raw: dict[str, Any], tokenizer, eos: int, block_size: int) -> dict[str, Packed | None]:
-    """Each split's documents and blocks, cached under cache_dir; rank 0 fills the cache first.
+    """Each split's documents (every rank tokenizes a share) and blocks (rank 0 groups them first), cached under
+    cache_dir.
 
     Two cached steps, as in run_clm: documents → token ids, then → blocks (a new block_size only regroups).
     """
@@ -71,19 +72,19 @@ def pack(spec: Spec, raw: dict[str, Any], tokenizer, eos: int, block_size: int) 
         return {"input_ids": [stream[i : i + block_size] for i in range(0, usable, block_size)]}
 
     out: dict[str, Packed | None] = {}
-    with data.rank0_first():
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for split, ds in raw.items():
-            if ds is None:
-                out[split] = None
-                continue
-            key = data.cache_key("clm-documents", data.tokenizer_digest(spec), ds._fingerprint, field, eos)
-            docs = ds.map(encode, batched=True, batch_size=PACK_BATCH, remove_columns=ds.column_names,
-                          new_fingerprint=key, cache_file_name=str(out_dir / f"clm-{split}-{key}.arrow"))
-            key = data.cache_key("clm-blocks", key, block_size, PACK_BATCH)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for split, ds in raw.items():
+        if ds is None:
+            out[split] = None
+            continue
+        key = data.cache_key("clm-documents", data.tokenizer_digest(spec), ds._fingerprint, field, eos)
+        docs = data.map_by_rank(ds, encode, key=key, path=out_dir / f"clm-{split}-{key}", batch_size=PACK_BATCH,
+                                remove_columns=ds.column_names)
+        key = data.cache_key("clm-blocks", key, block_size, PACK_BATCH)
+        with data.rank0_first():
             blocks = docs.map(group, batched=True, batch_size=PACK_BATCH, remove_columns=docs.column_names,
                               new_fingerprint=key, cache_file_name=str(out_dir / f"clm-{split}-{key}.arrow"))
-            out[split] = Packed(docs, blocks)
+        out[split] = Packed(docs, blocks)
     # Outside the rank-0-first block, so that every rank fails here alike.
     for split, packed in out.items():
         if packed is not None and len(packed.blocks) == 0:

@@ -120,7 +120,7 @@ def _causal(spec: Spec, d: Dist, key: str, s: SharedEvalSpec, raw, model, tokeni
 
 def _documents(spec: Spec, key: str, s: SharedEvalSpec, raw, tokenizer, eos: int):
     """The set's lines as clm reads documents (no special tokens, then `eos`; blank lines are none), each cut to
-    max_length tokens; cached under cache_dir, rank 0 first."""
+    max_length tokens; cached under cache_dir, each rank tokenizing a share."""
     field, digest = s.text_field, data.tokenizer_digest(spec)
 
     def encode(batch: dict[str, list]) -> dict[str, list]:
@@ -130,10 +130,9 @@ def _documents(spec: Spec, key: str, s: SharedEvalSpec, raw, tokenizer, eos: int
 
     out_dir = Path(spec.cache_dir, "tokenized")
     cached = data.cache_key("shared-clm-documents", digest, raw._fingerprint, field, eos, s.max_length)
-    with data.rank0_first():
-        out_dir.mkdir(parents=True, exist_ok=True)
-        docs = raw.map(encode, batched=True, remove_columns=raw.column_names, new_fingerprint=cached,
-                       cache_file_name=str(out_dir / f"shared-clm-{cached}.arrow"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    docs = data.map_by_rank(raw, encode, key=cached, path=out_dir / f"shared-clm-{cached}",
+                            remove_columns=raw.column_names)
     if len(docs) == 0:
         raise SpecError(f"{key}: no line with text in {s.eval_files or 'the eval split'}")
     return docs
