@@ -26,11 +26,13 @@ def save_final(model, tokenizer, spec: Spec, *, zero_stage: int, beside: dict[st
     `model` is the transformers model itself (unwrapped); `beside` maps folders below final/ to more such models
     (multitask: {"tasks/<task>": its classifier}), each saved with the tokenizer; `files` maps file names to JSON
     values written beside the model (eval.score_train's losses). Under ZeRO-3 each rank holds a
-    shard, so all ranks gather and rank 0 writes. Returns (path, digest); the digest only on rank 0.
+    shard, so all ranks gather and rank 0 writes. Trained in bf16 or fp16, final/ holds the fp32 master weights
+    (the optimizer's), not the rounded working copy. Returns (path, digest); the digest only on rank 0.
     """
     final = final_dir(spec.stage_dir)
     tmp = final.with_name("final.tmp")
     folders = {"": model} | (beside or {})
+    masters = _fp32_masters(folders) if spec.precision != "fp32" else {}
     gathered: Any = contextlib.nullcontext()
     if zero_stage == 3:
         import deepspeed
@@ -43,7 +45,7 @@ def save_final(model, tokenizer, spec: Spec, *, zero_stage: int, beside: dict[st
         if dist.is_main():
             out = staging(final)
             for folder, m in folders.items():
-                _write(m, tokenizer, out / folder)
+                _write(m, tokenizer, out / folder, masters)
             for name, value in (files or {}).items():
                 write_json(out / name, json_safe(value))
     digest = publish(tmp, final) if dist.is_main() else None
@@ -95,14 +97,42 @@ def _check_finite(model) -> None:
         raise Diverged(f"final/ not written: {len(bad)} parameter tensor(s) hold NaN or infinity ({bad[0]} …)")
 
 
-def _write(model, tokenizer, path: Path) -> None:
+def _fp32_masters(folders: dict[str, Any]) -> dict[int, torch.Tensor]:
+    """Collective. A bf16/fp16 run's fp32 master weights, on rank 0, by id of the parameter: what DeepSpeed's
+    optimizer holds (partitioned under ZeRO, gathered here). A parameter the optimizer does not hold (a frozen one)
+    has none: its working copy is all there is."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    out: dict[int, torch.Tensor] = {}
+    for m in folders.values():
+        for p in m.parameters():
+            if id(p) not in out:
+                full = safe_get_full_fp32_param(p)  # collective: every rank asks for every parameter, in order
+                if full is not None and dist.is_main():
+                    out[id(p)] = full.detach().float().cpu()
+    return out
+
+
+def _write(model, tokenizer, path: Path, masters: dict[int, torch.Tensor]) -> None:
+    """`masters`: fp32 values by parameter id (a bf16/fp16 run's); the model's other floating tensors (frozen
+    parameters, buffers) are then saved in fp32 too."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    state = None
+    if masters:
+        params = {name: id(p) for name, p in model.named_parameters(remove_duplicate=False)}  # tied: every name
+        state = {}
+        for name, value in model.state_dict().items():
+            master = masters.get(params.get(name, -1))
+            state[name] = master if master is not None else value.float() if value.is_floating_point() else value
     with torch.no_grad():
         # save_original_format=False: under ZeRO-3, from_pretrained records legacy renamings it never applied,
         # and "reverting" them would save LayerNorm.weight as LayerNorm.gamma. Names as in memory load everywhere.
-        model.save_pretrained(path, safe_serialization=True, save_original_format=False)
+        model.save_pretrained(path, state_dict=state, safe_serialization=True, save_original_format=False)
+    if masters:  # save_pretrained wrote the working copy's dtype into config.json
+        model.config.dtype = "float32"
+        model.config.save_pretrained(path)
     if tokenizer is not None:
         save_tokenizer(tokenizer, path)
 

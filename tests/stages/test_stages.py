@@ -28,10 +28,11 @@ STEPS, EVERY = 24, 6
 
 
 def classify(name: str, zero: int, *, train: str = f"max_steps: {STEPS}", checkpoint: str = f"every_steps: {EVERY}",
-             launcher: str = "{}") -> str:
+             launcher: str = "{}", precision: str = "fp32") -> str:
     return f"""
   - name: {name}
     kind: classify
+    precision: {precision}
     init: {{from: mlm-ref-z1}}
     tokenizer: {{from: tokenizer}}
     launcher: {launcher}
@@ -55,7 +56,8 @@ MANIFEST = specs.head("stages") + f"""
     eval: {{every_steps: {EVERY}}}""" + "".join(
     classify(f"cls-{role}-z{z}", z) for z in ZEROS for role in ("ref", "kill")) + classify(
     "cls-sigterm", 2, train="max_steps: 400", checkpoint="keep_last: 2") + classify(
-    "cls-bad-digest", 1, launcher="{nproc_per_node: 1}") + "\n"
+    "cls-bad-digest", 1, launcher="{nproc_per_node: 1}") + "".join(
+    classify(f"cls-bf16-z{z}", z, train="max_steps: 6", precision="bf16") for z in (2, 3)) + "\n"
 
 
 @pytest.fixture(scope="module")
@@ -161,6 +163,24 @@ def test_classify_final_reproduces_eval_predictions(work, classify_refs, zero):
     # Not bitwise: here one batch pads to the longest of all rows, the stage's batches to their own longest.
     torch.testing.assert_close(logits, torch.tensor([p["logits"] for p in preds]), rtol=1e-4, atol=1e-5)
     assert [p["pred"] for p in preds] == logits.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_bf16_trains_on_fp32_master_weights_and_hands_them_on(work, tokenizer, mlm_ref, zero):
+    import math
+
+    import torch
+    from safetensors.torch import load_file
+
+    result = work["stages"].run(f"cls-bf16-z{zero}")
+    final = Path(result["output"]["path"])
+    assert all(math.isfinite(r["loss"]) for r in specs.records(final.parent, "train"))
+    weights = load_file(str(final / "model.safetensors"))
+    assert {w.dtype for w in weights.values()} == {torch.float32}
+    assert json.loads((final / "config.json").read_text())["dtype"] == "float32"
+    # The optimizer's fp32 masters, not the bf16 working copy (which holds 8 significant bits and round-trips)
+    for name in ("classifier.weight", "bert.encoder.layer.0.attention.self.query.weight"):
+        assert not torch.equal(weights[name].to(torch.bfloat16).float(), weights[name]), name
 
 
 def test_sigterm_checkpoints_and_exits_75(work, tokenizer, mlm_ref):
