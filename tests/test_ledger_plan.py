@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from contract.files import dir_digest
+from contract.files import content_matches, dir_digest, file_checksum, file_digest
 from contract.layout import stage_dir
 from launcher.digests import folder_stat
 from launcher.errors import ConfigError, LedgerError
@@ -64,6 +64,19 @@ def test_save_replaces_atomically_and_leaves_no_temp_files(tmp_path: Path) -> No
     assert seen, "the reader never saw the ledger"
     assert len(read(tmp_path)["stages"]) == 150
     assert sorted(p.name for p in tmp_path.iterdir()) == [LEDGER]  # no temp file, and the lock is gone
+
+
+def test_checkpoint_checksums_find_a_changed_byte_and_older_sha256_records_still_check(tmp_path: Path) -> None:
+    import zlib
+
+    path = tmp_path / "optim.pt"
+    data = bytes(range(256)) * 10_000  # 2.5 MB: several read chunks
+    path.write_bytes(data)
+    checksum, digest = file_checksum(path), file_digest(path)
+    assert checksum == f"crc32:{zlib.crc32(data):08x}"
+    assert content_matches(path, checksum) and content_matches(path, digest)
+    path.write_bytes(data[:1_000_000] + b"\x00" + data[1_000_001:])  # one byte overwritten in place
+    assert not content_matches(path, checksum) and not content_matches(path, digest)
 
 
 def test_read_without_ledger_is_an_empty_run(tmp_path: Path) -> None:

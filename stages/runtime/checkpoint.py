@@ -2,7 +2,7 @@
 
 A folder counts only once rank 0 has written COMPLETE after a barrier that
 follows every rank's files; LATEST is replaced atomically after that, and older
-checkpoints are pruned only then. COMPLETE lists every file's size and digest,
+checkpoints are pruned only then. COMPLETE lists every file's size and CRC-32,
 and a resume checks them: a damaged checkpoint (a disk error, a file cut short)
 is passed over for the previous intact one, never trained on.
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from contract.files import file_digest, fsync_dir, write_atomic, write_json
+from contract.files import content_matches, file_checksum, fsync_dir, write_atomic, write_json
 from contract.layout import TAG, ckpt_dir, complete_tags, continues, step_of, tag_of
 from stages.runtime import dist
 from stages.runtime.spec import Spec, SpecError
@@ -98,9 +98,9 @@ def to_universal(spec: Spec, tag: str) -> None:
 
 
 def verify(folder: Path, files: dict[str, dict] | None) -> str | None:
-    """Collective. None when every file COMPLETE lists has its recorded size and digest, else what is wrong.
+    """Collective. None when every file COMPLETE lists has its recorded size and checksum, else what is wrong.
 
-    Sizes are checked on every rank (cheap); the digests are split between the ranks, so
+    Sizes are checked on every rank (cheap); the checksums are split between the ranks, so
     together they read the checkpoint once. Checkpoints from before baton recorded files pass.
     """
     if files is None:
@@ -113,15 +113,16 @@ def verify(folder: Path, files: dict[str, dict] | None) -> str | None:
             return f"{name}: {path.stat().st_size} bytes, {record['size']} when saved"
     names = sorted(files)
     mine = [f"{n}: content differs from when it was saved" for n in names[dist.rank()::dist.world_size()]
-            if file_digest(folder / n) != files[n]["digest"]]
+            if not content_matches(folder / n, files[n]["digest"])]
     problems = sorted(p for part in dist.all_gather_objects(mine) for p in part)
     return problems[0] if problems else None
 
 
 def _records(folder: Path) -> dict[str, dict]:
-    """Collective. {file name: {"size", "digest"}} for every file of a checkpoint folder, the ranks sharing the work."""
+    """Collective. {file name: {"size", "digest": its crc32 checksum}} for every file of a checkpoint folder, the
+    ranks sharing the work."""
     names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != "COMPLETE")
-    mine = {n: {"size": (folder / n).stat().st_size, "digest": file_digest(folder / n)}
+    mine = {n: {"size": (folder / n).stat().st_size, "digest": file_checksum(folder / n)}
             for n in names[dist.rank()::dist.world_size()]}
     return {name: record for part in dist.all_gather_objects(mine) for name, record in part.items()}
 
