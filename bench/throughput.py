@@ -3,6 +3,7 @@ on the same model, data, batch shape, schedule and world size (2 CPU processes, 
 DeepSpeed is used), each run a fresh process started as a user would (`baton run`, `torchrun`).
 
     python bench/throughput.py [--repeats 3] [--steps 300] [--workloads mlm,clm,classify] [--quick]
+                               [--zero 0|1|2|3] [--tools baton,plain]
 
 Per workload the tools run interleaved (A B C A B C …). For every run:
   steady steps/s         optimizer steps per second from step ⌈20 %⌉ (a multiple of log_every) to the last, from
@@ -64,15 +65,16 @@ def tools(workload: str) -> dict[str, list[str]]:
     return {"baton": [], **peers}
 
 
-def settings(steps: int, tokenizer: Path) -> dict:
-    """What every tool trains with; the peers read it from settings.json, baton from its manifest."""
+def settings(steps: int, tokenizer: Path, zero: int = 2) -> dict:
+    """What every tool trains with; the peers read it from settings.json, baton from its manifest. `zero`: the
+    ds_configs/zero<N>.json that baton and the Trainer use."""
     from launcher.dsconfig import fill, read_template, template_path
 
-    template = read_template(template_path("zero2", ROOT), "bench")
+    template = read_template(template_path(f"zero{zero}", ROOT), "bench")
     out = {}
     for name, w in WORKLOADS.items():
         w = {**w, **TRAIN, "warmup_steps": max(1, steps // 10), "log_every": LOG_EVERY}
-        w["deepspeed"] = fill(template, w, "fp32", NPROC, "ds_configs/zero2.json")
+        w["deepspeed"] = fill(template, w, "fp32", NPROC, f"ds_configs/zero{zero}.json")
         out[name] = w
     return {"tokenizer": str(tokenizer), "seed": SEED, "workloads": out}
 
@@ -91,7 +93,8 @@ def manifest(name: str, w: dict, steps: int, tokenizer: Path) -> dict:
     if w["kind"] == "clm":
         stage["clm"] = {"block_size": w["block_size"]}
     return {"version": 1, "run": {"name": f"bench-{name}"},
-            "defaults": {"launcher": {"nproc_per_node": NPROC}, "deepspeed": {"config": "zero2"}, "seed": SEED,
+            "defaults": {"launcher": {"nproc_per_node": NPROC},
+                         "deepspeed": {"config": f"zero{w['deepspeed']['zero_optimization']['stage']}"}, "seed": SEED,
                          "precision": "fp32"},
             "stages": [stage]}
 
@@ -225,7 +228,7 @@ def table(runs: list[dict], workloads: list[str]) -> str:
     if "mlm" in workloads:
         lines += ["mlm: trainer and plain-full project every position onto the vocabulary, baton and plain-masked the "
                   "masked ones only;",
-                  "     baton masks in a per-sample Python loop, the peers with DataCollatorForLanguageModeling."]
+                  "     baton masks from a per-sample hash, the peers with DataCollatorForLanguageModeling."]
     lines.append("wall: baton also exports final/ at the end; the peers save nothing.")
     return "\n".join(lines)
 
@@ -248,6 +251,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--steps", type=int, default=300, help="optimizer steps per run")
     p.add_argument("--quick", action="store_true", help="smoke test: 1 repeat of 30 steps")
+    p.add_argument("--zero", type=int, choices=range(4), default=2,
+                   help="ZeRO stage of baton and the Trainer (ds_configs/zero<N>.json); the plain loop is DDP")
+    p.add_argument("--tools", help="comma-separated subset of the tools (default: all), e.g. baton,plain")
     p.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "baton-bench",
                    help="run folders, logs and the tokenizer (reused)")
     args = p.parse_args()
@@ -258,10 +264,11 @@ def main() -> None:
         p.error(f"unknown workloads {sorted(unknown)}; known: {', '.join(WORKLOADS)}")
     if _version("accelerate") is None:
         p.error("the Trainer peer needs accelerate: pip install --target bench/.deps --no-deps 'accelerate>=1.1'")
+    wanted = set(args.tools.split(",")) if args.tools else None
     work = args.work_dir.resolve()
     work.mkdir(parents=True, exist_ok=True)
     env = environment()
-    conf = settings(args.steps, prepare_tokenizer(work, env))
+    conf = settings(args.steps, prepare_tokenizer(work, env), args.zero)
     (work / "settings.json").write_text(json.dumps(conf, indent=1))
     stamp, load_at_start = time.strftime("%Y%m%d-%H%M%S"), os.getloadavg()
     print(f"work dir {work}; {args.repeats} repeat(s) of {args.steps} steps; {os.cpu_count()} CPUs", flush=True)
@@ -269,14 +276,15 @@ def main() -> None:
     runs = [run_floor(rep, work, env) for rep in range(args.repeats)]
     for w in workloads:
         for rep in range(args.repeats):
-            runs += [run_one(w, tool, rep, args.steps, work, conf, env) for tool in tools(w)]
+            runs += [run_one(w, tool, rep, args.steps, work, conf, env) for tool in tools(w)
+                     if wanted is None or {tool, tool.split("-")[0]} & wanted]  # "plain": plain-full, plain-masked
     print()
     print(table(runs, workloads))
     failed = [r for r in runs if r["exit"] != 0]
     out = ROOT / "bench" / "results" / f"{stamp}-throughput.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": machine() | {"load_average_at_start": load_at_start},
-                               "steps": args.steps, "repeats": args.repeats, "quick": args.quick,
+                               "steps": args.steps, "repeats": args.repeats, "quick": args.quick, "zero": args.zero,
                                "settings": conf, "runs": runs}, indent=1))
     note = f"; {len(failed)} run(s) failed, see their output.log under {work / 'runs'}" if failed else ""
     print(f"\nwrote {out.relative_to(ROOT)}{note}")
