@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from typing import Any, Literal
 
 from contract import gates
+from contract.layout import EXIT_GATE_STOPPED
 from launcher import ledger
 from launcher.resolve import Resolved
 
@@ -42,10 +43,11 @@ def decide_all(data: dict[str, Any], stages: list[Resolved]) -> dict[str, dict[s
     return records
 
 
-def outputs_of(data: dict[str, Any], stages: list[Resolved]) -> dict[str, dict[str, Any]]:
+def outputs_of(data: dict[str, Any], stages: list[Resolved],
+               records: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
     """{manifest stage: the output record of the instance it hands on, plus "instance"}: what later stages read,
-    for the stages that hand on something now."""
-    records = decide_all(data, stages)
+    for the stages that hand on something now. `records`: `decide_all(data, stages)` when the caller has them."""
+    records = decide_all(data, stages) if records is None else records
     hand_ons = {name: inst for name in groups(stages) if (inst := _hand_on(records, data, name))}
     return {name: data["stages"][inst]["output"] | {"instance": inst} for name, inst in hand_ons.items()}
 
@@ -226,6 +228,13 @@ def fail_text(name: str, event: dict[str, Any]) -> str:
     shown = "; ".join(c["problem"] if c.get("problem") else f"{c['condition']} is false: {_num(c['left'])} "
                       f"against {_num(c['right'])}" for c in failed)
     return f"stage {name} failed its gate on {event['attempt']}: {shown}"
+
+
+def stopped_text(record: dict[str, Any], *, replayed: bool = False) -> str:
+    """What `baton run` / `submit` say when a gate's stop ends the run (exit 3); `replayed`: decided by an earlier
+    run, nothing ran now."""
+    return f"{record['reason']}; " + ("the run stopped there (replayed decision)" if replayed else
+                                      f"the run stops here: the stages after it did not run (exit {EXIT_GATE_STOPPED})")
 
 
 def _num(v: Any) -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from contract.files import file_digest, write_atomic
-from contract.layout import EXIT_GATE_STOPPED, final_dir, stage_dir
+from contract.layout import final_dir, stage_dir
 from launcher import decisions, dsconfig, ledger
 from launcher.attempts import adopt_finished, run_stage, version_drift
 from launcher.backends import Backend
@@ -114,8 +114,7 @@ def run(manifest: Path, run_dir: Path | None = None, dry_run: bool = False,
                 return code
     stopped = decisions.stopped_at(records, [s.stage.group for s in steps if s.selected])
     if stopped:
-        raise GateStopped(f"{records[stopped]['reason']}; the run stops here: the stages after it did not run "
-                          f"(exit {EXIT_GATE_STOPPED})")
+        raise GateStopped(decisions.stopped_text(records[stopped]))
     waiting = [s.stage.name for s in steps if s.action in ("run", "resume", "rerun")]
     if waiting:
         raise BatonError(f"not run: {', '.join(waiting)}: their inputs were not decided (see `baton status`)")

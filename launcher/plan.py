@@ -42,7 +42,7 @@ def make_plan(stages: list[Resolved], ledger: dict[str, Any], run_dir: Path,
     selected = {only} if only else set(names[names.index(start):]) if start else set(names)
     entries = ledger.get("stages", {})
     records = decisions.decide_all(ledger, stages)
-    outputs = decisions.outputs_of(ledger, stages)
+    outputs = decisions.outputs_of(ledger, stages, records)
     changing: set[str] = set()  # stages (manifest names) whose hand-on this plan may replace
     damage: dict[str, str | None] = {}  # instances whose output was checked: why it is damaged, or None
 
@@ -65,11 +65,12 @@ def make_plan(stages: list[Resolved], ledger: dict[str, Any], run_dir: Path,
             continue
         if r.role == "retry":
             earlier = [s for s in steps if s.stage.group == r.group]
-            if any(s.action != "skip" for s in earlier) or decisions.wanted(r, records, names) == "undecided":
+            want = decisions.wanted(r, records, names)
+            if any(s.action != "skip" for s in earlier) or want == "undecided":
                 steps.append(Step(r, "wait", f"runs if the gate of {r.group} fails on {earlier[-1].stage.name}"))
                 changing.add(r.group)
                 continue
-            if decisions.wanted(r, records, names) == "away":
+            if want == "away":
                 steps.append(Step(r, "skip", decisions.not_needed(records[r.group])))
                 continue
         stale = [u for u in r.upstream if u in changing]

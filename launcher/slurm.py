@@ -40,7 +40,7 @@ def submit(manifest: Path, run_dir: Path | None = None, only: str | None = None,
         records = decisions.decide_all(ledger.read(run_dir), stages)
         stopped = decisions.stopped_at(records, [s.stage.group for s in steps if s.selected])
         if stopped:
-            raise GateStopped(f"{records[stopped]['reason']}; the run stopped there (replayed decision)")
+            raise GateStopped(decisions.stopped_text(records[stopped], replayed=True))
         print(f"{run_dir}: nothing to submit; every selected stage is done and unchanged")
         return 0
     jobs.require("sbatch")
