@@ -165,7 +165,11 @@ def save(engine, spec: Spec, pos: Position) -> str:
 @contextlib.contextmanager
 def _without_zip_crc() -> Iterator[None]:
     """torch.save without the CRC-32 of each record in its zip file: COMPLETE's checksum of every file already
-    finds damage, and leaving torch's out halves the time a save takes here (torch.load does not need it)."""
+    finds damage, and leaving torch's out halves the time a save takes here (torch.load does not need it). The
+    option came with torch 2.6; older ones save as they always did."""
+    if not hasattr(torch.serialization, "set_crc32_options"):
+        yield
+        return
     before = torch.serialization.get_crc32_options()
     torch.serialization.set_crc32_options(False)
     try:
