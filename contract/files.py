@@ -12,6 +12,7 @@ import json
 import math
 import os
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +28,8 @@ def file_checksum(path: str | os.PathLike[str]) -> str:
     """CRC-32 of one file's bytes ("crc32:<hex>"): what a checkpoint records to find a file damaged or cut short.
     About 4× faster than sha256 here; a checkpoint needs no collision resistance (lineage digests keep sha256)."""
     crc = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            crc = zlib.crc32(chunk, crc)
+    for chunk in _chunks(Path(path)):
+        crc = zlib.crc32(chunk, crc)
     return f"crc32:{crc:08x}"
 
 
@@ -66,10 +66,15 @@ def short(digest: str | None) -> str:
 
 def _file_hex(path: Path) -> str:
     h = hashlib.sha256()
+    for chunk in _chunks(path):
+        h.update(chunk)
+    return h.hexdigest()
+
+
+def _chunks(path: Path) -> Iterator[bytes]:
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+            yield chunk
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
