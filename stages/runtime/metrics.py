@@ -65,7 +65,8 @@ class Metrics:
     def start(self, step: int, world_size: int, resharded_from: int | None = None) -> None:
         """`resharded_from`: the world size of the checkpoint resumed, when it was another."""
         extra = {} if resharded_from is None else {"resharded_from": resharded_from}
-        self.log("start", step=step, world_size=world_size, **extra, environment=environment())
+        self.log("start", step=step, max_steps=self.max_steps, world_size=world_size, **extra,
+                 environment=environment())
         self._window = (time.perf_counter(), step)
 
     def first_step(self, step: int) -> None:
