@@ -88,8 +88,8 @@ class Metrics:
         if self.flops is not None and self.peak_flops and rows:
             achieved = token_rate * self.flops.per_token(tokens / rows)
             extra["mfu"] = round(achieved / (self.peak_flops * dist.world_size()), 4)
-        self.log("train", step=step, samples=samples, loss=loss, lr=lr, steps_per_s=round(rate, 3),
-                 tokens_per_s=round(token_rate, 1), **extra)
+        self.log("train", step=step, samples=samples, loss=loss, lr=lr, tokens=round(tokens),
+                 steps_per_s=round(rate, 3), tokens_per_s=round(token_rate, 1), **extra)
         eta = (self.max_steps - step) / rate if rate else float("nan")
         mfu = f"  mfu {extra['mfu']:.1%}" if extra else ""
         dist.print0(f"step {step}/{self.max_steps}  loss {loss:.4f}  lr {lr:.3e}  {rate:.2f} steps/s  "

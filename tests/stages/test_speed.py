@@ -59,7 +59,7 @@ def test_train_records_carry_tokens_per_s_and_mfu(tmp_path):
     metrics.first_step(1)
     metrics.train(10, 640, 2.5, 1e-3, tokens=9000.0, rows=300.0)
     record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
-    assert record["tokens_per_s"] > 0
+    assert record["tokens_per_s"] > 0 and record["tokens"] == 9000
     expected = record["tokens_per_s"] * flops.per_token(30) / 1e9
     assert record["mfu"] == pytest.approx(expected, rel=1e-3, abs=1e-4)
     plain = Metrics(str(tmp_path), 100)
