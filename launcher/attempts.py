@@ -35,6 +35,7 @@ from launcher.backends.local import TORCHRUN_LOG
 from launcher.digests import folder_stat
 from launcher.plan import Step, world_size_change
 from launcher.resolve import Resolved, settings
+from launcher.watch import Watch
 
 PREVIOUS = "previous"  # <stage>/previous/: the output a new attempt replaces, until that attempt passes its checks
 KEPT = ("slurm", PREVIOUS)  # what starting over leaves in place (Slurm's logs stay)
@@ -43,9 +44,10 @@ PACKAGES = ("baton", "torch", "deepspeed", "transformers", "datasets")
 
 
 def run_stage(step: Step, led: ledger.Ledger, run_dir: Path, backend: Backend,
-              attempt_info: dict[str, Any] | None = None) -> int:
+              attempt_info: dict[str, Any] | None = None, overview: list[tuple[str, str, str]] | None = None) -> int:
     """Launch one stage with `backend` and record it. Returns 0 done, 75 stopped after a checkpoint,
-    2 bad input, else the failure's code. `attempt_info` adds to the ledger's attempt record (job ids)."""
+    2 bad input, else the failure's code. `attempt_info` adds to the ledger's attempt record (job ids);
+    `overview`: the plan's stages as the live view lists them (`watch.Watch`)."""
     r, spec = step.stage, step.spec
     assert spec is not None, f"{r.name}: upstream outputs must exist by now"
     folder = stage_dir(run_dir, r.name)
@@ -72,12 +74,13 @@ def run_stage(step: Step, led: ledger.Ledger, run_dir: Path, backend: Backend,
     print(f"== {r.name} ({r.kind}): {step.action} ({step.reason}), {r.world_size} process(es)", flush=True)
 
     t0 = time.monotonic()
-    code, interrupted = backend.launch(argv)
+    log_dir = folder / "logs" / f"attempt-{attempt_no}"
+    with Watch(r.name, r.kind, folder, log_dir, entry["attempts"][-1]["started"], overview):
+        code, interrupted = backend.launch(argv)
     stage_env = stage_environment(folder)
     result = read_result(folder, spec.fingerprint)
     bad_input = read_bad_input(folder)
     checkpoint = resumable(folder, spec.fingerprint, spec.any_world)
-    log_dir = folder / "logs" / f"attempt-{attempt_no}"
     with led.edit():
         entry = led.stage(r.name)
         attempt = entry["attempts"][-1]

@@ -109,7 +109,8 @@ def run(manifest: Path, run_dir: Path | None = None, dry_run: bool = False,
                 break
             warn_versions([step], led.data)
             shown.add(step.stage.name)
-            code = run_stage(step, led, run_dir, backend, {"job_id": os.environ["SLURM_JOB_ID"]} if nodes else None)
+            code = run_stage(step, led, run_dir, backend, {"job_id": os.environ["SLURM_JOB_ID"]} if nodes else None,
+                             overview=overview(steps, step, led.data))
             if code != 0:
                 return code
     stopped = decisions.stopped_at(records, [s.stage.group for s in steps if s.selected])
@@ -119,6 +120,19 @@ def run(manifest: Path, run_dir: Path | None = None, dry_run: bool = False,
     if waiting:
         raise BatonError(f"not run: {', '.join(waiting)}: their inputs were not decided (see `baton status`)")
     return 0
+
+
+def overview(steps: list[Step], running: Step, data: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(stage, kind, state) of the selected stages for the live view: kept ones as the ledger has them, the
+    running one, the ones still to run."""
+    rows = []
+    for s in steps:
+        if s.action == "skip":
+            state = (data["stages"].get(s.stage.name) or {}).get("state", "skipped")
+        else:
+            state = "running" if s is running else "to run"
+        rows.append((s.stage.name, s.stage.kind, state))
+    return rows
 
 
 def warn_versions(steps: list[Step], data: dict[str, Any]) -> None:

@@ -6,7 +6,8 @@ and the ranks finish their step, checkpoint and exit 75. A second Ctrl-C kills.
 If the driver itself dies, the kernel sends torchrun SIGTERM (PR_SET_PDEATHSIG),
 so no stage trains on without a driver to record it.
 
-The terminal gets rank 0's stdout (progress) and the driver's own lines. torchrun's
+The terminal gets the driver's view of the stage (launcher/watch.py reads rank 0's
+stdout log and metrics.jsonl) and the driver's own lines. torchrun's
 stderr (its warnings, and the ChildFailedError traceback it prints for any rank
 that exits non-zero, even a stage's exit 2 with its one-line reason) goes to
 TORCHRUN_LOG in the attempt's log folder; the driver tells what happened and, for
@@ -77,9 +78,10 @@ def torchrun(rendezvous: list[str], kind: str, spec_path: Path, nproc_per_node: 
         "--nproc-per-node", str(nproc_per_node), "--max-restarts", "0",
         "--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
         "--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S),
-        # every rank's stdout and stderr go to log_dir; rank 0's stdout (progress) also to the terminal, while
-        # library warnings and weight-loading reports stay in the logs (a failure shows their tail)
-        "--log-dir", str(log_dir), "--redirects", "3", "--tee", "1", "--local-ranks-filter", "0",
+        # every rank's stdout and stderr go to log_dir only; the driver shows rank 0's stdout and progress from
+        # there (launcher/watch.py), while library warnings and weight-loading reports stay in the logs (a failure
+        # shows their tail)
+        "--log-dir", str(log_dir), "--redirects", "3",
         "-m", f"stages.{kind}", "--spec", str(spec_path),
     ]
 
