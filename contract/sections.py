@@ -441,7 +441,7 @@ class Gate(Strict):
         None, description="An earlier stage whose output is handed on instead when the gate fails (on_fail "
         "fallback, or after the last retry).")
 
-    @field_validator("require", mode="before")
+    @field_validator("require", mode="before", json_schema_input_type=str | list[str])  # one condition, or a list
     @classmethod
     def _listed(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value

@@ -1,0 +1,56 @@
+"""The manifest's JSON Schema as editors use it: the shipped copy is `baton schema`'s output, every example manifest
+passes it, and it flags what `baton validate` refuses (an unknown option, another kind's option, a wrong type)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from launcher.cli import main, schema
+from tests.conftest import ROOT
+
+SHIPPED = ROOT / "docs" / "manifest.schema.json"
+EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+MODELINE = "# yaml-language-server: $schema=../docs/manifest.schema.json"
+
+
+def _validator() -> jsonschema.Draft202012Validator:
+    jsonschema.Draft202012Validator.check_schema(schema())
+    return jsonschema.Draft202012Validator(schema())
+
+
+def test_the_shipped_schema_is_baton_schema(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["schema"]) == 0
+    printed = capsys.readouterr().out
+    assert main(["schema", "-o", str(tmp_path / "s.json")]) == 0
+    assert (tmp_path / "s.json").read_text() == printed
+    assert json.loads(printed) == json.loads(SHIPPED.read_text()), \
+        "docs/manifest.schema.json is out of date: `baton schema -o docs/manifest.schema.json`"
+
+
+@pytest.mark.parametrize("manifest", EXAMPLES, ids=lambda p: p.name)
+def test_every_example_passes_the_schema_and_names_it_for_editors(manifest: Path) -> None:
+    text = manifest.read_text()
+    assert text.splitlines()[0] == MODELINE, f"{manifest.name}: its first line is not `{MODELINE}`"
+    errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in _validator().iter_errors(yaml.safe_load(text))]
+    assert not errors, errors
+
+
+@pytest.mark.parametrize(("change", "where"), [
+    (lambda m: m["stages"][1]["train"].update(max_stepz=3), "stages/1/train"),  # unknown option
+    (lambda m: m["stages"][1].update(sentencepiece={"vocab_size": 100}), "stages/1"),  # the tokenizer's option on mlm
+    (lambda m: m["stages"][1]["train"].update(max_steps="many"), "stages/1/train/max_steps"),
+    (lambda m: m["stages"][1].update(kind="mlmm"), "stages/1"),
+])
+def test_the_schema_flags_what_validate_refuses(change, where: str) -> None:  # type: ignore[no-untyped-def]
+    manifest = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())
+    change(manifest)
+    errors = list(_validator().iter_errors(manifest))
+    # a stage is one of the kinds (oneOf on `kind`): the kind's own errors are in the error's context
+    found = [e for error in errors for e in (error, *error.context)]
+    assert errors and any("/".join(map(str, e.absolute_path)).startswith(where) for e in found), \
+        [(list(e.absolute_path), e.message) for e in found]
