@@ -75,6 +75,40 @@ class SharedEvalSpec(DataSpec):
         "own); text: a language model's eval_loss and perplexity under its own objective (masked or causal)")
 
 
+# What a stage can report its metrics.jsonl records to (stages/runtime/trackers.py)
+Tracker = Literal["tensorboard", "wandb", "mlflow"]
+
+
+def default_report_to() -> list[Tracker]:
+    return ["tensorboard"]
+
+
+class WandbSettings(Frozen):
+    """Weights & Biases: where the stages' runs go. Unset values fall to W&B's own environment (WANDB_PROJECT,
+    WANDB_ENTITY …), then to baton's defaults."""
+
+    project: str | None = Field(None, description="W&B project; default: WANDB_PROJECT, else the run's name.")
+    entity: str | None = Field(None, description="W&B entity (user or team); default: WANDB_ENTITY, else W&B's "
+                               "default entity.")
+
+
+class MlflowSettings(Frozen):
+    """MLflow: where the stages' runs go."""
+
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI; default: MLFLOW_TRACKING_URI, else "
+                                     "MLflow's default.")
+    experiment: str | None = Field(None, description="MLflow experiment; default: MLFLOW_EXPERIMENT_NAME, else the "
+                                   "run's name.")
+
+
+class Reporting(Frozen):
+    """Where the stage reports its metrics besides metrics.jsonl (rank 0). Not part of the fingerprint."""
+
+    to: list[Tracker] = Field(default_factory=default_report_to, description="the run's report_to")
+    wandb: WandbSettings = Field(default_factory=WandbSettings)
+    mlflow: MlflowSettings = Field(default_factory=MlflowSettings)
+
+
 class Spec(Frozen):
     spec_version: Literal[2]
     run_name: str
@@ -102,6 +136,8 @@ class Spec(Frozen):
     deepspeed: dict[str, Any] | None = Field(description="the final DeepSpeed config; null where train is")
     shared_evals: dict[str, SharedEvalSpec] = Field(
         default_factory=dict, description="the run's shared eval sets this stage is scored on at its end, by name")
+    reporting: Reporting = Field(default_factory=Reporting, description="the run's report_to, wandb and mlflow: "
+                                 "where rank 0 sends its metrics records; not part of the fingerprint")
 
     @model_validator(mode="after")
     def _batch(self) -> Spec:

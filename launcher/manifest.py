@@ -7,7 +7,9 @@ and raises them together as one ConfigError.
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 import types
 import typing
 from pathlib import Path
@@ -30,6 +32,7 @@ from contract.sections import (
     Strict,
     name_fits,
 )
+from contract.spec import MlflowSettings, Tracker, WandbSettings, default_report_to
 from launcher.errors import ConfigError
 from launcher.yamlmap import Path_, dotted, line_of, load_yaml
 
@@ -54,6 +57,14 @@ class Defaults(Strict):
 class Run(Strict):
     name: str = Field(pattern=NAME_PATTERN, max_length=100, description="Run name; at most 100 bytes in UTF-8.")
     dir: str | None = Field(None, description="Run folder, relative to the working directory. Default runs/<name>.")
+    report_to: list[Tracker] = Field(
+        default_factory=default_report_to,
+        description="Where every stage reports its metrics besides metrics.jsonl: tensorboard (event files in "
+        "stages/<stage>/tensorboard/), wandb, mlflow; [] for none. Not part of the fingerprint.")
+    wandb: WandbSettings = Field(default_factory=WandbSettings, description="Weights & Biases settings (report_to "
+                                 "wandb); WANDB_* environment variables work too.")
+    mlflow: MlflowSettings = Field(default_factory=MlflowSettings, description="MLflow settings (report_to mlflow); "
+                                   "MLFLOW_TRACKING_URI works too.")
 
     @field_validator("name")
     @classmethod
@@ -111,7 +122,7 @@ def load(file: Path) -> Loaded:
     except ValidationError as e:
         raise ConfigError(sorted({_describe(err, data, file, lines) for err in e.errors()}, key=_line_key)) from None
     loaded = Loaded(manifest=manifest, file=file, lines=lines)
-    problems = check_references(loaded)
+    problems = check_references(loaded) + check_trackers(loaded)
     if problems:
         raise ConfigError(problems)
     return loaded
@@ -158,6 +169,22 @@ def check_references(loaded: Loaded) -> list[str]:
                 elif not (base / name).is_file():
                     problems.append(f"{loaded.where(path)}: data file not found: {base / name}")
         seen[stage.name] = stage
+    return problems
+
+
+# report_to value -> the module its stages import, and the extra that installs it
+TRACKER_MODULES = {"wandb": ("wandb", "wandb"), "mlflow": ("mlflow", "mlflow")}
+
+
+def check_trackers(loaded: Loaded) -> list[str]:
+    """Each tracker in run.report_to that this Python cannot import (asked without importing it: the driver
+    never loads a tracker). The stages run in the same environment, so they would go without it."""
+    problems = []
+    for j, name in enumerate(loaded.manifest.run.report_to):
+        module, extra = TRACKER_MODULES.get(name, (None, None))
+        if module is not None and importlib.util.find_spec(module) is None:
+            problems.append(f"{loaded.where(('run', 'report_to', j))}: {name} is not installed in this Python "
+                            f"({sys.executable}); pip install 'baton[{extra}]', or take {name} out of report_to")
     return problems
 
 

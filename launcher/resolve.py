@@ -159,6 +159,8 @@ def _resolve_stage(loaded: Loaded, i: int, stage: StageBase, name: str,
         "train": None, "checkpoint": None, "eval": None, "deepspeed": None,
         "options": stage.options(),
         "shared_evals": {n: shared[n] for n in instances.shared_sets(loaded, stage) if n in shared},
+        "reporting": {"to": list(m.run.report_to), "wandb": m.run.wandb.model_dump(),
+                      "mlflow": m.run.mlflow.model_dump()},
     }
     for section in spec["shared_evals"].values():
         spec["data"]["digests"] |= section["digests"]  # the plan, the ledger and `lineage` show them as data read
@@ -424,10 +426,11 @@ def settings(spec: Spec) -> dict[str, Any]:
     """What decides a stage's result: its spec without places on disk and without bookkeeping.
 
     Inputs count by digest, not by path (a moved data file with the same bytes changes
-    nothing); checkpoint frequency and logging do not change what is trained.
+    nothing); checkpoint frequency, logging and where metrics are reported do not change what is trained.
     """
     s = spec.model_dump(mode="json")
-    for key in ("run_name", "stage", "stage_dir", "cache_dir", "fingerprint", "fingerprint_any_world", "checkpoint"):
+    for key in ("run_name", "stage", "stage_dir", "cache_dir", "fingerprint", "fingerprint_any_world", "checkpoint",
+                "reporting"):
         s.pop(key, None)
     for data in (s["data"], *s["sections"].values(), *s["shared_evals"].values()):
         data["train"] = [data["digests"][f] for f in data.pop("train_files")]

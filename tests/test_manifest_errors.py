@@ -818,3 +818,49 @@ def test_model_checks_that_passed_are_remembered(tmp_path: Path) -> None:
                            text=True, timeout=120) for _ in range(2)]
     assert [r.stdout.strip() for r in runs] == ["['torch', 'transformers']", "[]"], [r.stderr for r in runs]
     assert len(list((tmp_path / "cache" / "modelcheck").iterdir())) == 2  # pre's config, cls's folder
+
+
+# ----------------------------------------------------------------- run.report_to (TensorBoard, W&B, MLflow)
+
+REPORT_TO = "run: {name: bad}"
+
+
+def without(tmp_path: Path, module: str) -> dict[str, str]:
+    """An environment in which `module` cannot be imported (a sitecustomize blocks it), as where it is not
+    installed."""
+    shim = tmp_path / "shim"
+    shim.mkdir(exist_ok=True)
+    (shim / "sitecustomize.py").write_text(f"import sys\nsys.modules[{module!r}] = None\n", encoding="utf-8")
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(shim), str(REPO)])}
+
+
+@pytest.mark.parametrize("command", ["validate", "run"])
+def test_report_to_a_tracker_not_installed(tmp_path: Path, command: str) -> None:
+    """report_to: [wandb] where wandb cannot be imported: exit 2 naming file:line and the list item, nothing run."""
+    write_inputs(tmp_path)
+    text = edit(REPORT_TO, "run:\n  name: bad\n  report_to: [tensorboard, wandb]  #!")
+    manifest = tmp_path / "bad.yaml"
+    manifest.write_text(text, encoding="utf-8")
+    proc = subprocess.run([sys.executable, "-m", "launcher.cli", command, str(manifest)], cwd=tmp_path,
+                          env=without(tmp_path, "wandb"), capture_output=True, text=True, timeout=120)
+    case = Case(text, "run.report_to[1]", ("wandb is not installed", "baton[wandb]"), command=command)
+    line = assert_clean_failure(proc, case, tmp_path, tmp_path / "run")
+    assert line.startswith(f"baton: {manifest}:{marked_line(text)} run.report_to[1]: "), line
+    # installed (this test environment has both): the same manifest is fine
+    ok = subprocess.run([sys.executable, "-m", "launcher.cli", "validate", str(manifest)], cwd=tmp_path,
+                        capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_report_to_unknown_tracker_and_settings(tmp_path: Path) -> None:
+    for text, where, says in (
+        (edit(REPORT_TO, "run:\n  name: bad\n  report_to: [tensorboard, comet]  #!"), "run.report_to[1]",
+         ("'tensorboard', 'wandb' or 'mlflow'", "got 'comet'")),
+        (edit(REPORT_TO, "run:\n  name: bad\n  wandb: {project: p, team: t}  #!"), "run.wandb.team",
+         ("unknown key; valid keys here: project, entity",)),
+        (edit(REPORT_TO, "run:\n  name: bad\n  mlflow: {experiment: 3}  #!"), "run.mlflow.experiment",
+         ("got 3",)),
+    ):
+        proc, manifest, run_dir = baton(tmp_path, Case(text, where, says))
+        line = assert_clean_failure(proc, Case(text, where, says), tmp_path, run_dir)
+        assert line.startswith(f"baton: {manifest}:{marked_line(text)} {where}: "), line

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from contract.files import json_safe
-from stages.runtime import dist
+from stages.runtime import dist, trackers
 from stages.runtime.speed import Flops
 
 
@@ -56,11 +56,13 @@ class Metrics:
         self._window: tuple[float, int] | None = None
 
     def log(self, event: str, **fields: Any) -> None:
+        """Rank 0: append the record, and hand it to the stage's trackers (TensorBoard, W&B, MLflow)."""
         if not dist.is_main():
             return
         record = json_safe({"event": event, "time": time.time(), **fields})  # a NaN loss is recorded as null
         with open(self.path, "a") as f:
             f.write(json.dumps(record, allow_nan=False) + "\n")
+        trackers.record(record)
 
     def start(self, step: int, world_size: int, resharded_from: int | None = None) -> None:
         """`resharded_from`: the world size of the checkpoint resumed, when it was another."""
