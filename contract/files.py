@@ -85,15 +85,20 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
-def write_atomic(path: str | os.PathLike[str], text: str) -> None:
-    """Write so that readers see the old or the new file, never a part: temp file, fsync, rename, fsync the folder."""
+def write_atomic(path: str | os.PathLike[str], data: str | bytes) -> None:
+    """Write so that readers see the old or the new file, never a part: temp file, fsync, rename, fsync the folder.
+    Text is written as UTF-8."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)
 
 

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from launcher.errors import BatonError
+from launcher.errors import BatonError, ConfigError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,12 +42,25 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("resume", help="run again the manifest a run folder was made from")
     p.add_argument("run_dir", type=Path)
 
-    for name, text in (("status", "table of stages: state, steps, metrics, digests"),
-                       ("lineage", "which checkpoint fed which stage"),
-                       ("verify", "hash each done stage's final/ again and compare with the ledger (exit 1: damaged)")):
-        sub.add_parser(name, help=text).add_argument("run_dir", type=Path)
+    p = sub.add_parser("status", help="table of stages: state, progress, metrics, digests (works while a run runs)")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--json", action="store_true", help="the same as one JSON object, for scripts")
 
-    sub.add_parser("schema", help="print the manifest's JSON Schema")
+    p = sub.add_parser("lineage", help="which checkpoint fed which stage: text, JSON, Mermaid or a picture")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--format", choices=("text", "json", "mermaid", "svg", "png"), default="text",
+                   help="text (default); json: the graph as data; mermaid: a Markdown flowchart; svg, png: a picture")
+    p.add_argument("--json", dest="format", action="store_const", const="json", help="the same as --format json")
+    p.add_argument("-o", "--output", type=Path, help="write to this file (atomically) instead of stdout; png needs it")
+    sub.add_parser("verify", help="hash each done stage's final/ again and compare with the ledger (exit 1: damaged)"
+                   ).add_argument("run_dir", type=Path)
+
+    p = sub.add_parser("schema", help="the manifest's JSON Schema, every kind's options in it (for editors)")
+    p.add_argument("-o", "--output", type=Path, help="write it to this file instead of stdout")
+
+    p = sub.add_parser("report", help="one self-contained HTML page: lineage, curves, evals, attempts, settings")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("-o", "--output", type=Path, help="where to write it (default: <run>/report.html)")
 
     args = parser.parse_args(argv)
     try:
@@ -80,21 +93,51 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "resume":
         return pipeline.resume(args.run_dir)
     if args.command == "status":
-        print(report.status(args.run_dir))
+        print(json.dumps(report.status_data(args.run_dir), indent=2) if args.json else report.status(args.run_dir))
         return 0
     if args.command == "lineage":
-        print(report.lineage(args.run_dir))
+        from launcher import lineage
+
+        if args.format == "png" and args.output is None:
+            raise ConfigError("lineage --format png: a picture is not for a terminal; give -o FILE.png")
+        _output(lineage.render(args.run_dir, args.format), args.output)
         return 0
     if args.command == "verify":
         text, intact = report.verify(args.run_dir)
         print(text)
         return 0 if intact else 1
-    if args.command == "schema":
-        from launcher.manifest import Manifest
+    if args.command == "report":
+        from launcher import htmlreport
 
-        print(json.dumps(Manifest.model_json_schema(by_alias=True), indent=2))
+        out = args.output or args.run_dir / "report.html"
+        _output(htmlreport.build(args.run_dir), out)
+        print(out)
+        return 0
+    if args.command == "schema":
+        _output(json.dumps(schema(), indent=2) + "\n", args.output)
         return 0
     raise AssertionError(args.command)
+
+
+def _output(data: str | bytes, path: Path | None) -> None:
+    """A command's output on stdout, or written atomically to `path` (-o)."""
+    if path is None:
+        sys.stdout.write(data if isinstance(data, str) else data.decode("utf-8"))
+        return
+    from contract.files import write_atomic
+
+    try:
+        write_atomic(path, data)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot write: {e.strerror or e}") from None
+
+
+def schema() -> dict[str, object]:
+    """The manifest's JSON Schema (draft 2020-12, as pydantic writes it): what editors check a manifest against."""
+    from launcher.manifest import Manifest
+
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "baton manifest",
+            **{k: v for k, v in Manifest.model_json_schema(by_alias=True).items() if k != "title"}}
 
 
 if __name__ == "__main__":

@@ -51,14 +51,14 @@ def _reason(reason: str) -> str:
     return "" if reason in ("None", "(null)") else reason
 
 
-def slurm_column(entries: dict[str, dict[str, Any]]) -> dict[str, str]:
-    """`12 RUNNING`, `13 PENDING (Dependency)` for each stage that has a job."""
+def slurm_states(entries: dict[str, dict[str, Any]]) -> dict[str, dict[str, str]]:
+    """{stage: {"job_id", "state", "reason"}} for each stage that has a job (state "gone": Slurm forgot it)."""
     ids = {name: e["slurm"]["job_id"] for name, e in entries.items() if e.get("slurm")}
     states = job_states(list(ids.values()))
     out = {}
     for name, job in ids.items():
         state, reason = states.get(job, ("gone", ""))
-        out[name] = f"{job} {state}" + (f" ({reason})" if reason else "")
+        out[name] = {"job_id": job, "state": state} | ({"reason": reason} if reason else {})
     return out
 
 

@@ -4,119 +4,128 @@ status and lineage compare a done stage's files with their recorded sizes and mt
 
 from __future__ import annotations
 
-import datetime as dt
 from pathlib import Path
 from typing import Any
 
 from contract.files import dir_digest, short
-from contract.layout import final_dir, read_metrics, stage_dir
-from launcher import ledger
+from contract.layout import final_dir, stage_dir
 from launcher.decisions import describe
 from launcher.digests import folder_stat
-from launcher.errors import BatonError
+from launcher.lineage import ON_DISK, load, refs
 from launcher.plan import disk_state, stat_changes
-
-ON_DISK = {"changed": "CHANGED ON DISK", "missing": "final/ MISSING"}  # marks of a done stage whose final/ differs
-
-
-def _load(run_dir: Path) -> dict[str, Any]:
-    if not (run_dir / ledger.LEDGER).is_file():
-        raise BatonError(f"{run_dir}: no {ledger.LEDGER} here; is this a run folder (runs/<name>)?")
-    return ledger.read(run_dir)
+from launcher.progress import read as read_progress
 
 
-def last_progress(folder: Path, launched: str | None) -> dict[str, Any]:
-    """The newest train step, and the start-up time (launch -> first step) of the attempt launched at `launched`."""
-    out: dict[str, Any] = {}
-    for rec in read_metrics(folder):
-        if rec.get("event") == "train":
-            out["step"] = rec.get("step")
-        elif rec.get("event") == "first_step" and launched and "time" in rec:
-            out["startup_s"] = rec["time"] - dt.datetime.fromisoformat(launched).timestamp()
-    return out
+def status_data(run_dir: Path) -> dict[str, Any]:
+    """The run as `baton status --json` gives it: per stage its state, progress (read from metrics.jsonl while it
+    runs), metrics, digests, tries and Slurm job; the shared eval sets side by side; the decisions taken."""
+    data = load(run_dir)
+    jobs: dict[str, dict[str, str]] = {}
+    if any(e.get("slurm") for e in data["stages"].values()):
+        from launcher.jobs import slurm_states
+
+        jobs = slurm_states(data["stages"])
+    stages = []
+    for name, e in data["stages"].items():
+        attempts = e.get("attempts") or []
+        progress = read_progress(stage_dir(run_dir, name), (attempts or [{}])[-1].get("started"))
+        state = e.get("state", "?")
+        inputs = [{"input": key, **{k: ref.get(k) for k in ("source", "stage", "path", "digest") if ref.get(k)}}
+                  for key, value in (e.get("inputs") or {}).items() if key != "data" for ref in refs(value)]
+        stage = {"name": name, "kind": e.get("kind"), "state": state,
+                 "on_disk": disk_state(run_dir, name, e) if state == "done" and e.get("output") else None,
+                 "steps": e.get("steps") if state == "done" else progress.step,
+                 "progress": progress.as_dict(), "metrics": e.get("metrics") or {}, "inputs": inputs,
+                 "data": (e.get("inputs") or {}).get("data") or {}, "output": (e.get("output") or {}).get("digest"),
+                 "tries": len(attempts), "started": attempts[0].get("started") if attempts else None,
+                 "ended": attempts[-1].get("ended") if attempts else None, "slurm": jobs.get(name)}
+        stages.append({k: v for k, v in stage.items() if v is not None})
+    return {"version": 1, "run": data.get("run"), "run_dir": str(run_dir.resolve()), "manifest": data.get("manifest"),
+            "stages": stages, "shared_evals": shared(data), "decisions": decided(data)}
 
 
 def status(run_dir: Path) -> str:
-    data = _load(run_dir)
+    """`status_data` as tables."""
+    st = status_data(run_dir)
     rows: list[tuple[str, ...]] = [
         ("stage", "kind", "state", "steps", "metrics", "input -> output", "tries", "launch -> step 1")]
-    jobs: dict[str, str] = {}
-    shared = set(data.get("evals") or [])  # the shared eval sets' metrics have a table of their own
-    if any(e.get("slurm") for e in data["stages"].values()):
-        from launcher.jobs import slurm_column
-
-        jobs = slurm_column(data["stages"])
+    slurm = any("slurm" in s for s in st["stages"])
+    if slurm:
         rows[0] += ("slurm",)
-    for name, e in data["stages"].items():
-        folder = stage_dir(run_dir, name)
-        progress = last_progress(folder, (e.get("attempts") or [{}])[-1].get("started"))
-        steps = e.get("steps") if e.get("state") == "done" else progress.get("step")
-        own = [(k, v) for k, v in (e.get("metrics") or {}).items() if k.split("/")[0] not in shared]  # see below
-        shown = ", ".join(f"{k} {_num(v)}" for k, v in own) or "-"  # in the order the stage gave them
-        refs = [ref for k, value in (e.get("inputs") or {}).items() if k != "data" for ref in _each(value)]
-        inputs = [i for i in dict.fromkeys(short(ref.get("digest")) for ref in refs) if i != "-"] or ["data"]
-        io = f"{','.join(inputs)} -> {short((e.get('output') or {}).get('digest'))}"
-        startup = f"{progress['startup_s']:.1f} s" if progress.get("startup_s") is not None else "-"
-        state = e.get("state", "?")
-        if state == "done" and e.get("output"):
-            mark = ON_DISK.get(disk_state(run_dir, name, e))
-            state += f" ({mark})" if mark else ""
-        row = (name, e.get("kind", "?"), state, str(steps if steps is not None else "-"),
-               shown, io, str(len(e.get("attempts", []))), startup)
-        rows.append(row + ((jobs.get(name, "-"),) if jobs else ()))
-    text = f"run {data.get('run', '?')}  ({run_dir})\n" + _table(rows)
-    return "\n\n".join([text, *filter(None, [_shared_table(data), _decisions(data)])])
+    shared = set(st["shared_evals"])  # the shared eval sets' metrics have a table of their own
+    for s in st["stages"]:
+        own = [(k, v) for k, v in s["metrics"].items() if k.split("/")[0] not in shared]  # see below
+        shown = ", ".join(f"{k} {number(v)}" for k, v in own) or "-"  # in the order the stage gave them
+        inputs = [i for i in dict.fromkeys(short(ref.get("digest")) for ref in s["inputs"]) if i != "-"] or ["data"]
+        io = f"{','.join(inputs)} -> {short(s.get('output'))}"
+        startup = s["progress"].get("startup_s")
+        mark = ON_DISK.get(s.get("on_disk") or "")
+        state = s["state"] + (f" ({mark})" if mark else "")
+        row = (s["name"], s.get("kind") or "?", state, str(s.get("steps", "-")), shown, io, str(s["tries"]),
+               "-" if startup is None else f"{startup:.1f} s")
+        job = s.get("slurm") or {}
+        rows.append(row + ((f"{job['job_id']} {job['state']}" + (f" ({job['reason']})" if job.get("reason") else "")
+                            if job else "-",) if slurm else ()))
+    text = f"run {st['run'] or '?'}  ({run_dir})\n" + _table(rows)
+    return "\n\n".join([text, *filter(None, [_shared_table(st["shared_evals"]), _decisions(st["decisions"])])])
 
 
-def _shared_table(data: dict[str, Any]) -> str:
-    """The shared eval sets' metrics of every done stage side by side: what each stage bought."""
-    sets = data.get("evals") or []
+def shared(data: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
+    """{shared eval set: {done stage: {metric: value}}}: what each stage bought on the same eval sets."""
     done = {n: e.get("metrics") or {} for n, e in data["stages"].items() if e.get("state") == "done"}
-    columns = [k for s in sets for k in dict.fromkeys(k for m in done.values() for k in m if k.startswith(f"{s}/"))]
-    if not columns:
-        return ""
-    rows = [("shared evals", *columns)] + [(n, *(_num(m[c]) if c in m else "-" for c in columns))
-                                           for n, m in done.items() if any(c in m for c in columns)]
-    return _table(rows)
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for name in data.get("evals") or []:
+        scored = {stage: {k.split("/", 1)[1]: v for k, v in m.items() if k.startswith(f"{name}/")}
+                  for stage, m in done.items()}
+        out[name] = {stage: m for stage, m in scored.items() if m}
+    return out
 
 
-def _decisions(data: dict[str, Any]) -> str:
-    """Each decision taken: the gates' checks with their numbers, retries, fallbacks, the chosen variants."""
+def decided(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The ledger's decisions, each event with its one-line description beside it."""
+    return {name: {**rec, "events": [{**e, "text": describe(e)} for e in rec.get("events", [])]}
+            for name, rec in (data.get("decisions") or {}).items()}
+
+
+def shared_columns(shared: dict[str, dict[str, dict[str, Any]]]) -> tuple[list[str], list[tuple[str, dict[str, Any]]]]:
+    """`status_data`'s shared evals as columns `<set>/<metric>` and a row {column: value} per stage scored."""
+    columns = [f"{name}/{m}" for name, scored in shared.items()
+               for m in dict.fromkeys(m for metrics in scored.values() for m in metrics)]
+    stages = list(dict.fromkeys(stage for scored in shared.values() for stage in scored))
+    rows = [(stage, {f"{name}/{m}": v for name, scored in shared.items() for m, v in scored.get(stage, {}).items()})
+            for stage in stages]
+    return columns, rows
+
+
+def decision_lines(decided: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
+    """(stage, line) for each decision taken: the gates' checks with their numbers, retries, fallbacks, the chosen
+    variants, and what each gate's stage hands on."""
     lines = []
-    for name, rec in (data.get("decisions") or {}).items():
-        lines += [f"{name}: {describe(e)}" for e in rec.get("events", [])]
+    for name, rec in decided.items():
+        lines += [(name, e["text"]) for e in rec["events"]]
         outcome = {"pass": f"hands on {rec.get('hand_on')}", "pending": f"waiting for {rec.get('next')}",
                    "fallback": f"hands on {rec.get('hand_on')} (fallback {rec.get('fallback')})",
-                   "stop": f"STOPPED THE RUN: {rec.get('reason')}"}.get(rec.get("outcome"), "?")
-        lines.append(f"{name}: {outcome}")
-    return "decisions\n" + "\n".join(f"  {line}" for line in lines) if lines else ""
+                   "stop": f"STOPPED THE RUN: {rec.get('reason')}"}.get(str(rec.get("outcome")), "?")
+        lines.append((name, outcome))
+    return lines
 
 
-def lineage(run_dir: Path) -> str:
-    data = _load(run_dir)
-    stages = data["stages"]
-    lines = [f"run {data.get('run', '?')}  manifest {data.get('manifest', '?')} {short(data.get('manifest_digest'))}"]
-    for name, e in stages.items():
-        lines.append(f"{name} [{e.get('kind', '?')}] {e.get('state', '?')}")
-        for key, value in (e.get("inputs") or {}).items():
-            if key == "data":
-                lines += [f"  <- data {path}  {short(d)}" for path, d in value.items()]
-                continue
-            for ref in _each(value):
-                lines.append(_input_line(key, ref, stages, run_dir))
-        out = e.get("output")
-        if out:
-            mark = ON_DISK.get(disk_state(run_dir, name, e)) if e.get("state") == "done" else None
-            lines.append(f"  -> {out['path']}  {short(out['digest'])}" + (f"  ({mark})" if mark else ""))
-        rec = (data.get("decisions") or {}).get(name)
-        if rec:
-            lines += [f"  decided: {describe(ev)}" for ev in rec.get("events", [])]
-    return "\n".join(lines)
+def _shared_table(shared: dict[str, dict[str, dict[str, Any]]]) -> str:
+    columns, rows = shared_columns(shared)
+    if not columns:
+        return ""
+    return _table([("shared evals", *columns)] + [(stage, *(number(m[c]) if c in m else "-" for c in columns))
+                                                  for stage, m in rows])
+
+
+def _decisions(decided: dict[str, dict[str, Any]]) -> str:
+    lines = decision_lines(decided)
+    return "decisions\n" + "\n".join(f"  {name}: {line}" for name, line in lines) if lines else ""
 
 
 def verify(run_dir: Path) -> tuple[str, bool]:
     """Hash every done stage's final/ again and compare with the ledger: (one line per stage, all intact)."""
-    data = _load(run_dir)
+    data = load(run_dir)
     lines, intact = [], True
     for name, e in data["stages"].items():
         out = e.get("output") or {}
@@ -139,28 +148,7 @@ def verify(run_dir: Path) -> tuple[str, bool]:
     return "\n".join(lines), intact
 
 
-def _each(value: Any) -> list[dict[str, Any]]:
-    """An input's references: one, or a list (ensemble members …)."""
-    return value if isinstance(value, list) else [value] if value else []
-
-
-def _input_line(key: str, ref: dict[str, Any], stages: dict[str, Any], run_dir: Path) -> str:
-    if ref["source"] == "stage":
-        entry = stages.get(ref["stage"], {})
-        upstream = (entry.get("output") or {}).get("digest")
-        if upstream != ref["digest"]:
-            mark = f"STALE: {ref['stage']} now gives {short(upstream)}"
-        else:  # the digests agree; do the files still? (sizes and mtimes only: `baton verify` hashes)
-            on_disk = disk_state(run_dir, ref["stage"], entry)
-            mark = ON_DISK.get(on_disk) or ("ok" if on_disk == "ok" else "ok as recorded; `baton verify` checks files")
-        via = f"; handed on for {ref['named']}" if ref.get("named") else ""
-        return f"  <- {key} {ref['stage']}/final  {short(ref['digest'])}  ({mark}{via})"
-    if ref["source"] == "pretrained":
-        return f"  <- {key} {ref['path']}  {short(ref.get('digest'))}"
-    return f"  <- {key} built from a config"
-
-
-def _num(v: Any) -> str:
+def number(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 

@@ -21,8 +21,9 @@ import pytest
 
 from contract.layout import EXIT_GATE_STOPPED, read_result, stage_dir
 from contract.spec import Spec
+from launcher import lineage as lineage_graph
 from launcher.ledger import read
-from launcher.report import lineage, status
+from launcher.report import status
 from tests.conftest import ROOT, baton, expected_decisions
 from tests.slurm.helpers import assert_same_weights, final_weights, wait_for_checkpoint
 from tests.test_ledger_plan import GLOSSES, LABELLED
@@ -65,6 +66,10 @@ stages:
     data: {{train: data/labelled.jsonl, eval: data/labelled.jsonl}}
     train: {{max_steps: 2, micro_batch_size: 4}}
 """
+
+
+def lineage(run_dir: Path) -> str:
+    return lineage_graph.text(lineage_graph.graph(run_dir))
 
 
 def write(folder: Path, *, lr: float = 8e-4, ft_extra: str = "", ffn: float = 0.9) -> Path:
@@ -281,3 +286,47 @@ def test_a_kill_in_the_middle_of_a_real_retry_resumes_that_attempt(gates_run: di
     assert len(led["stages"]["pretrain"]["attempts"]) == 1  # not run again, its decision replayed
     assert expected_decisions(led) == expected_decisions(read(gates_run["run_dir"]))
     assert_same_weights(final_weights(gates_run["run_dir"], "pretrain@2"), final_weights(run_dir, "pretrain@2"))
+
+
+@pytest.mark.slow
+def test_the_report_of_a_real_run_renders_in_a_browser(gates_run: dict[str, Any], hf_env: dict[str, str],
+                                                       tmp_path: Path) -> None:
+    from tests import browser
+
+    out = tmp_path / "report.html"
+    assert baton("report", gates_run["run_dir"], "-o", out, env=hf_env).stdout.strip() == str(out)
+    page = out.read_text()
+    assert "retry as pretrain@2" in page and "chosen finetune@v" in page and "heldout/accuracy" in page
+    stages = list(read(gates_run["run_dir"])["stages"])
+    found = browser.check_report(out, stages, plots=3)
+    assert found["switched"]  # the training curves go from steps to tokens
+    assert dict(found["tables"])["attempts"] == sum(len(e["attempts"]) for e in entries(gates_run["run_dir"]).values())
+
+
+@pytest.mark.slow
+def test_lineage_shows_the_real_runs_retry_variants_and_fallback(gates_run: dict[str, Any],
+                                                                 hf_env: dict[str, str]) -> None:
+    import xml.etree.ElementTree as ET
+
+    run_dir = gates_run["run_dir"]
+    led = read(run_dir)
+    chosen = led["decisions"]["finetune"]["events"][0]["chosen"]
+    g = json.loads(baton("lineage", run_dir, "--json", env=hf_env).stdout)
+    assert [n["name"] for n in g["nodes"]] == list(led["stages"])
+    gates = {n["name"]: n["gate"] for n in g["nodes"]}
+    assert (gates["pretrain"], gates["pretrain@2"], gates[chosen], gates["prune"]) == (
+        "failed", "passed", "selected", "failed")
+    handed = {(e["from"], e["to"], e["key"]): (e["named"], e["handed_on"], e["digest"]) for e in g["edges"]}
+    out = {n: led["stages"][n]["output"]["digest"] for n in ("pretrain@2", chosen)}
+    assert handed["stage:pretrain@2", f"stage:{chosen}", "init"] == ("pretrain", "passed", out["pretrain@2"])
+    assert handed[f"stage:{chosen}", "stage:prune", "init"] == ("finetune", "selected", out[chosen])
+    assert handed[f"stage:{chosen}", "stage:last", "init"] == ("prune", "fallback", out[chosen])
+    assert {e["state"] for e in g["edges"]} == {"ok"}  # a real run: every final/ as recorded
+    decided = {d["stage"]: d for d in g["decisions"]}
+    assert [e["action"] for e in decided["pretrain"]["events"]] == ["retry", "pass"]
+    assert decided["prune"]["outcome"] == "fallback" and decided["prune"]["hand_on"] == chosen
+
+    svg = baton("lineage", run_dir, "--format", "svg", env=hf_env).stdout
+    shown = " ".join(t.text or "" for t in ET.fromstring(svg).iter("{http://www.w3.org/2000/svg}text"))
+    assert "retry" in shown and "selected for finetune" in shown and "fallback for prune" in shown
+    assert all(n in shown for n in led["stages"]) and "gate failed" in shown

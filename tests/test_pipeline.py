@@ -7,6 +7,7 @@ manifest run last, on their own copy of the run folder.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -50,6 +51,10 @@ def test_every_stage_done_with_lineage_matching_the_files(tiny_run: dict[str, Pa
     assert "STALE" not in text and text.count("(ok)") == 3
     status = baton("status", run_dir, env=hf_env).stdout
     assert "accuracy" in status and status.count(" done ") == 3
+    st = json.loads(baton("status", run_dir, "--json", env=hf_env).stdout)
+    assert [(s["name"], s["state"], s["output"]) for s in st["stages"]] == [
+        (n, "done", e["output"]["digest"]) for n, e in stages.items()]
+    assert st["stages"][1]["progress"]["max_steps"] == st["stages"][1]["steps"] == 24
 
 
 def test_final_model_gives_the_logits_the_engine_gave(tiny_run: dict[str, Path]) -> None:
@@ -144,7 +149,10 @@ stages:
 
 def test_terminal_shows_progress_and_the_logs_keep_library_chatter(tiny_run: dict[str, Any]) -> None:
     terminal = tiny_run["terminal"]
-    assert "step 24/24" in terminal and "step 16/16" in terminal  # rank 0's progress lines
+    # not a terminal: rank 0's lines as they come, with the time and the stage, without torchrun's prefix
+    assert re.search(r"^\d\d:\d\d:\d\d pretrain \| step 24/24  loss ", terminal, re.M), terminal[-3000:]
+    assert re.search(r"^\d\d:\d\d:\d\d finetune \| step 16/16  loss ", terminal, re.M)
+    assert "[default0]" not in terminal
     assert "== finetune: done" in terminal
     # transformers' weight-loading report (the classifier head is new) and library warnings stay in the logs
     assert "LOAD REPORT" not in terminal and "Warning" not in terminal, terminal[-3000:]

@@ -36,7 +36,8 @@ def test_the_shipped_schema_is_baton_schema(tmp_path: Path, capsys: pytest.Captu
 def test_every_example_passes_the_schema_and_names_it_for_editors(manifest: Path) -> None:
     text = manifest.read_text()
     assert text.splitlines()[0] == MODELINE, f"{manifest.name}: its first line is not `{MODELINE}`"
-    errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in _validator().iter_errors(yaml.safe_load(text))]
+    found = _validator().iter_errors(yaml.safe_load(text))
+    errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in found]
     assert not errors, errors
 
 

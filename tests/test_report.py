@@ -1,0 +1,177 @@
+"""`baton report`: the one-file HTML page, built from run folders written here the way baton writes them (a ledger
+and each stage's metrics.jsonl; no training), and looked at in a real headless browser (tests/browser.py).
+tests/test_decisions.py opens the page of a real run."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from contract.files import file_digest
+from launcher import htmlreport
+from launcher.cli import main
+from tests import browser
+
+STAGES = ["tokenizer", "pretrain", "pretrain@2", "finetune", "prune"]
+MANIFEST = """version: 1
+run: {name: fake}
+# a <script>alert(1)</script> in a comment stays text
+evals:
+  heldout: {task: classify, eval: data/eval.jsonl}
+stages: []
+"""
+
+
+def attempt(n: int, exit_code: int, outcome: str, resumed_from: str | None = None) -> dict[str, Any]:
+    """An attempt record as launcher/attempts.py writes it."""
+    return {"attempt": n, "backend": "local", "started": f"2026-11-30T10:0{n}:00.000+00:00",
+            "resumed_from": resumed_from, "world_size": 2, "command": ["torchrun", "-m", "stages.x"], "host": "vm",
+            "platform": "Linux", "versions": {"python": "3.11"}, "ended": f"2026-11-30T10:0{n}:30.000+00:00",
+            "exit_code": exit_code, "wall_s": 30.0, "outcome": outcome}
+
+
+def train(step: int, loss: float, t: float = 0) -> dict[str, Any]:
+    return {"event": "train", "time": 1796067000 + t + step, "step": step, "samples": 16 * step, "loss": loss,
+            "lr": 1e-3 * step / 12, "tokens": 512, "steps_per_s": 5.0, "tokens_per_s": 2560.0}
+
+
+def stage(kind: str, attempts: list[dict[str, Any]], metrics: dict[str, Any], steps: int) -> dict[str, Any]:
+    return {"state": "done", "attempts": attempts, "kind": kind, "fingerprint": "sha256:" + "ab" * 32,
+            "settings": {"kind": kind, "train": {"lr": 1e-3, "max_steps": steps}, "seed": 7},
+            "inputs": {"data": {}}, "output": {"path": "/x/final", "digest": "sha256:" + "cd" * 32},
+            "metrics": metrics, "steps": steps}
+
+
+def fake_run(root: Path) -> Path:
+    """A run: tokenizer; pretrain whose gate failed, retried as pretrain@2, which was stopped at step 8 after its
+    checkpoint of step 6 and resumed from it; finetune scored on the shared eval set; prune (no train records)."""
+    run_dir = root / "run"
+    manifest = root / "fake.yaml"
+    manifest.write_text(MANIFEST)
+    start = {"event": "start", "time": 1796067000, "step": 0, "max_steps": 12, "world_size": 2,
+             "environment": {"host": "vm", "torch": "2.13.0+cpu", "cuda": None}}
+    records = {
+        "tokenizer": [start | {"max_steps": 0}],
+        "pretrain": [start, *(train(s, 6.5) for s in (2, 4, 6, 8, 10, 12)),
+                     {"event": "eval", "time": 1796067100, "step": 12, "eval_loss": 6.4, "perplexity": 600.0}],
+        "pretrain@2": [start, {"event": "first_step", "time": 1796067001, "startup_s": 9.1},
+                       *(train(s, 7 - s / 4) for s in (2, 4, 6)),
+                       {"event": "checkpoint", "time": 1796067006, "step": 6, "tag": "step00000006"},
+                       train(8, 99.0), {"event": "stop", "time": 1796067009, "step": 8, "reason": "signal"},
+                       start | {"step": 6}, *(train(s, 7 - s / 4, 100) for s in (8, 10, 12)),
+                       {"event": "eval", "time": 1796067200, "step": 12, "eval_loss": 5.9, "perplexity": 365.0}],
+        "finetune": [start | {"max_steps": 8}, *(train(s, 2.1 - s / 10) for s in (4, 8)),
+                     {"event": "eval", "time": 1796067300, "step": 8, "accuracy": 0.5, "macro_f1": 0.4,
+                      "eval_loss": 1.9, "heldout/accuracy": 0.45, "heldout/eval_loss": 2.0}],
+        "prune": [start | {"max_steps": 0}, {"event": "prune", "time": 1796067400, "before": {"ffn": 64},
+                                              "after": {"ffn": 16}, "importance": "magnitude"},
+                  {"event": "eval", "time": 1796067401, "step": 0, "accuracy": 0.4, "eval_loss": 2.2,
+                   "heldout/accuracy": 0.38, "heldout/eval_loss": 2.3}],
+    }
+    for name, recs in records.items():
+        folder = run_dir / "stages" / name
+        folder.mkdir(parents=True)
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    done = attempt(1, 0, "done")
+    stages = {
+        "tokenizer": stage("tokenizer", [done], {"vocab_size": 600}, 0),
+        "pretrain": stage("mlm", [done], {"eval_loss": 6.4, "perplexity": 600.0}, 12),
+        "pretrain@2": stage("mlm", [attempt(1, 75, "preempted"), attempt(2, 0, "done", "step00000006")],
+                            {"eval_loss": 5.9, "perplexity": 365.0}, 12),
+        "finetune": stage("classify", [done], {"accuracy": 0.5, "macro_f1": 0.4, "eval_loss": 1.9,
+                                               "heldout/accuracy": 0.45, "heldout/eval_loss": 2.0}, 8),
+        "prune": stage("prune", [done], {"accuracy": 0.4, "eval_loss": 2.2, "heldout/accuracy": 0.38,
+                                         "heldout/eval_loss": 2.3}, 0),
+    }
+    gate = {"kind": "gate", "checks": [{"condition": "eval_loss <= 6.2", "compare": "<=", "right": 6.2}],
+            "basis": {}, "time": "2026-11-30T10:05:00.000+00:00"}
+    decisions = {"pretrain": {"rule": "sha256:00", "outcome": "pass", "hand_on": "pretrain@2", "next": None, "events": [
+        gate | {"attempt": "pretrain", "passed": False, "action": "retry", "next": "pretrain@2",
+                "checks": [gate["checks"][0] | {"left": 6.4, "passed": False}]},
+        gate | {"attempt": "pretrain@2", "passed": True, "action": "pass",
+                "checks": [gate["checks"][0] | {"left": 5.9, "passed": True}]}]}}
+    ledger = {"version": 1, "stages": stages, "created": "2026-11-30T10:00:00.000+00:00", "run": "fake",
+              "manifest": str(manifest), "manifest_digest": file_digest(manifest), "evals": ["heldout"],
+              "decisions": decisions, "updated": "2026-11-30T10:09:00.000+00:00"}
+    (run_dir / "ledger.json").write_text(json.dumps(ledger, indent=2))
+    (run_dir / "manifest.yaml").write_text(MANIFEST)
+    return run_dir
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    return fake_run(tmp_path)
+
+
+def test_a_resume_supersedes_the_records_past_its_step() -> None:
+    records = [{"event": "start", "step": 0}, {"event": "train", "step": 6, "loss": 1},
+               {"event": "train", "step": 8, "loss": 99}, {"event": "checkpoint", "step": 8},
+               {"event": "first_step", "startup_s": 1}, {"event": "start", "step": 6},
+               {"event": "train", "step": 8, "loss": 2}]
+    kept = htmlreport.final_records(records)
+    assert [(r["event"], r.get("step"), r.get("loss")) for r in kept] == [
+        ("start", 0, None), ("train", 6, 1), ("first_step", None, None), ("start", 6, None), ("train", 8, 2)]
+
+
+def test_stages_sit_one_after_another_on_steps_and_tokens(run_dir: Path) -> None:
+    from launcher.ledger import read
+
+    cs = {c.stage: c for c in htmlreport.curves(run_dir, read(run_dir))}
+    assert [cs[n].at_step for n in STAGES] == [0, 0, 12, 24, 32]
+    assert [cs[n].at_tokens for n in STAGES] == [0, 0, 6 * 512, 12 * 512, 14 * 512]
+    assert [r["loss"] for r in cs["pretrain@2"].train] == [6.5, 6, 5.5, 5, 4.5, 4]  # attempt 1's step 8 is gone
+    assert cs["pretrain@2"].marks == [(6, "attempt 2, resumed from step00000006")]
+    assert cs["pretrain@2"].x(7, "tokens") == 6 * 512 + 3 * 512
+
+
+def test_the_page_is_one_file_that_needs_no_network(run_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "page.html"
+    assert main(["report", str(run_dir), "-o", str(out)]) == 0
+    page = out.read_text()
+    sources = re.findall(r"<(?:script|link|img|iframe)\b[^>]*\b(?:src|href)\s*=\s*[\"']?([^\"'\s>]+)", page, re.I)
+    assert not [s for s in sources if not s.startswith("data:")], sources
+    assert page.count("<script") - page.count('<script type="text/javascript">window.PLOTLYENV') >= 1
+    assert "plotly.js v" in page and page.count("Plotly.newPlot(") == 3 and len(page) > 1_000_000
+    for name in STAGES:
+        assert name in page
+    # the tables, the decisions, the settings; the manifest's text escaped
+    for cls in ("shared", "metrics", "attempts"):
+        assert f'<table class="{cls}">' in page
+    assert "<td>step00000006</td>" in page and "<td>preempted</td>" in page
+    assert "gate on pretrain: eval_loss &lt;= 6.2: 6.4 &lt;= 6.2 is FALSE -&gt; failed; retry as pretrain@2" in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "<script>alert(1)" not in page
+    assert page.count("<details") == 1 + len(STAGES)
+    assert '<section id="lineage"><h2>Lineage</h2><svg' in page.replace("\n", "")
+
+
+def test_the_default_place_and_a_run_that_trained_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir = fake_run(tmp_path)
+    data = json.loads((run_dir / "ledger.json").read_text())
+    data["stages"] = {"tokenizer": data["stages"]["tokenizer"]}
+    data.pop("decisions")
+    data["manifest"] = str(tmp_path / "gone.yaml")
+    (run_dir / "ledger.json").write_text(json.dumps(data))
+    assert main(["report", str(run_dir)]) == 0
+    assert capsys.readouterr().out.strip() == str(run_dir / "report.html")
+    page = (run_dir / "report.html").read_text()
+    assert "No stage recorded training steps." in page and "No gates or variants" in page
+    assert "the copy in the run folder" in page
+
+
+def test_a_folder_without_a_ledger_is_one_line_and_exit_2(tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    for command in ("report", "status", "lineage"):
+        assert main([command, str(tmp_path)]) == 2
+        assert "no ledger.json here" in capsys.readouterr().err
+    assert not (tmp_path / "report.html").exists()
+
+
+def test_the_page_renders_in_a_browser(run_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "page.html"
+    assert main(["report", str(run_dir), "-o", str(out)]) == 0
+    found = browser.check_report(out, STAGES, plots=3)
+    assert found["tables"] == [["shared", 2], ["metrics", 5], ["attempts", 6]] and found["switched"]
