@@ -71,6 +71,14 @@ class Run(Strict):
     def _name_bytes(cls, value: str) -> str:
         return name_fits(value)
 
+    @field_validator("report_to")
+    @classmethod
+    def _once_each(cls, value: list[Tracker]) -> list[Tracker]:
+        twice = sorted({t for t in value if value.count(t) > 1})
+        if twice:
+            raise ValueError(f"{', '.join(twice)} named twice; name each tracker once")
+        return value
+
 
 class SharedEval(EvalData):
     """A shared eval set: every stage whose model fits its task is scored on it at its end, so the ledger and

@@ -21,8 +21,9 @@ import pytest
 
 from contract.files import short
 from launcher import lineage
+from launcher.cli import main
 from launcher.digests import folder_stat
-from tests.conftest import ROOT, baton
+from tests.conftest import ROOT
 
 FIXTURE = Path(__file__).parent / "data" / "gates-ledger.json"
 SVG = "{http://www.w3.org/2000/svg}"
@@ -229,27 +230,32 @@ def test_fifteen_stages_stay_one_box_each(tmp_path: Path) -> None:
     assert len(parse_mermaid(lineage.mermaid(g))[0]) == len(stages) + 3
 
 
-def test_the_command_line(run_dir: Path, tmp_path: Path, hf_env: dict[str, str]) -> None:
-    g = json.loads(baton("lineage", run_dir, "--json", env=hf_env).stdout)
-    assert g == json.loads(baton("lineage", run_dir, "--format", "json", env=hf_env).stdout)
-    assert [n["name"] for n in g["nodes"]] == list(ledger(run_dir)["stages"])
-    assert baton("lineage", run_dir, env=hf_env).stdout == lineage.text(lineage.graph(run_dir)) + "\n"
-    assert baton("lineage", run_dir, "--format", "mermaid", env=hf_env).stdout.startswith("flowchart LR\n")
-    ET.fromstring(baton("lineage", run_dir, "--format", "svg", env=hf_env).stdout)
+def test_the_command_line(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    def baton(*args: object) -> tuple[int, str, str]:  # the CLI in this process: no interpreter start per call
+        code = main(["lineage", *map(str, args)])
+        out, err = capsys.readouterr()
+        return code, out, err
 
-    proc = baton("lineage", run_dir, "--format", "png", env=hf_env, check=False)
-    assert proc.returncode == 2 and proc.stdout == "" and "give -o FILE.png" in proc.stderr
-    out = tmp_path / "lineage.png"
-    assert baton("lineage", run_dir, "--format", "png", "-o", out, env=hf_env).stdout == ""
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not list(tmp_path.glob(".lineage.png.tmp-*"))
-    baton("lineage", run_dir, "--format", "mermaid", "-o", tmp_path / "lineage.mmd", env=hf_env)
+    g = json.loads(baton(run_dir, "--json")[1])
+    assert g == json.loads(baton(run_dir, "--format", "json")[1])
+    assert [n["name"] for n in g["nodes"]] == list(ledger(run_dir)["stages"])
+    assert baton(run_dir)[1] == lineage.text(lineage.graph(run_dir)) + "\n"
+    assert baton(run_dir, "--format", "mermaid")[1].startswith("flowchart LR\n")
+    ET.fromstring(baton(run_dir, "--format", "svg")[1])
+
+    code, out, err = baton(run_dir, "--format", "png")
+    assert code == 2 and out == "" and "give -o FILE.png" in err
+    png = tmp_path / "lineage.png"
+    assert baton(run_dir, "--format", "png", "-o", png)[:2] == (0, "")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not list(tmp_path.glob(".lineage.png.tmp-*"))
+    baton(run_dir, "--format", "mermaid", "-o", tmp_path / "lineage.mmd")
     assert (tmp_path / "lineage.mmd").read_text() == lineage.mermaid(lineage.graph(run_dir))
 
     for where in (tmp_path / "nothing", tmp_path):  # no folder; a folder with no ledger
-        proc = baton("lineage", where, "--json", env=hf_env, check=False)
-        assert proc.returncode == 2 and "is this a run folder" in proc.stderr and proc.stdout == ""
-    proc = baton("lineage", run_dir, "-o", tmp_path / "no" / "such" / "x.txt", env=hf_env, check=False)
-    assert proc.returncode == 2 and "cannot write" in proc.stderr
+        code, out, err = baton(where, "--json")
+        assert code == 2 and "is this a run folder" in err and out == ""
+    code, _, err = baton(run_dir, "-o", tmp_path / "no" / "such" / "x.txt")
+    assert code == 2 and "cannot write" in err
 
 
 def test_lineage_reads_no_training_library_and_draws_only_when_asked(run_dir: Path) -> None:

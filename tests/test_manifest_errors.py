@@ -860,6 +860,8 @@ def test_report_to_unknown_tracker_and_settings(tmp_path: Path) -> None:
          ("unknown key; valid keys here: project, entity",)),
         (edit(REPORT_TO, "run:\n  name: bad\n  mlflow: {experiment: 3}  #!"), "run.mlflow.experiment",
          ("got 3",)),
+        (edit(REPORT_TO, "run:\n  name: bad\n  report_to: [tensorboard, tensorboard]  #!"), "run.report_to",
+         ("tensorboard named twice",)),
     ):
         proc, manifest, run_dir = baton(tmp_path, Case(text, where, says))
         line = assert_clean_failure(proc, Case(text, where, says), tmp_path, run_dir)

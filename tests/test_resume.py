@@ -104,7 +104,9 @@ def straight(setup, hf_env: dict[str, str], tmp_path_factory: pytest.TempPathFac
     return get
 
 
-@pytest.mark.parametrize("zero", ["zero1", "zero2", "zero3"])
+# The driver's part of a crash (ledger left "running", the rerun resumes) does not depend on the ZeRO stage; the
+# stage's part, SIGKILL and a bitwise resume, runs at ZeRO 1, 2 and 3 in tests/stages/test_stages.py.
+@pytest.mark.parametrize("zero", ["zero3"])
 def test_sigkill_then_rerun_resumes_to_the_same_weights(zero: str, setup, straight, hf_env: dict[str, str],
                                                         tmp_path: Path) -> None:
     manifest = setup(tmp_path, zero)

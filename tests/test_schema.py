@@ -3,6 +3,7 @@ passes it, and it flags what `baton validate` refuses (an unknown option, anothe
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -18,6 +19,7 @@ EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
 MODELINE = "# yaml-language-server: $schema=../docs/manifest.schema.json"
 
 
+@functools.cache
 def _validator() -> jsonschema.Draft202012Validator:
     jsonschema.Draft202012Validator.check_schema(schema())
     return jsonschema.Draft202012Validator(schema())
