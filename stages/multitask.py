@@ -204,10 +204,12 @@ def main(spec: Spec, d: Dist) -> int:
             log=metrics.log, log_every=settings.train.log_every, max_steps=max_steps),
     )
 
-    def micro_step(items: list[tuple[int, int]]) -> torch.Tensor:
+    def micro_step(items: list[tuple[int, int]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The task's weighted loss, and its own loss as a term: `loss_terms` then holds each task's mean loss."""
         assert isinstance(items, TaskBatch)
         task = tasks[items.task]
-        return task.settings.loss_weight * task.loss(t.engine, items)
+        loss = task.loss(t.engine, items)
+        return task.settings.loss_weight * loss, {task.name: loss}
 
     def evaluate(step: int) -> dict[str, float]:
         t.engine.eval()

@@ -14,8 +14,8 @@ from stages.runtime.layers import Unfreezing
 from stages.runtime.metrics import Metrics
 from stages.runtime.spec import Diverged, Spec, training
 
-# A micro-batch's loss, or (loss, its terms by name: logged as a `loss_terms` record, e.g. deep supervision's
-# per-layer losses)
+# A micro-batch's loss, or (loss, its terms by name: logged as a `loss_terms` record, each term the mean over the
+# micro-batches that had it: deep supervision's per-layer losses, distillation's parts, multitask's per-task losses)
 MicroStep = Callable[[list[tuple[int, int]]], torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]]
 Evaluate = Callable[[int], dict[str, float]]
 
@@ -43,11 +43,13 @@ def fit(engine, spec: Spec, sampler: Sampler, micro_step: MicroStep, evaluate: E
     every_ckpt, every_eval = settings.checkpoint.every_steps, settings.eval.every_steps
     start = step = pos.step
     # Since the last log line, on the device (read back only at log lines): the loss sum, the loss terms' sums
-    # and the tokens (tokens.take()); on the host: the micro-batch count.
+    # and the tokens (tokens.take()); on the host: the micro-batch count, and each term's. Every rank has the same
+    # terms in the same order (they depend on the step, not on the rank's rows), so their sums reduce together.
     device = dist.device()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     micro_batches = 0
     terms: dict[str, torch.Tensor] = {}
+    term_counts: dict[str, int] = {}
     tokens = speed.TokenCounter(engine.module)
     nonfinite_run = 0  # consecutive steps with a NaN or infinite loss on some rank
     engine.train()
@@ -60,6 +62,7 @@ def fit(engine, spec: Spec, sampler: Sampler, micro_step: MicroStep, evaluate: E
             losses.append(loss.detach())
             for name, value in named.items():
                 terms[name] = terms.get(name, 0.0) + value.detach().double()
+                term_counts[name] = term_counts.get(name, 0) + 1
         step_losses = torch.stack(losses).double()
         loss_sum += step_losses.sum()
         micro_batches += len(losses)
@@ -75,15 +78,19 @@ def fit(engine, spec: Spec, sampler: Sampler, micro_step: MicroStep, evaluate: E
             tokens.take(device)  # rates are measured from the end of the first step (its warm-up left out)
         if step % settings.train.log_every == 0 or step == max_steps:
             counts = torch.stack([loss_sum, torch.tensor(float(micro_batches), dtype=torch.float64, device=device),
-                                  *tokens.take(device), *terms.values()])
+                                  *tokens.take(device), *terms.values(),
+                                  *(torch.tensor(float(n), dtype=torch.float64, device=device)
+                                    for n in term_counts.values())])
             total = dist.all_reduce_sum(counts).tolist()
             metrics.train(step, sampler.samples, total[0] / total[1], current_lr(engine), tokens=total[2],
                           rows=total[3])
             if terms:
-                metrics.log("loss_terms", step=step, terms={k: v / total[1] for k, v in zip(terms, total[4:])})
+                sums, seen = total[4:4 + len(terms)], total[4 + len(terms):]
+                metrics.log("loss_terms", step=step, terms={k: v / n for k, v, n in zip(terms, sums, seen)})
             loss_sum.zero_()
             micro_batches = 0
             terms.clear()
+            term_counts.clear()
         if nonfinite_run >= settings.train.stop_after_nonfinite:
             metrics.log("stop", step=step, reason="non-finite loss")
             raise Diverged(f"the loss was NaN or infinite for {nonfinite_run} consecutive steps (up to step {step}); "

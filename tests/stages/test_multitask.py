@@ -9,6 +9,7 @@ import json
 import math
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -154,6 +155,24 @@ def test_killed_and_resumed_draws_the_same_tasks_and_ends_bitwise_equal(work, re
         a = load_file(str(Path(result["output"]["path"], sub, "model.safetensors")))
         b = load_file(str(Path(ref["output"]["path"], sub, "model.safetensors")))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), sub
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero", ZEROS)
+def test_each_tasks_loss_is_logged_and_they_make_up_the_train_loss(refs, zero):
+    """loss_terms holds each task's own mean loss over the micro-batches that drew it; weighted by loss_weight (sense
+    1.0, gloss 0.5) and counted by the window's draws (the mixing record), they give the train record's loss."""
+    folder = Path(refs[zero]["output"]["path"]).parent
+    terms = {r["step"]: r["terms"] for r in specs.records(folder, "loss_terms")}
+    mixing = {r["step"]: r["tasks"] for r in specs.records(folder, "mixing")}
+    train = specs.records(folder, "train")
+    assert train and sorted(terms) == sorted(mixing) == [r["step"] for r in train]
+    weights = {"sense": 1.0, "gloss": 0.5}
+    for record in train:
+        drawn = Counter(task for step in mixing[record["step"]] for task in step)
+        assert set(terms[record["step"]]) == set(drawn)  # a task not drawn in the window has no term
+        mean = sum(weights[t] * terms[record["step"]][t] * n for t, n in drawn.items()) / sum(drawn.values())
+        assert mean == pytest.approx(record["loss"], rel=1e-9)
 
 
 @pytest.mark.slow
