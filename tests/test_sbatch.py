@@ -72,3 +72,21 @@ def test_the_command_reaches_the_program_exactly(tmp_path: Path) -> None:
                                            ('say "hi"', '"say \\"hi\\""'), ("back\\slash", '"back\\\\slash"')])
 def test_sbatch_quoting(value: str, quoted: str) -> None:
     assert sbatch_quote(value) == quoted
+
+
+def test_the_rendezvous_port_is_free_below_the_ephemeral_ports_and_starts_from_the_job_id() -> None:
+    """A job's c10d store listens on the first free port from 29500 + job id mod 3000: one a listener holds (another
+    job's store, a port-0 listener that landed there) is passed over."""
+    import socket
+
+    from launcher.backends.srun import PORTS, rendezvous_port
+
+    job = 6622
+    first = rendezvous_port(job)
+    assert first in PORTS and first < 32768
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as held:
+        held.bind(("", first))
+        held.listen()
+        second = rendezvous_port(job)
+    assert second != first and second in PORTS
+    assert (second - first) % len(PORTS) < 50  # the next free one, not anywhere

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 from pathlib import Path
 
 from launcher.backends.local import LocalBackend, torchrun
+from launcher.errors import BatonError
 
 
 def allocation_nodes() -> int | None:
@@ -15,6 +17,25 @@ def allocation_nodes() -> int | None:
     if not os.environ.get("SLURM_JOB_ID"):
         return None
     return int(os.environ.get("SLURM_JOB_NUM_NODES") or os.environ.get("SLURM_NNODES") or 1)
+
+
+# Where the c10d store of a job's rendezvous listens: below Linux's ephemeral range (32768-60999), from which any
+# outgoing connection or port-0 listener on the node may take a port at any moment.
+PORTS = range(29500, 32500)
+
+
+def rendezvous_port(job: int) -> int:
+    """A port free now on this node, which is the head node (a job's batch step runs on its first node): the first
+    free one from the port the job id picks, so jobs sharing a node start apart."""
+    for k in range(len(PORTS)):
+        port = PORTS[(job + k) % len(PORTS)]
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+        return port
+    raise BatonError(f"no free port in {PORTS.start}-{PORTS.stop - 1} on this node for the rendezvous")
 
 
 def head_node() -> str:
@@ -31,7 +52,7 @@ class SrunBackend(LocalBackend):
 
     def command(self, kind: str, spec_path: Path, nproc_per_node: int, log_dir: Path, nnodes: int = 1) -> list[str]:
         job = int(os.environ["SLURM_JOB_ID"])
-        port = 29500 + job % 20000  # one per job, so jobs sharing a node do not collide
+        port = rendezvous_port(job)
         rendezvous = ["--nnodes", str(nnodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{head_node()}:{port}",
                       "--rdzv-id", f"baton-{job}"]
         srun = ["srun", f"--nodes={nnodes}", f"--ntasks={nnodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1",

@@ -44,8 +44,9 @@ def cluster(folder: Path, hf_env: dict[str, str], knobs: dict[str, str], first_j
     env = dict(hf_env)
     for var, value in knobs.items():
         env.setdefault(var, value)
-    # job ids apart from another test cluster on this machine: baton derives rendezvous ports from them
-    # (29500 + id % 20000), so a one-node session (ids from 1000) and a two-node one (from 10100) never share one
+    # job ids apart from another test cluster on this machine: baton's rendezvous port starts from the id (the
+    # first free one from 29500 + id % 3000), so a one-node session (ids from 1000) and a two-node one (from
+    # 10100) start apart
     env.setdefault("SLURM_FIRST_JOB_ID", str(first_job_id + os.getpid() % 900 * 10))
     t0 = time.monotonic()
     try:
