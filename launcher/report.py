@@ -1,6 +1,7 @@
-"""`baton status`, `baton lineage` and `baton verify`: read-only views of a run folder (no lock, no torch).
+"""`baton status` (a table, or `--json`) and `baton verify`: read-only views of a run folder (no lock, no torch).
 
-status and lineage compare a done stage's files with their recorded sizes and mtimes only (cheap); verify hashes."""
+status compares a done stage's files with their recorded sizes and mtimes only (cheap); verify hashes. The lineage
+is launcher/lineage.py's, the HTML page launcher/htmlreport.py's."""
 
 from __future__ import annotations
 
