@@ -73,8 +73,8 @@ class Progress:
             self.step, self.max_steps = rec.get("step"), rec.get("max_steps") or self.max_steps
             self.steps_per_s = self.tokens_per_s = None
             self.tokens = 0
-        elif event == "first_step" and self.launched and "time" in rec:
-            self.startup_s = rec["time"] - dt.datetime.fromisoformat(self.launched).timestamp()
+        elif event == "first_step" and self.launched_at is not None and "time" in rec:
+            self.startup_s = rec["time"] - self.launched_at
         elif event == "train":
             self.step, self.loss, self.lr = rec.get("step"), _number(rec.get("loss")), _number(rec.get("lr"))
             self.steps_per_s, self.tokens_per_s = _number(rec.get("steps_per_s")), _number(rec.get("tokens_per_s"))
@@ -83,6 +83,11 @@ class Progress:
         elif event == "eval":
             self.eval = {k: v for k, v in rec.items() if k not in ("event", "time", "step")}
             self.eval_step = rec.get("step")
+
+    @property
+    def launched_at(self) -> float | None:
+        """`launched` as unix time."""
+        return dt.datetime.fromisoformat(self.launched).timestamp() if self.launched else None
 
     @property
     def eta_s(self) -> float | None:

@@ -12,7 +12,6 @@ stage's name.
 
 from __future__ import annotations
 
-import datetime as dt
 import re
 import threading
 import time
@@ -39,7 +38,6 @@ class Watch:
 
         self.name, self.kind, self.log_dir = name, kind, log_dir
         self.progress = Progress(folder, launched)
-        self.started = dt.datetime.fromisoformat(launched).timestamp() if launched else None
         self.overview = overview or [(name, kind, "running")]
         self.console = console or Console()
         self.live = self.console.is_terminal
@@ -99,7 +97,8 @@ class Watch:
                 continue
             bar = ProgressBar(total=float(p.max_steps or 1), completed=float(p.step or 0), width=30) \
                 if p.max_steps else "starting" if p.step is None else "running"
-            elapsed = f"{_clock(time.time() - self.started)}  " if self.started else ""
+            launched = p.launched_at
+            elapsed = f"{_clock(time.time() - launched)}  " if launched is not None else ""
             table.add_row("[bold cyan]▶[/]", f"[bold]{name}[/]", f"[dim]{kind}[/]", bar, elapsed + describe(p))
         return table
 
