@@ -13,6 +13,8 @@ from typing import Annotated, Any, ClassVar, Literal, NamedTuple, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from contract.heads import HEADS
+
 NAME_PATTERN = r"^[^/\x00-\x1f.][^/\x00-\x1f]*$"
 BLOCK_SIZE = 128  # tokens per packed block of the causal-LM kinds (clm, distill, teacher_logits) by default
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -511,10 +513,7 @@ class Variants(Strict):
         return out
 
 
-Head = Literal["classify", "mlm", "clm"]
-HEAD_METRICS: dict[str, tuple[str, ...]] = {"classify": ("accuracy", "macro_f1", "eval_loss"),
-                                            "mlm": ("eval_loss", "perplexity"), "clm": ("eval_loss", "perplexity"),
-                                            "text": ("eval_loss", "perplexity")}
+Head = str  # a head's name: a module of contract/heads/
 
 
 # ----------------------------------------------------------------- stage shapes
@@ -571,7 +570,7 @@ class StageBase(Strict):
     def metric_names(self) -> frozenset[str]:
         """The metrics the stage reports in its result (what a gate or a selection may name)."""
         head = self.model_head()
-        return frozenset(HEAD_METRICS[head]) if head and self.scored() else frozenset()
+        return frozenset(HEADS[head].metrics) if head and self.scored() else frozenset()
 
     def scored(self) -> bool:
         """Whether the stage has eval data to report its head's metrics on."""

@@ -17,8 +17,9 @@ from typing import Any, Literal
 from pydantic import ValidationError
 
 from contract import gates
+from contract.heads import HEADS, SET_METRICS
 from contract.kinds import KINDS
-from contract.sections import HEAD_METRICS, Gate, StageBase
+from contract.sections import Gate, StageBase
 from launcher.errors import ConfigError
 from launcher.manifest import Loaded, flat_references
 
@@ -127,7 +128,7 @@ def shared_sets(loaded: Loaded, stage: StageBase) -> list[str]:
     head = stage.model_head()
     if head is None:
         return []
-    fits = "classify" if head == "classify" else "text"
+    fits = HEADS[head].fits
     return [name for name, s in loaded.manifest.evals.items()
             if s.task == fits and (s.stages is None or stage.name in s.stages)]
 
@@ -135,7 +136,7 @@ def shared_sets(loaded: Loaded, stage: StageBase) -> list[str]:
 def metrics_of(loaded: Loaded, stage: StageBase) -> frozenset[str]:
     """Every metric a stage reports: its own and its shared eval sets'."""
     shared = {f"{name}/{m}" for name in shared_sets(loaded, stage)
-              for m in HEAD_METRICS[loaded.manifest.evals[name].task]}
+              for m in SET_METRICS[loaded.manifest.evals[name].task]}
     return stage.metric_names() | shared
 
 
@@ -149,7 +150,7 @@ def check_evals(loaded: Loaded) -> list[str]:
             head = stage.model_head() if stage else None
             if stage is None:
                 why = f"no stage '{stage_name}'; stages: {', '.join(by_name)}"
-            elif head is None or (head == "classify") != (s.task == "classify"):
+            elif head is None or HEADS[head].fits != s.task:
                 output = f"is a {head} model" if head else f"is no model a {s.task} set can score"
                 scores = "sequence classifiers" if s.task == "classify" else "language models"
                 why = (f"stage '{stage_name}' is a {stage.kind} stage, whose output {output}; a {s.task} set scores "

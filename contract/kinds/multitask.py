@@ -8,7 +8,8 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from contract.sections import HEAD_METRICS, Data, DataSection, Problem, Strict, TrainingStage
+from contract.heads import HEADS
+from contract.sections import Data, DataSection, Problem, Strict, TrainingStage
 
 TASK_NAME = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"
 
@@ -126,7 +127,7 @@ class MultitaskStage(TrainingStage):
 
     def metric_names(self) -> frozenset[str]:
         return frozenset(f"{t.name}/{m}" for t in self.multitask.tasks if t.data.eval is not None
-                         or t.data.eval_split is not None for m in HEAD_METRICS[t.type])
+                         or t.data.eval_split is not None for m in HEADS[t.type].metrics)
 
     def data_sections(self) -> list[DataSection]:
         return [DataSection(t.name, ("multitask", "tasks", j, "data"), t.data)

@@ -1,0 +1,96 @@
+"""Heads: what a model predicts, one module per objective (classify, mlm, clm, sft), each answering the same few
+questions. Kinds (stages/<kind>.py) say what a stage does; they ask a head and never branch on the objective, so a
+new head is usable by every kind that takes `task:` at once.
+
+A head is made by `load(name, source)`: it reads and tokenizes its data section (cached under the run's cache_dir)
+and then answers:
+
+- `auto()`: the AutoModelFor… class its model is; `model_args()`: what `models.build_model` adds to the config
+  (a classifier's labels, a causal LM's end-of-document token when built from a config);
+- `splits`: its examples per split ("train", "eval"; None where the section has none); `describe()`: one line;
+- `batch(split, keys, max_length)`: a collated batch on the device of (index, epoch) keys. Every batch carries
+  `labels`: the target of each prediction, -100 where nothing is predicted; a key with index -1 is a padding row
+  (`data.eval_shards`), run for ZeRO-3's sake and counting for nothing (its labels are all -100);
+- `module(model)`: the module an engine wraps: `module(**batch)` gives the rows of logits that count, (rows,
+  classes), in the order of `targets(batch)` (for mlm only the masked positions are projected onto the vocabulary);
+- `select(logits, batch)`: the same rows of a model's full logits (a teacher's); `targets(batch)`: their labels;
+  `examples(batch)`: the batch row each of them belongs to;
+- `loss(rows, batch)`: the training loss, the mean over the rows that count;
+- `evaluate(net, split, batch_size, d)`: collective, the split's metrics (`metrics`, the names) on `net`, a
+  `module(model)` (or an engine around one); {} without the split;
+- `example_losses(net, indices)`: each training example's mean loss (a curriculum's scoring, eval.score_train).
+
+The metric names and the shared eval sets a head is scored on are the contract's (contract.heads).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from contract.spec import DataSpec
+from stages.runtime.dist import Dist
+
+Keys = list[tuple[int, int]]  # (example index, epoch) per row; index -1: a padding row
+
+
+@dataclass(frozen=True)
+class Source:
+    """What a head reads: a data section, the tokenizer, and the head's settings.
+
+    `key` names the section in errors (data, sections.<task>, evals.<set>). `options`: the head's own settings as the
+    kind gives them (mlm: mask_prob; clm: block_size; sft: its section). `labels`: a classifier's label names in id
+    order when a model already fixes them (its config's id2label), else None (data.labels, or the train split's).
+    `eval_only`: only the eval split is read (a shared eval set); `seed`: what masking and the like derive from."""
+
+    data: DataSpec
+    tokenizer: Any
+    tokenizer_digest: str
+    cache_dir: str
+    seed: int
+    key: str = "data"
+    options: dict[str, Any] = field(default_factory=dict)
+    labels: list[str] | None = None
+    eval_only: bool = False
+    difficulty: tuple[str, ...] = ()  # columns kept beside the tokens (a curriculum's difficulty column)
+
+
+class Head(Protocol):
+    name: str
+    metrics: tuple[str, ...]
+    splits: dict[str, Any]
+
+    def auto(self) -> Any: ...
+
+    def model_args(self, from_config: bool) -> dict[str, Any]: ...
+
+    def describe(self) -> str: ...
+
+    def batch(self, split: str, keys: Keys, max_length: int | None = None) -> dict[str, torch.Tensor]: ...
+
+    def module(self, model: nn.Module) -> nn.Module: ...
+
+    def select(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
+
+    def targets(self, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
+
+    def examples(self, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
+
+    def loss(self, rows: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
+
+    def evaluate(self, net: Any, split: str, batch_size: int, d: Dist) -> dict[str, float]: ...
+
+    def example_losses(self, net: Any, indices: list[int]) -> torch.Tensor: ...
+
+
+def load(name: str, source: Source) -> Head:
+    """The head `name` (a module of this package) over `source`'s data."""
+    try:
+        module = importlib.import_module(f"{__name__}.{name}")
+    except ModuleNotFoundError:
+        raise ValueError(f"no head {name!r}") from None
+    return module.load(source)
