@@ -11,7 +11,7 @@ throughput.py's mlm workload):
           the pruning of the checkpoint keep_last (2) lets go);
   load    what lifecycle.start does on resume with that stage's spec.json and its newest checkpoint: a torchrun of
           this file (--load-worker) builds the engine as a resume does (models.build_model(resume=True),
-          MaskedLMLoss, engine.initialize), then times checkpoint.find_latest (which reads every file once to check
+          heads.mlm.Rows, engine.initialize), then times checkpoint.find_latest (which reads every file once to check
           its CRC-32, the ranks sharing the files) + checkpoint.load (DeepSpeed's load_checkpoint and the RNG),
           --repeats times in one process;
   dd      `dd if=/dev/zero of=FILE bs=1M count=<bytes> iflag=count_bytes conv=fsync` (one file of the
@@ -154,7 +154,7 @@ def load_worker(spec_path: str, repeats: int, out: str) -> None:
     entry.keep_freed_memory()  # as every stage process
     from stages.runtime import checkpoint, dist, engine, models
     from stages.runtime import spec as spec_mod
-    from stages.runtime.masking import MaskedLMLoss
+    from stages.runtime.heads.mlm import Rows
 
     spec = spec_mod.load(spec_path)
     dist.init()
@@ -162,7 +162,7 @@ def load_worker(spec_path: str, repeats: int, out: str) -> None:
 
     tokenizer = models.load_tokenizer(spec)
     model = models.build_model(spec, AutoModelForMaskedLM, tokenizer, resume=True)
-    net = engine.initialize(MaskedLMLoss(model), spec, engine.max_steps(spec_mod.training(spec).train, 0))
+    net = engine.initialize(Rows(model), spec, engine.max_steps(spec_mod.training(spec).train, 0))
     loads = []
     for _ in range(repeats):
         dist.barrier()

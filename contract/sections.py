@@ -14,9 +14,9 @@ from typing import Annotated, Any, ClassVar, Literal, NamedTuple, TypeVar
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from contract.heads import HEADS
+from contract.heads.clm import BLOCK_SIZE  # noqa: F401 - the kinds' default block_size
 
 NAME_PATTERN = r"^[^/\x00-\x1f.][^/\x00-\x1f]*$"
-BLOCK_SIZE = 128  # tokens per packed block of the causal-LM kinds (clm, distill, teacher_logits) by default
 Precision = Literal["fp32", "bf16", "fp16"]
 
 

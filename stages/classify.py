@@ -22,9 +22,8 @@ from torch import nn
 
 from contract.kinds.classify import ClassifyLayerwise, layer_weights
 from contract.layout import EXIT_STOPPED
-from stages.runtime import curriculum, data, dist, entry, evaluation, lifecycle, models
+from stages.runtime import curriculum, entry, heads, lifecycle, models
 from stages.runtime.dist import Dist
-from stages.runtime.labels import label_ids, label_names
 from stages.runtime.spec import Spec, SpecError, training
 
 
@@ -40,11 +39,12 @@ class DeepSupervision(nn.Module):
         self.heads = nn.ModuleDict({str(i): nn.Linear(hidden, labels)
                                     for i, a in enumerate(weights[:-1]) if a > 0})
 
-    def forward(self, labels: torch.Tensor | None = None, **batch: torch.Tensor):
-        """(logits, total loss or None without labels, {"layer<i>": its loss} when there are other heads)."""
-        out = self.model(**batch, output_hidden_states=bool(self.heads))
-        if labels is None:
-            return out.logits, None, {}
+    def forward(self, labels: torch.Tensor, **batch: torch.Tensor):
+        """(the real rows' logits, total loss, {"layer<i>": its loss} when there are other heads); padding rows
+        (label -100) count for nothing."""
+        out = self.model(**batch, output_hidden_states=bool(self.heads) and self.training)
+        if not self.training:  # eval: the rows alone
+            return out.logits[labels != -100], None, {}
         last = len(self.weights) - 1
         logits = {last: out.logits}
         if self.heads:
@@ -58,57 +58,35 @@ class DeepSupervision(nn.Module):
 
 
 def main(spec: Spec, d: Dist) -> int:
-    from transformers import AutoModelForSequenceClassification
-
     micro = training(spec).train.micro_batch_size
     options = spec.options_as(ClassifyLayerwise)
-    # Tokenizer, labels and data.
     tokenizer = models.load_tokenizer(spec)
-    raw = data.load_raw(spec)
-    names = label_names(spec, raw)
-    label2id = {str(name): i for i, name in enumerate(names)}
-    splits = data.tokenize(spec, raw, tokenizer, data.tokenizer_digest(spec))
-    train, evalset = splits["train"], splits["eval"]
-    field = spec.data.label_field
-    train_labels = torch.tensor(label_ids(train, field, label2id, "train"))
-    eval_labels = torch.tensor(label_ids(evalset, field, label2id, "eval")) if evalset is not None else None
-
-    def batch_of(split, indices: list[int], max_length: int | None = None) -> dict[str, torch.Tensor]:
-        ends = tokenizer.all_special_ids  # a curriculum phase's max_length keeps the final [SEP]
-        return dist.to_device(data.collate(split, indices, tokenizer.pad_token_id, max_length, ends))
+    head = heads.of(spec, "classify", tokenizer)
+    train = head.splits["train"]
 
     t = lifecycle.start(
-        spec, d, num_samples=len(train), what=f"classify, {len(names)} labels, {len(train)} train samples",
+        spec, d, num_samples=len(train), what=f"classify, {head.describe()}",
         difficulty=curriculum.difficulty(spec, train),
-        build=lambda resume: models.build_model(
-            spec, AutoModelForSequenceClassification, tokenizer, resume=resume,
-            num_labels=len(names), id2label={i: str(n) for i, n in enumerate(names)}, label2id=label2id,
-        ),
+        build=lambda resume: models.build_model(spec, head.auto(), tokenizer, resume=resume,
+                                                **head.model_args(spec.ref("init").source == "config")),
         wrap=lambda model: DeepSupervision(model, supervised(options, model)), unfreeze=options.unfreeze,
     )
 
     def micro_step(keys: list[tuple[int, int]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        indices = [i for i, _ in keys]
-        batch = batch_of(train, indices, t.sampler.max_length)
-        _, loss, terms = t.engine(labels=train_labels[indices].to(batch["input_ids"].device), **batch)
+        _, loss, terms = t.engine(**head.batch("train", keys, t.sampler.max_length))
         return loss, terms
 
-    def evaluate(step: int, predictions: str | None = None) -> dict[str, float]:
-        if evalset is None or eval_labels is None:
-            return {}
-        t.engine.eval()
-        return evaluation.classification(len(evalset), micro, d,
-                                         lambda indices: t.engine(**batch_of(evalset, indices))[0], eval_labels,
-                                         len(names), predictions)
+    def logits(**batch: torch.Tensor) -> torch.Tensor:
+        return t.engine(**batch)[0]
 
-    def example_losses(indices: list[int]) -> torch.Tensor:
-        logits = t.engine(**batch_of(train, indices))[0].float().cpu()
-        return F.cross_entropy(logits, train_labels[indices], reduction="none")
+    def evaluate(step: int, predictions: str | None = None) -> dict[str, float]:
+        t.engine.eval()
+        return head.evaluate(logits, "eval", micro, d, predictions)
 
     if t.fit(micro_step, evaluate):
         return EXIT_STOPPED
     return t.finish(lambda step: evaluate(step, f"{spec.stage_dir}/eval_predictions.jsonl"), tokenizer,
-                    losses=example_losses, task="classify")
+                    losses=lambda indices: head.example_losses(logits, indices), head=head)
 
 
 def supervised(options: ClassifyLayerwise, model) -> list[float]:

@@ -25,10 +25,10 @@ import torch
 
 from contract.kinds.ensemble import EnsembleOptions
 from contract.layout import EXIT_DONE, EXIT_STOPPED
-from stages.runtime import data, dist, entry, evaluation, export, loop, models, signals
+from stages.runtime import data, dist, entry, export, heads, loop, models, signals
 from stages.runtime import ensemble as combining
 from stages.runtime.dist import Dist
-from stages.runtime.labels import label_ids
+from stages.runtime.masking import EVAL_EPOCH
 from stages.runtime.metrics import Metrics
 from stages.runtime.spec import Ref, Spec, SpecError
 
@@ -122,7 +122,8 @@ def main(spec: Spec, d: Dist) -> int:
             ensemble = combining.LogitsEnsemble([members.load(i) for i in range(len(members.refs))], weights,
                                                 dict(enumerate(names)))
             values |= shared_eval.score(spec, d, ensemble.members[0], tokenizer, "classify",
-                                        batch_size=options.batch_size, logits_of=lambda batch: ensemble(**batch))
+                                        batch_size=options.batch_size,
+                                        net=lambda labels, **inputs: ensemble(**inputs)[labels != -100])
         loop.record_eval(spec, metrics, 0, values | per_member)
         path, digest = export.write_folder(spec, lambda out: _write_logits(out, members, tokenizer, weights, names))
     else:
@@ -143,36 +144,36 @@ def main(spec: Spec, d: Dist) -> int:
 
 
 class Scorer:
-    """This rank's share of data.eval (none without eval data), its predictions and the all-reduced metrics."""
+    """This rank's share of data.eval (none without eval data) read by the classify head with the members' labels,
+    its predictions and the all-reduced metrics."""
 
     def __init__(self, spec: Spec, d: Dist, tokenizer, names: list[str], batch_size: int) -> None:
-        self.tokenizer, self.k = tokenizer, len(names)
+        self.k = len(names)
         raw = data.load_raw(spec, train=False)["eval"]
         self.size = 0 if raw is None else len(raw)
         if raw is None:
             return
-        self.evalset = data.tokenize(spec, {"eval": raw}, tokenizer, data.tokenizer_digest(spec))["eval"]
-        label2id = {name: i for i, name in enumerate(names)}
-        labels = torch.tensor(label_ids(self.evalset, spec.data.label_field, label2id, "eval"))
+        source = heads.Source(data=spec.data, tokenizer=tokenizer, tokenizer_digest=data.tokenizer_digest(spec),
+                              cache_dir=spec.cache_dir, seed=spec.seed, labels=names, eval_only=True)
+        self.head = heads.load("classify", source)
         shards = data.eval_shards(self.size, batch_size, d.world_size, d.rank)
-        self.batches = [[i for i in batch if i >= 0] for batch in shards]  # no ZeRO here: padding rows are left out
-        self.batches = [b for b in self.batches if b]
-        self.labels = labels[[i for b in self.batches for i in b]]
+        real = [[i for i in batch if i >= 0] for batch in shards]  # no ZeRO here: padding rows are left out
+        self.batches = [self.head.batch("eval", [(i, EVAL_EPOCH) for i in rows]) for rows in real if rows]
+        labels = [b["labels"].cpu() for b in self.batches]
+        self.labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
 
     def predict(self, model) -> torch.Tensor:
         """The model's logits [this rank's examples, labels] (float32, on the CPU)."""
         if not self.size:
             return torch.zeros(0, self.k)
-        out = []
+        inputs = [{k: v for k, v in batch.items() if k != "labels"} for batch in self.batches]
         with torch.no_grad():
-            for batch in self.batches:
-                collated = data.collate(self.evalset, batch, self.tokenizer.pad_token_id)
-                out.append(model(**dist.to_device(collated)).logits.float().cpu())
+            out = [model(**batch).logits.float().cpu() for batch in inputs]
         return torch.cat(out) if out else torch.zeros(0, self.k)
 
     def score(self, logits: torch.Tensor) -> dict[str, float]:
         """Collective. accuracy, macro_f1, eval_loss (mean cross-entropy) over data.eval; {} without eval data."""
-        return evaluation.classification_metrics(logits, self.labels, self.k) if self.size else {}
+        return self.head.metrics_of(self.head.sums(logits, {"labels": self.labels})) if self.size else {}
 
 
 def uniform_soup(members: Members, scorer: Scorer) -> tuple[Any, dict[str, float], dict[str, float]]:

@@ -18,16 +18,17 @@ complete save_pretrained classifier folder per classification task.
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Any
 
 import torch
 from torch import nn
 
+from contract.heads import HEADS
 from contract.kinds.multitask import MultitaskOptions, TaskSettings
 from contract.layout import EXIT_STOPPED, newest_complete
-from stages.runtime import data, dist, entry, evaluation, lifecycle, masking, models
+from stages.runtime import data, entry, heads, lifecycle, models
 from stages.runtime.dist import Dist
-from stages.runtime.labels import label_ids, label_names
 from stages.runtime.spec import Spec, SpecError, training
 
 BLOCK = 4096  # task draws are made in blocks of this many micro-batches, each block from a seed of its own
@@ -119,41 +120,34 @@ class MixedSampler:
 
 
 class MultitaskNet(nn.Module):
-    """The shared encoder (`model`, with the mlm head if any) and the classifiers that share its base model."""
+    """The shared encoder (`model`, with the mlm head if any) and the classifiers that share its base model; each
+    task's rows of logits through its head's module."""
 
-    def __init__(self, model: Any, classifiers: dict[str, Any], mlm_task: str | None) -> None:
+    def __init__(self, model: Any, classifiers: dict[str, Any], mlm_task: str | None,
+                 tasks: dict[str, heads.Head]) -> None:
         super().__init__()
         self.model = model
         self.classifiers = nn.ModuleDict(classifiers)
-        self.mlm = masking.MaskedLMLoss(model) if mlm_task else None
-        self.mlm_task = mlm_task
+        # the modules hold `model` or a classifier, registered above; only the mlm one under a name of its own
+        self.rows = {name: tasks[name].module(c) for name, c in classifiers.items()}
+        self.mlm = None
+        if mlm_task is not None:
+            self.mlm = self.rows[mlm_task] = tasks[mlm_task].module(model)
 
     def forward(self, task: str, touch: bool = False, **batch: torch.Tensor):
-        """mlm: (sum of masked-token losses, masked tokens); classify: logits. With `touch` (training), also a zero
-        that depends on every other head: each parameter then gets a gradient (zero) at every micro-step. Without
-        it ZeRO-3 keeps the last gradient of a head its micro-step did not use, and a resumed run, whose engine
-        holds none, would part from an unbroken one."""
-        out = self._head(task, batch)
+        """The task's rows of logits. With `touch` (training), also a zero that depends on every other head: each
+        parameter then gets a gradient (zero) at every micro-step. Without it ZeRO-3 keeps the last gradient of a
+        head its micro-step did not use, and a resumed run, whose engine holds none, would part from an unbroken
+        one."""
+        out = self.rows[task](**batch)
         if not touch:
             return out
         row = {k: v[:1] for k, v in batch.items() if k != "labels"}  # one row: transformers refuses empty batches
         zero = torch.zeros((), device=batch["input_ids"].device)
-        for other in self._tasks():
+        for other, rows in self.rows.items():
             if other != task:
-                value = self._head(other, row)
-                zero = zero + (value[0] if isinstance(value, tuple) else value).sum() * 0
+                zero = zero + rows(**row).sum() * 0  # no labels: every row of logits
         return out, zero
-
-    def _tasks(self) -> list[str]:
-        return [*self.classifiers] + ([self.mlm_task] if self.mlm_task else [])
-
-    def _head(self, task: str, batch: dict[str, torch.Tensor]):
-        if task == self.mlm_task:
-            assert self.mlm is not None
-            if "labels" not in batch:  # the row of `touch`: nothing masked, so its loss is 0
-                batch = batch | {"labels": torch.full_like(batch["input_ids"], -100)}
-            return self.mlm(**batch)
-        return self.classifiers[task](**batch).logits
 
 
 def classifier(model: Any, labels: list[str | int]) -> Any:
@@ -175,7 +169,7 @@ def classifier(model: Any, labels: list[str | int]) -> Any:
 
 
 def main(spec: Spec, d: Dist) -> int:
-    from transformers import AutoModel, AutoModelForMaskedLM
+    from transformers import AutoModel
 
     opts = spec.options_as(MultitaskOptions)
     settings = training(spec)
@@ -186,20 +180,23 @@ def main(spec: Spec, d: Dist) -> int:
                         "multitask draws its tasks per global micro-batch and cannot resume at another world size")
     tokenizer = models.load_tokenizer(spec)
     digest = data.tokenizer_digest(spec)
-    tasks = [Task(spec, t, tokenizer, digest) for t in opts.tasks]
-    mlm_task = next((t.name for t in tasks if t.settings.type == "mlm"), None)
-    sizes = [len(t.train) for t in tasks]
+    tasks = {t.name: task_head(spec, t, tokenizer, digest) for t in opts.tasks}
+    weights = {t.name: t.loss_weight for t in opts.tasks}
+    # the task whose head is the shared model's own (its logits over the vocabulary: mlm); the others are classifiers
+    mlm_task = next((name for name, h in tasks.items() if h.classes is None), None)
+    names = list(tasks)
+    sizes = [len(h.splits["train"]) for h in tasks.values()]
     p = probabilities(opts, sizes)
-    shares = ", ".join(f"{t.name} {len(t.train)} ({float(q):.3f})" for t, q in zip(tasks, p, strict=True))
+    shares = ", ".join(f"{name} {n} ({float(q):.3f})" for name, n, q in zip(names, sizes, p, strict=True))
 
     t = lifecycle.start(
         spec, d, num_samples=sum(sizes), what=f"multitask, {len(tasks)} tasks: {shares}",
-        build=lambda resume: models.build_model(spec, AutoModelForMaskedLM if mlm_task else AutoModel, tokenizer,
+        build=lambda resume: models.build_model(spec, heads.auto(mlm_task) if mlm_task else AutoModel, tokenizer,
                                                 resume=resume),
-        wrap=lambda model: MultitaskNet(model, {x.name: classifier(model, x.labels) for x in tasks
-                                                if x.settings.type == "classify"}, mlm_task),
+        wrap=lambda model: MultitaskNet(model, {name: classifier(model, h.classes) for name, h in tasks.items()
+                                                if h.classes is not None}, mlm_task, tasks),
         sampler=lambda pos, metrics, max_steps: MixedSampler(
-            Draws(p, spec.seed), sizes, seed=spec.seed, names=[x.name for x in tasks], micro=micro,
+            Draws(p, spec.seed), sizes, seed=spec.seed, names=names, micro=micro,
             accum=settings.train.grad_accum, world=d.world_size, rank=d.rank, step=pos.step, samples=pos.samples,
             log=metrics.log, log_every=settings.train.log_every, max_steps=max_steps),
     )
@@ -207,16 +204,19 @@ def main(spec: Spec, d: Dist) -> int:
     def micro_step(items: list[tuple[int, int]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The task's weighted loss, and its own loss as a term: `loss_terms` then holds each task's mean loss."""
         assert isinstance(items, TaskBatch)
-        task = tasks[items.task]
-        loss = task.loss(t.engine, items)
-        return task.settings.loss_weight * loss, {task.name: loss}
+        name = names[items.task]
+        head = tasks[name]
+        batch = head.batch("train", items)
+        rows, zero = t.engine(task=name, touch=True, **batch)
+        loss = head.loss(rows, batch) + zero
+        return weights[name] * loss, {name: loss}
 
     def evaluate(step: int) -> dict[str, float]:
         t.engine.eval()
         out: dict[str, float] = {}
-        with torch.no_grad():
-            for task in tasks:
-                out |= {f"{task.name}/{k}": v for k, v in task.evaluate(t.engine, micro, d).items()}
+        for name, head in tasks.items():
+            values = head.evaluate(functools.partial(t.engine, task=name), "eval", micro, d)
+            out |= {f"{name}/{k}": v for k, v in values.items()}
         return out
 
     if t.fit(micro_step, evaluate):
@@ -224,66 +224,21 @@ def main(spec: Spec, d: Dist) -> int:
     return t.finish(evaluate, tokenizer, beside={f"tasks/{name}": c for name, c in t.engine.module.classifiers.items()})
 
 
-class Task:
-    """One task's data, batches, loss and eval."""
-
-    def __init__(self, spec: Spec, settings: TaskSettings, tokenizer, tokenizer_digest: str) -> None:
-        self.name, self.settings, self.tokenizer = settings.name, settings, tokenizer
-        if settings.name not in spec.sections:
-            raise SpecError(f"sections.{settings.name}: missing (the data of multitask task {settings.name})")
-        view = spec.model_copy(update={"data": spec.sections[settings.name]})  # the data helpers read spec.data
-        raw = data.load_raw(view)
-        self.labels: list[str | int] = []
-        if settings.type == "classify":
-            try:
-                self.labels = label_names(view, raw)
-            except SpecError as e:
-                raise SpecError(f"multitask task {self.name}: {e}") from None
-        splits = data.tokenize(view, raw, tokenizer, tokenizer_digest)
-        self.train, self.evalset = splits["train"], splits["eval"]
-        if len(self.train) == 0:
-            raise SpecError(f"multitask task {self.name}: the train split is empty")
-        if settings.type == "classify":
-            label2id = {str(n): i for i, n in enumerate(self.labels)}
-            field = view.data.label_field
-            self.train_labels = torch.tensor(label_ids(self.train, field, label2id, "train"))
-            self.eval_labels = (torch.tensor(label_ids(self.evalset, field, label2id, "eval"))
-                                if self.evalset is not None else None)
-        else:
-            self.masker = masking.Masker(tokenizer, settings.mask_prob, data.seed_of(spec.seed, "task", self.name))
-
-    def batch(self, split, keys: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
-        specials = self.tokenizer.all_special_ids
-        batch = data.collate(split, [i for i, _ in keys], self.tokenizer.pad_token_id, None, specials)
-        if self.settings.type == "mlm":
-            self.masker(batch, keys)
-        return batch
-
-    def loss(self, engine, keys: list[tuple[int, int]]) -> torch.Tensor:
-        batch = dist.to_device(self.batch(self.train, keys))
-        if self.settings.type == "mlm":
-            (loss_sum, n), zero = engine(task=self.name, touch=True, **batch)
-            return loss_sum / n + zero
-        labels = self.train_labels[[i for i, _ in keys]].to(batch["input_ids"].device)
-        logits, zero = engine(task=self.name, touch=True, **batch)
-        return nn.functional.cross_entropy(logits.float(), labels) + zero
-
-    def evaluate(self, engine, micro: int, d: Dist) -> dict[str, float]:
-        """Collective. classify: accuracy, macro_f1, eval_loss; mlm: eval_loss, perplexity. {} without eval data."""
-        if self.evalset is None:
-            return {}
-        if self.settings.type == "mlm":
-            def loss_of(indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-                batch = self.batch(self.evalset, [(max(i, 0), masking.EVAL_EPOCH) for i in indices])
-                batch["labels"][torch.tensor(indices) < 0] = -100  # padding rows: forward pass only
-                return engine(task=self.name, **dist.to_device(batch))
-
-            return evaluation.language_model(len(self.evalset), micro, d, loss_of)
-        assert self.eval_labels is not None
-        return evaluation.classification(
-            len(self.evalset), micro, d, lambda indices: engine(
-                task=self.name, **dist.to_device(self.batch(self.evalset, [(i, 0) for i in indices]))),
-            self.eval_labels, len(self.labels))
+def task_head(spec: Spec, settings: TaskSettings, tokenizer, tokenizer_digest: str) -> heads.Head:
+    """A task's head over its data section, masked (mlm) from a seed of its own."""
+    name = settings.name
+    if name not in spec.sections:
+        raise SpecError(f"sections.{name}: missing (the data of multitask task {name})")
+    source = heads.Source(data=spec.sections[name], tokenizer=tokenizer, tokenizer_digest=tokenizer_digest,
+                          cache_dir=spec.cache_dir, seed=data.seed_of(spec.seed, "task", name), key=f"sections.{name}",
+                          options={k: getattr(settings, k) for k in HEADS[settings.type].options})
+    try:
+        head = heads.load(settings.type, source)
+    except SpecError as e:
+        raise SpecError(f"multitask task {name}: {e}") from None
+    if len(head.splits["train"]) == 0:
+        raise SpecError(f"multitask task {name}: the train split is empty")
+    return head
 
 
 if __name__ == "__main__":

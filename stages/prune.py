@@ -16,19 +16,16 @@ from pathlib import Path
 import torch
 
 from contract.files import write_json
+from contract.heads import HEADS
 from contract.kinds.prune import PruneOptions
 from contract.layout import EXIT_DONE, EXIT_STOPPED
-from stages.runtime import data, dist, entry, evaluation, export, loop, models, pruning, signals
+from stages.runtime import data, dist, entry, export, heads, loop, models, pruning, signals
 from stages.runtime.dist import Dist
-from stages.runtime.labels import label_ids
-from stages.runtime.masking import EVAL_EPOCH, MaskedLMLoss, Masker
 from stages.runtime.metrics import Metrics
 from stages.runtime.spec import Spec, SpecError
 
 
 def main(spec: Spec, d: Dist) -> int:
-    from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification
-
     opts = spec.options_as(PruneOptions)
     metrics = Metrics(spec.stage_dir, 0)
     metrics.start(0, d.world_size)
@@ -37,8 +34,7 @@ def main(spec: Spec, d: Dist) -> int:
     if init.path is None:
         raise SpecError("inputs.init.path: missing (prune needs a trained model)")
     models.verify_digest("inputs.init", init.path, init.digest)
-    cls = AutoModelForSequenceClassification if opts.task == "classify" else AutoModelForMaskedLM
-    model = cls.from_pretrained(init.path).eval()
+    model = heads.auto(opts.task).from_pretrained(init.path).eval()
     f = pruning.family_of(model)
     shape = pruning.shape_of(model, f)
     if opts.heads is not None and not f.heads:
@@ -47,17 +43,26 @@ def main(spec: Spec, d: Dist) -> int:
                         "can: llama, qwen2, mistral); prune ffn and layers instead")
     if opts.layers is not None and opts.layers > shape.layers:
         raise SpecError(f"prune.layers: {opts.layers} but the model has {shape.layers} layers")
-    splits = data.tokenize(spec, data.load_raw(spec), tokenizer, data.tokenizer_digest(spec))
-    train, evalset = splits["train"], splits["eval"]
-    task = Task(spec, opts, model, tokenizer, train, evalset)
+    head_options = {name: getattr(opts, name) for name in HEADS[opts.task].options}
+    head = heads.of(spec, opts.task, tokenizer, labels=heads.model_labels(opts.task, model), **head_options)
 
-    before = task.evaluate(model, d)
+    def evaluate(model) -> dict[str, float]:
+        """Collective. The eval split's metrics under `model` ({} without one)."""
+        return head.evaluate(head.module(model), "eval", opts.micro_batch_size, d)
+
+    before = evaluate(model)
     params_before = models.parameter_count(model)
     if opts.calibrates:
         calibration = pruning.Calibration(model, f, opts.importance)
         with calibration:
-            for indices in calibration_batches(spec, opts, len(train), d):
-                batch, run = task.calibration_step(model, indices)
+            for indices in calibration_batches(spec, opts, len(head.splits["train"]), d):
+                batch = head.batch("train", [(i, 0) for i in indices])
+
+                def run(batch=batch, model=model):
+                    """The forward pass: (loss, hidden states)."""
+                    out = model(**{k: v for k, v in batch.items() if k != "labels"}, output_hidden_states=True)
+                    return head.loss(head.select(out.logits, batch), batch), out.hidden_states
+
                 calibration.batch(batch["attention_mask"], run)
                 if dist.any_rank(signals.received()):
                     metrics.log("stop", step=0, reason="signal")
@@ -73,7 +78,7 @@ def main(spec: Spec, d: Dist) -> int:
     plan = pruning.plan(scores, ffn=opts.ffn, heads=opts.heads, layers=opts.layers)
     pruned = pruning.apply(model, f, plan)
     del model
-    after = task.evaluate(pruned, d)
+    after = evaluate(pruned)
     params_after = models.parameter_count(pruned)
     kept = {"layers": len(plan.layers), "ffn": len(plan.ffn[0]),
             "heads": len(plan.groups[0]) * (shape.heads // max(shape.kv_heads, 1)) if f.heads else None}
@@ -91,7 +96,7 @@ def main(spec: Spec, d: Dist) -> int:
         from stages.runtime import shared_eval
 
         shared = shared_eval.score(spec, d, pruned, tokenizer, opts.task, batch_size=opts.micro_batch_size,
-                                   mask_prob=opts.mask_prob)
+                                   options=head_options)
     loop.record_eval(spec, metrics, 0, after | shared)
 
     def fill(out: Path) -> None:
@@ -112,56 +117,6 @@ def calibration_batches(spec: Spec, opts: PruneOptions, n: int, d: Dist) -> list
     sample = torch.randperm(n, generator=g)[: opts.calibration_batches * opts.micro_batch_size * d.world_size]
     mine = sample[d.rank:: d.world_size].tolist()
     return [mine[i: i + opts.micro_batch_size] for i in range(0, len(mine), opts.micro_batch_size)]
-
-
-class Task:
-    """The model's task: its batches, its calibration loss and its eval."""
-
-    def __init__(self, spec: Spec, opts: PruneOptions, model, tokenizer, train, evalset) -> None:
-        self.opts, self.tokenizer, self.train, self.evalset = opts, tokenizer, train, evalset
-        if opts.task == "classify":
-            label2id = {str(k): int(v) for k, v in model.config.label2id.items()}
-            field = spec.data.label_field
-            self.labels = {split: torch.tensor(label_ids(ds, field, label2id, split))
-                           for split, ds in (("train", train), ("eval", evalset)) if ds is not None}
-            self.num_labels = model.config.num_labels
-        else:
-            self.masker = Masker(tokenizer, opts.mask_prob, spec.seed)
-
-    def batch(self, split, indices: list[int], epoch: int = EVAL_EPOCH) -> dict[str, torch.Tensor]:
-        out = data.collate(split, indices, self.tokenizer.pad_token_id, None, self.tokenizer.all_special_ids)
-        if self.opts.task == "mlm":
-            self.masker(out, [(i, epoch) for i in indices])
-        return dist.to_device(out)
-
-    def calibration_step(self, model, indices: list[int]):
-        """(batch, run): run() is the forward pass, returning (loss, hidden states)."""
-        batch = self.batch(self.train, indices, epoch=0)
-        if self.opts.task == "classify":
-            batch["labels"] = self.labels["train"][indices].to(batch["input_ids"].device)
-
-        def run():
-            out = model(**batch, output_hidden_states=True)
-            return out.loss, out.hidden_states
-
-        return batch, run
-
-    def evaluate(self, model, d: Dist) -> dict[str, float]:
-        """Collective. The eval split's metrics under `model` ({} without one)."""
-        if self.evalset is None:
-            return {}
-        micro, n = self.opts.micro_batch_size, len(self.evalset)
-        if self.opts.task == "classify":
-            return evaluation.classification(n, micro, d, lambda idx: model(**self.batch(self.evalset, idx)).logits,
-                                             self.labels["eval"], self.num_labels)
-        loss = MaskedLMLoss(model)
-
-        def loss_of(indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-            batch = self.batch(self.evalset, [max(i, 0) for i in indices])
-            batch["labels"][torch.tensor(indices, device=batch["labels"].device) < 0] = -100
-            return loss(**batch)
-
-        return evaluation.language_model(n, micro, d, loss_of)
 
 
 if __name__ == "__main__":

@@ -27,101 +27,84 @@ from typing import Any
 import torch
 
 from contract.files import write_json
+from contract.heads import HEADS
 from contract.kinds.teacher_logits import LOGITS_FILE, META_FILE, TeacherLogitsOptions
 from contract.layout import EXIT_DONE, EXIT_STOPPED
-from stages.runtime import data, dist, entry, export, loop, models, packing, signals, teacher
+from stages.runtime import data, dist, entry, export, heads, loop, models, packing, signals, teacher
 from stages.runtime.dist import Dist
-from stages.runtime.labels import label_ids
+from stages.runtime.masking import EVAL_EPOCH
 from stages.runtime.metrics import Metrics
 from stages.runtime.spec import Spec, SpecError
 
 
 def main(spec: Spec, d: Dist) -> int:
     from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     opts = spec.options_as(TeacherLogitsOptions)
-    task, block = opts.task, opts.block_size or 0
+    task = opts.task
     metrics = Metrics(spec.stage_dir, 0)
     metrics.start(0, d.world_size)
     tokenizer = models.load_tokenizer(spec)
     teacher.check_tokenizer(spec, tokenizer, task)
-    auto = AutoModelForSequenceClassification if task == "classify" else AutoModelForCausalLM
-    tutor = teacher.load(spec, d.device, auto, "replicate", task)
+    head_options = {k: v for k, v in spec.options.items() if k in HEADS[task].options}
+    if "block_size" in head_options:
+        packing.check_block_size(spec, head_options["block_size"], "teacher_logits.block_size", name="teacher")
+    tutor = teacher.load(spec, d.device, heads.auto(task), "replicate", task)
     config = tutor.model.config
-
-    raw = data.load_raw(spec)
+    classes = int(getattr(config, HEADS[task].classes))
+    # the rows are the teacher's: a classifier's labels are read through its own label2id
+    head = heads.of(spec, task, tokenizer, labels=heads.model_labels(task, tutor.model), **head_options)
+    splits = {split: ds for split, ds in head.splits.items() if ds is not None}
     meta: dict[str, Any] = {"format": 1, "stage": spec.stage, "task": task}
-    if task == "clm":
-        limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
-        if isinstance(limit, int) and block > limit:
-            raise SpecError(f"teacher_logits.block_size: {block} tokens exceed the {limit} positions of the teacher "
-                            "(inputs.teacher, n_positions / max_position_embeddings); lower it")
-        packed = packing.pack(spec, raw, tokenizer, packing.end_of_document(tokenizer), block)
-        splits: dict[str, Any] = {split: p.blocks if p else None for split, p in packed.items()}
-        classes, per_example = int(config.vocab_size), block - 1
-        meta["block_size"] = block
-    else:
-        splits = data.tokenize(spec, raw, tokenizer, data.tokenizer_digest(spec))
-        classes, per_example = int(config.num_labels), 1
-        meta |= {"max_length": spec.data.max_length,
-                 "labels": [str(config.id2label.get(i, i)) for i in range(classes)]}
+    # what cut the examples into rows: packing's block_size, else data.max_length
+    meta |= {"block_size": head_options["block_size"]} if "block_size" in head_options else {
+        "max_length": spec.data.max_length}
+    if head.classes is not None:
+        meta["labels"] = head.classes
     k = opts.top_k or classes
     if k > classes:
         raise SpecError(f"teacher_logits.top_k: {k}, but the teacher has {classes} classes "
-                        f"({'vocab_size' if task == 'clm' else 'num_labels'}); give at most {classes}, or null")
-    ends = tokenizer.all_special_ids
+                        f"({HEADS[task].classes}); give at most {classes}, or null")
 
-    def inputs(ds, indices: list[int]) -> dict[str, Any]:
-        if task == "clm":
-            return dist.to_device({"input_ids": torch.tensor(ds[indices]["input_ids"])}) | {"use_cache": False}
-        return dist.to_device(data.collate(ds, indices, tokenizer.pad_token_id, None, ends))
-
-    def score(ds) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Collective. (values, indices) of every row of `ds`, on every rank; None on a stop request."""
-        n = len(ds)
+    def score(split: str) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+        """Collective. (values, indices, rows per example) of every row of `split`, on every rank; None on a stop
+        request. Every example has as many rows (one, or a block's predicted tokens)."""
+        n = len(splits[split])
+        per_example = len(head.targets(head.batch(split, [(0, EVAL_EPOCH)])))  # as every example of a storable head
         values, indices = torch.zeros(n * per_example, k), torch.zeros(n * per_example, k, dtype=torch.long)
-        for batch in data.eval_shards(n, opts.batch_size, d.world_size, d.rank):
-            real = [j for j, i in enumerate(batch) if i >= 0]
-            logits = tutor.logits(**inputs(ds, [max(i, 0) for i in batch])).cpu()
-            if task == "clm":
-                logits = logits[:, :-1]  # position j predicts token j + 1: distill's rows
-            top = logits[real].topk(k, dim=-1)  # sorted: largest first
-            at = (torch.tensor([batch[j] for j in real], dtype=torch.long)[:, None] * per_example
-                  + torch.arange(per_example)).flatten()
-            values[at], indices[at] = top.values.reshape(-1, k), top.indices.reshape(-1, k)
+        for batch_indices in data.eval_shards(n, opts.batch_size, d.world_size, d.rank):
+            batch = head.batch(split, [(i, EVAL_EPOCH) for i in batch_indices])
+            rows = head.select(tutor.logits(**{k: v for k, v in batch.items() if k != "labels"}), batch).cpu()
+            examples = torch.tensor([i for i in batch_indices if i >= 0], dtype=torch.long)
+            top = rows.topk(k, dim=-1)  # sorted: largest first
+            at = (examples[:, None] * per_example + torch.arange(per_example)).flatten()
+            values[at], indices[at] = top.values, top.indices
             if dist.any_rank(signals.received()):
                 return None
         dist.all_reduce_sum(values)
         dist.all_reduce_sum(indices)
-        return values, indices
+        return values, indices, per_example
 
     tensors: dict[str, torch.Tensor] = {}
-    for split, ds in splits.items():
-        if ds is None:
-            continue
-        scored = score(ds)
+    rows_per_example = {}
+    for split in splits:
+        scored = score(split)
         if scored is None:
             metrics.log("stop", step=0, reason="signal")
             return EXIT_STOPPED  # nothing written: a rerun scores from the start
-        tensors[f"{split}.values"], tensors[f"{split}.indices"] = scored
+        tensors[f"{split}.values"], tensors[f"{split}.indices"], rows_per_example[split] = scored
         if not bool(torch.isfinite(scored[0]).all()):
             raise SpecError(f"inputs.teacher: its logits on the {split} split hold NaN or infinity")
 
     results: dict[str, float] = {}
-    evalset = splits["eval"]
-    if evalset is not None:
-        if task == "clm":
-            truth = torch.tensor(evalset["input_ids"])[:, 1:].flatten()
-        else:
-            label2id = {name: i for i, name in enumerate(meta["labels"])}
-            truth = torch.tensor(label_ids(evalset, spec.data.label_field, label2id, "eval"))
+    if "eval" in splits:
+        truth = torch.cat([head.targets(batch).cpu() for batch in _all(head, "eval", opts.batch_size)])
         results["accuracy"] = float((tensors["eval.indices"][:, 0] == truth).double().mean())
         loop.record_eval(spec, metrics, 0, results)
     teacher_ref = spec.ref("teacher")
-    examples = {split: len(ds) for split, ds in splits.items() if ds is not None}
+    examples = {split: len(ds) for split, ds in splits.items()}
     meta |= {"top_k": k, "top_k_given": opts.top_k, "classes": classes, "examples": examples,
-             "rows": {split: n * per_example for split, n in examples.items()},
+             "rows": {split: n * rows_per_example[split] for split, n in examples.items()},
              "train_digests": [spec.data.digests[f] for f in spec.data.train_files],
              "eval_digests": [spec.data.digests[f] for f in spec.data.eval_files],
              "hub": spec.data.hub.model_dump() if spec.data.hub else None,
@@ -139,6 +122,13 @@ def main(spec: Spec, d: Dist) -> int:
     path, digest = export.write_folder(spec, fill)
     export.write_result(spec, steps=0, samples=0, output=path, digest=digest, metrics=results)
     return EXIT_DONE
+
+
+def _all(head: heads.Head, split: str, batch_size: int):
+    """Every batch of `split` in example order, on this rank alone."""
+    n = len(head.splits[split])
+    for start in range(0, n, batch_size):
+        yield head.batch(split, [(i, EVAL_EPOCH) for i in range(start, min(start + batch_size, n))])
 
 
 if __name__ == "__main__":

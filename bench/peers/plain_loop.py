@@ -7,7 +7,7 @@ gloo, DistributedDataParallel, torch.optim.AdamW (decay on matrices only, as bat
 warm-up, then linear / cosine decay), gradient clipping at max_grad_norm, fp32. Each rank draws its own
 micro-batches from a per-epoch shuffle, padded to the batch's longest row. Losses:
   mlm --loss full     the model's own `labels` path (every position projected onto the vocabulary)
-  mlm --loss masked   the MLM head applied at the masked positions only (baton's MaskedLMLoss)
+  mlm --loss masked   the MLM head applied at the masked positions only (as baton's mlm head)
   clm                 next-token loss on packed blocks (the model's `labels` path; no padding, no mask)
   classify            cross-entropy of the classification head
 """

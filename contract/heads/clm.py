@@ -2,5 +2,7 @@
 
 from contract.heads import HeadInfo
 
+BLOCK_SIZE = 128  # tokens per packed block by default
+
 HEAD = HeadInfo(name="clm", metrics=("eval_loss", "perplexity"), fits="text", model="AutoModelForCausalLM",
-                classes="vocab_size")
+                classes="vocab_size", options={"block_size": BLOCK_SIZE})

@@ -3,4 +3,4 @@
 from contract.heads import HeadInfo
 
 HEAD = HeadInfo(name="mlm", metrics=("eval_loss", "perplexity"), fits="text", model="AutoModelForMaskedLM",
-                classes="vocab_size")
+                classes="vocab_size", options={"mask_prob": 0.15}, storable=False)

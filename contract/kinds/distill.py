@@ -12,17 +12,19 @@ at every step (online), or `teacher_logits`, the top-k logits a `teacher_logits`
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
 
+from contract import heads
 from contract.sections import BLOCK_SIZE, Head, ModelRef, Problem, RowsRef, Strict, TrainingStage
 
 
 class DistillOptions(Strict):
     """The manifest's `distill:` section; as spec.options it holds only what its task uses."""
 
-    task: Literal["classify", "mlm", "clm"] = Field(
+    task: Annotated[str, AfterValidator(heads.check)] = Field(
+        json_schema_extra={"enum": heads.names()},
         description="The student's (and teacher's) head and task loss: classify (sequence classification, "
         "data.label_field / data.labels), mlm (masked-LM at mask_prob), clm (next-token prediction on blocks of "
         "block_size tokens).")
@@ -72,20 +74,20 @@ class DistillOptions(Strict):
 
     @model_validator(mode="after")
     def _task_settings(self) -> DistillOptions:
-        if self.mask_prob is not None and self.task != "mlm":
-            raise Problem(("mask_prob",), f"mask_prob is for task mlm (task is {self.task})")
-        if self.block_size is not None and self.task != "clm":
-            raise Problem(("block_size",), f"block_size is for task clm (task is {self.task})")
+        for name, why in heads.option_problems(self.task, self._head_given()):
+            raise Problem((name,), why)
         return self
+
+    def _head_given(self) -> dict[str, Any]:
+        return {"mask_prob": self.mask_prob, "block_size": self.block_size}
 
     def settings(self) -> dict[str, Any]:
         """spec.options: the task's defaults filled in, the other tasks' settings left out."""
-        out = self.model_dump(exclude={"mask_prob", "block_size"})
-        if self.task == "mlm":
-            out["mask_prob"] = 0.15 if self.mask_prob is None else self.mask_prob
-        if self.task == "clm":
-            out["block_size"] = self.block_size or BLOCK_SIZE
-        return out
+        return self.model_dump(exclude=set(self._head_given())) | self.head_options()
+
+    def head_options(self) -> dict[str, Any]:
+        """The task's head settings (contract.heads), defaults filled in."""
+        return heads.settings(self.task, self._head_given())
 
 
 class TeacherLogitsRef(RowsRef):
@@ -119,9 +121,9 @@ class DistillStage(TrainingStage):
             raise Problem(("teacher_logits",), "give teacher or teacher_logits, not both: teacher_logits replace "
                           "running a teacher with its stored logits")
         if self.teacher_logits is not None:
-            if self.distill.task == "mlm":
-                raise Problem(("teacher_logits",), "distill.task mlm cannot read stored logits: its masks change "
-                              "every epoch; give teacher (online) instead")
+            if not heads.HEADS[self.distill.task].storable:
+                raise Problem(("teacher_logits",), f"distill.task {self.distill.task} cannot read stored logits: its "
+                              "rows change every epoch (masks); give teacher (online) instead")
             if "teacher_placement" in self.distill.model_fields_set:
                 raise Problem(("distill", "teacher_placement"), "with teacher_logits no teacher runs: leave out "
                               "teacher_placement")
@@ -139,12 +141,12 @@ class DistillStage(TrainingStage):
     def metric_names(self) -> frozenset[str]:
         if not self.scored():
             return frozenset()
-        with_labels = self.distill.task == "classify"
+        with_labels = heads.HEADS[self.distill.task].classes == "num_labels"
         return super().metric_names() | {"teacher_agreement"} | ({"teacher_accuracy"} if with_labels else set())
 
     def training_rows(self) -> dict[str, Any]:
         o = self.distill.settings()
-        return {"task": o["task"]} | ({"block_size": o["block_size"]} if o["task"] == "clm"
+        return {"task": o["task"]} | ({"block_size": o["block_size"]} if "block_size" in o
                                       else {"max_length": self.data.max_length})
 
 

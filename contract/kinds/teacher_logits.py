@@ -5,10 +5,11 @@ distillation). Nothing is trained; final/ holds the logits (LOGITS_FILE), what t
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
 
+from contract import heads
 from contract.sections import BLOCK_SIZE, ModelRef, Problem, StageBase, Strict, TokenizerRef
 
 LOGITS_FILE = "teacher_logits.safetensors"  # in final/: "<split>.values" [rows, k] float32, "<split>.indices" int64
@@ -18,7 +19,8 @@ META_FILE = "teacher_logits.json"  # in final/: task, top_k, classes, the data t
 class TeacherLogitsOptions(Strict):
     """The manifest's `teacher_logits:` section; as spec.options it holds only what its task uses."""
 
-    task: Literal["classify", "mlm", "clm"] = Field(
+    task: Annotated[str, AfterValidator(heads.check)] = Field(
+        json_schema_extra={"enum": heads.names(storable=True)},
         description="The teacher's head and what a row is: classify (one row per example), clm (one row per "
         "predicted token of each packed block, as distill's). mlm is refused: its masks change every epoch.")
     top_k: int | None = Field(None, ge=1, le=1_000_000, strict=True, description="Logits kept per row, the largest "
@@ -32,28 +34,25 @@ class TeacherLogitsOptions(Strict):
 
     @field_validator("task")
     @classmethod
-    def _not_mlm(cls, value: str) -> str:
-        if value == "mlm":
-            raise ValueError("mlm cannot be stored: the masked positions are drawn anew every epoch, so the logits "
-                             "of one fixed masking would teach the wrong positions; distil mlm online (distill with "
-                             "teacher:)")
+    def _storable(cls, value: str) -> str:
+        if value in heads.HEADS and not heads.HEADS[value].storable:
+            raise ValueError(f"{value} cannot be stored: its rows are drawn anew every epoch (mlm's masked "
+                             "positions), so the logits of one fixed draw would teach the wrong positions; distil "
+                             f"{value} online (distill with teacher:)")
         return value
 
     @model_validator(mode="after")
     def _task_settings(self) -> TeacherLogitsOptions:
-        if self.task == "clm" and self.top_k is None:
-            raise Problem(("top_k",), "task clm needs top_k (e.g. 32): all logits would be a row of the whole "
-                          "vocabulary per predicted token")
-        if self.block_size is not None and self.task != "clm":
-            raise Problem(("block_size",), f"block_size is for task clm (task is {self.task})")
+        if heads.HEADS[self.task].classes == "vocab_size" and self.top_k is None:
+            raise Problem(("top_k",), f"task {self.task} needs top_k (e.g. 32): all logits would be a row of the "
+                          "whole vocabulary per predicted token")
+        for name, why in heads.option_problems(self.task, {"block_size": self.block_size}):
+            raise Problem((name,), why)
         return self
 
     def settings(self) -> dict[str, Any]:
-        """spec.options: clm's block_size filled in, left out for classify."""
-        out = self.model_dump(exclude={"block_size"})
-        if self.task == "clm":
-            out["block_size"] = self.block_size or BLOCK_SIZE
-        return out
+        """spec.options: the task's head settings (block_size) filled in, the others left out."""
+        return self.model_dump(exclude={"block_size"}) | heads.settings(self.task, {"block_size": self.block_size})
 
 
 class TeacherLogitsStage(StageBase):
@@ -85,7 +84,7 @@ class TeacherLogitsStage(StageBase):
 
     def training_rows(self) -> dict[str, Any]:
         o = self.teacher_logits.settings()
-        return {"task": o["task"]} | ({"block_size": o["block_size"]} if o["task"] == "clm"
+        return {"task": o["task"]} | ({"block_size": o["block_size"]} if "block_size" in o
                                       else {"max_length": self.data.max_length})
 
 

@@ -29,10 +29,15 @@ _BUILDERS = {"json": "json", "csv": "csv", "parquet": "parquet", "text": "text"}
 
 
 def load_raw(spec: Spec, *, train: bool = True) -> dict[str, Any]:
-    """{"train": Dataset, "eval": Dataset | None}; rank 0 fills the datasets cache first. train=False: a stage
-    that only evaluates (ensemble): {"train": None, "eval": …}."""
+    """{"train": Dataset, "eval": Dataset | None} of spec.data; rank 0 fills the datasets cache first. train=False: a
+    stage that only evaluates (ensemble): {"train": None, "eval": …}."""
+    return load_section(spec.data, spec.cache_dir, train=train)
+
+
+def load_section(section: DataSpec, cache_dir: str, *, train: bool = True, key: str = "data") -> dict[str, Any]:
+    """`load_raw` of any data section, which errors name `key`."""
     with rank0_first():
-        return _load_raw(spec.data, os.path.join(spec.cache_dir, "datasets"), train)
+        return _load_raw(section, os.path.join(cache_dir, "datasets"), train, key)
 
 
 def load_eval(data: DataSpec, cache_dir: str, key: str) -> Any:

@@ -15,22 +15,20 @@ import contextlib
 import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from contract.layout import EXIT_DONE, TRAIN_LOSSES, step_of
 from contract.sections import Unfreeze
-from stages.runtime import checkpoint, curriculum, data, dist, engine, export, layers, loop, models, speed
+from stages.runtime import checkpoint, curriculum, data, dist, engine, export, layers, loop, models, shared_eval, speed
 from stages.runtime.checkpoint import Position
 from stages.runtime.dist import Dist
+from stages.runtime.heads import Head
 from stages.runtime.loop import Evaluate, MicroStep, Sampler
 from stages.runtime.metrics import Metrics
 from stages.runtime.spec import Spec, SpecError, training
-
-if TYPE_CHECKING:
-    from stages.runtime.shared_eval import Task
 
 # Each example's loss, one value per index of a batch of training examples (eval.score_train)
 ExampleLosses = Callable[[list[int]], torch.Tensor]
@@ -75,17 +73,22 @@ class Training:
         return self.engine
 
     def finish(self, evaluate: Evaluate, tokenizer, beside: dict[str, nn.Module] | None = None,
-               losses: ExampleLosses | None = None, *, task: Task | None = None, mask_prob: float = 0.15) -> int:
+               losses: ExampleLosses | None = None, *, head: Head | None = None) -> int:
         """Collective. The final eval (if eval.at_end) and the shared eval sets' scores (spec.shared_evals, on
-        `model` as a `task` model: classify, mlm at `mask_prob`, clm; None: a model the sets do not fit), final/
-        (model + tokenizer, and the models `beside` in folders below it; with eval.score_train each training
-        example's loss, `losses(indices)` by batch), then result.json."""
+        `model` read by `head`; None: a model the sets do not fit), final/ (model + tokenizer, and the models `beside`
+        in folders below it; with eval.score_train each training example's loss, `losses(indices)` by batch), then
+        result.json."""
         spec = self.spec
         final_metrics: dict[str, float] = {}
         if training(spec).eval.at_end:
             final_metrics = evaluate(self.pos.step)
         if spec.shared_evals:
-            final_metrics |= self._shared_evals(tokenizer, task, mask_prob)
+            if head is None:
+                raise SpecError(f"shared_evals: kind {spec.kind} is scored on no shared eval set, but the spec gives "
+                                f"{', '.join(spec.shared_evals)}")
+            final_metrics |= shared_eval.score(spec, self.d, self.model, tokenizer, head.name,
+                                               batch_size=training(spec).train.micro_batch_size,
+                                               options=head.source.options)
         if final_metrics:
             loop.record_eval(spec, self.metrics, self.pos.step, final_metrics)
         files = {}
@@ -97,16 +100,6 @@ class Training:
         export.write_result(spec, steps=self.pos.step, samples=self.pos.samples, output=path, digest=digest,
                             metrics=final_metrics)
         return EXIT_DONE
-
-    def _shared_evals(self, tokenizer, task: Task | None, mask_prob: float) -> dict[str, float]:
-        from stages.runtime import shared_eval
-
-        spec = self.spec
-        if task is None:
-            raise SpecError(f"shared_evals: kind {spec.kind} is scored on no shared eval set, but the spec gives "
-                            f"{', '.join(spec.shared_evals)}")
-        return shared_eval.score(spec, self.d, self.model, tokenizer, task,
-                                 batch_size=training(spec).train.micro_batch_size, mask_prob=mask_prob)
 
     def _train_losses(self, losses: ExampleLosses) -> dict[str, Any]:
         """Collective. Every training example's loss under the final model, in row order (eval mode; the ranks

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from contract.spec import DataSpec
 from stages.runtime import data
 from stages.runtime.spec import Spec, SpecError
 
@@ -24,12 +25,12 @@ def end_of_document(tokenizer) -> int:
     raise SpecError("inputs.tokenizer: has neither an EOS nor a SEP token to end each document with")
 
 
-def check_block_size(spec: Spec, block_size: int, key: str = "clm.block_size") -> None:
-    """`key` (clm.block_size) against the init model's positions, where its config says: before any data work,
-    which can take long on a real corpus."""
+def check_block_size(spec: Spec, block_size: int, key: str = "clm.block_size", name: str = "init") -> None:
+    """`key` (clm.block_size) against the positions of input `name`'s model, where its config says: before any data
+    work, which can take long on a real corpus."""
     from transformers import AutoConfig
 
-    init = spec.ref("init")
+    init = spec.ref(name)
     try:
         if init.source == "config" and init.config:
             config = AutoConfig.for_model(**init.config)
@@ -41,8 +42,9 @@ def check_block_size(spec: Spec, block_size: int, key: str = "clm.block_size") -
         return  # build_model reports a bad init with its own message
     limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
     if isinstance(limit, int) and block_size > limit:
-        raise SpecError(f"{key}: {block_size} tokens exceed the {limit} positions of the model "
-                        f"(inputs.init, n_positions / max_position_embeddings); lower {key}")
+        whose = "model" if name == "init" else name
+        raise SpecError(f"{key}: {block_size} tokens exceed the {limit} positions of the {whose} "
+                        f"(inputs.{name}, n_positions / max_position_embeddings); lower {key}")
 
 
 @dataclass(frozen=True)
@@ -51,14 +53,15 @@ class Packed:
     blocks: Any  # a datasets.Dataset: input_ids rows of exactly block_size tokens
 
 
-def pack(spec: Spec, raw: dict[str, Any], tokenizer, eos: int, block_size: int) -> dict[str, Packed | None]:
+def pack(section: DataSpec, cache_dir: str, tokenizer_digest: str, raw: dict[str, Any], tokenizer, eos: int,
+         block_size: int) -> dict[str, Packed | None]:
     """Each split's documents (every rank tokenizes a share) and blocks (rank 0 groups them first), cached under
     cache_dir.
 
     Two cached steps, as in run_clm: documents → token ids, then → blocks (a new block_size only regroups).
     """
-    field = spec.data.text_field
-    out_dir = Path(spec.cache_dir, "tokenized")
+    field = section.text_field
+    out_dir = Path(cache_dir, "tokenized")
 
     def encode(batch: dict[str, list]) -> dict[str, list]:
         texts = [text for text in batch[field] if isinstance(text, str) and text.strip()]  # blank: no document
@@ -77,7 +80,7 @@ def pack(spec: Spec, raw: dict[str, Any], tokenizer, eos: int, block_size: int) 
         if ds is None:
             out[split] = None
             continue
-        key = data.cache_key("clm-documents", data.tokenizer_digest(spec), ds._fingerprint, field, eos)
+        key = data.cache_key("clm-documents", tokenizer_digest, ds._fingerprint, field, eos)
         docs = data.map_by_rank(ds, encode, key=key, path=out_dir / f"clm-{split}-{key}", batch_size=PACK_BATCH,
                                 remove_columns=ds.column_names)
         key = data.cache_key("clm-blocks", key, block_size, PACK_BATCH)

@@ -25,6 +25,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from contract.heads import HEADS
 from contract.kinds.teacher_logits import LOGITS_FILE, META_FILE
 from stages.runtime import dist, models
 from stages.runtime.spec import Spec, SpecError, training
@@ -32,10 +33,7 @@ from stages.runtime.spec import Spec, SpecError, training
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.txt", "vocab.json", "spiece.model",
                    "sentencepiece.bpe.model", "tokenizer.model")
 Placement = Literal["replicate", "zero3", "cpu"]
-Task = Literal["classify", "mlm", "clm"]
-
-# What each task's teacher must carry, for messages.
-HEADS = {"classify": "sequence-classification head", "mlm": "masked-LM head", "clm": "causal-LM head"}
+Task = str  # a head's name (contract/heads)
 
 
 class _Zero3Config:
@@ -67,15 +65,18 @@ class Teacher:
     def has(self, split: str) -> bool:
         return True  # it reads any batch
 
-    def check_labels(self, names: list[str | int]) -> None:
-        """Exit 2 unless the classifier teacher's labels (config.id2label) are the student's, in the same order."""
+    def check_labels(self, names: list[str | int] | None) -> None:
+        """Exit 2 unless the classifier teacher's labels (config.id2label) are the student's, in the same order
+        (`names`; None: classes without names, a vocabulary)."""
+        if names is None:
+            return
         config = self.model.config
         _same_labels([str(config.id2label.get(i, i)) for i in range(config.num_labels)], names,
                      "inputs.teacher: its labels")
 
     def check_logits(self, student: nn.Module, task: Task) -> None:
         """Exit 2 when the student's logits would not line up with the teacher's (vocab_size, num_labels)."""
-        _same_classes(student, task, getattr(self.model.config, _CLASSES[task]), "the teacher's")
+        _same_classes(student, task, getattr(self.model.config, HEADS[task].classes), "the teacher's")
 
     def describe(self) -> str:
         return f"teacher {self.placement}: {models.parameter_count(self.model):,} parameters"
@@ -100,7 +101,7 @@ def load(spec: Spec, device: torch.device, auto_class, placement: Placement, tas
     try:
         model, info = auto_class.from_pretrained(ref.path, output_loading_info=True)
     except (OSError, ValueError) as e:
-        raise SpecError(f"inputs.teacher.path: {ref.path}: cannot load a model with a {HEADS[task]}: {e}") from None
+        raise SpecError(f"inputs.teacher.path: {ref.path}: cannot load a {HEADS[task].model}: {e}") from None
     finally:
         if holder is not None:
             from transformers.integrations.deepspeed import unset_hf_deepspeed_config
@@ -112,7 +113,7 @@ def load(spec: Spec, device: torch.device, auto_class, placement: Placement, tas
         shown = ", ".join(missing[:6]) + (f" … and {len(missing) - 6} more" if len(missing) > 6 else "")
         raise SpecError(f"inputs.teacher.path: {ref.path} lacks {len(missing)} weights of {type(model).__name__} "
                         f"({shown}): they would be random in the teacher. distill.task {task} needs a teacher "
-                        f"trained with a {HEADS[task]}")
+                        f"trained as a {HEADS[task].model}")
     model.requires_grad_(False)
     model.eval()
     if placement == "zero3":
@@ -150,7 +151,8 @@ def check_tokenizer(spec: Spec, tokenizer, task: Task, name: str = "teacher") ->
     ref, mine = spec.ref(name), spec.ref("tokenizer")
     if ref.path is None:
         return  # load() says why
-    why = "logits over one vocabulary" if task != "classify" else "the same token ids for teacher and student"
+    vocabulary = HEADS[task].classes == "vocab_size"  # its logits range over the tokens
+    why = "logits over one vocabulary" if vocabulary else "the same token ids for teacher and student"
     own = None
     # transformers 5 makes an empty tokenizer of the model type from a folder that has none: look for its files
     saved = not Path(ref.path).is_dir() or any(Path(ref.path, f).is_file() for f in TOKENIZER_FILES)
@@ -169,7 +171,7 @@ def check_tokenizer(spec: Spec, tokenizer, task: Task, name: str = "teacher") ->
         size = int(AutoConfig.from_pretrained(ref.path).vocab_size)
     except (OSError, ValueError, TypeError, AttributeError):
         return  # load() reports a folder that holds no model
-    fits = size >= len(tokenizer) if task == "classify" else size == len(tokenizer)
+    fits = size == len(tokenizer) if vocabulary else size >= len(tokenizer)
     if not fits:
         raise SpecError(f"inputs.{name}: {ref.path} has no tokenizer and a vocabulary of {size} tokens, the "
                         f"student's tokenizer (inputs.tokenizer {mine.path}) {len(tokenizer)}. Distillation needs "
@@ -184,11 +186,8 @@ def _same_labels(theirs: list[str], names: list[str | int], what: str) -> None:
                         "by class; give data.labels in the teacher's order")
 
 
-_CLASSES = {"classify": "num_labels", "mlm": "vocab_size", "clm": "vocab_size"}
-
-
 def _same_classes(student: nn.Module, task: Task, theirs: int, whose: str) -> None:
-    key = _CLASSES[task]
+    key = HEADS[task].classes
     ours = getattr(student.config, key)
     if theirs != ours:
         raise SpecError(f"inputs.init: the student's {key} {ours} is not {whose} {theirs}: distillation compares "
@@ -218,8 +217,10 @@ class Stored:
         values, indices = self._splits[split]
         return values[at].to(self._device), indices[at].to(self._device)
 
-    def check_labels(self, names: list[str | int]) -> None:
-        """Exit 2 unless the stored classes are the student's labels, in the same order."""
+    def check_labels(self, names: list[str | int] | None) -> None:
+        """Exit 2 unless the stored classes are the student's labels, in the same order (None: a vocabulary)."""
+        if names is None:
+            return
         _same_labels([str(n) for n in self.meta["labels"]], names, "inputs.teacher_logits: the teacher's labels")
 
     def check_logits(self, student: nn.Module, task: Task) -> None:
@@ -251,7 +252,8 @@ def load_stored(spec: Spec, task: Task, *, block_size: int | None, examples: dic
         raise SpecError(f"{where}: {meta_path} or {logits_path} is missing or unreadable ({e})") from None
     if stored_task != task:
         raise SpecError(f"{where}: {meta_path} holds logits of task {stored_task}, this stage's distill.task is {task}")
-    setting = ("block_size", block_size) if task == "clm" else ("max_length", spec.data.max_length)
+    # what cut the examples into rows: packing's block_size, else data.max_length
+    setting = ("block_size", block_size) if "block_size" in meta else ("max_length", spec.data.max_length)
     if meta.get(setting[0]) != setting[1]:
         raise SpecError(f"{where}: {meta_path}: its rows were made with {setting[0]} {meta.get(setting[0])}, this "
                         f"stage's is {setting[1]}")
@@ -261,7 +263,7 @@ def load_stored(spec: Spec, task: Task, *, block_size: int | None, examples: dic
             or made.get("train") != examples["train"]:
         raise SpecError(f"{where}: {meta_path} holds the logits of {made.get('train')} examples of other training "
                         f"data than this stage's {examples['train']}; store them for this stage's data.train")
-    per_example = 1 if task == "classify" else (block_size or 0) - 1
+    per_example = (meta.get("rows") or {}).get("train", 0) // max(made.get("train") or 0, 1)
     for split in ("train", "eval"):
         shapes = [tuple(tensors[f"{split}.{part}"].shape) for part in ("values", "indices")
                   if f"{split}.{part}" in tensors]

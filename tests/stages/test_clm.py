@@ -115,7 +115,8 @@ def trained_on(work: dict, name: str, split: str) -> list[list[int]]:
     spec = work["stages"].spec(name)
     cached = set(Path(spec.cache_dir, "tokenized").iterdir())
     tok = models.load_tokenizer(spec)
-    packed = stage.pack(spec, data.load_raw(spec), tok, stage.end_of_document(tok), BLOCK)[split]
+    packed = stage.pack(spec.data, spec.cache_dir, data.tokenizer_digest(spec), data.load_raw(spec), tok,
+                        stage.end_of_document(tok), BLOCK)[split]
     assert packed is not None
     assert set(Path(spec.cache_dir, "tokenized").iterdir()) == cached
     assert {Path(f["filename"]) for f in packed.blocks.cache_files} <= cached

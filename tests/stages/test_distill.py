@@ -69,22 +69,6 @@ def test_the_kd_term_is_zero_when_student_is_teacher_and_has_gradients():
     assert z.grad is not None and z.grad.abs().sum() > 0
 
 
-def test_rows_that_count_per_task():
-    import torch
-
-    from stages.distill import rows, targets
-
-    logits = torch.arange(2 * 4 * 3, dtype=torch.float).view(2, 4, 3)
-    ids = torch.tensor([[5, 6, 7, 8], [1, 2, 3, 4]])
-    labels = torch.full((2, 4), -100)
-    labels[0, 1], labels[1, 3] = 6, 4
-    batch = {"input_ids": ids, "labels": labels}
-    assert torch.equal(rows("mlm", logits, batch), torch.stack([logits[0, 1], logits[1, 3]]))
-    assert targets("mlm", batch).tolist() == [6, 4]
-    assert torch.equal(rows("clm", logits, batch), logits[:, :3].reshape(6, 3))  # position j predicts token j + 1
-    assert targets("clm", batch).tolist() == [6, 7, 8, 2, 3, 4]
-
-
 # ----------------------------------------------------------------- fast: keep_layers
 
 BERT = {"model_type": "bert", "hidden_size": 16, "num_hidden_layers": 4, "num_attention_heads": 2,

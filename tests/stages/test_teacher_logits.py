@@ -124,7 +124,7 @@ OFFLINE = "    teacher_logits: {from: logits}  #!\n"
 
 @pytest.mark.parametrize(("producer", "lines", "key", "says"), [
     ("    teacher_logits: {task: mlm}  #!\n", "", "stages[2].teacher_logits.task",
-     "mlm cannot be stored: the masked positions are drawn anew every epoch"),
+     "mlm cannot be stored: its rows are drawn anew every epoch"),
     ("    teacher_logits: {task: clm}  #!\n", "", "stages[2].teacher_logits.top_k", "task clm needs top_k"),
     ("    teacher_logits: {task: classify, block_size: 64}  #!\n", "", "stages[2].teacher_logits.block_size",
      "block_size is for task clm"),

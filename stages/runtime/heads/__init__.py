@@ -5,8 +5,10 @@ new head is usable by every kind that takes `task:` at once.
 A head is made by `load(name, source)`: it reads and tokenizes its data section (cached under the run's cache_dir)
 and then answers:
 
-- `auto()`: the AutoModelFor… class its model is; `model_args()`: what `models.build_model` adds to the config
+- `auto()`: the AutoModelFor… class its model is (contract.heads names it; `auto(name)` before a head is made);
+  `model_args()`: what `models.build_model` adds to the config
   (a classifier's labels, a causal LM's end-of-document token when built from a config);
+- `classes`: a classifier's label names in id order (None: the logits range over a vocabulary);
 - `splits`: its examples per split ("train", "eval"; None where the section has none); `describe()`: one line;
 - `batch(split, keys, max_length)`: a collated batch on the device of (index, epoch) keys. Every batch carries
   `labels`: the target of each prediction, -100 where nothing is predicted; a key with index -1 is a padding row
@@ -16,8 +18,11 @@ and then answers:
 - `select(logits, batch)`: the same rows of a model's full logits (a teacher's); `targets(batch)`: their labels;
   `examples(batch)`: the batch row each of them belongs to;
 - `loss(rows, batch)`: the training loss, the mean over the rows that count;
-- `evaluate(net, split, batch_size, d)`: collective, the split's metrics (`metrics`, the names) on `net`, a
-  `module(model)` (or an engine around one); {} without the split;
+- `sums(rows, batch)`: what a batch adds to its split's metrics (float64), and `metrics_of(total)`, collective,
+  the metrics from every rank's total (a program that runs its own eval loop, distill's, scores with these);
+- `evaluate(net, split, batch_size, d, predictions)`: collective, the split's metrics (`metrics`, the names) on
+  `net`, a `module(model)` (or an engine around one); {} without the split; with `predictions`, rank 0 writes each
+  eval example's prediction to that file (JSON lines, in eval order) where the head has any;
 - `example_losses(net, indices)`: each training example's mean loss (a curriculum's scoring, eval.score_train).
 
 The metric names and the shared eval sets a head is scored on are the contract's (contract.heads).
@@ -32,8 +37,11 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from contract.heads import HEADS
 from contract.spec import DataSpec
+from stages.runtime import data
 from stages.runtime.dist import Dist
+from stages.runtime.spec import Spec
 
 Keys = list[tuple[int, int]]  # (example index, epoch) per row; index -1: a padding row
 
@@ -62,7 +70,9 @@ class Source:
 class Head(Protocol):
     name: str
     metrics: tuple[str, ...]
+    source: Source
     splits: dict[str, Any]
+    classes: list[str | int] | None  # the names of the classes its logits range over, where they have names
 
     def auto(self) -> Any: ...
 
@@ -82,9 +92,39 @@ class Head(Protocol):
 
     def loss(self, rows: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
 
-    def evaluate(self, net: Any, split: str, batch_size: int, d: Dist) -> dict[str, float]: ...
+    def sums(self, rows: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
+
+    def metrics_of(self, total: torch.Tensor) -> dict[str, float]: ...
+
+    def evaluate(self, net: Any, split: str, batch_size: int, d: Dist, predictions: str | None = None
+                 ) -> dict[str, float]: ...
 
     def example_losses(self, net: Any, indices: list[int]) -> torch.Tensor: ...
+
+
+def of(spec: Spec, name: str, tokenizer: Any, labels: list[str] | None = None, **options: Any) -> Head:
+    """The head `name` over the stage's own data section (spec.data), with the head's `options`; `labels`: as
+    `Source.labels` (a trained classifier's own)."""
+    c = spec.curriculum
+    difficulty = (c.difficulty.column,) if c and c.difficulty and c.difficulty.column else ()
+    return load(name, Source(data=spec.data, tokenizer=tokenizer, tokenizer_digest=data.tokenizer_digest(spec),
+                             cache_dir=spec.cache_dir, seed=spec.seed, options=options, labels=labels,
+                             difficulty=difficulty))
+
+
+def auto(name: str) -> Any:
+    """The AutoModelFor… class of head `name`'s models."""
+    import transformers
+
+    return getattr(transformers, HEADS[name].model)
+
+
+def model_labels(name: str, model: Any) -> list[str] | None:
+    """A trained model's own class names in id order, where head `name`'s classes have names (a classifier)."""
+    if HEADS[name].classes != "num_labels":
+        return None
+    config = model.config
+    return [str(config.id2label[i]) for i in range(config.num_labels)]
 
 
 def load(name: str, source: Source) -> Head:

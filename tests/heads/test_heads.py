@@ -1,0 +1,154 @@
+"""The heads (stages/runtime/heads/), in this process on one rank: each head's batches, rows, loss and eval checked
+against a direct computation from the model's own logits, and the rule that programs never branch on the objective.
+
+- every head: the rows its module gives are the rows `select` takes of the model's full logits, with the targets
+  the batch predicts; the loss is the mean cross-entropy over them (clm: the model's own loss with labels = ids);
+- a padding row (index -1) reads row 0 and counts for nothing: no rows, no targets;
+- eval: the metrics equal a recomputation over the split; each example's loss is its own rows' mean;
+- no program (stages/*.py) nor runtime module outside heads/ compares a task or head with an objective's name.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from contract.spec import DataSpec
+from stages.runtime import heads
+from stages.runtime.dist import Dist
+
+REPO = Path(__file__).resolve().parents[2]
+WORDS = ["the", "a", "cat", "dog", "sat", "ran", "on", "mat", "log", "big", "small", "red", "blue", "fast", "slow"]
+LABELS = ["animal", "thing"]
+ONE = Dist(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    from transformers import BertTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tok")
+    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    return BertTokenizerFast(vocab=str(folder / "vocab.txt"))
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("data")
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for i in range(40):
+        n = 3 + int(torch.randint(0, 6, (1,), generator=g))
+        words = [WORDS[int(j)] for j in torch.randint(0, len(WORDS), (n,), generator=g)]
+        rows.append({"text": " ".join(words), "label": LABELS[i % 2]})
+    out = {}
+    for split, part in (("train", rows[:30]), ("eval", rows[30:])):
+        out[f"{split}.jsonl"] = folder / f"{split}.jsonl"
+        out[f"{split}.jsonl"].write_text("".join(json.dumps(r) + "\n" for r in part))
+        out[f"{split}.txt"] = folder / f"{split}.txt"
+        out[f"{split}.txt"].write_text("".join(r["text"] + "\n" for r in part) * 6)  # clm: enough for blocks
+    return out
+
+
+def head_of(name: str, tokenizer, files, tmp_path, **options) -> heads.Head:
+    ext = "txt" if name == "clm" else "jsonl"
+    section = DataSpec(train_files=[str(files[f"train.{ext}"])], eval_files=[str(files[f"eval.{ext}"])],
+                       format="text" if ext == "txt" else "json", hub=None, text_field="text", text_pair_field=None,
+                       label_field="label", labels=None, max_length=16, digests={})
+    source = heads.Source(data=section, tokenizer=tokenizer, tokenizer_digest="test", cache_dir=str(tmp_path),
+                          seed=7, options=options)
+    return heads.load(name, source)
+
+
+def model_of(head: heads.Head, tokenizer):
+    from transformers import AutoConfig
+
+    torch.manual_seed(0)
+    family = {"model_type": "gpt2", "n_embd": 16, "n_layer": 1, "n_head": 2, "n_positions": 64} \
+        if head.name == "clm" else {"model_type": "bert", "hidden_size": 16, "num_hidden_layers": 1,
+                                    "num_attention_heads": 2, "intermediate_size": 32, "max_position_embeddings": 64}
+    config = AutoConfig.for_model(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                                  **family, **head.model_args(True))
+    return head.auto().from_config(config).eval()
+
+
+HEADS = [("classify", {}), ("mlm", {"mask_prob": 0.3}), ("clm", {"block_size": 8})]
+
+
+@pytest.mark.parametrize(("name", "options"), HEADS)
+def test_rows_are_the_selected_logits_and_the_loss_their_mean(name, options, tokenizer, files, tmp_path):
+    head = head_of(name, tokenizer, files, tmp_path, **options)
+    model = model_of(head, tokenizer)
+    batch = head.batch("train", [(0, 0), (3, 0), (5, 1)])
+    with torch.no_grad():
+        rows = head.module(model)(**batch)
+        full = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        expected = head.select(full, batch)
+        own = model(**batch).loss  # the model's own loss with these labels
+    targets = head.targets(batch)
+    assert rows.shape == (len(targets), full.shape[-1]) and len(targets) > 0
+    torch.testing.assert_close(rows, expected, atol=1e-5, rtol=1e-5)
+    loss = head.loss(rows, batch)
+    assert float(loss) == pytest.approx(float(F.cross_entropy(expected, targets)), rel=1e-5)
+    assert float(loss) == pytest.approx(float(own), rel=1e-5)
+    assert head.examples(batch).tolist() == sorted(head.examples(batch).tolist())
+    assert set(head.examples(batch).tolist()) == {0, 1, 2}
+
+
+@pytest.mark.parametrize(("name", "options"), HEADS)
+def test_a_padding_row_counts_for_nothing(name, options, tokenizer, files, tmp_path):
+    head = head_of(name, tokenizer, files, tmp_path, **options)
+    alone = head.batch("eval", [(2, -1)])
+    padded = head.batch("eval", [(2, -1), (-1, -1)])
+    assert torch.equal(head.targets(padded), head.targets(alone))
+    assert head.examples(padded).tolist() == head.examples(alone).tolist()
+    assert (padded["labels"][1] == -100).all()
+
+
+@pytest.mark.parametrize(("name", "options"), HEADS)
+def test_eval_and_example_losses_recompute(name, options, tokenizer, files, tmp_path):
+    head = head_of(name, tokenizer, files, tmp_path, **options)
+    model = model_of(head, tokenizer)
+    net = head.module(model)
+    n = len(head.splits["eval"])
+    got = head.evaluate(net, "eval", 4, ONE)
+    assert set(got) == set(head.metrics)
+    with torch.no_grad():
+        batch = head.batch("eval", [(i, -1) for i in range(n)])
+        rows, targets = net(**batch), head.targets(batch)
+        assert got["eval_loss"] == pytest.approx(float(F.cross_entropy(rows, targets)), rel=1e-5)
+        if "accuracy" in got:
+            assert got["accuracy"] == pytest.approx(float((rows.argmax(-1) == targets).double().mean()))
+        each = head.example_losses(net, [4, 1])
+        for j, i in enumerate([4, 1]):
+            one = head.batch("train", [(i, -1)])
+            assert float(each[j]) == pytest.approx(float(F.cross_entropy(net(**one), head.targets(one))), rel=1e-5)
+
+
+def test_classify_reads_a_models_own_labels(tokenizer, files, tmp_path):
+    source = head_of("classify", tokenizer, files, tmp_path).source
+    from dataclasses import replace
+
+    head = heads.load("classify", replace(source, labels=["thing", "animal"], eval_only=True))
+    assert head.classes == ["thing", "animal"] and head.splits.keys() == {"eval"}
+    batch = head.batch("eval", [(0, -1)])
+    expected = ["thing", "animal"].index(json.loads(files["eval.jsonl"].read_text().splitlines()[0])["label"])
+    assert batch["labels"].tolist() == [expected]
+
+
+# What an objective's branch looks like: a task, type or head compared with an objective's name
+BRANCH = re.compile(r"""(task|type|head|kind)\w*\s*(==|!=|\bin\b)\s*\(?["'](classify|mlm|clm|sft)["']""")
+
+
+def test_no_program_branches_on_the_objective():
+    found = []
+    for path in [*REPO.glob("stages/*.py"), *REPO.glob("stages/runtime/*.py")]:
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if BRANCH.search(line):
+                found.append(f"{path.relative_to(REPO)}:{n}: {line.strip()}")
+    assert not found, "ask the head (stages/runtime/heads/) instead:\n" + "\n".join(found)
