@@ -16,7 +16,11 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Annotated, Any
 
+from pydantic import BaseModel
+
+from contract.fingerprint import LEFT_OUT, UNLESS_DEFAULT, fingerprinted
 from launcher.manifest import load
 from launcher.resolve import Resolved, build_spec, resolve
 
@@ -105,3 +109,15 @@ def test_every_example_keeps_its_fingerprints(tmp_path: Path) -> None:
     changed = {f"{m}: {stage}" for m in got for stage in set(got[m]) | set(golden[m])
                if got[m].get(stage) != golden[m].get(stage)}
     assert not changed, f"fingerprints changed, so these done stages would rerun: {sorted(changed)}"
+
+
+def test_a_field_added_unless_default_keeps_the_fingerprints_of_stages_without_it() -> None:
+    class Before(BaseModel):
+        lr: float = 1e-3
+
+    class After(Before):
+        sft: Annotated[dict[str, Any] | None, UNLESS_DEFAULT] = None
+        log_every: Annotated[int, LEFT_OUT] = 10
+
+    assert fingerprinted(After(log_every=5)) == fingerprinted(Before()) == {"lr": 1e-3}
+    assert fingerprinted(After(sft={"template": "chat"})) == {"lr": 1e-3, "sft": {"template": "chat"}}
