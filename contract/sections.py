@@ -13,6 +13,7 @@ from typing import Annotated, Any, ClassVar, Literal, NamedTuple, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from contract.fingerprint import LEFT_OUT, UNLESS_DEFAULT
 from contract.heads import HEADS
 from contract.heads.clm import BLOCK_SIZE  # noqa: F401 - the kinds' default block_size
 
@@ -248,7 +249,8 @@ class Train(Strict):
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm; null disables.")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas, each in [0, 1).")
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
-    log_every: int = Field(10, ge=1, strict=True, description="Progress line and metrics record every N steps.")
+    log_every: Annotated[int, LEFT_OUT] = Field(10, ge=1, strict=True,
+                                                description="Progress line and metrics record every N steps.")
     stop_after_nonfinite: int = Field(
         3, ge=1, le=1000, description="Stop the stage with an error (exit 2, nothing exported) after this many "
         "consecutive optimizer steps whose loss is NaN or infinite on any rank.",
@@ -296,7 +298,7 @@ class Checkpoint(Strict):
 class Eval(Strict):
     every_steps: int | None = Field(None, gt=0, strict=True, description="Evaluate every N steps.")
     at_end: bool = Field(True, description="Evaluate after the last step.")
-    score_train: bool = Field(
+    score_train: Annotated[bool, UNLESS_DEFAULT] = Field(
         False, description="After training, write each training example's loss under the final model to "
         "final/train_losses.json, for a later stage's curriculum (difficulty: {loss_of: <this stage>}).",
     )
@@ -378,8 +380,9 @@ class Curriculum(Strict):
         "shuffled order, one pass (epoch) of the pool after another.",
     )
     difficulty: Difficulty | None = Field(None, description="What easy_first ranks by; required with it.")
-    log_draws: bool = Field(False, description="Write every step's drawn example indices (all ranks) to "
-                            "metrics.jsonl as a `draw` record: for tests and small runs.")
+    log_draws: Annotated[bool, LEFT_OUT] = Field(
+        False, description="Write every step's drawn example indices (all ranks) to metrics.jsonl as a `draw` record: "
+        "for tests and small runs.")
 
     @model_validator(mode="after")
     def _phases(self) -> Curriculum:

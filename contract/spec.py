@@ -7,10 +7,11 @@ stage to guess. docs/stage-contract.md shows an example.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from contract.fingerprint import BY_DIGEST, LEFT_OUT, UNLESS_DEFAULT, files_by_digest
 from contract.sections import Checkpoint, Curriculum, Eval, Precision, Train
 
 SPEC_VERSION = 2
@@ -38,11 +39,14 @@ class Ref(Frozen):
         description="stage: an earlier stage's final/; pretrained: a local folder or hub name; config: build anew"
     )
     stage: str | None = Field(None, description="source=stage: the stage that produced it")
-    path: str | None = Field(None, description="the folder (absolute) or hub name; null for source=config")
+    path: Annotated[str | None, BY_DIGEST] = Field(
+        None, description="the folder (absolute) or hub name; null for source=config")
     digest: str | None = Field(None, description="of the folder's content; null for hub names and configs")
     config: dict[str, Any] | None = Field(None, description="source=config: AutoConfig.for_model(**config)")
-    named: str | None = Field(None, description="source=stage, when a decision handed on another stage's output: "
-                              "the stage the manifest names (`stage` is the retry attempt, variant or fallback read)")
+    # left out of the fingerprint: `stage` and `digest` say what was read
+    named: Annotated[str | None, LEFT_OUT] = Field(
+        None, description="source=stage, when a decision handed on another stage's output: the stage the manifest "
+        "names (`stage` is the retry attempt, variant or fallback read)")
 
 
 class Hub(Frozen):
@@ -53,8 +57,8 @@ class Hub(Frozen):
 
 
 class DataSpec(Frozen):
-    train_files: list[str]
-    eval_files: list[str]
+    train_files: Annotated[list[str], files_by_digest("train")]
+    eval_files: Annotated[list[str], files_by_digest("eval")]
     format: Literal["json", "csv", "parquet", "text"] | None = Field(description="null with hub")
     hub: Hub | None
     text_field: str
@@ -62,8 +66,9 @@ class DataSpec(Frozen):
     label_field: str
     labels: list[str] | None
     max_length: int
-    digests: dict[str, str] = Field(description="file -> digest of every local data file the stage reads, "
-                                    "those of its data sections too; already part of the fingerprint")
+    digests: Annotated[dict[str, str], LEFT_OUT] = Field(
+        description="file -> digest of every local data file the stage reads, those of its data sections too; "
+        "they count as train_files and eval_files")
 
 
 class SharedEvalSpec(DataSpec):
@@ -110,14 +115,19 @@ class Reporting(Frozen):
 
 
 class Spec(Frozen):
+    """A stage's spec.json. Its fingerprint hashes every field but those its marker leaves out
+    (`contract.fingerprint`)."""
+
     spec_version: Literal[2]
-    run_name: str
-    stage: str
+    run_name: Annotated[str, LEFT_OUT]
+    stage: Annotated[str, LEFT_OUT]
     kind: str
-    stage_dir: str
-    cache_dir: str = Field(description="shared by the run's stages: datasets cache, tokenized data")
-    fingerprint: str = Field(description="of the resolved settings and input digests; in every checkpoint")
-    fingerprint_any_world: str = Field(
+    stage_dir: Annotated[str, LEFT_OUT]
+    cache_dir: Annotated[str, LEFT_OUT] = Field(
+        description="shared by the run's stages: datasets cache, tokenized data")
+    fingerprint: Annotated[str, LEFT_OUT] = Field(
+        description="of the resolved settings and input digests; in every checkpoint")
+    fingerprint_any_world: Annotated[str, LEFT_OUT] = Field(
         description="the fingerprint without the world size and batch shape; in every checkpoint")
     seed: int
     precision: Precision
@@ -125,19 +135,20 @@ class Spec(Frozen):
     inputs: dict[str, Ref | list[Ref]] = Field(description="the named inputs: init, tokenizer, …")
     data: DataSpec = Field(description="the stage's data: section; a kind that reads only sections of its own "
                            "(multitask) has none: no files, and digests listing the sections' files")
-    sections: dict[str, DataSpec] = Field(
+    sections: Annotated[dict[str, DataSpec], UNLESS_DEFAULT] = Field(
         default_factory=dict, description="a kind's further data sections by name (multitask: one per task)")
     train: Train | None = Field(description="null for kinds that do not train (tokenizer)")
-    checkpoint: Checkpoint | None
+    checkpoint: Annotated[Checkpoint | None, LEFT_OUT]  # saving checkpoints does not change what is trained
     eval: Eval | None
     options: dict[str, Any] = Field(description="the kind's own section; the kind module's model reads it")
-    curriculum: Curriculum | None = Field(
+    curriculum: Annotated[Curriculum | None, UNLESS_DEFAULT] = Field(
         None, description="the training stage's curriculum section as the manifest gives it; null: none")
     deepspeed: dict[str, Any] | None = Field(description="the final DeepSpeed config; null where train is")
-    shared_evals: dict[str, SharedEvalSpec] = Field(
+    shared_evals: Annotated[dict[str, SharedEvalSpec], UNLESS_DEFAULT] = Field(
         default_factory=dict, description="the run's shared eval sets this stage is scored on at its end, by name")
-    reporting: Reporting = Field(default_factory=Reporting, description="the run's report_to, wandb and mlflow: "
-                                 "where rank 0 sends its metrics records; not part of the fingerprint")
+    reporting: Annotated[Reporting, LEFT_OUT] = Field(
+        default_factory=Reporting, description="the run's report_to, wandb and mlflow: where rank 0 sends its "
+        "metrics records; not part of the fingerprint")
 
     @model_validator(mode="after")
     def _batch(self) -> Spec:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from contract.fingerprint import fingerprinted
 from contract.layout import final_dir, stage_dir
 from contract.sections import Data, RefBase, RowsRef, StageBase, TrainingStage, inherit
 from contract.spec import SPEC_VERSION, Spec
@@ -423,37 +424,10 @@ def build_spec(r: Resolved, run_dir: Path, outputs: dict[str, dict[str, str]]) -
 
 
 def settings(spec: Spec) -> dict[str, Any]:
-    """What decides a stage's result: its spec without places on disk and without bookkeeping.
-
-    Inputs count by digest, not by path (a moved data file with the same bytes changes
-    nothing); checkpoint frequency, logging and where metrics are reported do not change what is trained.
-    """
-    s = spec.model_dump(mode="json")
-    for key in ("run_name", "stage", "stage_dir", "cache_dir", "fingerprint", "fingerprint_any_world", "checkpoint",
-                "reporting"):
-        s.pop(key, None)
-    for data in (s["data"], *s["sections"].values(), *s["shared_evals"].values()):
-        data["train"] = [data["digests"][f] for f in data.pop("train_files")]
-        data["eval"] = [data["digests"][f] for f in data.pop("eval_files")]
-        data.pop("digests")
-    if not s["sections"]:
-        s.pop("sections")  # a stage with data: alone keeps the fingerprint it had before data sections existed
-    if not s["shared_evals"]:
-        s.pop("shared_evals")  # as a stage had before shared eval sets existed
-    for value in s["inputs"].values():
-        for ref in value if isinstance(value, list) else [value]:
-            ref.pop("named", None)  # which stage the manifest named: the instance and its digest say what was read
-            if ref.get("digest"):
-                ref.pop("path")  # the digest says it all
-    if s.get("train"):
-        s["train"].pop("log_every")
-    if s.get("eval") and not s["eval"]["score_train"]:
-        s["eval"].pop("score_train")  # a stage without it keeps the fingerprint it had before it existed
-    if s.get("curriculum") is None:
-        s.pop("curriculum", None)  # a stage without one keeps the fingerprint it had before curricula existed
-    else:
-        s["curriculum"].pop("log_draws")  # what is logged, not what is trained
-    return s
+    """What decides a stage's result: its spec as the fields' markers count it (`contract.fingerprint`): without
+    places on disk, bookkeeping, logging and reporting; inputs and data files by digest, not by path (a moved
+    data file with the same bytes changes nothing)."""
+    return fingerprinted(spec)
 
 
 # What may differ between a checkpoint and the stage resuming it at another world size
