@@ -25,7 +25,7 @@ from torch import nn
 
 from contract.kinds.multitask import MultitaskOptions, TaskSettings
 from contract.layout import EXIT_STOPPED, newest_complete
-from stages.runtime import data, dist, entry, evaluation, lifecycle, masking, models
+from stages.runtime import data, dist, entry, evaluation, lifecycle, masking, models, records
 from stages.runtime.dist import Dist
 from stages.runtime.labels import label_ids, label_names
 from stages.runtime.spec import Spec, SpecError, training
@@ -198,10 +198,10 @@ def main(spec: Spec, d: Dist) -> int:
                                                 resume=resume),
         wrap=lambda model: MultitaskNet(model, {x.name: classifier(model, x.labels) for x in tasks
                                                 if x.settings.type == "classify"}, mlm_task),
-        sampler=lambda pos, metrics, max_steps: MixedSampler(
+        sampler=lambda pos, max_steps: MixedSampler(
             Draws(p, spec.seed), sizes, seed=spec.seed, names=[x.name for x in tasks], micro=micro,
             accum=settings.train.grad_accum, world=d.world_size, rank=d.rank, step=pos.step, samples=pos.samples,
-            log=metrics.log, log_every=settings.train.log_every, max_steps=max_steps),
+            log=records.log, log_every=settings.train.log_every, max_steps=max_steps),
     )
 
     def micro_step(items: list[tuple[int, int]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -18,11 +18,10 @@ import torch
 from contract.files import write_json
 from contract.kinds.prune import PruneOptions
 from contract.layout import EXIT_DONE, EXIT_STOPPED
-from stages.runtime import data, dist, entry, evaluation, export, loop, models, pruning, signals
+from stages.runtime import data, dist, entry, evaluation, export, loop, models, pruning, records, signals
 from stages.runtime.dist import Dist
 from stages.runtime.labels import label_ids
 from stages.runtime.masking import EVAL_EPOCH, MaskedLMLoss, Masker
-from stages.runtime.metrics import Metrics
 from stages.runtime.spec import Spec, SpecError
 
 
@@ -30,8 +29,7 @@ def main(spec: Spec, d: Dist) -> int:
     from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification
 
     opts = spec.options_as(PruneOptions)
-    metrics = Metrics(spec.stage_dir, 0)
-    metrics.start(0, d.world_size)
+    records.start(d.world_size)
     tokenizer = models.load_tokenizer(spec)
     init = spec.ref("init")
     if init.path is None:
@@ -60,7 +58,7 @@ def main(spec: Spec, d: Dist) -> int:
                 batch, run = task.calibration_step(model, indices)
                 calibration.batch(batch["attention_mask"], run)
                 if dist.any_rank(signals.received()):
-                    metrics.log("stop", step=0, reason="signal")
+                    records.log("stop", step=0, reason="signal")
                     return EXIT_STOPPED  # nothing written: a rerun prunes from the start
         scores = calibration.scores
         for t in scores.tensors():
@@ -81,7 +79,7 @@ def main(spec: Spec, d: Dist) -> int:
                          "parameters": params_before, **before},
               "after": {**kept, "parameters": params_after, **after},
               "importance": opts.importance, "kept": plan.as_json()}
-    metrics.log("prune", **{k: v for k, v in record.items() if k != "kept"})
+    records.log("prune", **{k: v for k, v in record.items() if k != "kept"})
     dist.print0(f"{spec.stage}: {params_before:,} → {params_after:,} parameters "
                 f"({shape.layers}→{kept['layers']} layers, FFN {shape.ffn}→{kept['ffn']}"
                 + (f", heads {shape.heads}→{kept['heads']}" if f.heads else "") + ")"
@@ -92,7 +90,7 @@ def main(spec: Spec, d: Dist) -> int:
 
         shared = shared_eval.score(spec, d, pruned, tokenizer, opts.task, batch_size=opts.micro_batch_size,
                                    mask_prob=opts.mask_prob)
-    loop.record_eval(spec, metrics, 0, after | shared)
+    loop.record_eval(spec, 0, after | shared)
 
     def fill(out: Path) -> None:
         pruned.save_pretrained(out, safe_serialization=True)

@@ -29,10 +29,9 @@ import torch
 from contract.files import write_json
 from contract.kinds.teacher_logits import LOGITS_FILE, META_FILE, TeacherLogitsOptions
 from contract.layout import EXIT_DONE, EXIT_STOPPED
-from stages.runtime import data, dist, entry, export, loop, models, packing, signals, teacher
+from stages.runtime import data, dist, entry, export, loop, models, packing, records, signals, teacher
 from stages.runtime.dist import Dist
 from stages.runtime.labels import label_ids
-from stages.runtime.metrics import Metrics
 from stages.runtime.spec import Spec, SpecError
 
 
@@ -42,8 +41,7 @@ def main(spec: Spec, d: Dist) -> int:
 
     opts = spec.options_as(TeacherLogitsOptions)
     task, block = opts.task, opts.block_size or 0
-    metrics = Metrics(spec.stage_dir, 0)
-    metrics.start(0, d.world_size)
+    records.start(d.world_size)
     tokenizer = models.load_tokenizer(spec)
     teacher.check_tokenizer(spec, tokenizer, task)
     auto = AutoModelForSequenceClassification if task == "classify" else AutoModelForCausalLM
@@ -102,7 +100,7 @@ def main(spec: Spec, d: Dist) -> int:
             continue
         scored = score(ds)
         if scored is None:
-            metrics.log("stop", step=0, reason="signal")
+            records.log("stop", step=0, reason="signal")
             return EXIT_STOPPED  # nothing written: a rerun scores from the start
         tensors[f"{split}.values"], tensors[f"{split}.indices"] = scored
         if not bool(torch.isfinite(scored[0]).all()):
@@ -117,7 +115,7 @@ def main(spec: Spec, d: Dist) -> int:
             label2id = {name: i for i, name in enumerate(meta["labels"])}
             truth = torch.tensor(label_ids(evalset, spec.data.label_field, label2id, "eval"))
         results["accuracy"] = float((tensors["eval.indices"][:, 0] == truth).double().mean())
-        loop.record_eval(spec, metrics, 0, results)
+        loop.record_eval(spec, 0, results)
     teacher_ref = spec.ref("teacher")
     examples = {split: len(ds) for split, ds in splits.items() if ds is not None}
     meta |= {"top_k": k, "top_k_given": opts.top_k, "classes": classes, "examples": examples,

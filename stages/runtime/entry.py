@@ -15,10 +15,9 @@ from pydantic import ValidationError
 
 from contract.layout import EXIT_BAD_INPUT, EXIT_FAILED, write_bad_input
 from contract.spec import ContractError
-from stages.runtime import dist, signals, trackers
+from stages.runtime import dist, records, signals, trackers
 from stages.runtime import spec as spec_mod
 from stages.runtime.dist import Dist
-from stages.runtime.metrics import Metrics
 from stages.runtime.spec import Spec, SpecError
 
 
@@ -31,7 +30,7 @@ def run(main: Callable[[Spec, Dist], int]) -> None:
     args = parser.parse_args()
     try:
         spec = spec_mod.load(args.spec)
-        trackers.configure(spec, Metrics(spec.stage_dir, 0).log)
+        records.configure(spec.stage_dir, trackers.Trackers(spec))
         d = dist.init()
         if d.world_size != spec.world_size:
             raise SpecError(f"{args.spec}: world_size {spec.world_size} but torchrun started {d.world_size} processes")
@@ -43,13 +42,13 @@ def run(main: Callable[[Spec, Dist], int]) -> None:
             stage_dir = json.loads(Path(args.spec).read_text()).get("stage_dir") if Path(args.spec).is_file() else None
             if stage_dir and Path(stage_dir).is_dir():
                 write_bad_input(stage_dir, " ".join(str(e).split()))
-        trackers.close(EXIT_BAD_INPUT)
+        records.close(EXIT_BAD_INPUT)
         dist.finish(EXIT_BAD_INPUT, sync=False)
     except BaseException:
         traceback.print_exc()
-        trackers.close(EXIT_FAILED)
+        records.close(EXIT_FAILED)
         dist.finish(EXIT_FAILED, sync=False)
-    trackers.close(code)  # dist.finish skips interpreter finalisation: nothing would flush them after it
+    records.close(code)  # dist.finish skips interpreter finalisation: nothing would flush the trackers after it
     dist.finish(code)
 
 

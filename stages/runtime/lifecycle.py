@@ -22,7 +22,7 @@ from torch import nn
 
 from contract.layout import EXIT_DONE, TRAIN_LOSSES, step_of
 from contract.sections import Unfreeze
-from stages.runtime import checkpoint, curriculum, data, dist, engine, export, layers, loop, models, speed
+from stages.runtime import checkpoint, curriculum, data, dist, engine, export, layers, loop, models, records, speed
 from stages.runtime.checkpoint import Position
 from stages.runtime.dist import Dist
 from stages.runtime.loop import Evaluate, MicroStep, Sampler
@@ -87,7 +87,7 @@ class Training:
         if spec.shared_evals:
             final_metrics |= self._shared_evals(tokenizer, task, mask_prob)
         if final_metrics:
-            loop.record_eval(spec, self.metrics, self.pos.step, final_metrics)
+            loop.record_eval(spec, self.pos.step, final_metrics)
         files = {}
         if training(spec).eval.score_train:
             assert losses is not None, f"kind {spec.kind} scores its training examples: finish needs losses"
@@ -121,8 +121,8 @@ class Training:
                 values[[indices[j] for j in real]] = got[real]
         dist.all_reduce_sum(values)
         out = values.tolist()
-        self.metrics.log("train_losses", examples=n, mean=sum(out) / max(n, 1), min=min(out, default=0.0),
-                         max=max(out, default=0.0))
+        records.log("train_losses", examples=n, mean=sum(out) / max(n, 1), min=min(out, default=0.0),
+                    max=max(out, default=0.0))
         return {"stage": spec.stage, "examples": n,
                 "train_digests": [spec.data.digests[f] for f in spec.data.train_files], "losses": out}
 
@@ -130,7 +130,7 @@ class Training:
 def start(spec: Spec, d: Dist, *, num_samples: int, build: Callable[[bool], nn.Module],
           wrap: Callable[[nn.Module], nn.Module] | None = None, what: str,
           difficulty: Sequence[float] | None = None, unfreeze: Unfreeze | None = None,
-          sampler: Callable[[Position, Metrics, int], Sampler] | None = None) -> Training:
+          sampler: Callable[[Position, int], Sampler] | None = None) -> Training:
     """Collective. Set up a training stage, in the order that makes a resumed run follow an unbroken one.
 
     1. Find the newest complete checkpoint *before* building: resume beats init, so on resume
@@ -143,7 +143,7 @@ def start(spec: Spec, d: Dist, *, num_samples: int, build: Callable[[bool], nn.M
     5. Load the checkpoint: weights, optimizer, schedule, this rank's RNG and the data position.
 
     `difficulty`: per training example, what a curriculum's easy_first ranks by (`curriculum.difficulty`).
-    `sampler(position, metrics, max_steps)`: a stage's own sampler (multitask: its task mixing) instead of the
+    `sampler(position, max_steps)`: a stage's own sampler (multitask: its task mixing) instead of the
     plain stream or the curriculum's.
     """
     train = training(spec).train
@@ -164,11 +164,10 @@ def start(spec: Spec, d: Dist, *, num_samples: int, build: Callable[[bool], nn.M
     resuming = "" if saved is None else f", resuming from {saved.tag}" + (
         f" (saved at world size {saved.world_size}, now {d.world_size})" if resharded else "")
     dist.print0(f"{spec.stage}: {what}, {max_steps} steps, ZeRO-{engine.zero_stage(spec)}{resuming}")
-    metrics = Metrics(spec.stage_dir, max_steps, flops=speed.flops_of(model),
-                      peak_flops=speed.peak_flops(spec.precision))
+    metrics = Metrics(max_steps, flops=speed.flops_of(model), peak_flops=speed.peak_flops(spec.precision))
     metrics.start(pos.step, d.world_size, resharded_from=saved.world_size if saved and resharded else None)
-    drawn = sampler(pos, metrics, max_steps) if sampler else curriculum.sampler(
-        spec, d, num_samples=num_samples, step=pos.step, samples=pos.samples, difficulty=difficulty, log=metrics.log)
+    drawn = sampler(pos, max_steps) if sampler else curriculum.sampler(
+        spec, d, num_samples=num_samples, step=pos.step, samples=pos.samples, difficulty=difficulty)
     return Training(spec=spec, model=model, engine=net, sampler=drawn, num_samples=num_samples, pos=pos,
                     max_steps=max_steps, metrics=metrics, build=build, wrap=wrap, unfreezing=unfreezing, d=d)
 

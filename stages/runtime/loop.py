@@ -7,7 +7,7 @@ from typing import Any, Protocol
 
 import torch
 
-from stages.runtime import checkpoint, dist, signals, speed
+from stages.runtime import checkpoint, dist, records, signals, speed
 from stages.runtime.checkpoint import Position
 from stages.runtime.engine import current_lr
 from stages.runtime.layers import Unfreezing
@@ -86,13 +86,13 @@ def fit(engine, spec: Spec, sampler: Sampler, micro_step: MicroStep, evaluate: E
                           rows=total[3])
             if terms:
                 sums, seen = total[4:4 + len(terms)], total[4 + len(terms):]
-                metrics.log("loss_terms", step=step, terms={k: v / n for k, v, n in zip(terms, sums, seen)})
+                records.log("loss_terms", step=step, terms={k: v / n for k, v, n in zip(terms, sums, seen)})
             loss_sum.zero_()
             micro_batches = 0
             terms.clear()
             term_counts.clear()
         if nonfinite_run >= settings.train.stop_after_nonfinite:
-            metrics.log("stop", step=step, reason="non-finite loss")
+            records.log("stop", step=step, reason="non-finite loss")
             raise Diverged(f"the loss was NaN or infinite for {nonfinite_run} consecutive steps (up to step {step}); "
                            "nothing is exported. Check train.lr and the data (e.g. empty documents); "
                            "train.stop_after_nonfinite sets how many such steps are tolerated")
@@ -108,23 +108,23 @@ def fit(engine, spec: Spec, sampler: Sampler, micro_step: MicroStep, evaluate: E
         stop = bool(stop_flag)
         if stop or new_phase or (every_ckpt and step % every_ckpt == 0 and step < max_steps):
             tag = checkpoint.save(engine, spec, pos)
-            metrics.log("checkpoint", step=step, tag=tag)
+            records.log("checkpoint", step=step, tag=tag)
         if stop:
-            metrics.log("stop", step=step, reason="signal")
+            records.log("stop", step=step, reason="signal")
             dist.print0(f"stopped on a signal at step {step}; checkpoint saved, exit 75")
             return True, pos
         if every_eval and step % every_eval == 0 and step < max_steps:
-            record_eval(spec, metrics, step, evaluate(step))
+            record_eval(spec, step, evaluate(step))
             engine.train()
     return False, pos
 
 
-def record_eval(spec: Spec, metrics: Metrics, step: int, values: dict[str, float]) -> None:
+def record_eval(spec: Spec, step: int, values: dict[str, float]) -> None:
     from contract.files import json_safe, write_json
 
     if not values:  # no eval data
         return
-    metrics.log("eval", step=step, **values)
+    records.log("eval", step=step, **values)
     if dist.is_main():
         write_json(f"{spec.stage_dir}/eval.json", json_safe({"step": step, **values}))
         dist.print0("eval " + "  ".join(f"{k} {v:.4f}" for k, v in values.items()))

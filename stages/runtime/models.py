@@ -20,8 +20,7 @@ import torch
 
 from contract.files import digest as digest_of
 from contract.spec import SPECIAL_TOKEN_IDS
-from stages.runtime import dist, engine
-from stages.runtime.metrics import Metrics
+from stages.runtime import dist, engine, records
 from stages.runtime.spec import Ref, Spec, SpecError
 
 
@@ -174,8 +173,8 @@ def report_loading(spec: Spec, model, info: dict[str, Any], key: str, path: str,
     if new:
         dist.print0(f"{spec.stage}: not in the checkpoint, newly initialised (random): {_names(new, shown)} "
                     f"({len(new)} tensors, {values:,} values; the rest of {cls} loaded from {path})")
-    Metrics(spec.stage_dir, 0).log("init", source=path, model=cls, newly_initialized=new,
-                                   newly_initialized_values=values, unused=unused)
+    records.log("init", source=path, model=cls, newly_initialized=new, newly_initialized_values=values,
+                unused=unused)
 
 
 def _names(keys: list[str], shown: int) -> str:
