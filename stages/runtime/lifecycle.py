@@ -26,7 +26,6 @@ from stages.runtime import checkpoint, curriculum, data, dist, engine, export, l
 from stages.runtime.checkpoint import Position
 from stages.runtime.dist import Dist
 from stages.runtime.loop import Evaluate, MicroStep, Sampler
-from stages.runtime.metrics import Metrics
 from stages.runtime.spec import Spec, SpecError, training
 
 if TYPE_CHECKING:
@@ -45,7 +44,6 @@ class Training:
     num_samples: int  # training examples
     pos: Position
     max_steps: int
-    metrics: Metrics
     build: Callable[[bool], nn.Module]
     wrap: Callable[[nn.Module], nn.Module] | None
     unfreezing: layers.Unfreezing | None  # gradual unfreezing: a new engine at each phase
@@ -54,8 +52,8 @@ class Training:
     def fit(self, micro_step: MicroStep, evaluate: Evaluate) -> bool:
         """Train to max_steps; True when a signal stopped it (a checkpoint is saved: exit 75)."""
         stopped, self.pos = loop.fit(self.engine, self.spec, self.sampler, micro_step, evaluate, pos=self.pos,
-                                     max_steps=self.max_steps, metrics=self.metrics, unfreezing=self.unfreezing,
-                                     renew=self.renew)
+                                     max_steps=self.max_steps, flops=speed.flops_of(self.model),
+                                     unfreezing=self.unfreezing, renew=self.renew)
         return stopped
 
     def renew(self, pos: Position):
@@ -164,12 +162,12 @@ def start(spec: Spec, d: Dist, *, num_samples: int, build: Callable[[bool], nn.M
     resuming = "" if saved is None else f", resuming from {saved.tag}" + (
         f" (saved at world size {saved.world_size}, now {d.world_size})" if resharded else "")
     dist.print0(f"{spec.stage}: {what}, {max_steps} steps, ZeRO-{engine.zero_stage(spec)}{resuming}")
-    metrics = Metrics(max_steps, flops=speed.flops_of(model), peak_flops=speed.peak_flops(spec.precision))
-    metrics.start(pos.step, d.world_size, resharded_from=saved.world_size if saved and resharded else None)
+    records.start(d.world_size, step=pos.step, max_steps=max_steps,
+                  resharded_from=saved.world_size if saved and resharded else None)
     drawn = sampler(pos, max_steps) if sampler else curriculum.sampler(
         spec, d, num_samples=num_samples, step=pos.step, samples=pos.samples, difficulty=difficulty)
     return Training(spec=spec, model=model, engine=net, sampler=drawn, num_samples=num_samples, pos=pos,
-                    max_steps=max_steps, metrics=metrics, build=build, wrap=wrap, unfreezing=unfreezing, d=d)
+                    max_steps=max_steps, build=build, wrap=wrap, unfreezing=unfreezing, d=d)
 
 
 def _engine(spec: Spec, net: nn.Module, model: nn.Module, max_steps: int, unfreezing: layers.Unfreezing | None, *,

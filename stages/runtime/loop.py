@@ -11,8 +11,8 @@ from stages.runtime import checkpoint, dist, records, signals, speed
 from stages.runtime.checkpoint import Position
 from stages.runtime.engine import current_lr
 from stages.runtime.layers import Unfreezing
-from stages.runtime.metrics import Metrics
 from stages.runtime.spec import Diverged, Spec, training
+from stages.runtime.speed import Flops
 
 # A micro-batch's loss, or (loss, its terms by name: logged as a `loss_terms` record, each term the mean over the
 # micro-batches that had it: deep supervision's per-layer losses, distillation's parts, multitask's per-task losses)
@@ -30,16 +30,18 @@ class Sampler(Protocol):
 
 
 def fit(engine, spec: Spec, sampler: Sampler, micro_step: MicroStep, evaluate: Evaluate, *,
-        pos: Position, max_steps: int, metrics: Metrics, unfreezing: Unfreezing | None = None,
+        pos: Position, max_steps: int, flops: Flops | None = None, unfreezing: Unfreezing | None = None,
         renew: Callable[[Position], Any] | None = None) -> tuple[bool, Position]:
     """Train from `pos` to `max_steps`. Returns (stopped by a signal, position reached).
 
     `micro_step(items)` returns the loss of one micro-batch of (index, epoch)
     items; `evaluate(step)` is collective and returns metrics. Checkpoints
     every `checkpoint.every_steps` and on a stop request, then returns at once.
+    `flops`: the model's FLOPs estimate, for the train records' mfu on a GPU.
     With `unfreezing`, each new phase trains on the engine `renew(pos)` makes, from a checkpoint of its own.
     """
     settings = training(spec)
+    rates = speed.RateWindow(max_steps, flops=flops, peak_flops=speed.peak_flops(spec.precision))
     every_ckpt, every_eval = settings.checkpoint.every_steps, settings.eval.every_steps
     start = step = pos.step
     # Since the last log line, on the device (read back only at log lines): the loss sum, the loss terms' sums
@@ -74,7 +76,7 @@ def fit(engine, spec: Spec, sampler: Sampler, micro_step: MicroStep, evaluate: E
         stop_flag, nonfinite = dist.all_reduce_sum(flags).tolist()
         nonfinite_run = nonfinite_run + 1 if nonfinite else 0
         if step == start + 1:
-            metrics.first_step(step)
+            rates.first_step(step)
             tokens.take(device)  # rates are measured from the end of the first step (its warm-up left out)
         if step % settings.train.log_every == 0 or step == max_steps:
             counts = torch.stack([loss_sum, torch.tensor(float(micro_batches), dtype=torch.float64, device=device),
@@ -82,8 +84,8 @@ def fit(engine, spec: Spec, sampler: Sampler, micro_step: MicroStep, evaluate: E
                                   *(torch.tensor(float(n), dtype=torch.float64, device=device)
                                     for n in term_counts.values())])
             total = dist.all_reduce_sum(counts).tolist()
-            metrics.train(step, sampler.samples, total[0] / total[1], current_lr(engine), tokens=total[2],
-                          rows=total[3])
+            rates.train(step, sampler.samples, total[0] / total[1], current_lr(engine), tokens=total[2],
+                        rows=total[3])
             if terms:
                 sums, seen = total[4:4 + len(terms)], total[4 + len(terms):]
                 records.log("loss_terms", step=step, terms={k: v / n for k, v, n in zip(terms, sums, seen)})
