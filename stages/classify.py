@@ -25,7 +25,7 @@ from contract.layout import EXIT_STOPPED
 from stages.runtime import curriculum, data, dist, entry, evaluation, lifecycle, models
 from stages.runtime.dist import Dist
 from stages.runtime.labels import label_ids, label_names
-from stages.runtime.spec import Spec, SpecError, training
+from stages.runtime.spec import SpecError, TrainingSpec
 
 
 class DeepSupervision(nn.Module):
@@ -57,10 +57,10 @@ class DeepSupervision(nn.Module):
         return out.logits, total, ({f"layer{i}": loss.detach() for i, loss in losses.items()} if self.heads else {})
 
 
-def main(spec: Spec, d: Dist) -> int:
+def main(spec: TrainingSpec, d: Dist) -> int:
     from transformers import AutoModelForSequenceClassification
 
-    micro = training(spec).train.micro_batch_size
+    micro = spec.train.micro_batch_size
     options = spec.options_as(ClassifyLayerwise)
     # Tokenizer, labels and data.
     tokenizer = models.load_tokenizer(spec)
@@ -120,4 +120,4 @@ def supervised(options: ClassifyLayerwise, model) -> list[float]:
 
 
 if __name__ == "__main__":
-    entry.run(main)
+    entry.run_training(main)

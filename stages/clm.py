@@ -24,16 +24,16 @@ from stages.runtime import data, dist, entry, lifecycle, models
 from stages.runtime.dist import Dist
 from stages.runtime.metrics import language_model_metrics
 from stages.runtime.packing import PACK_BATCH, Packed, check_block_size, end_of_document, pack
-from stages.runtime.spec import Spec, training
+from stages.runtime.spec import TrainingSpec
 
 __all__ = ["PACK_BATCH", "Packed", "check_block_size", "end_of_document", "main", "pack"]  # tests import them from here
 
 
-def main(spec: Spec, d: Dist) -> int:
+def main(spec: TrainingSpec, d: Dist) -> int:
     from transformers import AutoModelForCausalLM
 
     opts = spec.options_as(ClmOptions)
-    micro = training(spec).train.micro_batch_size
+    micro = spec.train.micro_batch_size
     check_block_size(spec, opts.block_size)
 
     # Tokenizer and data: documents packed into blocks.
@@ -89,4 +89,4 @@ def main(spec: Spec, d: Dist) -> int:
 
 
 if __name__ == "__main__":
-    entry.run(main)
+    entry.run_training(main)

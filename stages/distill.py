@@ -35,7 +35,7 @@ from stages.runtime.dist import Dist
 from stages.runtime.labels import label_ids, label_names
 from stages.runtime.masking import EVAL_EPOCH, Masker
 from stages.runtime.metrics import language_model_metrics
-from stages.runtime.spec import Spec, training
+from stages.runtime.spec import TrainingSpec
 
 # The teacher's side of a batch's rows: its logits (rows, classes), or stored top-k (values, class ids), each (rows, k)
 Taught = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
@@ -96,11 +96,11 @@ class Student(nn.Module):
         return rows(self.task, self.model(**inputs, **extra).logits, batch)
 
 
-def main(spec: Spec, d: Dist) -> int:
+def main(spec: TrainingSpec, d: Dist) -> int:
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSequenceClassification
 
     opts = spec.options_as(DistillOptions)
-    task, micro = opts.task, training(spec).train.micro_batch_size
+    task, micro = opts.task, spec.train.micro_batch_size
     auto = {"classify": AutoModelForSequenceClassification, "mlm": AutoModelForMaskedLM,
             "clm": AutoModelForCausalLM}[task]
     if task == "clm":
@@ -231,4 +231,4 @@ def _inputs(task: str, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    entry.run(main)
+    entry.run_training(main)

@@ -14,12 +14,12 @@ from contract.layout import EXIT_STOPPED
 from stages.runtime import curriculum, data, dist, entry, evaluation, lifecycle, models
 from stages.runtime.dist import Dist
 from stages.runtime.masking import EVAL_EPOCH, MaskedLMLoss, Masker
-from stages.runtime.spec import Spec, training
+from stages.runtime.spec import TrainingSpec
 
 
-def main(spec: Spec, d: Dist) -> int:
+def main(spec: TrainingSpec, d: Dist) -> int:
     opts = spec.options_as(MlmOptions)
-    micro = training(spec).train.micro_batch_size
+    micro = spec.train.micro_batch_size
 
     # Tokenizer and data.
     from transformers import AutoModelForMaskedLM
@@ -67,4 +67,4 @@ def main(spec: Spec, d: Dist) -> int:
 
 
 if __name__ == "__main__":
-    entry.run(main)
+    entry.run_training(main)

@@ -28,7 +28,7 @@ from contract.layout import EXIT_STOPPED, newest_complete
 from stages.runtime import data, dist, entry, evaluation, lifecycle, masking, models, records
 from stages.runtime.dist import Dist
 from stages.runtime.labels import label_ids, label_names
-from stages.runtime.spec import Spec, SpecError, training
+from stages.runtime.spec import Spec, SpecError, TrainingSpec
 
 BLOCK = 4096  # task draws are made in blocks of this many micro-batches, each block from a seed of its own
 
@@ -174,12 +174,11 @@ def classifier(model: Any, labels: list[str | int]) -> Any:
     return head
 
 
-def main(spec: Spec, d: Dist) -> int:
+def main(spec: TrainingSpec, d: Dist) -> int:
     from transformers import AutoModel, AutoModelForMaskedLM
 
     opts = spec.options_as(MultitaskOptions)
-    settings = training(spec)
-    micro = settings.train.micro_batch_size
+    micro = spec.train.micro_batch_size
     saved = newest_complete(spec.stage_dir)
     if saved and saved[1].get("world_size") not in (None, d.world_size):
         raise SpecError(f"{spec.stage_dir}/ckpt: saved at world size {saved[1]['world_size']}, now {d.world_size}: "
@@ -200,8 +199,8 @@ def main(spec: Spec, d: Dist) -> int:
                                                 if x.settings.type == "classify"}, mlm_task),
         sampler=lambda pos, max_steps: MixedSampler(
             Draws(p, spec.seed), sizes, seed=spec.seed, names=[x.name for x in tasks], micro=micro,
-            accum=settings.train.grad_accum, world=d.world_size, rank=d.rank, step=pos.step, samples=pos.samples,
-            log=records.log, log_every=settings.train.log_every, max_steps=max_steps),
+            accum=spec.train.grad_accum, world=d.world_size, rank=d.rank, step=pos.step, samples=pos.samples,
+            log=records.log, log_every=spec.train.log_every, max_steps=max_steps),
     )
 
     def micro_step(items: list[tuple[int, int]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -287,4 +286,4 @@ class Task:
 
 
 if __name__ == "__main__":
-    entry.run(main)
+    entry.run_training(main)

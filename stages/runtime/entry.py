@@ -10,6 +10,7 @@ import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from pydantic import ValidationError
 
@@ -18,18 +19,30 @@ from contract.spec import ContractError
 from stages.runtime import dist, records, signals, trackers
 from stages.runtime import spec as spec_mod
 from stages.runtime.dist import Dist
-from stages.runtime.spec import Spec, SpecError
+from stages.runtime.spec import Spec, SpecError, TrainingSpec
+
+S = TypeVar("S", bound=Spec)
 
 
 def run(main: Callable[[Spec, Dist], int]) -> None:
     """Parse --spec, start distributed state, call `main`, and exit with the contract's code. Never returns."""
+    _run(main, lambda spec: spec)
+
+
+def run_training(main: Callable[[TrainingSpec, Dist], int]) -> None:
+    """`run` for a training kind: `main` gets a TrainingSpec, its training sections checked here, once (exit 2
+    where one is null). Never returns."""
+    _run(main, TrainingSpec.of)
+
+
+def _run(main: Callable[[S, Dist], int], narrow: Callable[[Spec], S]) -> None:
     signals.install()
     keep_freed_memory()
     parser = argparse.ArgumentParser()
     parser.add_argument("--spec", required=True, help="path to the stage's spec.json")
     args = parser.parse_args()
     try:
-        spec = spec_mod.load(args.spec)
+        spec = narrow(spec_mod.load(args.spec))
         records.configure(spec.stage_dir, trackers.Trackers(spec))
         d = dist.init()
         if d.world_size != spec.world_size:

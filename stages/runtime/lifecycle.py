@@ -26,7 +26,7 @@ from stages.runtime import checkpoint, curriculum, data, dist, engine, export, l
 from stages.runtime.checkpoint import Position
 from stages.runtime.dist import Dist
 from stages.runtime.loop import Evaluate, MicroStep, Sampler
-from stages.runtime.spec import Spec, SpecError, training
+from stages.runtime.spec import SpecError, TrainingSpec
 
 if TYPE_CHECKING:
     from stages.runtime.shared_eval import Task
@@ -37,7 +37,7 @@ ExampleLosses = Callable[[list[int]], torch.Tensor]
 
 @dataclass
 class Training:
-    spec: Spec
+    spec: TrainingSpec
     model: nn.Module  # the transformers model: what final/ saves
     engine: Any  # the DeepSpeed engine; wraps `model`, or a loss module around it
     sampler: Sampler  # this rank's micro-batches from the current position on
@@ -80,14 +80,14 @@ class Training:
         example's loss, `losses(indices)` by batch), then result.json."""
         spec = self.spec
         final_metrics: dict[str, float] = {}
-        if training(spec).eval.at_end:
+        if spec.eval.at_end:
             final_metrics = evaluate(self.pos.step)
         if spec.shared_evals:
             final_metrics |= self._shared_evals(tokenizer, task, mask_prob)
         if final_metrics:
             loop.record_eval(spec, self.pos.step, final_metrics)
         files = {}
-        if training(spec).eval.score_train:
+        if spec.eval.score_train:
             assert losses is not None, f"kind {spec.kind} scores its training examples: finish needs losses"
             files[TRAIN_LOSSES] = self._train_losses(losses)
         path, digest = export.save_final(self.model, tokenizer, spec, zero_stage=engine.zero_stage(spec),
@@ -104,7 +104,7 @@ class Training:
             raise SpecError(f"shared_evals: kind {spec.kind} is scored on no shared eval set, but the spec gives "
                             f"{', '.join(spec.shared_evals)}")
         return shared_eval.score(spec, self.d, self.model, tokenizer, task,
-                                 batch_size=training(spec).train.micro_batch_size, mask_prob=mask_prob)
+                                 batch_size=spec.train.micro_batch_size, mask_prob=mask_prob)
 
     def _train_losses(self, losses: ExampleLosses) -> dict[str, Any]:
         """Collective. Every training example's loss under the final model, in row order (eval mode; the ranks
@@ -113,7 +113,7 @@ class Training:
         values = torch.zeros(n, dtype=torch.float64)
         self.engine.eval()
         with torch.no_grad():
-            for indices in data.eval_shards(n, training(spec).train.micro_batch_size, dist.world_size(), dist.rank()):
+            for indices in data.eval_shards(n, spec.train.micro_batch_size, dist.world_size(), dist.rank()):
                 real = [j for j, i in enumerate(indices) if i >= 0]  # padding rows (-1): forward pass only
                 got = losses([max(i, 0) for i in indices]).double().cpu()
                 values[[indices[j] for j in real]] = got[real]
@@ -125,7 +125,7 @@ class Training:
                 "train_digests": [spec.data.digests[f] for f in spec.data.train_files], "losses": out}
 
 
-def start(spec: Spec, d: Dist, *, num_samples: int, build: Callable[[bool], nn.Module],
+def start(spec: TrainingSpec, d: Dist, *, num_samples: int, build: Callable[[bool], nn.Module],
           wrap: Callable[[nn.Module], nn.Module] | None = None, what: str,
           difficulty: Sequence[float] | None = None, unfreeze: Unfreeze | None = None,
           sampler: Callable[[Position, int], Sampler] | None = None) -> Training:
@@ -144,8 +144,7 @@ def start(spec: Spec, d: Dist, *, num_samples: int, build: Callable[[bool], nn.M
     `sampler(position, max_steps)`: a stage's own sampler (multitask: its task mixing) instead of the
     plain stream or the curriculum's.
     """
-    train = training(spec).train
-    max_steps = engine.max_steps(train, num_samples)
+    max_steps = engine.max_steps(spec.train, num_samples)
     saved = checkpoint.find_latest(spec)
     resharded = saved is not None and saved.world_size not in (None, d.world_size)
     # ZeRO-0 saves whole optimizer states, which load at any world size; ZeRO 1-3 save partitions
@@ -170,12 +169,12 @@ def start(spec: Spec, d: Dist, *, num_samples: int, build: Callable[[bool], nn.M
                     max_steps=max_steps, build=build, wrap=wrap, unfreezing=unfreezing, d=d)
 
 
-def _engine(spec: Spec, net: nn.Module, model: nn.Module, max_steps: int, unfreezing: layers.Unfreezing | None, *,
-            step: int, schedule_step: int = 0, load_universal: bool = False):
+def _engine(spec: TrainingSpec, net: nn.Module, model: nn.Module, max_steps: int,
+            unfreezing: layers.Unfreezing | None, *, step: int, schedule_step: int = 0, load_universal: bool = False):
     """The engine that trains `net` (`model`, or a module around it) at `step`: every parameter, or with the
     layer-wise options the layer groups that train then, each at its rate. `schedule_step`: where the schedule
     starts (a resume's checkpoint brings its own)."""
-    train = training(spec).train
+    train = spec.train
     groups = None
     if unfreezing is not None or train.layer_lr_decay != 1:
         groups = layers.optimizer_groups(layers.groups(net, model), step=step, unfreezing=unfreezing, lr=train.lr,

@@ -11,7 +11,7 @@ from stages.runtime import checkpoint, dist, records, signals, speed
 from stages.runtime.checkpoint import Position
 from stages.runtime.engine import current_lr
 from stages.runtime.layers import Unfreezing
-from stages.runtime.spec import Diverged, Spec, training
+from stages.runtime.spec import Diverged, Spec, TrainingSpec
 from stages.runtime.speed import Flops
 
 # A micro-batch's loss, or (loss, its terms by name: logged as a `loss_terms` record, each term the mean over the
@@ -29,7 +29,7 @@ class Sampler(Protocol):
     def next_step(self) -> list[list[tuple[int, int]]]: ...
 
 
-def fit(engine, spec: Spec, sampler: Sampler, micro_step: MicroStep, evaluate: Evaluate, *,
+def fit(engine, spec: TrainingSpec, sampler: Sampler, micro_step: MicroStep, evaluate: Evaluate, *,
         pos: Position, max_steps: int, flops: Flops | None = None, unfreezing: Unfreezing | None = None,
         renew: Callable[[Position], Any] | None = None) -> tuple[bool, Position]:
     """Train from `pos` to `max_steps`. Returns (stopped by a signal, position reached).
@@ -40,9 +40,8 @@ def fit(engine, spec: Spec, sampler: Sampler, micro_step: MicroStep, evaluate: E
     `flops`: the model's FLOPs estimate, for the train records' mfu on a GPU.
     With `unfreezing`, each new phase trains on the engine `renew(pos)` makes, from a checkpoint of its own.
     """
-    settings = training(spec)
     rates = speed.RateWindow(max_steps, flops=flops, peak_flops=speed.peak_flops(spec.precision))
-    every_ckpt, every_eval = settings.checkpoint.every_steps, settings.eval.every_steps
+    every_ckpt, every_eval = spec.checkpoint.every_steps, spec.eval.every_steps
     start = step = pos.step
     # Since the last log line, on the device (read back only at log lines): the loss sum, the loss terms' sums
     # and the tokens (tokens.take()); on the host: the micro-batch count, and each term's. Every rank has the same
@@ -78,7 +77,7 @@ def fit(engine, spec: Spec, sampler: Sampler, micro_step: MicroStep, evaluate: E
         if step == start + 1:
             rates.first_step(step)
             tokens.take(device)  # rates are measured from the end of the first step (its warm-up left out)
-        if step % settings.train.log_every == 0 or step == max_steps:
+        if step % spec.train.log_every == 0 or step == max_steps:
             counts = torch.stack([loss_sum, torch.tensor(float(micro_batches), dtype=torch.float64, device=device),
                                   *tokens.take(device), *terms.values(),
                                   *(torch.tensor(float(n), dtype=torch.float64, device=device)
@@ -93,7 +92,7 @@ def fit(engine, spec: Spec, sampler: Sampler, micro_step: MicroStep, evaluate: E
             micro_batches = 0
             terms.clear()
             term_counts.clear()
-        if nonfinite_run >= settings.train.stop_after_nonfinite:
+        if nonfinite_run >= spec.train.stop_after_nonfinite:
             records.log("stop", step=step, reason="non-finite loss")
             raise Diverged(f"the loss was NaN or infinite for {nonfinite_run} consecutive steps (up to step {step}); "
                            "nothing is exported. Check train.lr and the data (e.g. empty documents); "

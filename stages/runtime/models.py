@@ -21,7 +21,7 @@ import torch
 from contract.files import digest as digest_of
 from contract.spec import SPECIAL_TOKEN_IDS
 from stages.runtime import dist, engine, records
-from stages.runtime.spec import Ref, Spec, SpecError
+from stages.runtime.spec import Ref, Spec, SpecError, TrainingSpec
 
 
 def verify_digest(key: str, path: str | None, expected: str | None) -> None:
@@ -103,7 +103,7 @@ def parameter_count(model) -> int:
     return sum(int(getattr(p, "ds_numel", 0) or p.numel()) for p in {id(p): p for p in model.parameters()}.values())
 
 
-def build_model(spec: Spec, auto_class, tokenizer, *, resume: bool, name: str = "init", **overrides: Any):
+def build_model(spec: TrainingSpec, auto_class, tokenizer, *, resume: bool, name: str = "init", **overrides: Any):
     """The model of input `name` (the one to train). On resume only the architecture is built:
     the checkpoint brings the weights."""
     from transformers import AutoConfig
