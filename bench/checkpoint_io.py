@@ -156,13 +156,13 @@ def load_worker(spec_path: str, repeats: int, out: str) -> None:
     from stages.runtime import spec as spec_mod
     from stages.runtime.heads.mlm import Rows
 
-    spec = spec_mod.load(spec_path)
+    spec = spec_mod.TrainingSpec.of(spec_mod.load(spec_path))
     dist.init()
     from transformers import AutoModelForMaskedLM
 
     tokenizer = models.load_tokenizer(spec)
     model = models.build_model(spec, AutoModelForMaskedLM, tokenizer, resume=True)
-    net = engine.initialize(Rows(model), spec, engine.max_steps(spec_mod.training(spec).train, 0))
+    net = engine.initialize(Rows(model), spec, engine.max_steps(spec.train, 0))
     loads = []
     for _ in range(repeats):
         dist.barrier()

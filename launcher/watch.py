@@ -22,7 +22,7 @@ from typing import Any
 from launcher.progress import Progress, Tail
 
 POLL_S = 0.5
-# rank 0's lines that the live view shows in its bar instead (stages/runtime/metrics.py and loop.py write them)
+# rank 0's lines that the live view shows in its bar instead (stages/runtime/speed.py and loop.py write them)
 IN_THE_BAR = re.compile(r"^(step \d+/\d+ |eval )")
 MARKS = {"done": ("✓", "green"), "running": ("▶", "bold cyan"), "failed": ("✗", "red"), "preempted": ("⏸", "yellow"),
          "cancelled": ("✗", "yellow"), "skipped": ("-", "dim")}

@@ -24,7 +24,7 @@ from contract.kinds.classify import ClassifyLayerwise, layer_weights
 from contract.layout import EXIT_STOPPED
 from stages.runtime import curriculum, entry, heads, lifecycle, models
 from stages.runtime.dist import Dist
-from stages.runtime.spec import Spec, SpecError, training
+from stages.runtime.spec import SpecError, TrainingSpec
 
 
 class DeepSupervision(nn.Module):
@@ -57,8 +57,8 @@ class DeepSupervision(nn.Module):
         return out.logits, total, ({f"layer{i}": loss.detach() for i, loss in losses.items()} if self.heads else {})
 
 
-def main(spec: Spec, d: Dist) -> int:
-    micro = training(spec).train.micro_batch_size
+def main(spec: TrainingSpec, d: Dist) -> int:
+    micro = spec.train.micro_batch_size
     options = spec.options_as(ClassifyLayerwise)
     tokenizer = models.load_tokenizer(spec)
     head = heads.of(spec, "classify", tokenizer)
@@ -98,4 +98,4 @@ def supervised(options: ClassifyLayerwise, model) -> list[float]:
 
 
 if __name__ == "__main__":
-    entry.run(main)
+    entry.run_training(main)

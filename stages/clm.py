@@ -20,14 +20,14 @@ from contract.layout import EXIT_STOPPED
 from stages.runtime import entry, heads, lifecycle, models
 from stages.runtime.dist import Dist
 from stages.runtime.packing import PACK_BATCH, Packed, check_block_size, end_of_document, pack
-from stages.runtime.spec import Spec, training
+from stages.runtime.spec import TrainingSpec
 
 __all__ = ["PACK_BATCH", "Packed", "check_block_size", "end_of_document", "main", "pack"]  # tests import them from here
 
 
-def main(spec: Spec, d: Dist) -> int:
+def main(spec: TrainingSpec, d: Dist) -> int:
     opts = spec.options_as(ClmOptions)
-    micro = training(spec).train.micro_batch_size
+    micro = spec.train.micro_batch_size
     check_block_size(spec, opts.block_size)  # before any data work, which can take long on a real corpus
     tokenizer = models.load_tokenizer(spec)
     head = heads.of(spec, "clm", tokenizer, block_size=opts.block_size)
@@ -54,4 +54,4 @@ def main(spec: Spec, d: Dist) -> int:
 
 
 if __name__ == "__main__":
-    entry.run(main)
+    entry.run_training(main)

@@ -34,7 +34,7 @@ from contract.layout import EXIT_STOPPED
 from stages.runtime import curriculum, data, dist, entry, heads, lifecycle, models, packing, pruning, teacher
 from stages.runtime.dist import Dist
 from stages.runtime.masking import EVAL_EPOCH
-from stages.runtime.spec import Spec, training
+from stages.runtime.spec import TrainingSpec
 
 # The teacher's side of a batch's rows: its logits (rows, classes), or stored top-k (values, class ids), each (rows, k)
 Taught = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
@@ -57,9 +57,9 @@ def distill_loss(student_logits: torch.Tensor, teacher: Taught, task_loss: torch
     return (1 - alpha) * task_loss + alpha * t * t * kd, kd
 
 
-def main(spec: Spec, d: Dist) -> int:
+def main(spec: TrainingSpec, d: Dist) -> int:
     opts = spec.options_as(DistillOptions)
-    micro = training(spec).train.micro_batch_size
+    micro = spec.train.micro_batch_size
     if opts.block_size is not None:
         packing.check_block_size(spec, opts.block_size, "distill.block_size")
     tokenizer = models.load_tokenizer(spec)
@@ -149,4 +149,4 @@ def _inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    entry.run(main)
+    entry.run_training(main)

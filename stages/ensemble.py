@@ -25,11 +25,10 @@ import torch
 
 from contract.kinds.ensemble import EnsembleOptions
 from contract.layout import EXIT_DONE, EXIT_STOPPED
-from stages.runtime import data, dist, entry, export, heads, loop, models, signals
+from stages.runtime import data, dist, entry, export, heads, loop, models, records, signals
 from stages.runtime import ensemble as combining
 from stages.runtime.dist import Dist
 from stages.runtime.masking import EVAL_EPOCH
-from stages.runtime.metrics import Metrics
 from stages.runtime.spec import Ref, Spec, SpecError
 
 
@@ -73,8 +72,7 @@ def main(spec: Spec, d: Dist) -> int:
     options = spec.options_as(EnsembleOptions)
     members = Members(spec)
     tokenizer = models.load_tokenizer(spec)
-    metrics = Metrics(spec.stage_dir, max_steps=0)
-    metrics.start(0, d.world_size)
+    records.start(d.world_size)
     configs = [_config(members, i) for i in range(len(members.refs))]
     names = same_labels(spec, members, configs)
     same_vocabulary(members, tokenizer)
@@ -96,7 +94,7 @@ def main(spec: Spec, d: Dist) -> int:
     scores: list[dict[str, float]] = []
     first_state: dict[str, torch.Tensor] | None = None
     for i in range(len(members.refs)):
-        if _stopped(metrics):
+        if _stopped():
             return EXIT_STOPPED
         model = members.load(i)
         if options.method != "logits":
@@ -124,20 +122,20 @@ def main(spec: Spec, d: Dist) -> int:
             values |= shared_eval.score(spec, d, ensemble.members[0], tokenizer, "classify",
                                         batch_size=options.batch_size,
                                         net=lambda labels, **inputs: ensemble(**inputs)[labels != -100])
-        loop.record_eval(spec, metrics, 0, values | per_member)
+        loop.record_eval(spec, 0, values | per_member)
         path, digest = export.write_folder(spec, lambda out: _write_logits(out, members, tokenizer, weights, names))
     else:
-        if _stopped(metrics):
+        if _stopped():
             return EXIT_STOPPED
         if options.method == "uniform_soup":
             model, values, extra = uniform_soup(members, scorer)
         else:
-            model, values, extra = greedy_soup(members, scorer, scores, metrics)
+            model, values, extra = greedy_soup(members, scorer, scores)
         if spec.shared_evals:
             from stages.runtime import shared_eval
 
             values |= shared_eval.score(spec, d, model, tokenizer, "classify", batch_size=options.batch_size)
-        loop.record_eval(spec, metrics, 0, values | per_member)
+        loop.record_eval(spec, 0, values | per_member)
         path, digest = export.save_final(model, tokenizer, spec, zero_stage=0)
     export.write_result(spec, steps=0, samples=0, output=path, digest=digest, metrics=values | per_member | extra)
     return EXIT_DONE
@@ -185,8 +183,8 @@ def uniform_soup(members: Members, scorer: Scorer) -> tuple[Any, dict[str, float
     return model, scorer.score(scorer.predict(model)), {"ingredients": len(members.refs)}
 
 
-def greedy_soup(members: Members, scorer: Scorer, scores: list[dict[str, float]],
-                metrics: Metrics) -> tuple[Any, dict[str, float], dict[str, float]]:
+def greedy_soup(members: Members, scorer: Scorer,
+                scores: list[dict[str, float]]) -> tuple[Any, dict[str, float], dict[str, float]]:
     """Collective. Recipe 1 of Wortsman et al. (2022), on data.eval: the soup and its metrics, and the decisions
     as result metrics (`greedy/<member>/accuracy`: the soup's accuracy with it; `greedy/<member>/kept`: 1 or 0)."""
     order = sorted(range(len(scores)), key=lambda i: -scores[i]["accuracy"])  # stable: ties keep manifest order
@@ -196,7 +194,7 @@ def greedy_soup(members: Members, scorer: Scorer, scores: list[dict[str, float]]
     decisions: dict[str, float] = {}
 
     def record(name: str, accuracy: float, keep: bool) -> None:
-        metrics.log("greedy", member=name, accuracy=accuracy, kept=keep, ingredients=list(kept))
+        records.log("greedy", member=name, accuracy=accuracy, kept=keep, ingredients=list(kept))
         decisions.update({f"greedy/{name}/accuracy": accuracy, f"greedy/{name}/kept": float(keep)})
         dist.print0(f"greedy soup: {name} {'kept' if keep else 'left out'} (held-out accuracy {accuracy:.4f} with it)")
 
@@ -263,11 +261,11 @@ def _config(members: Members, i: int):
         raise SpecError(f"inputs.members[{i}].path: {members.paths[i]}: no model config: {e}") from None
 
 
-def _stopped(metrics: Metrics) -> bool:
+def _stopped() -> bool:
     """Collective: whether any rank got a stop request. Nothing is saved: a rerun recomputes (exit 75)."""
     if not dist.any_rank(signals.received()):
         return False
-    metrics.log("stop", step=0, reason="signal")
+    records.log("stop", step=0, reason="signal")
     dist.print0("stopped on a signal; nothing saved, exit 75 (running it again recomputes the ensemble)")
     return True
 

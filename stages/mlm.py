@@ -13,12 +13,12 @@ from contract.kinds.mlm import MlmOptions
 from contract.layout import EXIT_STOPPED
 from stages.runtime import curriculum, entry, heads, lifecycle, models
 from stages.runtime.dist import Dist
-from stages.runtime.spec import Spec, training
+from stages.runtime.spec import TrainingSpec
 
 
-def main(spec: Spec, d: Dist) -> int:
+def main(spec: TrainingSpec, d: Dist) -> int:
     opts = spec.options_as(MlmOptions)
-    micro = training(spec).train.micro_batch_size
+    micro = spec.train.micro_batch_size
     tokenizer = models.load_tokenizer(spec)
     head = heads.of(spec, "mlm", tokenizer, mask_prob=opts.mask_prob)
     train = head.splits["train"]
@@ -43,4 +43,4 @@ def main(spec: Spec, d: Dist) -> int:
 
 
 if __name__ == "__main__":
-    entry.run(main)
+    entry.run_training(main)

@@ -27,9 +27,9 @@ from torch import nn
 from contract.heads import HEADS
 from contract.kinds.multitask import MultitaskOptions, TaskSettings
 from contract.layout import EXIT_STOPPED, newest_complete
-from stages.runtime import data, entry, heads, lifecycle, models
+from stages.runtime import data, entry, heads, lifecycle, models, records
 from stages.runtime.dist import Dist
-from stages.runtime.spec import Spec, SpecError, training
+from stages.runtime.spec import SpecError, TrainingSpec
 
 BLOCK = 4096  # task draws are made in blocks of this many micro-batches, each block from a seed of its own
 
@@ -168,12 +168,11 @@ def classifier(model: Any, labels: list[str | int]) -> Any:
     return head
 
 
-def main(spec: Spec, d: Dist) -> int:
+def main(spec: TrainingSpec, d: Dist) -> int:
     from transformers import AutoModel
 
     opts = spec.options_as(MultitaskOptions)
-    settings = training(spec)
-    micro = settings.train.micro_batch_size
+    micro = spec.train.micro_batch_size
     saved = newest_complete(spec.stage_dir)
     if saved and saved[1].get("world_size") not in (None, d.world_size):
         raise SpecError(f"{spec.stage_dir}/ckpt: saved at world size {saved[1]['world_size']}, now {d.world_size}: "
@@ -195,10 +194,10 @@ def main(spec: Spec, d: Dist) -> int:
                                                 resume=resume),
         wrap=lambda model: MultitaskNet(model, {name: classifier(model, h.classes) for name, h in tasks.items()
                                                 if h.classes is not None}, mlm_task, tasks),
-        sampler=lambda pos, metrics, max_steps: MixedSampler(
+        sampler=lambda pos, max_steps: MixedSampler(
             Draws(p, spec.seed), sizes, seed=spec.seed, names=names, micro=micro,
-            accum=settings.train.grad_accum, world=d.world_size, rank=d.rank, step=pos.step, samples=pos.samples,
-            log=metrics.log, log_every=settings.train.log_every, max_steps=max_steps),
+            accum=spec.train.grad_accum, world=d.world_size, rank=d.rank, step=pos.step, samples=pos.samples,
+            log=records.log, log_every=spec.train.log_every, max_steps=max_steps),
     )
 
     def micro_step(items: list[tuple[int, int]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -224,7 +223,7 @@ def main(spec: Spec, d: Dist) -> int:
     return t.finish(evaluate, tokenizer, beside={f"tasks/{name}": c for name, c in t.engine.module.classifiers.items()})
 
 
-def task_head(spec: Spec, settings: TaskSettings, tokenizer, tokenizer_digest: str) -> heads.Head:
+def task_head(spec: TrainingSpec, settings: TaskSettings, tokenizer, tokenizer_digest: str) -> heads.Head:
     """A task's head over its data section, masked (mlm) from a seed of its own."""
     name = settings.name
     if name not in spec.sections:
@@ -242,4 +241,4 @@ def task_head(spec: Spec, settings: TaskSettings, tokenizer, tokenizer_digest: s
 
 
 if __name__ == "__main__":
-    entry.run(main)
+    entry.run_training(main)

@@ -19,16 +19,14 @@ from contract.files import write_json
 from contract.heads import HEADS
 from contract.kinds.prune import PruneOptions
 from contract.layout import EXIT_DONE, EXIT_STOPPED
-from stages.runtime import data, dist, entry, export, heads, loop, models, pruning, signals
+from stages.runtime import data, dist, entry, export, heads, loop, models, pruning, records, signals
 from stages.runtime.dist import Dist
-from stages.runtime.metrics import Metrics
 from stages.runtime.spec import Spec, SpecError
 
 
 def main(spec: Spec, d: Dist) -> int:
     opts = spec.options_as(PruneOptions)
-    metrics = Metrics(spec.stage_dir, 0)
-    metrics.start(0, d.world_size)
+    records.start(d.world_size)
     tokenizer = models.load_tokenizer(spec)
     init = spec.ref("init")
     if init.path is None:
@@ -65,7 +63,7 @@ def main(spec: Spec, d: Dist) -> int:
 
                 calibration.batch(batch["attention_mask"], run)
                 if dist.any_rank(signals.received()):
-                    metrics.log("stop", step=0, reason="signal")
+                    records.log("stop", step=0, reason="signal")
                     return EXIT_STOPPED  # nothing written: a rerun prunes from the start
         scores = calibration.scores
         for t in scores.tensors():
@@ -86,7 +84,7 @@ def main(spec: Spec, d: Dist) -> int:
                          "parameters": params_before, **before},
               "after": {**kept, "parameters": params_after, **after},
               "importance": opts.importance, "kept": plan.as_json()}
-    metrics.log("prune", **{k: v for k, v in record.items() if k != "kept"})
+    records.log("prune", **{k: v for k, v in record.items() if k != "kept"})
     dist.print0(f"{spec.stage}: {params_before:,} → {params_after:,} parameters "
                 f"({shape.layers}→{kept['layers']} layers, FFN {shape.ffn}→{kept['ffn']}"
                 + (f", heads {shape.heads}→{kept['heads']}" if f.heads else "") + ")"
@@ -97,7 +95,7 @@ def main(spec: Spec, d: Dist) -> int:
 
         shared = shared_eval.score(spec, d, pruned, tokenizer, opts.task, batch_size=opts.micro_batch_size,
                                    options=head_options)
-    loop.record_eval(spec, metrics, 0, after | shared)
+    loop.record_eval(spec, 0, after | shared)
 
     def fill(out: Path) -> None:
         pruned.save_pretrained(out, safe_serialization=True)

@@ -30,10 +30,9 @@ from contract.files import write_json
 from contract.heads import HEADS
 from contract.kinds.teacher_logits import LOGITS_FILE, META_FILE, TeacherLogitsOptions
 from contract.layout import EXIT_DONE, EXIT_STOPPED
-from stages.runtime import data, dist, entry, export, heads, loop, models, packing, signals, teacher
+from stages.runtime import data, dist, entry, export, heads, loop, models, packing, records, signals, teacher
 from stages.runtime.dist import Dist
 from stages.runtime.masking import EVAL_EPOCH
-from stages.runtime.metrics import Metrics
 from stages.runtime.spec import Spec, SpecError
 
 
@@ -42,8 +41,7 @@ def main(spec: Spec, d: Dist) -> int:
 
     opts = spec.options_as(TeacherLogitsOptions)
     task = opts.task
-    metrics = Metrics(spec.stage_dir, 0)
-    metrics.start(0, d.world_size)
+    records.start(d.world_size)
     tokenizer = models.load_tokenizer(spec)
     teacher.check_tokenizer(spec, tokenizer, task)
     head_options = {k: v for k, v in spec.options.items() if k in HEADS[task].options}
@@ -90,7 +88,7 @@ def main(spec: Spec, d: Dist) -> int:
     for split in splits:
         scored = score(split)
         if scored is None:
-            metrics.log("stop", step=0, reason="signal")
+            records.log("stop", step=0, reason="signal")
             return EXIT_STOPPED  # nothing written: a rerun scores from the start
         tensors[f"{split}.values"], tensors[f"{split}.indices"], rows_per_example[split] = scored
         if not bool(torch.isfinite(scored[0]).all()):
@@ -100,7 +98,7 @@ def main(spec: Spec, d: Dist) -> int:
     if "eval" in splits:
         truth = torch.cat([head.targets(batch).cpu() for batch in _all(head, "eval", opts.batch_size)])
         results["accuracy"] = float((tensors["eval.indices"][:, 0] == truth).double().mean())
-        loop.record_eval(spec, metrics, 0, results)
+        loop.record_eval(spec, 0, results)
     teacher_ref = spec.ref("teacher")
     examples = {split: len(ds) for split, ds in splits.items()}
     meta |= {"top_k": k, "top_k_given": opts.top_k, "classes": classes, "examples": examples,

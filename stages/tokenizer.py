@@ -21,9 +21,8 @@ from pathlib import Path
 
 from contract.kinds.tokenizer import SentencePiece
 from contract.layout import EXIT_DONE, EXIT_STOPPED, final_dir
-from stages.runtime import data, dist, entry, export, signals
+from stages.runtime import data, dist, entry, export, records, signals
 from stages.runtime.dist import Dist
-from stages.runtime.metrics import Metrics
 from stages.runtime.spec import Spec
 
 SPECIALS = {"pad": "<pad>", "unk": "<unk>", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"}
@@ -74,8 +73,7 @@ def hf_tokenizer(spm_path: Path, max_length: int):
 
 def main(spec: Spec, d: Dist) -> int:
     opts = spec.options_as(SentencePiece)
-    metrics = Metrics(spec.stage_dir, max_steps=0)
-    metrics.start(0, d.world_size)
+    records.start(d.world_size)
     digest = None
     final = final_dir(spec.stage_dir)
     if dist.is_main():
@@ -89,7 +87,7 @@ def main(spec: Spec, d: Dist) -> int:
             if signals.received():
                 raise signals.Stopped
         except signals.Stopped:
-            metrics.log("stop", step=0, reason="signal")
+            records.log("stop", step=0, reason="signal")
             dist.print0(f"{spec.stage}: stopped on a signal after {time.perf_counter() - t0:.1f} s of training; "
                         "nothing saved, exit 75 (running it again trains from the start)")
             return EXIT_STOPPED

@@ -1,1 +1,1 @@
-"""What every stage shares: spec, distributed state, engine, data, checkpoints, export, signals, metrics, the loop."""
+"""What every stage shares: spec, distributed state, engine, data, checkpoints, export, signals, records, the loop."""

@@ -26,7 +26,7 @@ import torch
 from contract.files import content_matches, file_checksum, fsync_dir, write_atomic, write_json
 from contract.layout import TAG, ckpt_dir, complete_tags, continues, step_of, tag_of
 from stages.runtime import dist
-from stages.runtime.spec import Spec, SpecError
+from stages.runtime.spec import Spec, SpecError, TrainingSpec
 
 UNIVERSAL = "universal"  # ckpt/universal/<tag>/: a checkpoint converted for another world size
 
@@ -129,7 +129,7 @@ def _records(folder: Path) -> dict[str, dict]:
     return {name: record for part in dist.all_gather_objects(mine) for name, record in part.items()}
 
 
-def save(engine, spec: Spec, pos: Position) -> str:
+def save(engine, spec: TrainingSpec, pos: Position) -> str:
     """Collective. Returns the tag."""
     root, tag = ckpt_dir(spec.stage_dir), tag_of(pos.step)
     client = {"step": pos.step, "samples": pos.samples, "fingerprint": spec.fingerprint}
@@ -157,7 +157,7 @@ def save(engine, spec: Spec, pos: Position) -> str:
                                                       "world_size": dist.world_size(), "time": time.time(),
                                                       "files": files})
         write_atomic(root / "LATEST", tag + "\n")
-        _prune(root, spec.checkpoint.keep_last if spec.checkpoint else 1, pos.step)
+        _prune(root, spec.checkpoint.keep_last, pos.step)
         shutil.rmtree(root / UNIVERSAL, ignore_errors=True)  # a conversion this run resumed from
     return tag
 

@@ -31,9 +31,9 @@ import torch
 
 from contract.layout import TRAIN_LOSSES
 from contract.sections import Curriculum
-from stages.runtime import dist
+from stages.runtime import dist, records
 from stages.runtime.data import StreamSampler, seed_of
-from stages.runtime.spec import Spec, SpecError, training
+from stages.runtime.spec import Spec, SpecError, TrainingSpec
 
 PHASE_EPOCHS = 1 << 32  # an item's epoch is phase × PHASE_EPOCHS + its pass over the phase's pool
 
@@ -163,10 +163,10 @@ def _losses_of(spec: Spec, n: int) -> list[float]:
     return [float(v) for v in losses]
 
 
-def sampler(spec: Spec, d: dist.Dist, *, num_samples: int, step: int, samples: int,
-            difficulty: Sequence[float] | None, log: Callable[..., None]) -> StreamSampler:
+def sampler(spec: TrainingSpec, d: dist.Dist, *, num_samples: int, step: int, samples: int,
+            difficulty: Sequence[float] | None) -> StreamSampler:
     """The stage's sampler from position (step, samples): the plain stream, or the curriculum's schedule."""
-    train = training(spec).train
+    train = spec.train
     stream: dict[str, Any] = dict(seed=spec.seed, micro_batch=train.micro_batch_size, grad_accum=train.grad_accum,
                                   world_size=d.world_size, rank=d.rank, samples=samples)
     if spec.curriculum is None:
@@ -174,4 +174,4 @@ def sampler(spec: Spec, d: dist.Dist, *, num_samples: int, step: int, samples: i
     assert train.global_batch_size is not None, "the contract sets it"
     schedule = Schedule(spec.curriculum, num_samples, seed=spec.seed, global_batch=train.global_batch_size,
                         difficulty=difficulty)
-    return CurriculumSampler(num_samples, schedule=schedule, step=step, log=log, **stream)
+    return CurriculumSampler(num_samples, schedule=schedule, step=step, log=records.log, **stream)

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from contract.sections import Train
-from stages.runtime.spec import Spec, training
+from stages.runtime.spec import TrainingSpec
 
 # transformers finds the DeepSpeed config through a weakref; this keeps its target alive.
 _zero3_config: _Zero3Config | None = None
@@ -29,11 +29,11 @@ class _Zero3Config:
         return True
 
 
-def zero_stage(spec: Spec) -> int:
-    return int(training(spec).deepspeed.get("zero_optimization", {}).get("stage", 0))
+def zero_stage(spec: TrainingSpec) -> int:
+    return int(spec.deepspeed.get("zero_optimization", {}).get("stage", 0))
 
 
-def prepare_model_construction(spec: Spec) -> None:
+def prepare_model_construction(spec: TrainingSpec) -> None:
     """Call before building the model. Under ZeRO-3, transformers then builds it partitioned.
 
     `deepspeed.zero.Init()` around the constructor crashes in transformers 5;
@@ -47,15 +47,15 @@ def prepare_model_construction(spec: Spec) -> None:
         set_hf_deepspeed_config(_zero3_config)
 
 
-def ds_config(spec: Spec) -> dict[str, Any]:
-    cfg = copy.deepcopy(training(spec).deepspeed)
+def ds_config(spec: TrainingSpec) -> dict[str, Any]:
+    cfg = copy.deepcopy(spec.deepspeed)
     if not torch.cuda.is_available():
         # DeepSpeed's own Adam kernels JIT-compile C++ for over a minute on CPU.
         cfg.setdefault("optimizer", {}).setdefault("params", {}).setdefault("torch_adam", True)
     return cfg
 
 
-def initialize(model: torch.nn.Module, spec: Spec, max_steps: int, load_universal: bool = False, *,
+def initialize(model: torch.nn.Module, spec: TrainingSpec, max_steps: int, load_universal: bool = False, *,
                groups: list[dict[str, Any]] | None = None, step: int = 0):
     """deepspeed.initialize with decay/no-decay groups and our schedule, so checkpoints hold its state.
     `load_universal`: the checkpoint to load is a universal one (saved at another world size).
@@ -64,7 +64,7 @@ def initialize(model: torch.nn.Module, spec: Spec, max_steps: int, load_universa
     starts, for an engine made mid-run (gradual unfreezing); the schedule multiplies each group's own lr."""
     import deepspeed
 
-    train = training(spec).train
+    train = spec.train
     config = ds_config(spec)
     if load_universal:
         config.setdefault("checkpoint", {})["load_universal"] = True

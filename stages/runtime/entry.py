@@ -10,28 +10,40 @@ import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from pydantic import ValidationError
 
 from contract.layout import EXIT_BAD_INPUT, EXIT_FAILED, write_bad_input
 from contract.spec import ContractError
-from stages.runtime import dist, signals, trackers
+from stages.runtime import dist, records, signals, trackers
 from stages.runtime import spec as spec_mod
 from stages.runtime.dist import Dist
-from stages.runtime.metrics import Metrics
-from stages.runtime.spec import Spec, SpecError
+from stages.runtime.spec import Spec, SpecError, TrainingSpec
+
+S = TypeVar("S", bound=Spec)
 
 
 def run(main: Callable[[Spec, Dist], int]) -> None:
     """Parse --spec, start distributed state, call `main`, and exit with the contract's code. Never returns."""
+    _run(main, lambda spec: spec)
+
+
+def run_training(main: Callable[[TrainingSpec, Dist], int]) -> None:
+    """`run` for a training kind: `main` gets a TrainingSpec, its training sections checked here, once (exit 2
+    where one is null). Never returns."""
+    _run(main, TrainingSpec.of)
+
+
+def _run(main: Callable[[S, Dist], int], narrow: Callable[[Spec], S]) -> None:
     signals.install()
     keep_freed_memory()
     parser = argparse.ArgumentParser()
     parser.add_argument("--spec", required=True, help="path to the stage's spec.json")
     args = parser.parse_args()
     try:
-        spec = spec_mod.load(args.spec)
-        trackers.configure(spec, Metrics(spec.stage_dir, 0).log)
+        spec = narrow(spec_mod.load(args.spec))
+        records.configure(spec.stage_dir, trackers.Trackers(spec))
         d = dist.init()
         if d.world_size != spec.world_size:
             raise SpecError(f"{args.spec}: world_size {spec.world_size} but torchrun started {d.world_size} processes")
@@ -43,13 +55,13 @@ def run(main: Callable[[Spec, Dist], int]) -> None:
             stage_dir = json.loads(Path(args.spec).read_text()).get("stage_dir") if Path(args.spec).is_file() else None
             if stage_dir and Path(stage_dir).is_dir():
                 write_bad_input(stage_dir, " ".join(str(e).split()))
-        trackers.close(EXIT_BAD_INPUT)
+        records.close(EXIT_BAD_INPUT)
         dist.finish(EXIT_BAD_INPUT, sync=False)
     except BaseException:
         traceback.print_exc()
-        trackers.close(EXIT_FAILED)
+        records.close(EXIT_FAILED)
         dist.finish(EXIT_FAILED, sync=False)
-    trackers.close(code)  # dist.finish skips interpreter finalisation: nothing would flush them after it
+    records.close(code)  # dist.finish skips interpreter finalisation: nothing would flush the trackers after it
     dist.finish(code)
 
 

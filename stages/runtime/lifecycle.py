@@ -22,13 +22,25 @@ from torch import nn
 
 from contract.layout import EXIT_DONE, TRAIN_LOSSES, step_of
 from contract.sections import Unfreeze
-from stages.runtime import checkpoint, curriculum, data, dist, engine, export, layers, loop, models, shared_eval, speed
+from stages.runtime import (
+    checkpoint,
+    curriculum,
+    data,
+    dist,
+    engine,
+    export,
+    layers,
+    loop,
+    models,
+    records,
+    shared_eval,
+    speed,
+)
 from stages.runtime.checkpoint import Position
 from stages.runtime.dist import Dist
 from stages.runtime.heads import Head
 from stages.runtime.loop import Evaluate, MicroStep, Sampler
-from stages.runtime.metrics import Metrics
-from stages.runtime.spec import Spec, SpecError, training
+from stages.runtime.spec import SpecError, TrainingSpec
 
 # Each example's loss, one value per index of a batch of training examples (eval.score_train)
 ExampleLosses = Callable[[list[int]], torch.Tensor]
@@ -36,14 +48,13 @@ ExampleLosses = Callable[[list[int]], torch.Tensor]
 
 @dataclass
 class Training:
-    spec: Spec
+    spec: TrainingSpec
     model: nn.Module  # the transformers model: what final/ saves
     engine: Any  # the DeepSpeed engine; wraps `model`, or a loss module around it
     sampler: Sampler  # this rank's micro-batches from the current position on
     num_samples: int  # training examples
     pos: Position
     max_steps: int
-    metrics: Metrics
     build: Callable[[bool], nn.Module]
     wrap: Callable[[nn.Module], nn.Module] | None
     unfreezing: layers.Unfreezing | None  # gradual unfreezing: a new engine at each phase
@@ -52,8 +63,8 @@ class Training:
     def fit(self, micro_step: MicroStep, evaluate: Evaluate) -> bool:
         """Train to max_steps; True when a signal stopped it (a checkpoint is saved: exit 75)."""
         stopped, self.pos = loop.fit(self.engine, self.spec, self.sampler, micro_step, evaluate, pos=self.pos,
-                                     max_steps=self.max_steps, metrics=self.metrics, unfreezing=self.unfreezing,
-                                     renew=self.renew)
+                                     max_steps=self.max_steps, flops=speed.flops_of(self.model),
+                                     unfreezing=self.unfreezing, renew=self.renew)
         return stopped
 
     def renew(self, pos: Position):
@@ -80,19 +91,18 @@ class Training:
         result.json."""
         spec = self.spec
         final_metrics: dict[str, float] = {}
-        if training(spec).eval.at_end:
+        if spec.eval.at_end:
             final_metrics = evaluate(self.pos.step)
         if spec.shared_evals:
             if head is None:
                 raise SpecError(f"shared_evals: kind {spec.kind} is scored on no shared eval set, but the spec gives "
                                 f"{', '.join(spec.shared_evals)}")
             final_metrics |= shared_eval.score(spec, self.d, self.model, tokenizer, head.name,
-                                               batch_size=training(spec).train.micro_batch_size,
-                                               options=head.source.options)
+                                               batch_size=spec.train.micro_batch_size, options=head.source.options)
         if final_metrics:
-            loop.record_eval(spec, self.metrics, self.pos.step, final_metrics)
+            loop.record_eval(spec, self.pos.step, final_metrics)
         files = {}
-        if training(spec).eval.score_train:
+        if spec.eval.score_train:
             assert losses is not None, f"kind {spec.kind} scores its training examples: finish needs losses"
             files[TRAIN_LOSSES] = self._train_losses(losses)
         path, digest = export.save_final(self.model, tokenizer, spec, zero_stage=engine.zero_stage(spec),
@@ -108,22 +118,22 @@ class Training:
         values = torch.zeros(n, dtype=torch.float64)
         self.engine.eval()
         with torch.no_grad():
-            for indices in data.eval_shards(n, training(spec).train.micro_batch_size, dist.world_size(), dist.rank()):
+            for indices in data.eval_shards(n, spec.train.micro_batch_size, dist.world_size(), dist.rank()):
                 real = [j for j, i in enumerate(indices) if i >= 0]  # padding rows (-1): forward pass only
                 got = losses([max(i, 0) for i in indices]).double().cpu()
                 values[[indices[j] for j in real]] = got[real]
         dist.all_reduce_sum(values)
         out = values.tolist()
-        self.metrics.log("train_losses", examples=n, mean=sum(out) / max(n, 1), min=min(out, default=0.0),
-                         max=max(out, default=0.0))
+        records.log("train_losses", examples=n, mean=sum(out) / max(n, 1), min=min(out, default=0.0),
+                    max=max(out, default=0.0))
         return {"stage": spec.stage, "examples": n,
                 "train_digests": [spec.data.digests[f] for f in spec.data.train_files], "losses": out}
 
 
-def start(spec: Spec, d: Dist, *, num_samples: int, build: Callable[[bool], nn.Module],
+def start(spec: TrainingSpec, d: Dist, *, num_samples: int, build: Callable[[bool], nn.Module],
           wrap: Callable[[nn.Module], nn.Module] | None = None, what: str,
           difficulty: Sequence[float] | None = None, unfreeze: Unfreeze | None = None,
-          sampler: Callable[[Position, Metrics, int], Sampler] | None = None) -> Training:
+          sampler: Callable[[Position, int], Sampler] | None = None) -> Training:
     """Collective. Set up a training stage, in the order that makes a resumed run follow an unbroken one.
 
     1. Find the newest complete checkpoint *before* building: resume beats init, so on resume
@@ -136,11 +146,10 @@ def start(spec: Spec, d: Dist, *, num_samples: int, build: Callable[[bool], nn.M
     5. Load the checkpoint: weights, optimizer, schedule, this rank's RNG and the data position.
 
     `difficulty`: per training example, what a curriculum's easy_first ranks by (`curriculum.difficulty`).
-    `sampler(position, metrics, max_steps)`: a stage's own sampler (multitask: its task mixing) instead of the
+    `sampler(position, max_steps)`: a stage's own sampler (multitask: its task mixing) instead of the
     plain stream or the curriculum's.
     """
-    train = training(spec).train
-    max_steps = engine.max_steps(train, num_samples)
+    max_steps = engine.max_steps(spec.train, num_samples)
     saved = checkpoint.find_latest(spec)
     resharded = saved is not None and saved.world_size not in (None, d.world_size)
     # ZeRO-0 saves whole optimizer states, which load at any world size; ZeRO 1-3 save partitions
@@ -157,21 +166,20 @@ def start(spec: Spec, d: Dist, *, num_samples: int, build: Callable[[bool], nn.M
     resuming = "" if saved is None else f", resuming from {saved.tag}" + (
         f" (saved at world size {saved.world_size}, now {d.world_size})" if resharded else "")
     dist.print0(f"{spec.stage}: {what}, {max_steps} steps, ZeRO-{engine.zero_stage(spec)}{resuming}")
-    metrics = Metrics(spec.stage_dir, max_steps, flops=speed.flops_of(model),
-                      peak_flops=speed.peak_flops(spec.precision))
-    metrics.start(pos.step, d.world_size, resharded_from=saved.world_size if saved and resharded else None)
-    drawn = sampler(pos, metrics, max_steps) if sampler else curriculum.sampler(
-        spec, d, num_samples=num_samples, step=pos.step, samples=pos.samples, difficulty=difficulty, log=metrics.log)
+    records.start(d.world_size, step=pos.step, max_steps=max_steps,
+                  resharded_from=saved.world_size if saved and resharded else None)
+    drawn = sampler(pos, max_steps) if sampler else curriculum.sampler(
+        spec, d, num_samples=num_samples, step=pos.step, samples=pos.samples, difficulty=difficulty)
     return Training(spec=spec, model=model, engine=net, sampler=drawn, num_samples=num_samples, pos=pos,
-                    max_steps=max_steps, metrics=metrics, build=build, wrap=wrap, unfreezing=unfreezing, d=d)
+                    max_steps=max_steps, build=build, wrap=wrap, unfreezing=unfreezing, d=d)
 
 
-def _engine(spec: Spec, net: nn.Module, model: nn.Module, max_steps: int, unfreezing: layers.Unfreezing | None, *,
-            step: int, schedule_step: int = 0, load_universal: bool = False):
+def _engine(spec: TrainingSpec, net: nn.Module, model: nn.Module, max_steps: int,
+            unfreezing: layers.Unfreezing | None, *, step: int, schedule_step: int = 0, load_universal: bool = False):
     """The engine that trains `net` (`model`, or a module around it) at `step`: every parameter, or with the
     layer-wise options the layer groups that train then, each at its rate. `schedule_step`: where the schedule
     starts (a resume's checkpoint brings its own)."""
-    train = training(spec).train
+    train = spec.train
     groups = None
     if unfreezing is not None or train.layer_lr_decay != 1:
         groups = layers.optimizer_groups(layers.groups(net, model), step=step, unfreezing=unfreezing, lr=train.lr,

@@ -7,12 +7,12 @@ from typing import Any, Protocol
 
 import torch
 
-from stages.runtime import checkpoint, dist, signals, speed
+from stages.runtime import checkpoint, dist, records, signals, speed
 from stages.runtime.checkpoint import Position
 from stages.runtime.engine import current_lr
 from stages.runtime.layers import Unfreezing
-from stages.runtime.metrics import Metrics
-from stages.runtime.spec import Diverged, Spec, training
+from stages.runtime.spec import Diverged, Spec, TrainingSpec
+from stages.runtime.speed import Flops
 
 # A micro-batch's loss, or (loss, its terms by name: logged as a `loss_terms` record, each term the mean over the
 # micro-batches that had it: deep supervision's per-layer losses, distillation's parts, multitask's per-task losses)
@@ -29,18 +29,19 @@ class Sampler(Protocol):
     def next_step(self) -> list[list[tuple[int, int]]]: ...
 
 
-def fit(engine, spec: Spec, sampler: Sampler, micro_step: MicroStep, evaluate: Evaluate, *,
-        pos: Position, max_steps: int, metrics: Metrics, unfreezing: Unfreezing | None = None,
+def fit(engine, spec: TrainingSpec, sampler: Sampler, micro_step: MicroStep, evaluate: Evaluate, *,
+        pos: Position, max_steps: int, flops: Flops | None = None, unfreezing: Unfreezing | None = None,
         renew: Callable[[Position], Any] | None = None) -> tuple[bool, Position]:
     """Train from `pos` to `max_steps`. Returns (stopped by a signal, position reached).
 
     `micro_step(items)` returns the loss of one micro-batch of (index, epoch)
     items; `evaluate(step)` is collective and returns metrics. Checkpoints
     every `checkpoint.every_steps` and on a stop request, then returns at once.
+    `flops`: the model's FLOPs estimate, for the train records' mfu on a GPU.
     With `unfreezing`, each new phase trains on the engine `renew(pos)` makes, from a checkpoint of its own.
     """
-    settings = training(spec)
-    every_ckpt, every_eval = settings.checkpoint.every_steps, settings.eval.every_steps
+    rates = speed.RateWindow(max_steps, flops=flops, peak_flops=speed.peak_flops(spec.precision))
+    every_ckpt, every_eval = spec.checkpoint.every_steps, spec.eval.every_steps
     start = step = pos.step
     # Since the last log line, on the device (read back only at log lines): the loss sum, the loss terms' sums
     # and the tokens (tokens.take()); on the host: the micro-batch count, and each term's. Every rank has the same
@@ -74,25 +75,25 @@ def fit(engine, spec: Spec, sampler: Sampler, micro_step: MicroStep, evaluate: E
         stop_flag, nonfinite = dist.all_reduce_sum(flags).tolist()
         nonfinite_run = nonfinite_run + 1 if nonfinite else 0
         if step == start + 1:
-            metrics.first_step(step)
+            rates.first_step(step)
             tokens.take(device)  # rates are measured from the end of the first step (its warm-up left out)
-        if step % settings.train.log_every == 0 or step == max_steps:
+        if step % spec.train.log_every == 0 or step == max_steps:
             counts = torch.stack([loss_sum, torch.tensor(float(micro_batches), dtype=torch.float64, device=device),
                                   *tokens.take(device), *terms.values(),
                                   *(torch.tensor(float(n), dtype=torch.float64, device=device)
                                     for n in term_counts.values())])
             total = dist.all_reduce_sum(counts).tolist()
-            metrics.train(step, sampler.samples, total[0] / total[1], current_lr(engine), tokens=total[2],
-                          rows=total[3])
+            rates.train(step, sampler.samples, total[0] / total[1], current_lr(engine), tokens=total[2],
+                        rows=total[3])
             if terms:
                 sums, seen = total[4:4 + len(terms)], total[4 + len(terms):]
-                metrics.log("loss_terms", step=step, terms={k: v / n for k, v, n in zip(terms, sums, seen)})
+                records.log("loss_terms", step=step, terms={k: v / n for k, v, n in zip(terms, sums, seen)})
             loss_sum.zero_()
             micro_batches = 0
             terms.clear()
             term_counts.clear()
-        if nonfinite_run >= settings.train.stop_after_nonfinite:
-            metrics.log("stop", step=step, reason="non-finite loss")
+        if nonfinite_run >= spec.train.stop_after_nonfinite:
+            records.log("stop", step=step, reason="non-finite loss")
             raise Diverged(f"the loss was NaN or infinite for {nonfinite_run} consecutive steps (up to step {step}); "
                            "nothing is exported. Check train.lr and the data (e.g. empty documents); "
                            "train.stop_after_nonfinite sets how many such steps are tolerated")
@@ -108,23 +109,23 @@ def fit(engine, spec: Spec, sampler: Sampler, micro_step: MicroStep, evaluate: E
         stop = bool(stop_flag)
         if stop or new_phase or (every_ckpt and step % every_ckpt == 0 and step < max_steps):
             tag = checkpoint.save(engine, spec, pos)
-            metrics.log("checkpoint", step=step, tag=tag)
+            records.log("checkpoint", step=step, tag=tag)
         if stop:
-            metrics.log("stop", step=step, reason="signal")
+            records.log("stop", step=step, reason="signal")
             dist.print0(f"stopped on a signal at step {step}; checkpoint saved, exit 75")
             return True, pos
         if every_eval and step % every_eval == 0 and step < max_steps:
-            record_eval(spec, metrics, step, evaluate(step))
+            record_eval(spec, step, evaluate(step))
             engine.train()
     return False, pos
 
 
-def record_eval(spec: Spec, metrics: Metrics, step: int, values: dict[str, float]) -> None:
+def record_eval(spec: Spec, step: int, values: dict[str, float]) -> None:
     from contract.files import json_safe, write_json
 
     if not values:  # no eval data
         return
-    metrics.log("eval", step=step, **values)
+    records.log("eval", step=step, **values)
     if dist.is_main():
         write_json(f"{spec.stage_dir}/eval.json", json_safe({"step": step, **values}))
         dist.print0("eval " + "  ".join(f"{k} {v:.4f}" for k, v in values.items()))

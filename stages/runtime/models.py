@@ -20,9 +20,8 @@ import torch
 
 from contract.files import digest as digest_of
 from contract.spec import SPECIAL_TOKEN_IDS
-from stages.runtime import dist, engine
-from stages.runtime.metrics import Metrics
-from stages.runtime.spec import Ref, Spec, SpecError
+from stages.runtime import dist, engine, records
+from stages.runtime.spec import Ref, Spec, SpecError, TrainingSpec
 
 
 def verify_digest(key: str, path: str | None, expected: str | None) -> None:
@@ -104,7 +103,7 @@ def parameter_count(model) -> int:
     return sum(int(getattr(p, "ds_numel", 0) or p.numel()) for p in {id(p): p for p in model.parameters()}.values())
 
 
-def build_model(spec: Spec, auto_class, tokenizer, *, resume: bool, name: str = "init", **overrides: Any):
+def build_model(spec: TrainingSpec, auto_class, tokenizer, *, resume: bool, name: str = "init", **overrides: Any):
     """The model of input `name` (the one to train). On resume only the architecture is built:
     the checkpoint brings the weights."""
     from transformers import AutoConfig
@@ -174,8 +173,8 @@ def report_loading(spec: Spec, model, info: dict[str, Any], key: str, path: str,
     if new:
         dist.print0(f"{spec.stage}: not in the checkpoint, newly initialised (random): {_names(new, shown)} "
                     f"({len(new)} tensors, {values:,} values; the rest of {cls} loaded from {path})")
-    Metrics(spec.stage_dir, 0).log("init", source=path, model=cls, newly_initialized=new,
-                                   newly_initialized_values=values, unused=unused)
+    records.log("init", source=path, model=cls, newly_initialized=new, newly_initialized_values=values,
+                unused=unused)
 
 
 def _names(keys: list[str], shown: int) -> str:

@@ -1,15 +1,16 @@
-"""The stage's view of spec.json: `contract.spec.Spec`, read once at start-up, and the exit-2 error."""
+"""The stage's view of spec.json: `contract.spec.Spec`, read once at start-up, a training kind's `TrainingSpec`,
+and the exit-2 error."""
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
 from pydantic import ValidationError
 
 from contract.sections import Checkpoint, Eval, Train
 from contract.spec import ContractError, Ref, Spec
 
-__all__ = ["Diverged", "Ref", "Spec", "SpecError", "Training", "load", "training"]
+__all__ = ["Diverged", "Ref", "Spec", "SpecError", "TrainingSpec", "load"]
 
 
 class SpecError(ContractError):
@@ -31,15 +32,21 @@ class Diverged(SpecError):
     """Training produced a non-finite loss or weights: the stage stops with exit 2 and exports nothing."""
 
 
-class Training(NamedTuple):
+class TrainingSpec(Spec):
+    """A training kind's spec: the sections only such a spec has (null for e.g. tokenizer) are there. Checked once
+    as the stage starts (`entry.run_training`), so the runtime reads `spec.train.micro_batch_size` as it is."""
+
     train: Train
     checkpoint: Checkpoint
     eval: Eval
     deepspeed: dict[str, Any]
 
-
-def training(spec: Spec) -> Training:
-    """The sections only a training kind's spec has (null for e.g. tokenizer)."""
-    if spec.train is None or spec.checkpoint is None or spec.eval is None or spec.deepspeed is None:
-        raise SpecError(f"spec: kind {spec.kind} trains, but train, checkpoint, eval or deepspeed is null")
-    return Training(spec.train, spec.checkpoint, spec.eval, spec.deepspeed)
+    @classmethod
+    def of(cls, spec: Spec) -> TrainingSpec:
+        """`spec` as a TrainingSpec (the same values, validated when it was loaded); exit 2 where a section is
+        null."""
+        if isinstance(spec, TrainingSpec):
+            return spec
+        if spec.train is None or spec.checkpoint is None or spec.eval is None or spec.deepspeed is None:
+            raise SpecError(f"spec: kind {spec.kind} trains, but train, checkpoint, eval or deepspeed is null")
+        return cls.model_construct(spec.model_fields_set, **dict(spec))

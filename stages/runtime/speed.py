@@ -5,14 +5,21 @@ without a mask), counted on the device so that counting never waits on it. FLOPs
 estimate (PaLM's appendix B, as torchtitan and nanoGPT use it): 6 × the non-embedding parameters (forward and
 backward of every matrix) + 12 × layers × hidden × sequence length (attention's scores and weighted sum).
 MFU divides the achieved FLOP/s by the accelerators' dense bf16/fp16 peak, for the GPUs in PEAK_TFLOPS.
+
+`RateWindow` is the training loop's: the rates and mfu of its `train` records, the start-up time of its
+`first_step` record, and rank 0's progress line.
 """
 
 from __future__ import annotations
 
+import os
+import time
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from stages.runtime import dist, records
 
 # Dense bf16/fp16 tensor-core peak per GPU, TFLOP/s (vendor data sheets, without sparsity). The first key found
 # in torch.cuda.get_device_name() wins, so the more specific names come first.
@@ -86,6 +93,59 @@ def peak_flops(precision: str) -> float | None:
         return None
     name = torch.cuda.get_device_name()
     return next((tf * 1e12 for key, tf in PEAK_TFLOPS.items() if key in name), None)
+
+
+class RateWindow:
+    """The training loop's rates: steps/s, tokens/s and (with `flops` and `peak_flops`) the model FLOPs utilisation
+    over the steps since the previous train record, for its `train` records and rank 0's progress line."""
+
+    def __init__(self, max_steps: int, *, flops: Flops | None = None, peak_flops: float | None = None) -> None:
+        """`flops`: the model's FLOPs estimate, and `peak_flops` the accelerator's (per rank): with both, the
+        train records carry the model FLOPs utilisation (mfu)."""
+        self.max_steps = max_steps
+        self.flops, self.peak_flops = flops, peak_flops
+        self._window: tuple[float, int] | None = None
+
+    def first_step(self, step: int) -> None:
+        startup = time.time() - process_start_time()
+        records.log("first_step", startup_s=round(startup, 3))
+        dist.print0(f"first step after {startup:.1f} s")
+        # The rate then measures steady state, not the first step's warm-up.
+        self._window = (time.perf_counter(), step)
+
+    def train(self, step: int, samples: int, loss: float, lr: float, tokens: float, rows: float) -> None:
+        """`tokens`, `rows`: what every rank's training passes processed since the last train record."""
+        t0, s0 = self._window or (time.perf_counter(), step)
+        now = time.perf_counter()
+        seconds = now - t0 if now > t0 and step > s0 else 0.0
+        rate = (step - s0) / seconds if seconds else 0.0
+        token_rate = tokens / seconds if seconds else 0.0
+        self._window = (now, step)
+        extra: dict[str, float] = {}
+        if self.flops is not None and self.peak_flops and rows:
+            achieved = token_rate * self.flops.per_token(tokens / rows)
+            extra["mfu"] = round(achieved / (self.peak_flops * dist.world_size()), 4)
+        records.log("train", step=step, samples=samples, loss=loss, lr=lr, tokens=round(tokens),
+                    steps_per_s=round(rate, 3), tokens_per_s=round(token_rate, 1), **extra)
+        eta = (self.max_steps - step) / rate if rate else float("nan")
+        mfu = f"  mfu {extra['mfu']:.1%}" if extra else ""
+        dist.print0(f"step {step}/{self.max_steps}  loss {loss:.4f}  lr {lr:.3e}  {rate:.2f} steps/s  "
+                    f"{token_rate:,.0f} tokens/s{mfu}  eta {eta:.0f} s")
+
+
+def process_start_time() -> float:
+    """Unix time this process started (from /proc), so start-up includes interpreter and imports."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return _IMPORT_TIME
+
+
+_IMPORT_TIME = time.time()
 
 
 def _first(config, *names: str) -> int | None:

@@ -28,7 +28,7 @@ from torch import nn
 from contract.heads import HEADS
 from contract.kinds.teacher_logits import LOGITS_FILE, META_FILE
 from stages.runtime import dist, models
-from stages.runtime.spec import Spec, SpecError, training
+from stages.runtime.spec import Spec, SpecError, TrainingSpec
 
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.txt", "vocab.json", "spiece.model",
                    "sentencepiece.bpe.model", "tokenizer.model")
@@ -134,7 +134,9 @@ def load(spec: Spec, device: torch.device, auto_class, placement: Placement, tas
 def ds_config(spec: Spec) -> dict[str, Any]:
     """The teacher's DeepSpeed config under zero3: ZeRO stage 3, no optimizer, the student's batch shape (DeepSpeed
     checks it) and precision. Persistence threshold 0: every parameter partitioned, however small."""
-    student = training(spec).deepspeed
+    # zero3 is a placement of distill's teacher, which teacher_logits (no engine) never asks for
+    assert isinstance(spec, TrainingSpec), f"kind {spec.kind}: a teacher placed by ZeRO-3 needs a training stage"
+    student = spec.deepspeed
     keep = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "bf16", "fp16")
     return {k: student[k] for k in keep if k in student} | {
         "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}

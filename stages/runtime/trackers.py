@@ -1,11 +1,11 @@
 """Where rank 0's metrics.jsonl records go besides the file: TensorBoard event files, Weights & Biases, MLflow
 (`spec.reporting`, the manifest's run.report_to). One job: turn records into tracker calls.
 
-`configure(spec, log)` when the stage starts (entry.run), `record(record)` for every record `Metrics.log` writes
-(rank 0 only), `close(code)` once when the stage ends, on every path (entry.run). The trackers open at the first
-record, so a stage refused at start-up creates no run anywhere. A tracker that fails (a library missing, a W&B
-server out of reach, a wrong MLflow URI) is dropped: one warning line, a `{"event": "tracker", "name", "error"}`
-record, and training goes on without it.
+`Trackers(spec)` is a handler of the records sink (`records.configure(stage_dir, Trackers(spec))`, entry.run):
+`record(record)` for every record `records.log` writes (rank 0 only), `close(code)` once when the stage ends, on
+every path. The trackers open at the first record, so a stage refused at start-up creates no run anywhere. A
+tracker that fails (a library missing, a W&B server out of reach, a wrong MLflow URI) is dropped: one warning line,
+a `{"event": "tracker", "name", "error"}` record, and training goes on without it.
 
 Resume: the W&B run id is derived from the run, the stage, its fingerprint and folder (resume="allow"), the MLflow
 run id is kept in `<stage_dir>/mlflow_run.json`, and TensorBoard drops the events past the step resumed from.
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from contract.files import write_json
-from stages.runtime import dist
+from stages.runtime import dist, records
 from stages.runtime.spec import Spec
 
 TENSORBOARD_DIR = "tensorboard"
@@ -212,10 +212,10 @@ TRACKERS: dict[str, Callable[[Spec, int], Tracker]] = {"tensorboard": TensorBoar
 
 
 class Trackers:
-    """The trackers of one stage process. `log(event, **fields)` writes a record to metrics.jsonl."""
+    """The trackers of one stage process: a handler of the records sink (`records.Handler`)."""
 
-    def __init__(self, spec: Spec, log: Callable[..., None]) -> None:
-        self.spec, self.log = spec, log
+    def __init__(self, spec: Spec) -> None:
+        self.spec = spec
         self.open: list[Tracker] | None = None  # None until the first record
         self.step = 0  # the latest step seen: where a record without one is shown
 
@@ -249,26 +249,6 @@ class Trackers:
                 self.open.remove(tracker)
             error = " ".join(f"{type(e).__name__}: {e}".split())[:500]
             dist.print0(f"warning: {name} reporting failed, going on without it: {error}")
-            self.log("tracker", name=name, error=error)
+            records.log("tracker", name=name, error=error)
             return None
 
-
-_trackers: Trackers | None = None
-
-
-def configure(spec: Spec, log: Callable[..., None]) -> None:
-    """At the stage's start, on every rank (only rank 0's records reach `record`)."""
-    global _trackers
-    _trackers = Trackers(spec, log)
-
-
-def record(record: dict[str, Any]) -> None:
-    """A record Metrics.log wrote (rank 0); before `configure` (a unit test's Metrics), nothing."""
-    if _trackers is not None:
-        _trackers.record(record)
-
-
-def close(code: int) -> None:
-    """Once, as the stage ends with `code` (0 done, 75 stopped to resume, other: failed); never raises."""
-    if _trackers is not None:
-        _trackers.close(code)

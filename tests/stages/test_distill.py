@@ -229,7 +229,7 @@ stages:
     ("teacher: {from: teacher}\n    distill: {task: classify, mask_prob: 0.2}  #!", "distill.mask_prob",
      "for task mlm"),
     ("teacher: {from: teacher}\n    distill: {task: mlm, block_size: 64}  #!", "distill.block_size", "for task clm"),
-    ("teacher: {from: teacher}\n    distill: {task: regression}  #!", "distill.task", "'classify', 'mlm' or 'clm'"),
+    ("teacher: {from: teacher}\n    distill: {task: regression}  #!", "distill.task", "'regression' is not a head; heads: classify"),
     ("teacher: {from: teacher}\n    distill: {task: classify, teacher_placement: gpu}  #!",
      "distill.teacher_placement", "'replicate', 'zero3' or 'cpu'"),
     ("teacher:\n      config: {model_type: bert}  #!\n    distill: {task: classify}", "teacher.config",

@@ -8,9 +8,8 @@ import pytest
 import torch
 from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel
 
-from stages.runtime import speed
-from stages.runtime.metrics import Metrics
-from stages.runtime.speed import Flops, TokenCounter
+from stages.runtime import records, speed
+from stages.runtime.speed import Flops, RateWindow, TokenCounter
 
 
 class _Echo(torch.nn.Module):
@@ -55,13 +54,14 @@ def test_no_peak_and_so_no_mfu_on_the_cpu():
 
 def test_train_records_carry_tokens_per_s_and_mfu(tmp_path):
     flops = Flops(dense_params=1_000_000, layers=2, hidden=64)
-    metrics = Metrics(str(tmp_path), 100, flops=flops, peak_flops=1e9)
-    metrics.first_step(1)
-    metrics.train(10, 640, 2.5, 1e-3, tokens=9000.0, rows=300.0)
+    records.configure(str(tmp_path))
+    rates = RateWindow(100, flops=flops, peak_flops=1e9)
+    rates.first_step(1)
+    rates.train(10, 640, 2.5, 1e-3, tokens=9000.0, rows=300.0)
     record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     assert record["tokens_per_s"] > 0 and record["tokens"] == 9000
     expected = record["tokens_per_s"] * flops.per_token(30) / 1e9
     assert record["mfu"] == pytest.approx(expected, rel=1e-3, abs=1e-4)
-    plain = Metrics(str(tmp_path), 100)
+    plain = RateWindow(100)
     plain.train(10, 640, 2.5, 1e-3, tokens=9000.0, rows=300.0)
     assert "mfu" not in json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])

@@ -356,7 +356,7 @@ def test_clm_rows_are_every_predicted_token_of_each_block(tmp_path, monkeypatch)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from stages import teacher_logits
-    from stages.runtime import data, packing, teacher
+    from stages.runtime import data, packing, records, teacher
     from stages.runtime.dist import Dist
     from stages.runtime.spec import SpecError
 
@@ -373,6 +373,7 @@ def test_clm_rows_are_every_predicted_token_of_each_block(tmp_path, monkeypatch)
     stages = specs.Stages(tmp_path, CLM_RUN, tmp_path / "hf")
     spec = stages.spec("logits")
     specs.write_spec(spec)
+    records.configure(spec.stage_dir)  # as entry.run does
     assert teacher_logits.main(spec, Dist(0, 0, 1, torch.device("cpu"))) == 0
     result = json.loads(Path(spec.stage_dir, "result.json").read_text())
     final = Path(result["output"]["path"])

@@ -21,7 +21,7 @@ import psutil
 import pytest
 
 from contract.spec import MlflowSettings, Reporting
-from stages.runtime import trackers
+from stages.runtime import records, trackers
 from stages.runtime.trackers import scalars
 from tests.stages import specs
 
@@ -98,13 +98,15 @@ def test_a_failing_tracker_is_dropped_and_the_others_go_on(tmp_path, capsys):
     spec = specs.Stages(tmp_path, manifest(tmp_path), tmp_path / "hf").spec("tokenizer")
     spec = spec.model_copy(update={"stage_dir": str(tmp_path / "stage"), "reporting": Reporting(
         to=["tensorboard", "mlflow"], mlflow=MlflowSettings(tracking_uri="nowhere://at-all"))})
-    logged: list[tuple[str, dict[str, Any]]] = []
-    t = trackers.Trackers(spec, lambda event, **fields: logged.append((event, fields)))
+    Path(spec.stage_dir).mkdir()
+    t = trackers.Trackers(spec)
+    records.configure(spec.stage_dir, t)
     t.record({"event": "start", "step": 0, "time": 1.0})
     t.record({"event": "eval", "step": 0, "time": 1.0, "accuracy": 0.25})
-    t.close(0)
-    assert [(e, f["name"]) for e, f in logged] == [("tracker", "mlflow")]
-    assert "nowhere" in logged[0][1]["error"]
+    records.close(0)
+    logged = [json.loads(line) for line in Path(spec.stage_dir, records.METRICS).read_text().splitlines()]
+    assert [(r["event"], r["name"]) for r in logged] == [("tracker", "mlflow")]
+    assert "nowhere" in logged[0]["error"]
     warnings = [line for line in capsys.readouterr().out.splitlines() if "mlflow reporting failed" in line]
     assert len(warnings) == 1, warnings
     events = EventAccumulator(str(tmp_path / "stage" / "tensorboard"))
@@ -232,11 +234,13 @@ def test_tensorboard_drops_what_a_stopped_attempt_logged_past_its_checkpoint(tmp
     spec = specs.Stages(tmp_path, manifest(tmp_path), tmp_path / "hf").spec("tokenizer")
     spec = spec.model_copy(update={"stage_dir": str(tmp_path / "stage"), "reporting": Reporting(to=["tensorboard"])})
     for resumed, steps, loss in ((0, (2, 4, 6, 8), 1.0), (4, (6, 8), 2.0)):
-        t = trackers.Trackers(spec, lambda event, **fields: pytest.fail(f"{event}: {fields}"))
+        t = trackers.Trackers(spec)
+        records.configure(spec.stage_dir, t)
         t.record({"event": "start", "step": resumed})
         for step in steps:
             t.record({"event": "train", "step": step, "loss": loss + step})
-        t.close(0)
+        records.close(0)
+    assert not Path(spec.stage_dir, records.METRICS).exists()  # no tracker failed
     events = EventAccumulator(str(tmp_path / "stage" / "tensorboard"))
     events.Reload()
     assert [(s.step, s.value) for s in events.Scalars("train/loss")] == [(2, 3.0), (4, 5.0), (6, 8.0), (8, 10.0)]
