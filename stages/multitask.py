@@ -190,7 +190,7 @@ def main(spec: TrainingSpec, d: Dist) -> int:
 
     t = lifecycle.start(
         spec, d, num_samples=sum(sizes), what=f"multitask, {len(tasks)} tasks: {shares}",
-        build=lambda resume: models.build_model(spec, heads.auto(mlm_task) if mlm_task else AutoModel, tokenizer,
+        build=lambda resume: models.build_model(spec, tasks[mlm_task].auto() if mlm_task else AutoModel, tokenizer,
                                                 resume=resume),
         wrap=lambda model: MultitaskNet(model, {name: classifier(model, h.classes) for name, h in tasks.items()
                                                 if h.classes is not None}, mlm_task, tasks),
