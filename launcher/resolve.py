@@ -17,10 +17,10 @@ from contract.layout import final_dir, stage_dir
 from contract.sections import Data, RefBase, RowsRef, StageBase, TrainingStage, inherit
 from contract.spec import SPEC_VERSION, Spec
 from launcher import datacheck, dsconfig, instances, modelcheck
-from launcher.backends import sbatch
 from launcher.digests import data_file_digest, folder_digest
 from launcher.errors import ConfigError
 from launcher.manifest import Loaded, flat_references
+from launcher.slurm import sbatch
 
 FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text", ".text": "text"}
 

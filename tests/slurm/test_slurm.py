@@ -423,11 +423,13 @@ def test_status_shows_the_queue_and_cancel_stops_the_run_for_good(slurm_cluster:
 
 
 def test_whole_manifest_inside_one_allocation(slurm_cluster: dict, root: Path, local_two: Path) -> None:
-    """slurm/allocation.sbatch: `baton run` inside the job sees SLURM_JOB_ID and starts each stage with srun."""
+    """launcher/slurm/allocation.sbatch: `baton run` inside the job sees SLURM_JOB_ID and starts each stage with
+    srun."""
     env = slurm_cluster["env"] | {"BATON": str(Path(sys.executable).parent / "baton")}
     run_dir = root / "allocation"
+    script = ROOT / "launcher" / "slurm" / "allocation.sbatch"
     out = subprocess.run(["sbatch", "--parsable", "--cpus-per-task=2", f"--chdir={root}", "--output=allocation-%j.out",
-                          str(ROOT / "slurm" / "allocation.sbatch"), "two.yaml", "--run-dir", str(run_dir)],
+                          str(script), "two.yaml", "--run-dir", str(run_dir)],
                          env=env, capture_output=True, text=True, check=True)
     job_id = out.stdout.strip().split(";")[0]
     job = job_end(job_id, env, timeout=300)

@@ -17,15 +17,15 @@ from pathlib import Path
 
 from contract.files import file_digest, write_atomic
 from contract.layout import EXIT_STOPPED, resumable, stage_dir
-from launcher import decisions, jobs, ledger
+from launcher import decisions, ledger
 from launcher.attempts import run_stage, start_over
-from launcher.backends import sbatch
-from launcher.backends.srun import SrunBackend
 from launcher.errors import BatonError, ConfigError, GateStopped
 from launcher.manifest import load
 from launcher.pipeline import plan_run, record_manifest
 from launcher.plan import Step
 from launcher.resolve import Resolved, build_spec, resolve
+from launcher.slurm import jobs, sbatch
+from launcher.slurm.srun import SrunBackend
 
 LEDGER_WAIT_S = 300  # jobs take turns on the ledger lock, briefly
 
