@@ -20,7 +20,6 @@ from launcher import datacheck, dsconfig, instances, modelcheck
 from launcher.digests import data_file_digest, folder_digest
 from launcher.errors import ConfigError
 from launcher.manifest import Loaded, flat_references
-from launcher.slurm import sbatch
 
 FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text", ".text": "text"}
 
@@ -308,11 +307,6 @@ def _slurm(loaded: Loaded, i: int, stage: StageBase, base_dir: Path) -> dict[str
     defaults = loaded.manifest.defaults.slurm
     merged = inherit(defaults, stage.slurm).model_dump(exclude_none=True)
     own = stage.slurm.model_fields_set
-    section = ("stages", i, "slurm") if "extra" in own else ("defaults", "slurm")
-    problems = [f"{loaded.where((*section, 'extra', flag))}: {problem}"
-                for flag, problem in sbatch.check_extra(merged.get("extra") or {}).items()]
-    if problems:
-        raise ConfigError(problems)
     if "preamble" in merged:
         path = (base_dir / merged["preamble"]).resolve()
         if not path.is_file():
