@@ -24,7 +24,7 @@ from launcher.manifest import load
 from launcher.pipeline import plan_run, record_manifest
 from launcher.plan import Step
 from launcher.resolve import Resolved, build_spec, resolve
-from launcher.slurm import jobs, sbatch
+from launcher.slurm import calls, jobs, sbatch
 from launcher.slurm.srun import SrunBackend
 
 LEDGER_WAIT_S = 300  # jobs take turns on the ledger lock, briefly
@@ -150,7 +150,11 @@ def run_job(run_dir: Path, name: str) -> int:
         return 0
     if code != EXIT_STOPPED:
         return code
-    state, _ = jobs.job_states([job_id]).get(job_id, ("", ""))
+    try:
+        state, _ = jobs.job_states([job_id]).get(job_id, ("", ""))
+    except calls.NoAnswer as e:  # nor would it take a requeue: the stage stays preempted, for the next submit or run
+        print(f"== {name}: not requeueing job {job_id}: {e}", flush=True)
+        return code
     with led.edit():
         entry = led.stage(name)
         if entry["state"] == "cancelled":
