@@ -1,4 +1,4 @@
-"""Every Slurm client call has a timeout and a bounded number of tries.
+"""Every Slurm client call has a timeout and a bounded number of tries; sbatch is never run twice for one job.
 
 The Slurm commands here are small shell scripts on PATH that answer as a busy or unreachable controller does
 (Slurm's own words, a hang past the timeout), each writing down how it was called; the code under test is the real
@@ -18,6 +18,7 @@ import pytest
 
 from launcher.errors import BatonError
 from launcher.slurm import calls, jobs
+from launcher.slurm.sbatch import render
 from tests.conftest import ROOT
 
 TIMED_OUT = "slurm_load_jobs error: Socket timed out on send/recv operation"
@@ -113,6 +114,80 @@ def test_the_timeout_can_be_set_in_the_environment(monkeypatch: pytest.MonkeyPat
         monkeypatch.setenv("BATON_SLURM_TIMEOUT_S", bad)
         with pytest.raises(BatonError, match="BATON_SLURM_TIMEOUT_S"):
             calls.default_timeout()
+
+
+# ----------------------------------------------------------------- sbatch: never twice for one job
+
+NAME = "baton.run.pretrain.a1b2c3"
+
+
+@pytest.fixture
+def script(tmp_path: Path) -> Path:
+    path = tmp_path / "job.sbatch"
+    path.write_text(render(job_name=NAME, nodes=1, output=f"{tmp_path}/job-%j.out",
+                           settings={"signal_before_s": 120, "max_requeues": 3}, command=["true"]))
+    return path
+
+
+def slurm_with_queue(folder: Path, sbatch: str) -> None:
+    """A queue (folder/queue: "<job id> <name>" lines), an squeue that lists this user's jobs of a --name from it,
+    and an sbatch that runs `sbatch` ($name: the job name its script gives; `queue ID` queues it as job ID)."""
+    queue = shlex.quote(str(folder / "queue"))
+    fake(folder, "squeue", f"""touch {queue}
+for a in "$@"; do case $a in --name=*) want=${{a#--name=}} ;; --user=*) user=${{a#--user=}} ;; esac; done
+[ "$user" = "$(id -u)" ] || {{ echo "squeue: error: expected --user=$(id -u)" >&2; exit 1; }}
+while read -r id name; do [ "$name" = "$want" ] && echo "$id"; done < {queue}
+exit 0
+""")
+    fake(folder, "sbatch", f"""name=$(sed -n 's/^#SBATCH --job-name=//p' "${{@: -1}}")
+queue() {{ echo "$1 $name" >> {queue}; }}
+{sbatch}""")
+
+
+def test_sbatch_that_queued_the_job_but_timed_out_is_not_run_again(tmp_path: Path, script: Path) -> None:
+    slurm_with_queue(tmp_path, "queue 4242\nexec sleep 30\n")
+    job = calls.sbatch_once(["sbatch", "--parsable", str(script)], NAME, tries=3, env=on_path(tmp_path), **FAST)
+    assert job == "4242"
+    assert called(tmp_path, "sbatch") == [f"--parsable {script}"]
+    assert called(tmp_path, "squeue") == [f"-h -t all --name={NAME} --user={os.getuid()} -o %i"]
+
+
+def test_sbatch_whose_answer_was_lost_is_not_run_again(tmp_path: Path, script: Path) -> None:
+    slurm_with_queue(tmp_path, 'queue 77\necho "sbatch: error: Batch job submission failed: Socket timed out on '
+                               'send/recv operation" >&2; exit 1\n')
+    assert calls.sbatch_once(["sbatch", "--parsable", str(script)], NAME, env=on_path(tmp_path), **FAST) == "77"
+    assert len(called(tmp_path, "sbatch")) == 1
+
+
+def test_sbatch_that_timed_out_before_queueing_is_run_again(tmp_path: Path, script: Path) -> None:
+    slurm_with_queue(tmp_path, 'if [ "$n" -eq 1 ]; then exec sleep 30; fi\nqueue 4243\necho "4243;cluster"\n')
+    assert calls.sbatch_once(["sbatch", "--parsable", str(script)], NAME, env=on_path(tmp_path), **FAST) == "4243"
+    assert len(called(tmp_path, "sbatch")) == 2 and len(called(tmp_path, "squeue")) == 1
+    assert (tmp_path / "queue").read_text() == f"4243 {NAME}\n"
+
+
+def test_sbatch_that_never_answers_gives_up_after_the_tries(tmp_path: Path, script: Path) -> None:
+    slurm_with_queue(tmp_path, "exec sleep 30\n")
+    with pytest.raises(calls.NoAnswer, match=f"no answer in 0.5 s \\(3 tries; squeue shows no job named {NAME}\\)"):
+        calls.sbatch_once(["sbatch", "--parsable", str(script)], NAME, tries=3, env=on_path(tmp_path), **FAST)
+    assert len(called(tmp_path, "sbatch")) == 3 and len(called(tmp_path, "squeue")) == 3
+
+
+def test_sbatch_refused_is_not_run_again(tmp_path: Path, script: Path) -> None:
+    slurm_with_queue(tmp_path, 'echo "sbatch: error: Batch job submission failed: Invalid partition name '
+                               'specified" >&2; exit 1\n')
+    with pytest.raises(BatonError, match="sbatch refused it: .*Invalid partition name specified") as raised:
+        calls.sbatch_once(["sbatch", "--parsable", str(script)], NAME, env=on_path(tmp_path), **FAST)
+    assert not isinstance(raised.value, calls.NoAnswer)
+    assert len(called(tmp_path, "sbatch")) == 1 and called(tmp_path, "squeue") == []
+
+
+def test_job_names_are_one_submissions_and_hold_no_comma() -> None:
+    from launcher.resolve import Resolved
+    from launcher.slurm.driver import job_name
+
+    r = Resolved(0, "pre,train", "mlm", 1, 1, (), {"run_name": "r,1"}, "", {})
+    assert job_name(r, "a1b2c3") == "baton.r_1.pre_train.a1b2c3"
 
 
 # ----------------------------------------------------------------- the callers

@@ -7,6 +7,10 @@ whether to requeue itself, `baton submit` and `baton cancel` must neither hang o
 answer: `run` waits at most a timeout per call and tries again after a pause that doubles each time, `tries` calls
 in all. Any other failure is Slurm's answer (a job it does not know, a request it refuses): `run` raises it at
 once, or hands it back to a caller that reads it (`check=False`).
+
+sbatch is not idempotent: a call that timed out, or whose answer was lost, may have queued the job all the same.
+`sbatch_once` asks squeue before each retry for this user's job of the name the script gives it (one submission of
+one stage has it) and takes that job instead of queueing a second.
 """
 
 from __future__ import annotations
@@ -57,6 +61,36 @@ def run(argv: list[str], *, check: bool = True, timeout_s: float | None = None, 
                 raise BatonError(f"{shlex.join(argv)}: {_said(out)}")
             return out
     raise NoAnswer(f"{shlex.join(argv)}: {why} ({tries} tries)")
+
+
+def sbatch_once(argv: list[str], job_name: str, *, timeout_s: float | None = None, tries: int | None = None,
+                backoff_s: float | None = None, env: dict[str, str] | None = None) -> str:
+    """Submit with `argv` (sbatch --parsable … script) the script whose job is named `job_name`; the job's id.
+
+    After a call that timed out or was transient, squeue is asked for this user's job of that name: when Slurm has
+    one, that is the job and sbatch is not called again. `job_name` must be this submission's alone, and have no
+    comma (squeue reads --name as a list). Raises a BatonError with what sbatch said when it refuses the job,
+    NoAnswer when no call got an answer and Slurm holds no such job.
+    """
+    assert "," not in job_name, job_name
+    timeout, tries, backoff_s = _settings(timeout_s, tries, backoff_s)
+    why = ""
+    for k in range(tries):
+        out, why = _call(argv, timeout, env)
+        if out is not None:
+            if out.returncode != 0:
+                raise BatonError(f"sbatch refused it: {_said(out)}")
+            return out.stdout.strip().split(";")[0]
+        # the pause first: a submission the controller was still taking in when sbatch gave up shows by then
+        _pause("sbatch", why, backoff_s * 2**k, "asking squeue whether the job was queued all the same")
+        try:
+            found = run(["squeue", "-h", "-t", "all", f"--name={job_name}", f"--user={os.getuid()}", "-o", "%i"],
+                        timeout_s=timeout, tries=tries, backoff_s=backoff_s, env=env).stdout.split()
+        except BatonError as e:
+            raise NoAnswer(f"sbatch: {why}; whether it queued job {job_name} is unknown: {e}") from None
+        if found:
+            return found[0]
+    raise NoAnswer(f"{shlex.join(argv)}: {why} ({tries} tries; squeue shows no job named {job_name})")
 
 
 def default_timeout() -> float:
