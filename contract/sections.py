@@ -9,6 +9,7 @@ Defaults live here, in the models, and nowhere else. A section a stage writes ov
 from __future__ import annotations
 
 import math
+import re
 from typing import Annotated, Any, ClassVar, Literal, NamedTuple, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -79,6 +80,24 @@ class DeepSpeed(Strict):
     )
 
 
+# sbatch flags that baton sets in every stage's job script, which the stage's contract depends on (one torchrun per
+# node, the log a requeued job appends to, the USR1 warning, the afterok chain): slurm.extra may not set them
+SBATCH_OWN = frozenset({"job-name", "nodes", "ntasks-per-node", "output", "error", "open-mode", "requeue", "no-requeue",
+                        "signal", "kill-on-invalid-dep", "dependency", "wrap"})
+SBATCH_FLAG = re.compile(r"^[a-z][a-z0-9-]*$")
+
+
+def sbatch_extra_problems(extra: dict[str, Any]) -> dict[str, str]:
+    """{flag: problem} for the flags of slurm.extra (names only: the job script quotes values whatever they hold)."""
+    problems = {}
+    for flag in extra:
+        if not SBATCH_FLAG.match(flag):
+            problems[flag] = f"{flag!r} is not an sbatch long option name (lowercase letters, digits, dashes)"
+        elif flag in SBATCH_OWN:
+            problems[flag] = f"{flag!r} is set by baton and cannot be overridden"
+    return problems
+
+
 class Slurm(Strict):
     """sbatch settings for `baton submit`."""
 
@@ -104,6 +123,13 @@ class Slurm(Strict):
                                  "stage (USR1), so it checkpoints and requeues.")
     max_requeues: int = Field(3, ge=0, strict=True,
                               description="How often a preempted or timed-out stage requeues itself.")
+
+    @model_validator(mode="after")
+    def _extra_flags(self) -> Slurm:
+        problems = sbatch_extra_problems(self.extra or {})
+        if problems:  # named at the first bad flag; the message lists them all
+            raise Problem(("extra", next(iter(problems))), "; ".join(problems.values()))
+        return self
 
 
 # ----------------------------------------------------------------- what a stage reads

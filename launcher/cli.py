@@ -83,13 +83,13 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
         return pipeline.run(args.manifest, args.run_dir, args.dry_run, args.only, args.start)
     if args.command in ("submit", "cancel", "job"):
-        from launcher import slurm
+        from launcher.slurm import driver
 
         if args.command == "submit":
-            return slurm.submit(args.manifest, args.run_dir, args.only, args.start)
+            return driver.submit(args.manifest, args.run_dir, args.only, args.start)
         if args.command == "cancel":
-            return slurm.cancel(args.run_dir)
-        return slurm.run_job(args.run_dir, args.stage)
+            return driver.cancel(args.run_dir)
+        return driver.run_job(args.run_dir, args.stage)
     if args.command == "resume":
         return pipeline.resume(args.run_dir)
     if args.command == "status":

@@ -14,12 +14,12 @@ from launcher import decisions, dsconfig, ledger
 from launcher.attempts import adopt_finished, run_stage, version_drift
 from launcher.backends import Backend
 from launcher.backends.local import LocalBackend
-from launcher.backends.srun import SrunBackend, allocation_nodes
 from launcher.digests import known_intact
 from launcher.errors import BatonError, ConfigError, GateStopped
 from launcher.manifest import Loaded, load
 from launcher.plan import Step, make_plan
 from launcher.resolve import Resolved, default_run_dir, resolve
+from launcher.slurm.srun import SrunBackend, allocation_nodes
 
 
 def validate(manifest: Path) -> list[Resolved]:

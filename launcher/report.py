@@ -23,7 +23,7 @@ def status_data(run_dir: Path) -> dict[str, Any]:
     data = load(run_dir)
     jobs: dict[str, dict[str, str]] = {}
     if any(e.get("slurm") for e in data["stages"].values()):
-        from launcher.jobs import slurm_states
+        from launcher.slurm.jobs import slurm_states
 
         jobs = slurm_states(data["stages"])
     stages = []

@@ -18,7 +18,6 @@ from contract.layout import final_dir, stage_dir
 from contract.sections import Data, RefBase, RowsRef, StageBase, TrainingStage, inherit
 from contract.spec import SPEC_VERSION, Spec
 from launcher import datacheck, dsconfig, instances, modelcheck
-from launcher.backends import sbatch
 from launcher.digests import data_file_digest, folder_digest
 from launcher.errors import ConfigError
 from launcher.manifest import Loaded, flat_references
@@ -309,11 +308,6 @@ def _slurm(loaded: Loaded, i: int, stage: StageBase, base_dir: Path) -> dict[str
     defaults = loaded.manifest.defaults.slurm
     merged = inherit(defaults, stage.slurm).model_dump(exclude_none=True)
     own = stage.slurm.model_fields_set
-    section = ("stages", i, "slurm") if "extra" in own else ("defaults", "slurm")
-    problems = [f"{loaded.where((*section, 'extra', flag))}: {problem}"
-                for flag, problem in sbatch.check_extra(merged.get("extra") or {}).items()]
-    if problems:
-        raise ConfigError(problems)
     if "preamble" in merged:
         path = (base_dir / merged["preamble"]).resolve()
         if not path.is_file():

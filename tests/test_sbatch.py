@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.backends.sbatch import render, sbatch_quote
+from launcher.slurm.sbatch import render, sbatch_quote
 
 GOLDEN = Path(__file__).parent / "golden"
 DEFAULTS = {"signal_before_s": 120, "max_requeues": 3}
@@ -79,7 +79,7 @@ def test_the_rendezvous_port_is_free_below_the_ephemeral_ports_and_starts_from_t
     job's store, a port-0 listener that landed there) is passed over."""
     import socket
 
-    from launcher.backends.srun import PORTS, rendezvous_port
+    from launcher.slurm.srun import PORTS, rendezvous_port
 
     job = 6622
     first = rendezvous_port(job)

@@ -1,7 +1,7 @@
 """How a stage's processes start: one interface, a back-end per place.
 
-`local.LocalBackend` runs torchrun on this machine; `srun.SrunBackend` runs one
-torchrun per node of a Slurm job or allocation. The driver (`launcher.attempts`)
+`local.LocalBackend` runs torchrun on this machine; `launcher.slurm.srun.SrunBackend`
+runs one torchrun per node of a Slurm job or allocation. The driver (`launcher.attempts`)
 sees only this protocol.
 """
 

@@ -423,11 +423,13 @@ def test_status_shows_the_queue_and_cancel_stops_the_run_for_good(slurm_cluster:
 
 
 def test_whole_manifest_inside_one_allocation(slurm_cluster: dict, root: Path, local_two: Path) -> None:
-    """slurm/allocation.sbatch: `baton run` inside the job sees SLURM_JOB_ID and starts each stage with srun."""
+    """launcher/slurm/allocation.sbatch: `baton run` inside the job sees SLURM_JOB_ID and starts each stage with
+    srun."""
     env = slurm_cluster["env"] | {"BATON": str(Path(sys.executable).parent / "baton")}
     run_dir = root / "allocation"
+    script = ROOT / "launcher" / "slurm" / "allocation.sbatch"
     out = subprocess.run(["sbatch", "--parsable", "--cpus-per-task=2", f"--chdir={root}", "--output=allocation-%j.out",
-                          str(ROOT / "slurm" / "allocation.sbatch"), "two.yaml", "--run-dir", str(run_dir)],
+                          str(script), "two.yaml", "--run-dir", str(run_dir)],
                          env=env, capture_output=True, text=True, check=True)
     job_id = out.stdout.strip().split(";")[0]
     job = job_end(job_id, env, timeout=300)
@@ -438,3 +440,27 @@ def test_whole_manifest_inside_one_allocation(slurm_cluster: dict, root: Path, l
         assert [(a["backend"], a["job_id"], a["outcome"]) for a in entry["attempts"]] == [("slurm", job_id, "done")]
         assert entry["attempts"][0]["command"][0] == "srun", entry["attempts"][0]["command"]
     assert lineage(run_dir) == lineage(local_two)
+
+
+def test_an_sbatch_that_queued_its_job_and_timed_out_is_not_run_again(slurm_cluster: dict, tmp_path: Path) -> None:
+    """`calls.sbatch_once` against the real squeue: an sbatch that queues its job, then hangs past the timeout, is
+    not run again; the job it queued is found by its name (and this user) and taken."""
+    import shutil
+
+    from launcher.slurm import calls
+
+    env = slurm_cluster["env"]
+    real = shutil.which("sbatch", path=env.get("PATH"))
+    assert real
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    (shim / "sbatch").write_text(f'#!/bin/bash\necho "$*" >> {shim}/sbatch.calls\n{real} "$@"\nexec sleep 60\n')
+    (shim / "sbatch").chmod(0o755)
+    name = f"baton.once.{os.getpid()}"
+    script = tmp_path / "job.sbatch"
+    script.write_text(f"#!/bin/bash\n#SBATCH --job-name={name}\n#SBATCH --partition=debug\n#SBATCH --time=00:01:00\n"
+                      f"#SBATCH --mem=100M\n#SBATCH --output={tmp_path}/job-%j.out\nsleep 1\n")
+    job = calls.sbatch_once(["sbatch", "--parsable", str(script)], name, timeout_s=8, backoff_s=1,
+                            env=env | {"PATH": f"{shim}{os.pathsep}{env.get('PATH', '')}"})
+    assert (shim / "sbatch.calls").read_text().count("\n") == 1
+    assert show_job(job, env).get("JobName") == name

@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import subprocess
 from pathlib import Path
 
 from launcher.backends.local import LocalBackend, torchrun
 from launcher.errors import BatonError
+from launcher.slurm import calls
 
 
 def allocation_nodes() -> int | None:
@@ -40,8 +40,7 @@ def rendezvous_port(job: int) -> int:
 
 def head_node() -> str:
     nodelist = os.environ["SLURM_JOB_NODELIST"]
-    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
-    return out.stdout.split()[0]
+    return calls.run(["scontrol", "show", "hostnames", nodelist]).stdout.split()[0]
 
 
 class SrunBackend(LocalBackend):

@@ -11,21 +11,21 @@ the requeued job resumes from that checkpoint.
 from __future__ import annotations
 
 import os
-import subprocess
+import secrets
 import sys
 from pathlib import Path
 
 from contract.files import file_digest, write_atomic
 from contract.layout import EXIT_STOPPED, resumable, stage_dir
-from launcher import decisions, jobs, ledger
+from launcher import decisions, ledger
 from launcher.attempts import run_stage, start_over
-from launcher.backends import sbatch
-from launcher.backends.srun import SrunBackend
 from launcher.errors import BatonError, ConfigError, GateStopped
 from launcher.manifest import load
 from launcher.pipeline import plan_run, record_manifest
 from launcher.plan import Step
 from launcher.resolve import Resolved, build_spec, resolve
+from launcher.slurm import calls, jobs, sbatch
+from launcher.slurm.srun import SrunBackend
 
 LEDGER_WAIT_S = 300  # jobs take turns on the ledger lock, briefly
 
@@ -51,6 +51,7 @@ def submit(manifest: Path, run_dir: Path | None = None, only: str | None = None,
             raise BatonError(f"{run_dir}: jobs of this run are still queued or running "
                              f"({', '.join(f'{n}: {j}' for n, j in live.items())}); `baton cancel {run_dir}` first")
         record_manifest(led, stages, manifest, run_dir)
+        token = secrets.token_hex(3)  # in every job name of this submission, so that squeue can tell its jobs apart
         submitted: dict[str, str] = {}  # instance -> job
         jobs_of: dict[str, list[str]] = {}  # manifest stage -> the jobs of its instances
         for step in todo:
@@ -59,18 +60,19 @@ def submit(manifest: Path, run_dir: Path | None = None, only: str | None = None,
             if step.action not in ("resume", "wait"):  # aside until the job's attempt passes its input checks
                 start_over(folder, led.stage(r.name))
                 led.save()
-            script = write_script(r, run_dir)
+            name = job_name(r, token)
+            script = write_script(r, run_dir, name)
             # after every instance of each stage it reads (a job decided away exits 0), a retry after the attempt
             # before it; variants side by side
             deps = [j for u in r.upstream for j in jobs_of.get(u, [])]
             if r.role == "retry" and jobs_of.get(r.group):
                 deps.append(jobs_of[r.group][-1])
             argv = ["sbatch", "--parsable", *([f"--dependency=afterok:{':'.join(deps)}"] if deps else []), str(script)]
-            out = subprocess.run(argv, capture_output=True, text=True)
-            if out.returncode != 0:
+            try:
+                job_id = calls.sbatch_once(argv, name)
+            except BatonError as e:
                 done = ", ".join(f"{n}: job {j}" for n, j in submitted.items()) or "none"
-                raise BatonError(f"sbatch refused stage {r.name}: {out.stderr.strip()} (already submitted: {done})")
-            job_id = out.stdout.strip().split(";")[0]
+                raise BatonError(f"stage {r.name} not submitted: {e} (already submitted: {done})") from None
             entry = led.stage(r.name)
             ids = (entry.get("slurm") or {}).get("job_ids", [])
             ledger.set_state(entry, "queued", kind=r.kind)
@@ -83,7 +85,14 @@ def submit(manifest: Path, run_dir: Path | None = None, only: str | None = None,
     return 0
 
 
-def write_script(r: Resolved, run_dir: Path) -> Path:
+def job_name(r: Resolved, token: str) -> str:
+    """baton.<run>.<stage>.<token>: `token` is one `baton submit`'s, so that the name finds the one job an sbatch
+    call queued (`calls.sbatch_once`); a comma becomes _ (squeue reads a comma in --name as a list)."""
+    return f"baton.{r.base['run_name']}.{r.name}.{token}".replace(",", "_")
+
+
+def write_script(r: Resolved, run_dir: Path, name: str) -> Path:
+    """The stage's job script, kept in its slurm/ folder; `name`: the job's name."""
     folder = stage_dir(run_dir, r.name) / "slurm"
     if "%" in str(folder):
         raise ConfigError(f"{folder}: Slurm reads % in a log path as a pattern (%j, %N …); "
@@ -92,7 +101,7 @@ def write_script(r: Resolved, run_dir: Path) -> Path:
     preamble = Path(r.slurm["preamble"]).read_text() if r.slurm.get("preamble") else ""
     try:
         text = sbatch.render(
-            job_name=f"baton.{r.base['run_name']}.{r.name}",
+            job_name=name,
             nodes=r.nnodes,
             output=f"{folder}/job-%j.out",
             settings=r.slurm,
@@ -150,7 +159,11 @@ def run_job(run_dir: Path, name: str) -> int:
         return 0
     if code != EXIT_STOPPED:
         return code
-    state, _ = jobs.job_states([job_id]).get(job_id, ("", ""))
+    try:
+        state, _ = jobs.job_states([job_id]).get(job_id, ("", ""))
+    except calls.NoAnswer as e:  # nor would it take a requeue: the stage stays preempted, for the next submit or run
+        print(f"== {name}: not requeueing job {job_id}: {e}", flush=True)
+        return code
     with led.edit():
         entry = led.stage(name)
         if entry["state"] == "cancelled":

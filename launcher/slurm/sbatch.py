@@ -14,6 +14,8 @@ import re
 import shlex
 from typing import Any
 
+from contract.sections import SBATCH_OWN, sbatch_extra_problems
+
 # manifest field -> sbatch flag
 FLAGS = {
     "partition": "partition",
@@ -25,10 +27,6 @@ FLAGS = {
     "cpus_per_task": "cpus-per-task",
     "gpus_per_node": "gpus-per-node",
 }
-# flags baton owns: the stage contract depends on them
-RESERVED = {"job-name", "nodes", "ntasks-per-node", "output", "error", "open-mode", "requeue", "no-requeue", "signal",
-            "kill-on-invalid-dep", "dependency", "wrap"}
-FLAG_NAME = re.compile(r"^[a-z][a-z0-9-]*$")
 SAFE = re.compile(r"^[A-Za-z0-9_./:@=+,-]+$")
 
 
@@ -39,24 +37,11 @@ def sbatch_quote(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def check_extra(extra: dict[str, Any]) -> dict[str, str]:
-    """{flag: problem} for user-given extra flags (names only; values are quoted whatever they hold).
-
-    `baton validate` and every plan call this, so a bad flag is refused before anything is submitted.
-    """
-    problems = {}
-    for flag in extra:
-        if not FLAG_NAME.match(flag):
-            problems[flag] = f"{flag!r} is not an sbatch long option name (lowercase letters, digits, dashes)"
-        elif flag in RESERVED:
-            problems[flag] = f"{flag!r} is set by baton and cannot be overridden"
-    return problems
-
-
 def render(*, job_name: str, nodes: int, output: str, settings: dict[str, Any], command: list[str],
            preamble: str = "") -> str:
     """The job script. `output` is the log path (a Slurm filename pattern: %j is the job id)."""
-    problems = check_extra(settings.get("extra") or {})
+    # the manifest's Slurm model refuses these at load (`baton validate`); checked again for any other caller
+    problems = sbatch_extra_problems(settings.get("extra") or {})
     if problems:
         raise ValueError("; ".join(problems.values()))
     flags: dict[str, str | None] = {
@@ -69,6 +54,7 @@ def render(*, job_name: str, nodes: int, output: str, settings: dict[str, Any], 
         "signal": f"B:USR1@{settings['signal_before_s']}",
         "kill-on-invalid-dep": "yes",
     }
+    assert flags.keys() <= SBATCH_OWN, "slurm.extra must not be able to override a flag baton sets"
     for key, flag in FLAGS.items():
         if settings.get(key) is not None:
             flags[flag] = str(settings[key])
