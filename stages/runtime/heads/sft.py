@@ -18,6 +18,7 @@ set (a text set) is read as clm reads one: this head's model is a causal LM.
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -134,9 +135,9 @@ class Head:
         for split, ds in self.splits.items():
             if ds is None:
                 continue
-            trained = sum(1 for n in self.trained(split, range(len(ds)), None, each=True) if n == 0)
-            parts.append(f"{split} {len(ds)} examples" + (f" ({trained} train on no token within data.max_length "
-                                                          f"{self.max_length})" if trained else ""))
+            cut = sum(1 for n in self.trained(split, range(len(ds)), None, each=True) if n == 0)
+            parts.append(f"{split} {len(ds)} examples" + (f" ({cut} with no answer token within data.max_length "
+                                                          f"{self.max_length})" if cut else ""))
         return ", ".join(parts) + (", packed" if self.opts.packing else "")
 
     def lengths(self, split: str) -> list[int]:
@@ -225,7 +226,7 @@ class Head:
                 rows = ds[[max(i, 0) for i in indices]]
                 prompts = [ids[:n] for ids, n in zip(rows["input_ids"], rows["prompt_length"], strict=True)]
                 texts = self._generate(model, prompts, limit) if self.opts.max_new_tokens else None
-                chosen = self._choose(net, prompts, limit) if self.label_ids else None
+                chosen = self._choose(model, prompts, limit) if self.label_ids else None
                 for j, i in enumerate(indices):
                     if i < 0:
                         continue
@@ -275,19 +276,31 @@ class Head:
             texts.append(self.source.tokenizer.decode(row[:end], skip_special_tokens=True))
         return texts
 
-    def _choose(self, net: Any, prompts: list[list[int]], limit: int | None) -> list[int]:
-        """For each prompt, the label whose answer tokens have the highest log-likelihood after it (summed)."""
+    def _choose(self, model: Any, prompts: list[list[int]], limit: int | None) -> list[int]:
+        """For each prompt, the label whose answer tokens have the highest log-likelihood after it (summed). The
+        prompts run once (padded on the left) and every label's answer continues each from its key/value cache."""
         assert self.label_ids is not None
-        ids, labels = [], []
-        for p in prompts:
-            for answer in self.label_ids:
-                keep = p[-(limit - len(answer)):] if limit is not None and len(p) + len(answer) > limit else p
-                ids.append(keep + answer)
-                labels.append([-100] * len(keep) + answer)
-        batch = dist.to_device(pad_rows(ids, labels, self.pad))
-        logp = -F.cross_entropy(net(**batch).float(), self.targets(batch), reduction="none")
-        sums = torch.zeros(len(ids), dtype=logp.dtype, device=logp.device).index_add_(0, self.examples(batch), logp)
-        return sums.view(len(prompts), len(self.label_ids)).argmax(-1).tolist()
+        answers, n = self.label_ids, len(self.label_ids)
+        last = max(map(len, answers))
+        if limit is not None:
+            prompts = [p[-(limit - last):] if len(p) + last > limit else p for p in prompts]
+        width = max(map(len, prompts))
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        first = dist.to_device({"input_ids": torch.tensor([[self.pad] * (width - len(p)) + p for p in prompts]),
+                                "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)})
+        out = model(**first, use_cache=True, logits_to_keep=1)
+        cache = getattr(out, "cache", None) or out.past_key_values  # transformers 5 renames it
+        cache.batch_repeat_interleave(n)
+        # each (prompt, label) row: the answer's tokens, padded on the right (after them, so they see no padding)
+        rows = torch.tensor([a + [self.pad] * (last - len(a)) for _ in prompts for a in answers])
+        real = torch.tensor([[1] * len(a) + [0] * (last - len(a)) for _ in prompts for a in answers])
+        then = dist.to_device({"input_ids": rows, "attention_mask": torch.cat([mask.repeat_interleave(n, 0), real], 1),
+                               "position_ids": mask.sum(-1, keepdim=True).repeat_interleave(n, 0) + torch.arange(last)})
+        logits = torch.cat([out.logits[:, -1:].repeat_interleave(n, 0),  # what the prompt's end predicts
+                            model(**then, **{_cache_argument(model): cache}, use_cache=True).logits[:, :-1]], 1).float()
+        targets = rows.masked_fill(real == 0, -100).to(logits.device)
+        logp = -F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(len(rows), last)
+        return logp.sum(-1).view(len(prompts), n).argmax(-1).tolist()
 
 
 def _causal_lm(net: Any) -> Any:
@@ -296,6 +309,11 @@ def _causal_lm(net: Any) -> Any:
     if not isinstance(rows, Rows):
         raise TypeError(f"sft generates with the model of its own module, not {type(net).__name__}")
     return rows.model
+
+
+def _cache_argument(model: Any) -> str:
+    """What the model's forward calls its key/value cache (transformers 5 renames past_key_values to cache)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _positions(config: Any) -> int | None:
