@@ -154,7 +154,7 @@ def test_the_loss_weighs_every_answer_token_of_the_global_batch_alike(tmp_path):
         assert torch.allclose(got[k], p.grad, atol=1e-7, rtol=1e-5), k
     with torch.no_grad():
         per_example = head.example_losses(net, drawn).mean()
-    assert abs(float(per_example) - float(tokens.mean())) > 1e-3  # the weighting is not the per-example mean
+    assert abs(float(per_example) - tokens.mean().item()) > 1e-3  # the weighting is not the per-example mean
 
 
 # ----------------------------------------------------------------- packing
@@ -351,3 +351,187 @@ def test_a_bad_template_is_refused_at_validate_with_its_line(tmp_path, template,
     line = proc.stderr.strip()
     assert line.startswith(f"baton: {manifest}:15 stages[1].sft.template: "), line
     assert message in line and "Traceback" not in proc.stderr
+
+
+def test_the_global_batch_and_its_answer_tokens_do_not_depend_on_the_world_size():
+    """What a resume at another world size (checkpoint.on_world_size_change: resume) relies on: with the global
+    batch kept, every step draws the same examples and divides by the same answer tokens, however many ranks and
+    micro-batches share them."""
+    import random
+
+    lengths = [random.Random(i).randint(4, 60) for i in range(50)]
+
+    def drawn(world: int, accum: int) -> list[tuple[list[tuple[int, int]], int]]:
+        from stages.sft import Grouped
+
+        samplers = [Grouped(lengths, lambda ix, cut: sum(lengths[i] for i in ix), seed=7, micro=2, accum=accum,
+                            world=world, rank=r, max_length=64, group=True) for r in range(world)]
+        steps = []
+        for _ in range(20):
+            items = sorted(item for s in samplers for micro in s.next_step() for item in micro)
+            assert len({s.tokens for s in samplers}) == 1
+            steps.append((items, samplers[0].tokens))
+        return steps
+
+    assert drawn(2, 2) == drawn(1, 4) == drawn(4, 1)
+
+
+# ----------------------------------------------------------------- the stage under torchrun (slow)
+
+
+STEPS, EVERY = 12, 4
+LABELS = "[animal, artifact, body, food, location, person, plant, substance]"
+TINY_GPT2 = "{model_type: gpt2, n_embd: 32, n_layer: 2, n_head: 2, n_positions: 96}"
+TINY_LLAMA = ("{model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, "
+              "num_attention_heads: 2, num_key_value_heads: 1, max_position_embeddings: 96}")
+
+
+def sft(name: str, *, model: str = TINY_GPT2, zero: str = "zero3", extra: str = "", launcher: str = "{}") -> str:
+    return f"""
+  - name: {name}
+    kind: sft
+    init: {{config: {model}}}
+    tokenizer: {{from: tokenizer}}
+    launcher: {launcher}
+    deepspeed: {{config: {zero}}}
+    data: {{train: data/sft_train.jsonl, eval: data/sft_eval.jsonl, max_length: 64}}
+    train: {{max_steps: {STEPS}, micro_batch_size: 4, grad_accum: 2, lr: 3.0e-3, warmup_steps: 2, log_every: 2}}
+    checkpoint: {{every_steps: {EVERY}}}
+    eval: {{every_steps: {EVERY}}}{extra}"""
+
+
+STAGE_MANIFEST = specs.head("sft") + sft("sft-ref", extra=f"\n    sft: {{max_new_tokens: 3, labels: {LABELS}}}") \
+    + sft("sft-kill", extra=f"\n    sft: {{max_new_tokens: 3, labels: {LABELS}}}") + sft(
+    "sft-packed", model=TINY_LLAMA, zero="zero2", extra="""
+    sft: {packing: true}
+    curriculum:
+      order: easy_first
+      difficulty: {by: length}
+      log_draws: true
+      phases: [{until_step: 6, data_fraction: 0.5, max_length: 40}, {}]""") + sft(
+    "sft-opt", model="{model_type: opt, hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 2, ffn_dim: 64, "
+    "word_embed_proj_dim: 32, max_position_embeddings: 96}", launcher="{nproc_per_node: 1}",
+    extra="\n    sft: {packing: true}") + "\n"
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("sft")
+    specs.copy_data(root / "data")
+    for split, n in (("train", 200), ("eval", 45)):  # 45: odd, so one rank's last eval batch has a padding row
+        lines = (specs.WORDNET / f"sft_{split}.jsonl").read_text().splitlines()[:n]
+        (root / "data" / f"sft_{split}.jsonl").write_text("\n".join(lines) + "\n")
+    stages = specs.Stages(root, STAGE_MANIFEST, root / "hf")
+    stages.run("tokenizer")
+    return {"root": root, "stages": stages}
+
+
+@pytest.fixture(scope="module")
+def ref(work) -> dict:
+    return work["stages"].run("sft-ref")
+
+
+@pytest.mark.slow
+def test_the_stage_trains_evaluates_and_hands_on_a_chat_model(work, ref):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from contract.kinds.sft import DEFAULT_TEMPLATE
+    from stages.runtime.heads.sft import normalise
+
+    metrics = ref["metrics"]
+    assert set(metrics) == {"eval_loss", "perplexity", "exact_match", "accuracy"}
+    assert all(math.isfinite(v) for v in metrics.values())
+    folder = Path(ref["output"]["path"]).parent
+    assert [r["step"] for r in specs.records(folder, "eval")] == [4, 8, 12]
+
+    final = ref["output"]["path"]
+    model = AutoModelForCausalLM.from_pretrained(final).eval()
+    tok = AutoTokenizer.from_pretrained(final)
+    assert tok.chat_template == DEFAULT_TEMPLATE  # saved with final/: the model's prompts as it was trained
+    rows = [json.loads(line) for line in (work["root"] / "data" / "sft_eval.jsonl").read_text().splitlines()]
+    written = [json.loads(line) for line in (folder / "eval_predictions.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in written] == list(range(45))
+    assert [r["reference"] for r in written] == [r["completion"] for r in rows]
+    assert metrics["exact_match"] == sum(r["exact_match"] for r in written) / 45
+    assert metrics["accuracy"] == sum(r["correct"] for r in written) / 45
+
+    # The generations again, from final/ alone: its chat template, greedy, up to the end token
+    with torch.no_grad():
+        for row, record in zip(rows[:12], written, strict=False):
+            text = tok.apply_chat_template([{"role": "user", "content": row["prompt"]}], tokenize=False,
+                                           add_generation_prompt=True)
+            ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+            out = model.generate(ids, max_new_tokens=3, do_sample=False, eos_token_id=model.config.eos_token_id,
+                                 pad_token_id=tok.pad_token_id)[0, ids.shape[1]:].tolist()
+            if model.config.eos_token_id in out:
+                out = out[: out.index(model.config.eos_token_id)]
+            assert normalise(tok.decode(out, skip_special_tokens=True)) == normalise(record["prediction"])
+
+
+@pytest.mark.slow
+def test_killed_and_resumed_equals_uninterrupted_zero3(work, ref):
+    import torch
+    from safetensors.torch import load_file
+
+    spec = work["stages"].spec("sft-kill")
+    assert spec.fingerprint == work["stages"].spec("sft-ref").fingerprint
+    work["stages"].kill_after_first_checkpoint(spec)
+    result = work["stages"].run("sft-kill", spec)
+    folder = Path(spec.stage_dir)
+    start = specs.records(folder, "start")
+    assert len(start) == 2 and start[1]["step"] > 0, start
+    ref_dir = Path(ref["output"]["path"]).parent
+    resumed = {r["step"]: r["loss"] for r in specs.records(folder, "train")}
+    uninterrupted = {r["step"]: r["loss"] for r in specs.records(ref_dir, "train")}
+    assert resumed and all(resumed[s] == uninterrupted[s] for s in resumed)
+    assert result["metrics"] == ref["metrics"]
+    assert (folder / "eval_predictions.jsonl").read_text() == (ref_dir / "eval_predictions.jsonl").read_text()
+    got = load_file(str(Path(result["output"]["path"], "model.safetensors")))
+    want = load_file(str(Path(ref["output"]["path"], "model.safetensors")))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.slow
+def test_packed_llama_with_a_length_curriculum(work):
+    result = work["stages"].run("sft-packed")
+    assert set(result["metrics"]) == {"eval_loss", "perplexity", "exact_match"}
+    assert math.isfinite(result["metrics"]["eval_loss"])
+    folder = Path(result["output"]["path"]).parent
+    phases = specs.records(folder, "phase")
+    assert [p["first_step"] for p in phases] == [1, 7] and phases[0]["max_length"] == 40
+    draws = specs.records(folder, "draw")
+    assert [d["step"] for d in draws] == list(range(1, STEPS + 1))
+    # easy first: the first phase draws only from the shorter half of the training examples (tokens each)
+    from transformers import AutoTokenizer
+
+    from contract.spec import DataSpec
+    from stages.runtime import heads
+
+    spec = work["stages"].spec("sft-packed")
+    tok = AutoTokenizer.from_pretrained(spec.ref("tokenizer").path)
+    data = DataSpec.model_validate(spec.data.model_dump() | {"eval_files": []})
+    lengths = heads.load("sft", heads.Source(data=data, tokenizer=tok, tokenizer_digest="test", seed=0,
+                                             cache_dir=str(work["root"] / "lengths"))).lengths("train")
+    pool = set(sorted(range(len(lengths)), key=lambda i: (lengths[i], i))[:100])
+    first = {i for d in draws[:6] for i in d["indices"]}
+    assert first <= pool and {i for d in draws[6:] for i in d["indices"]} - pool
+
+
+@pytest.mark.slow
+def test_packing_a_model_that_would_mix_examples_exits_2(work):
+    """Run as a single process without torchrun, which would fold the exit code into 1."""
+    import socket
+
+    spec = work["stages"].spec("sft-opt")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = work["stages"].env() | {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                                  "MASTER_PORT": str(port)}
+    argv = [sys.executable, "-m", "stages.sft", "--spec", str(specs.write_spec(spec))]
+    result = subprocess.run(argv, cwd=specs.REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("baton stage error: sft.packing: model type 'opt' does not keep packed examples"), last
+    assert not Path(spec.stage_dir, "ckpt").exists()
