@@ -163,7 +163,7 @@ class SftOptions(Strict):
     max_new_tokens: int = Field(32, ge=0, le=65536, strict=True, description="Eval: the longest greedy "
                                 "generation per eval prompt (it stops at the end token); 0: no generation and no "
                                 "exact_match.")
-    labels: list[str] | None = Field(
+    label_set: list[str] | None = Field(
         None, min_length=2, description="The completions are these labels: eval also reports accuracy, the label "
         "whose tokens the model finds likeliest after each prompt against the reference; every eval completion "
         "must be one of them.")
@@ -174,8 +174,8 @@ class SftOptions(Strict):
             problem = template_problem(self.template, conversations=self.messages_field is not None)
             if problem is not None:
                 raise Problem(("template",), problem)
-        if self.labels is not None and len({" ".join(x.split()) for x in self.labels}) != len(self.labels):
-            raise Problem(("labels",), "labels repeat (compared with whitespace normalised)")
+        if self.label_set is not None and len({" ".join(x.split()) for x in self.label_set}) != len(self.label_set):
+            raise Problem(("label_set",), "labels repeat (compared with whitespace normalised)")
         return self
 
 
@@ -200,7 +200,7 @@ class SftStage(TrainingStage):
         names = super().metric_names()
         if self.sft.max_new_tokens == 0:
             names -= {"exact_match"}
-        if self.sft.labels is None:
+        if self.sft.label_set is None:
             names -= {"accuracy"}
         return names
 
@@ -210,7 +210,8 @@ class SftStage(TrainingStage):
         return [DataSection(None, ("data",), Data.model_validate(self.data.model_dump() | {"text_field": text}))]
 
     def training_rows(self) -> dict[str, Any]:
-        return {"max_length": self.data.max_length, "sft": self.sft.model_dump(exclude={"max_new_tokens", "labels"})}
+        return {"max_length": self.data.max_length, "sft": self.sft.model_dump(
+            include={"prompt_field", "completion_field", "messages_field", "template", "train_on_prompt"})}
 
 
 STAGE = SftStage

@@ -226,7 +226,7 @@ def test_eval_reports_exact_match_and_label_accuracy_and_writes_the_generations(
 
     labels = ["animal", "colour", "blue", "hi"]
     rows = [r for r in pairs() if r["completion"] in labels]
-    head, tok = load_head(tmp_path, rows, labels=labels, max_new_tokens=4)
+    head, tok = load_head(tmp_path, rows, label_set=labels, max_new_tokens=4)
     assert head.metrics == ("eval_loss", "perplexity", "exact_match", "accuracy")
     model = tiny("gpt2", len(tok))
     predictions = tmp_path / "eval_predictions.jsonl"
@@ -253,8 +253,8 @@ def test_eval_reports_exact_match_and_label_accuracy_and_writes_the_generations(
 def test_a_completion_outside_the_labels_is_refused(tmp_path):
     from stages.runtime.spec import SpecError
 
-    with pytest.raises(SpecError, match="sft.labels: eval example 4: its completion 'animal and animal'"):
-        load_head(tmp_path, pairs(), labels=["animal", "colour", "blue", "hi"])
+    with pytest.raises(SpecError, match="sft.label_set: eval example 4: its completion 'animal and animal'"):
+        load_head(tmp_path, pairs(), label_set=["animal", "colour", "blue", "hi"])
 
 
 def test_the_tokenizers_own_template_is_used_and_another_refused(tmp_path):
@@ -400,8 +400,8 @@ def sft(name: str, *, model: str = TINY_GPT2, zero: str = "zero3", extra: str = 
     eval: {{every_steps: {EVERY}}}{extra}"""
 
 
-STAGE_MANIFEST = specs.head("sft") + sft("sft-ref", extra=f"\n    sft: {{max_new_tokens: 3, labels: {LABELS}}}") \
-    + sft("sft-kill", extra=f"\n    sft: {{max_new_tokens: 3, labels: {LABELS}}}") + sft(
+STAGE_MANIFEST = specs.head("sft") + sft("sft-ref", extra=f"\n    sft: {{max_new_tokens: 3, label_set: {LABELS}}}") \
+    + sft("sft-kill", extra=f"\n    sft: {{max_new_tokens: 3, label_set: {LABELS}}}") + sft(
     "sft-packed", model=TINY_LLAMA, zero="zero2", extra="""
     sft: {packing: true}
     curriculum:

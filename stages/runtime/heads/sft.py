@@ -12,7 +12,7 @@ example, no attention mask, and transformers' sdpa/eager masks then keep every e
 
 Eval: eval_loss and perplexity over the answer tokens; greedy generation of every eval prompt's last answer (up to
 sft.max_new_tokens, stopping at the end token), exact_match against the reference with whitespace normalised; with
-sft.labels, accuracy: the label whose answer tokens have the highest log-likelihood after the prompt. A shared eval
+sft.label_set, accuracy: the label whose answer tokens have the highest log-likelihood after the prompt. A shared eval
 set (a text set) is read as clm reads one: this head's model is a causal LM.
 """
 
@@ -118,7 +118,7 @@ class Head:
         tokenizer = source.tokenizer
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
         dropped = {"exact_match"} if opts.max_new_tokens == 0 else set()
-        dropped |= {"accuracy"} if opts.labels is None else set()
+        dropped |= {"accuracy"} if opts.label_set is None else set()
         self.metrics = tuple(m for m in HEADS["sft"].metrics if m not in dropped)
 
     def auto(self) -> Any:
@@ -236,8 +236,8 @@ class Head:
                         record |= {"prediction": texts[j],
                                    "exact_match": normalise(texts[j]) == normalise(rows["reference"][j])}
                     if chosen is not None:
-                        assert self.opts.labels is not None
-                        record |= {"label": self.opts.labels[chosen[j]], "correct": chosen[j] == rows["label"][j]}
+                        assert self.opts.label_set is not None
+                        record |= {"label": self.opts.label_set[chosen[j]], "correct": chosen[j] == rows["label"][j]}
                     records.append(record)
         counts = torch.tensor([len(records), sum(r.get("exact_match", False) for r in records),
                                sum(r.get("correct", False) for r in records)], dtype=torch.float64)
@@ -416,7 +416,7 @@ def load(source: Source) -> Any:
     # what generation stops at: the end token, and a special token the template closes an answer with (<|im_end|>)
     closing = [t for t in writer.answer("x") if t in tokenizer.all_special_ids and t != end]
     stops = [end, *closing[-1:]]
-    label_ids = [writer.answer(label) for label in opts.labels] if opts.labels else None
+    label_ids = [writer.answer(label) for label in opts.label_set] if opts.label_set else None
     raw = data.load_section(source.data, source.cache_dir, key=source.key)
     columns = [opts.messages_field] if opts.messages_field else [opts.prompt_field, opts.completion_field]
     out_dir = Path(source.cache_dir, "tokenized")
@@ -444,8 +444,8 @@ def load(source: Source) -> Any:
         kept = list(source.difficulty)
         splits[split] = data.map_by_rank(ds, encode, key=key, path=out_dir / f"sft-{split}-{key}",
                                          remove_columns=[c for c in ds.column_names if c not in kept])
-    if opts.labels is not None and splits.get("eval") is not None:
-        splits["eval"] = _with_labels(splits["eval"], opts.labels)
+    if opts.label_set is not None and splits.get("eval") is not None:
+        splits["eval"] = _with_labels(splits["eval"], opts.label_set)
     return Head(source, opts, template, splits, stops=stops, label_ids=label_ids)
 
 
@@ -455,7 +455,7 @@ def _with_labels(ds: Any, labels: list[str]) -> Any:
     found = []
     for i, reference in enumerate(ds["reference"]):
         if normalise(reference) not in ids:
-            raise SpecError(f"sft.labels: eval example {i}: its completion {reference!r} is not one of the labels "
+            raise SpecError(f"sft.label_set: eval example {i}: its completion {reference!r} is not one of the labels "
                             f"({', '.join(labels)})")
         found.append(ids[normalise(reference)])
     return ds.add_column("label", found, new_fingerprint=data.cache_key(ds._fingerprint, "labels", labels))
