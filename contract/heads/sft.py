@@ -1,6 +1,6 @@
 """`sft`: instruction tuning of a causal LM (the completion, or every assistant turn, is predicted; the prompt is
 read). Its eval adds greedy generation: exact_match of every eval prompt's completion, and where the completions are
-labels (sft.labels) accuracy, the label the model finds likeliest."""
+labels (sft.label_set) accuracy, the label the model finds likeliest."""
 
 from contract.heads import HeadInfo
 
