@@ -30,22 +30,21 @@ import torch.nn.functional as F
 
 from contract.kinds.sft import SftOptions
 from contract.layout import EXIT_STOPPED
-from stages.runtime import curriculum, entry, heads, lifecycle, models
+from stages.runtime import curriculum, entry, heads, lifecycle, models, records
 from stages.runtime.checkpoint import Position
 from stages.runtime.data import seed_of
 from stages.runtime.dist import Dist
 from stages.runtime.heads.sft import Head, check_packing
-from stages.runtime.metrics import Metrics
 from stages.runtime.packing import check_block_size
-from stages.runtime.spec import Spec, SpecError, training
+from stages.runtime.spec import Spec, SpecError, TrainingSpec
 
 PREDICTIONS = "eval_predictions.jsonl"  # the last eval's generations, in eval order (rank 0)
 WINDOW = 16  # global batches sorted by length together
 
 
-def main(spec: Spec, d: Dist) -> int:
+def main(spec: TrainingSpec, d: Dist) -> int:
     opts = spec.options_as(SftOptions)
-    micro, accum = training(spec).train.micro_batch_size, training(spec).train.grad_accum
+    micro, accum = spec.train.micro_batch_size, spec.train.grad_accum
     # Before any data work, which can take long on a real corpus
     check_block_size(spec, spec.data.max_length, key="data.max_length")
     if opts.packing and (config := init_config(spec)) is not None:
@@ -63,7 +62,7 @@ def main(spec: Spec, d: Dist) -> int:
 
     t = lifecycle.start(
         spec, d, num_samples=len(head.splits["train"]), what=f"sft, {head.describe()}", wrap=head.module,
-        build=build, sampler=lambda pos, metrics, _: sampler(spec, d, head, pos, metrics),
+        build=build, sampler=lambda pos, _: sampler(spec, d, head, pos),
     )
     drawn = cast(Grouped, t.sampler)
     weight = accum * d.world_size  # undoes DeepSpeed's 1/grad_accum and its mean over the ranks
@@ -100,9 +99,9 @@ def init_config(spec: Spec) -> Any:
         return None  # build_model reports a bad init with its own message
 
 
-def sampler(spec: Spec, d: Dist, head: Head, pos: Position, metrics: Metrics) -> Grouped:
+def sampler(spec: TrainingSpec, d: Dist, head: Head, pos: Position) -> Grouped:
     """The stage's sampler from position `pos`: its curriculum's schedule where it has one."""
-    train = training(spec).train
+    train = spec.train
     lengths = head.lengths("train")
     schedule = None
     if spec.curriculum is not None:
@@ -112,7 +111,7 @@ def sampler(spec: Spec, d: Dist, head: Head, pos: Position, metrics: Metrics) ->
     return Grouped(lengths, lambda indices, cut: head.trained("train", indices, cut), seed=spec.seed,
                    micro=train.micro_batch_size, accum=train.grad_accum, world=d.world_size, rank=d.rank,
                    max_length=head.max_length, group=spec.options_as(SftOptions).group_by_length, step=pos.step,
-                   samples=pos.samples, schedule=schedule, log=metrics.log)
+                   samples=pos.samples, schedule=schedule, log=records.log)
 
 
 class Grouped:
@@ -186,4 +185,4 @@ class Grouped:
 
 
 if __name__ == "__main__":
-    entry.run(main)
+    entry.run_training(main)
