@@ -535,3 +535,25 @@ def test_packing_a_model_that_would_mix_examples_exits_2(work):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("baton stage error: sft.packing: model type 'opt' does not keep packed examples"), last
     assert not Path(spec.stage_dir, "ckpt").exists()
+
+
+def test_a_shared_text_set_scores_an_sft_model_as_the_causal_lm_it_is(tmp_path):
+    """The launcher gives an sft stage the `text` sets (contract.heads: fits text): each line a document, as clm."""
+    import torch
+
+    from contract.spec import DataSpec
+    from stages.runtime import heads
+    from stages.runtime.dist import Dist
+
+    lines = tmp_path / "text.txt"
+    lines.write_text("what is a cat ?\n\nthe colour of a bird\n")
+    data = DataSpec(train_files=[], eval_files=[str(lines)], format="text", hub=None, text_field="text",
+                    text_pair_field=None, label_field="label", labels=None, max_length=32, digests={})
+    tok = word_tokenizer(tmp_path / "tokenizer")
+    head = heads.load("sft", heads.Source(data=data, tokenizer=tok, tokenizer_digest="test", seed=1,
+                                          cache_dir=str(tmp_path / "c"), key="evals.text", eval_only=True,
+                                          options={"max_new_tokens": 3}))
+    assert head.name == "clm" and len(head.splits["eval"]) == 2
+    model = tiny("gpt2", len(tok))
+    d = Dist(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    assert set(head.evaluate(head.module(model), "eval", 2, d)) == {"eval_loss", "perplexity"}
