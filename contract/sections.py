@@ -15,9 +15,8 @@ from typing import Annotated, Any, ClassVar, Literal, NamedTuple, TypeVar
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from contract.fingerprint import LEFT_OUT, UNLESS_DEFAULT
-from contract.heads import HEADS
-from contract.heads.clm import BLOCK_SIZE  # noqa: F401 - the kinds' default block_size
 
+BLOCK_SIZE = 128  # tokens per packed block of the causal-LM heads (clm, distill, teacher_logits) by default
 NAME_PATTERN = r"^[^/\x00-\x1f.][^/\x00-\x1f]*$"
 Precision = Literal["fp32", "bf16", "fp16"]
 
@@ -599,6 +598,8 @@ class StageBase(Strict):
     def metric_names(self) -> frozenset[str]:
         """The metrics the stage reports in its result (what a gate or a selection may name)."""
         head = self.model_head()
+        from contract.heads import HEADS  # the heads' modules import these sections
+
         return frozenset(HEADS[head].metrics) if head and self.scored() else frozenset()
 
     def scored(self) -> bool:

@@ -1,7 +1,8 @@
 """A look at the first rows of each local data file before anything launches (standard library only).
 
 What a stage would otherwise meet minutes later as a crash inside `datasets` or the tokenizer: a file
-that is empty, not UTF-8 or not JSON lines, a text column that is missing, null or a number, files
+that is empty, not UTF-8 or not JSON lines, a text column that is missing, null or a number (a column of
+conversations, lists of {role, content}, counts as text), files
 of one stage whose columns differ. Only the first SAMPLE_ROWS rows (within SAMPLE_BYTES) are read,
 so `baton run` on a large corpus stays quick; the stage still checks the rest. Parquet files and
 JSON files holding one array are left to the stage.
@@ -123,8 +124,15 @@ def _fields(row: dict, fields: list[str], where: str) -> None:
         if field not in row:
             raise ValueError(f"{where}: no field {field!r} (fields: {', '.join(row) or 'none'}); "
                              "set data.text_field")
-        if not isinstance(row[field], str):
-            raise ValueError(f"{where}: {field} is {json.dumps(row[field])}, not a string")
+        if not isinstance(row[field], str) and not _conversation(row[field]):
+            raise ValueError(f"{where}: {field} is {json.dumps(row[field])[:200]}, not a string nor a conversation "
+                             "(a list of {role, content})")
+
+
+def _conversation(value: object) -> bool:
+    """A chat's turns, as a `messages` column holds them: a non-empty list of {role, content} with text."""
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(t, dict) and isinstance(t.get("role"), str) and isinstance(t.get("content"), str) for t in value)
 
 
 _MISSING = object()

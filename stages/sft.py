@@ -28,7 +28,7 @@ from typing import Any, cast
 import torch
 import torch.nn.functional as F
 
-from contract.kinds.sft import SftOptions
+from contract.heads.sft import SftOptions
 from contract.layout import EXIT_STOPPED
 from stages.runtime import curriculum, entry, heads, lifecycle, models, records
 from stages.runtime.checkpoint import Position

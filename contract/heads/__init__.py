@@ -26,6 +26,9 @@ class HeadInfo:
     # block_size is one, examples are packed into blocks (rows made alike need the same block_size, else max_length)
     options: dict[str, Any] = field(default_factory=dict)
     storable: bool = True  # whether its rows are the same every epoch, so a teacher's logits of them can be stored
+    # the model of its own section, for settings beyond `options` (sft's columns, template, label set): a kind that
+    # takes `task:` reads it from its `head:` field (distill.head)
+    settings: Any = None
 
 
 def _discover() -> dict[str, HeadInfo]:

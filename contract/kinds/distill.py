@@ -14,10 +14,10 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, ValidationError, field_validator, model_validator
 
 from contract import heads
-from contract.sections import BLOCK_SIZE, Head, ModelRef, Problem, RowsRef, Strict, TrainingStage
+from contract.sections import BLOCK_SIZE, Data, DataSection, Head, ModelRef, Problem, RowsRef, Strict, TrainingStage
 
 
 class DistillOptions(Strict):
@@ -45,6 +45,11 @@ class DistillOptions(Strict):
                                     "10% random, 10% kept); default 0.15.")
     block_size: int | None = Field(None, ge=8, le=1_048_576, strict=True, description="task clm: tokens per "
                                    f"training block (as clm.block_size); default {BLOCK_SIZE}.")
+
+    head: dict[str, Any] = Field(
+        default_factory=dict, description="The task's own settings, for a head that has a section of its own: task "
+        "sft takes an sft stage's `sft:` section here (prompt_field, completion_field or messages_field, template, "
+        "label_set …). Default: that head's defaults.")
 
     @field_validator("alpha", "temperature", "mask_prob", mode="before")
     @classmethod
@@ -76,18 +81,34 @@ class DistillOptions(Strict):
     def _task_settings(self) -> DistillOptions:
         for name, why in heads.option_problems(self.task, self._head_given()):
             raise Problem((name,), why)
+        if self.head and heads.HEADS[self.task].settings is None:
+            raise Problem(("head",), f"task {self.task} has no settings of its own; leave head out")
+        try:
+            self.head_settings()
+        except ValidationError as e:  # its model's first error, under distill.head
+            error = e.errors()[0]
+            raise Problem(("head", *error["loc"]), error["msg"].removeprefix("Value error, ")) from None
         return self
+
+    def head_settings(self) -> Any:
+        """The task's own section (its head's settings model), or None for a head without one."""
+        model = heads.HEADS[self.task].settings
+        return None if model is None else model.model_validate(self.head)
 
     def _head_given(self) -> dict[str, Any]:
         return {"mask_prob": self.mask_prob, "block_size": self.block_size}
 
     def settings(self) -> dict[str, Any]:
-        """spec.options: the task's defaults filled in, the other tasks' settings left out."""
-        return self.model_dump(exclude=set(self._head_given())) | self.head_options()
+        """spec.options: the task's defaults filled in, the other tasks' settings left out (`head` where the task's
+        head has a section of its own)."""
+        own = self.head_settings()
+        return self.model_dump(exclude={*self._head_given(), "head"}) | heads.settings(self.task, self._head_given()) \
+            | ({"head": own.model_dump()} if own is not None else {})
 
     def head_options(self) -> dict[str, Any]:
-        """The task's head settings (contract.heads), defaults filled in."""
-        return heads.settings(self.task, self._head_given())
+        """What the task's head reads (contract.heads): its options with their defaults, and its own section."""
+        own = self.head_settings()
+        return heads.settings(self.task, self._head_given()) | (own.model_dump() if own is not None else {})
 
 
 class TeacherLogitsRef(RowsRef):
@@ -143,6 +164,14 @@ class DistillStage(TrainingStage):
             return frozenset()
         with_labels = heads.HEADS[self.distill.task].classes == "num_labels"
         return super().metric_names() | {"teacher_agreement"} | ({"teacher_accuracy"} if with_labels else set())
+
+    def data_sections(self) -> list[DataSection]:
+        own = self.distill.head_settings()
+        if own is None:
+            return super().data_sections()
+        # the column the data must hold as text is the one the head's section names (sft: the prompt's)
+        return [DataSection(None, ("data",), Data.model_validate(self.data.model_dump()
+                                                                 | {"text_field": own.text_column()}))]
 
     def training_rows(self) -> dict[str, Any]:
         o = self.distill.settings()

@@ -258,7 +258,7 @@ def test_a_completion_outside_the_labels_is_refused(tmp_path):
 
 
 def test_the_tokenizers_own_template_is_used_and_another_refused(tmp_path):
-    from contract.kinds.sft import DEFAULT_TEMPLATE, SftOptions
+    from contract.heads.sft import DEFAULT_TEMPLATE, SftOptions
     from stages.runtime.heads.sft import chat_template
     from stages.runtime.spec import SpecError
 
@@ -411,7 +411,16 @@ STAGE_MANIFEST = specs.head("sft") + sft("sft-ref", extra=f"\n    sft: {{max_new
       phases: [{until_step: 6, data_fraction: 0.5, max_length: 40}, {}]""") + sft(
     "sft-opt", model="{model_type: opt, hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 2, ffn_dim: 64, "
     "word_embed_proj_dim: 32, max_position_embeddings: 96}", launcher="{nproc_per_node: 1}",
-    extra="\n    sft: {packing: true}") + "\n"
+    extra="\n    sft: {packing: true}") + f"""
+  - name: sft-distill
+    kind: distill
+    init: {{config: {TINY_GPT2}}}
+    teacher: {{from: sft-ref}}
+    tokenizer: {{from: tokenizer}}
+    data: {{train: data/sft_train.jsonl, eval: data/sft_eval.jsonl, max_length: 64}}
+    train: {{max_steps: 4, micro_batch_size: 4, lr: 3.0e-3, warmup_steps: 1, log_every: 2}}
+    distill: {{task: sft, alpha: 0.5, head: {{max_new_tokens: 0}}}}
+"""
 
 
 @pytest.fixture(scope="module")
@@ -436,7 +445,7 @@ def test_the_stage_trains_evaluates_and_hands_on_a_chat_model(work, ref):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from contract.kinds.sft import DEFAULT_TEMPLATE
+    from contract.heads.sft import DEFAULT_TEMPLATE
     from stages.runtime.heads.sft import normalise
 
     metrics = ref["metrics"]
@@ -467,6 +476,18 @@ def test_the_stage_trains_evaluates_and_hands_on_a_chat_model(work, ref):
             if model.config.eos_token_id in out:
                 out = out[: out.index(model.config.eos_token_id)]
             assert normalise(tok.decode(out, skip_special_tokens=True)) == normalise(record["prediction"])
+
+
+@pytest.mark.slow
+def test_distill_with_task_sft_reads_the_data_as_the_sft_head_does(work, ref):
+    """A student distilled from the sft stage on its answer tokens: the same head (template, trained tokens)."""
+    result = work["stages"].run("sft-distill")
+    metrics = result["metrics"]
+    assert {"eval_loss", "perplexity", "teacher_agreement"} <= set(metrics)
+    assert all(math.isfinite(v) for v in metrics.values())
+    folder = Path(result["output"]["path"]).parent
+    terms = specs.records(folder, "loss_terms")
+    assert terms and all({"task", "kd"} == set(r["terms"]) for r in terms)
 
 
 @pytest.mark.slow

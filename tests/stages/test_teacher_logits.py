@@ -379,7 +379,8 @@ def test_clm_rows_are_every_predicted_token_of_each_block(tmp_path, monkeypatch)
     final = Path(result["output"]["path"])
     meta = json.loads((final / "teacher_logits.json").read_text())
     stored = load_file(str(final / "teacher_logits.safetensors"))
-    blocks = packing.pack(spec, data.load_raw(spec), tok, packing.end_of_document(tok), 16)["train"].blocks
+    blocks = packing.pack(spec.data, spec.cache_dir, data.tokenizer_digest(spec), data.load_raw(spec), tok,
+                          packing.end_of_document(tok), 16)["train"].blocks
     n = len(blocks)
     assert meta["examples"]["train"] == n and meta["block_size"] == 16 and meta["classes"] == len(tok)
     assert stored["train.values"].shape == (n * 15, 4)

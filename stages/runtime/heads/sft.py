@@ -1,5 +1,5 @@
 """`sft`: instruction tuning of a causal LM. Each example (a prompt and its completion, or a conversation) is written
-out by the chat template (contract.kinds.sft: the tokenizer's own, the manifest's, or DEFAULT_TEMPLATE) in pieces,
+out by the chat template (contract.heads.sft: the tokenizer's own, the manifest's, or DEFAULT_TEMPLATE) in pieces,
 prompt and answer, each tokenized without special tokens of the tokenizer's adding (the template writes BOS, EOS
 and its turn markers itself) and concatenated: what generation is prompted with at eval is exactly what training
 read before the answer. The labels are the answer pieces' tokens (every token with sft.train_on_prompt), -100
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from contract.heads import HEADS
-from contract.kinds.sft import DEFAULT_TEMPLATE, SAMPLE_PAIR, Messages, SftOptions, as_messages, segments
+from contract.heads.sft import DEFAULT_TEMPLATE, SAMPLE_PAIR, Messages, SftOptions, as_messages, segments
 from stages.runtime import data, dist, packing
 from stages.runtime.dist import Dist
 from stages.runtime.heads import Keys, Source, clm
@@ -349,7 +349,7 @@ def check_packing(config: Any) -> None:
 
 
 class Writer:
-    """Examples as token ids, pieces by pieces (`contract.kinds.sft.segments`), with their labels."""
+    """Examples as token ids, pieces by pieces (`contract.heads.sft.segments`), with their labels."""
 
     def __init__(self, tokenizer: Any, template: str, opts: SftOptions, key: str) -> None:
         self.tokenizer, self.template, self.opts, self.key = tokenizer, template, opts, key
