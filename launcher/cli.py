@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("status", help="table of stages: state, progress, metrics, digests (works while a run runs)")
     p.add_argument("run_dir", type=Path)
     p.add_argument("--json", action="store_true", help="the same as one JSON object, for scripts")
+    p.add_argument("--wide", action="store_true",
+                   help="every column (input -> output digests, start-up time), nothing cut to fit 80 columns")
 
     p = sub.add_parser("lineage", help="which checkpoint fed which stage: text, JSON, Mermaid or a picture")
     p.add_argument("run_dir", type=Path)
@@ -93,7 +95,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "resume":
         return pipeline.resume(args.run_dir)
     if args.command == "status":
-        print(json.dumps(report.status_data(args.run_dir), indent=2) if args.json else report.status(args.run_dir))
+        print(json.dumps(report.status_data(args.run_dir), indent=2) if args.json
+              else report.status(args.run_dir, args.wide))
         return 0
     if args.command == "lineage":
         from launcher import lineage
