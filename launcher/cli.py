@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     p = _command(sub, "status", "table of stages: state, progress, metrics, digests (works while a run runs)",
                  "baton status runs/quickstart --wide", READ_EXITS,
                  "Fits 80 columns; a running stage shows step/max steps, its loss and ETA. Reads the run folder only.")
-    p.add_argument("run_dir", type=Path, metavar="RUN", help="the run folder")
+    p.add_argument("run_dir", type=Path, metavar="RUN",
+                   help="the run folder, or a manifest: the folder it runs in (run.dir, or runs/<run.name>)")
     p.add_argument("--json", action="store_true", help="the same as one JSON object, for scripts")
     p.add_argument("--wide", action="store_true",
                    help="every column (input -> output digests, start-up time), nothing cut to fit 80 columns")
@@ -129,8 +130,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "resume":
         return pipeline.resume(args.run_dir)
     if args.command == "status":
-        print(json.dumps(report.status_data(args.run_dir), indent=2) if args.json
-              else report.status(args.run_dir, args.wide))
+        run_dir = report.run_folder(args.run_dir)
+        print(json.dumps(report.status_data(run_dir), indent=2) if args.json else report.status(run_dir, args.wide))
         return 0
     if args.command == "lineage":
         from launcher import lineage

@@ -13,9 +13,27 @@ from contract.files import dir_digest, short
 from contract.layout import final_dir, stage_dir
 from launcher.decisions import describe
 from launcher.digests import folder_stat
+from launcher.errors import ConfigError
 from launcher.lineage import ON_DISK, load, refs
 from launcher.plan import disk_state, stat_changes
 from launcher.progress import read as read_progress
+
+
+def run_folder(path: Path) -> Path:
+    """The run folder `baton status` shows: `path` itself, or for a manifest (a file) the folder it runs in,
+    run.dir or runs/<run.name> (relative to the working directory, as `baton run` makes it). Only the manifest's
+    `run:` is read: a run whose data have moved since still shows."""
+    if not path.is_file():
+        return path
+    import yaml
+
+    try:
+        run = (yaml.safe_load(path.read_text()) or {}).get("run") or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, AttributeError) as e:
+        raise ConfigError(f"{path}: neither a run folder nor a manifest baton can read: {e}") from None
+    if not isinstance(run, dict) or not (run.get("dir") or run.get("name")):
+        raise ConfigError(f"{path}: a manifest names its run folder in run.dir or run.name; this one does not")
+    return Path(str(run.get("dir") or f"runs/{run['name']}")).resolve()
 
 
 def status_data(run_dir: Path) -> dict[str, Any]:

@@ -205,3 +205,20 @@ def test_status_fits_80_columns_and_a_running_stage_shows_its_progress(run_dir: 
     assert max(len(line) for line in wide.splitlines()) > 80 and "…" not in wide
     assert "member4/accuracy 0.54" in wide and "kept ft0,ft3,ft4" in wide and "launch -> step 1" in wide
     assert "0eeeeeeeeeee,1eeeeeeeeeee" in wide
+
+
+def test_status_of_a_manifest_shows_the_run_it_runs_in(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    run_dir = fake_run(tmp_path)
+    manifest = tmp_path / "elsewhere.yaml"
+    manifest.write_text(MANIFEST.replace("run: {name: fake}", f"run: {{name: fake, dir: {run_dir}}}"))
+    assert main(["status", str(manifest)]) == 0
+    assert capsys.readouterr().out.startswith(f"run fake  ({run_dir})\nstage ")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    run_dir.rename(tmp_path / "runs" / "fake")
+    assert main(["status", "fake.yaml", "--json"]) == 0  # run.name: runs/<name> in the working directory
+    assert json.loads(capsys.readouterr().out)["run_dir"] == str(tmp_path / "runs" / "fake")
+    (tmp_path / "list.yaml").write_text("- a\n")
+    assert main(["status", "list.yaml"]) == 2
+    assert "list.yaml: neither a run folder nor a manifest" in capsys.readouterr().err
