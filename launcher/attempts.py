@@ -31,7 +31,7 @@ from contract.layout import (
 from contract.spec import Ref, Spec
 from launcher import ledger
 from launcher.backends import Backend
-from launcher.backends.local import TORCHRUN_LOG
+from launcher.backends.local import TORCHRUN_LOG, link_logs
 from launcher.digests import folder_stat
 from launcher.plan import Step, world_size_change
 from launcher.resolve import Resolved, settings
@@ -77,6 +77,7 @@ def run_stage(step: Step, led: ledger.Ledger, run_dir: Path, backend: Backend,
     log_dir = folder / "logs" / f"attempt-{attempt_no}"
     with Watch(r.name, r.kind, folder, log_dir, entry["attempts"][-1]["started"], overview):
         code, interrupted = backend.launch(argv)
+    rank0 = link_logs(log_dir)
     stage_env = stage_environment(folder)
     result = read_result(folder, spec.fingerprint)
     bad_input = read_bad_input(folder)
@@ -105,10 +106,11 @@ def run_stage(step: Step, led: ledger.Ledger, run_dir: Path, backend: Backend,
             outcome, ret = f"bad input: {bad_input.message}; logs in {log_dir}", EXIT_BAD_INPUT
         else:
             ledger.set_state(entry, "failed")
-            outcome, ret = f"failed with exit code {code}; logs in {folder / 'logs'}", code or 1
+            logs = f"rank 0's stderr: {rank0}" if rank0 else f"logs in {folder / 'logs'}"
+            outcome, ret = f"failed with exit code {code}; {logs}", code or 1
             tail = error_tail(log_dir)
             if tail:
-                whose = "rank 0's stderr" if tail[0].name == "stderr.log" else "torchrun's stderr"
+                whose = "torchrun's stderr" if tail[0].name == TORCHRUN_LOG else "rank 0's stderr"
                 print(f"== {r.name}: the end of {whose} ({tail[0]}):\n{tail[1]}", flush=True)
         attempt["outcome"] = entry["state"]
         # a bad input, or a failure before the input checks passed: the output this attempt was to replace
@@ -133,7 +135,7 @@ def stage_environment(folder: Path) -> dict[str, Any] | None:
 def error_tail(log_dir: Path, lines: int = 25) -> tuple[Path, str] | None:
     """(file, last lines) of the first rank's stderr log of an attempt, if it wrote anything; else of the
     launcher's own stderr (torchrun's: it failed before any rank did, e.g. a port in use)."""
-    for path in [*sorted(log_dir.glob("**/0/stderr.log")), log_dir / TORCHRUN_LOG]:
+    for path in [log_dir / "rank-0.stderr", *sorted(log_dir.glob("**/0/stderr.log")), log_dir / TORCHRUN_LOG]:
         try:
             text = path.read_text(errors="replace").rstrip()
         except OSError:

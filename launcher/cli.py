@@ -5,61 +5,98 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 from pathlib import Path
+from typing import Any
 
 from launcher.errors import BatonError, ConfigError
 
+RUN_EXITS = ("0 every stage asked for is done; 2 bad input (manifest, data, DeepSpeed config), nothing launched; "
+             "3 a gate stopped the run; 75 a stage stopped on a signal after a checkpoint: run again to resume; "
+             "others: a stage failed (the message names its rank-0 log)")
+READ_EXITS = "0 shown; 2 not a run folder (no ledger.json) or a bad option"
+
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="baton", description="Multi-stage DeepSpeed training from a YAML manifest.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="baton", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.fill("Multi-stage DeepSpeed training from a YAML manifest: each stage runs under torchrun "
+                                  "(one node) or Slurm, hands its checkpoint to the next, and resumes where it "
+                                  "stopped.", 79),
+        epilog="Example:\n  baton run examples/quickstart.yaml && baton status runs/quickstart\n\n"
+               "Exit codes:\n  0 done\n  2 bad input\n  3 a gate stopped the run\n  75 stopped: run again to resume\n"
+               "  others: failed\n\n"
+               "`baton COMMAND --help` says more about each command.")
+    parser.add_argument("--version", action=_Version, help="print baton's version and its main libraries' and exit")
+    # job is the body of a stage's sbatch job, not for people: hidden from the listing
+    commands = ("validate", "run", "submit", "cancel", "resume", "status", "lineage", "verify", "schema", "report")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(commands) + "}")
 
-    p = sub.add_parser("validate", help="check a manifest (schema, files, DeepSpeed configs); launches nothing")
-    p.add_argument("manifest", type=Path)
+    p = _command(sub, "validate", "check a manifest (schema, files, DeepSpeed configs); launches nothing",
+                 "baton validate examples/quickstart.yaml",
+                 "0 valid; 2 invalid (each problem with its file:line and key path)")
+    p.add_argument("manifest", type=Path, metavar="MANIFEST", help="the YAML manifest to check")
 
-    p = sub.add_parser("run", help="run (or resume) the stages a manifest asks for")
-    p.add_argument("manifest", type=Path)
+    p = _command(sub, "run", "run (or resume) the stages a manifest asks for",
+                 "baton run examples/quickstart.yaml --dry-run", RUN_EXITS,
+                 "Stages whose fingerprint matches a done one are skipped, a stopped one resumes from its newest "
+                 "complete checkpoint, and a changed one reruns with everything after it.")
+    p.add_argument("manifest", type=Path, metavar="MANIFEST", help="the YAML manifest naming the stages")
     p.add_argument("--run-dir", type=Path, help="run folder (default: run.dir, or runs/<run.name>)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the exact commands; launch nothing")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--only", metavar="STAGE", help="consider this stage alone (its inputs must be done)")
     group.add_argument("--from", dest="start", metavar="STAGE", help="consider this stage and the ones after it")
 
-    p = sub.add_parser("submit", help="queue the stages the plan needs as Slurm jobs (afterok chain) and return")
-    p.add_argument("manifest", type=Path)
+    p = _command(sub, "submit", "queue the stages the plan needs as Slurm jobs (afterok chain) and return",
+                 "baton submit examples/quickstart.yaml --from finetune",
+                 "0 queued (or nothing to do); 2 bad input, nothing queued; others: sbatch failed")
+    p.add_argument("manifest", type=Path, metavar="MANIFEST", help="the YAML manifest naming the stages")
     p.add_argument("--run-dir", type=Path, help="run folder (default: run.dir, or runs/<run.name>)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--only", metavar="STAGE", help="submit this stage alone (its inputs must be done)")
     group.add_argument("--from", dest="start", metavar="STAGE", help="submit this stage and the ones after it")
 
-    p = sub.add_parser("cancel", help="cancel a run's queued and running Slurm jobs")
-    p.add_argument("run_dir", type=Path)
+    p = _command(sub, "cancel", "cancel a run's queued and running Slurm jobs", "baton cancel runs/quickstart",
+                 "0 cancelled (or none left); 2 not a run folder; others: scancel failed")
+    p.add_argument("run_dir", type=Path, metavar="RUN", help="the run folder whose jobs to cancel")
 
-    p = sub.add_parser("job")  # the body of a stage's sbatch job; not for people
+    p = sub.add_parser("job")  # no help=: argparse then lists it nowhere
     p.add_argument("run_dir", type=Path)
     p.add_argument("stage")
 
-    p = sub.add_parser("resume", help="run again the manifest a run folder was made from")
-    p.add_argument("run_dir", type=Path)
+    p = _command(sub, "resume", "run again the manifest a run folder was made from", "baton resume runs/quickstart",
+                 RUN_EXITS, "The same as `baton run` with the copy of the manifest kept in the run folder.")
+    p.add_argument("run_dir", type=Path, metavar="RUN", help="the run folder to go on with")
 
-    p = sub.add_parser("status", help="table of stages: state, progress, metrics, digests (works while a run runs)")
-    p.add_argument("run_dir", type=Path)
+    p = _command(sub, "status", "table of stages: state, progress, metrics, digests (works while a run runs)",
+                 "baton status runs/quickstart --wide", READ_EXITS,
+                 "Fits 80 columns; a running stage shows step/max steps, its loss and ETA. Reads the run folder only.")
+    p.add_argument("run_dir", type=Path, metavar="RUN",
+                   help="the run folder, or a manifest: the folder it runs in (run.dir, or runs/<run.name>)")
     p.add_argument("--json", action="store_true", help="the same as one JSON object, for scripts")
+    p.add_argument("--wide", action="store_true",
+                   help="every column (input -> output digests, start-up time), nothing cut to fit 80 columns")
 
-    p = sub.add_parser("lineage", help="which checkpoint fed which stage: text, JSON, Mermaid or a picture")
-    p.add_argument("run_dir", type=Path)
+    p = _command(sub, "lineage", "which checkpoint fed which stage: text, JSON, Mermaid or a picture",
+                 "baton lineage runs/quickstart --format svg -o lineage.svg", READ_EXITS)
+    p.add_argument("run_dir", type=Path, metavar="RUN", help="the run folder")
     p.add_argument("--format", choices=("text", "json", "mermaid", "svg", "png"), default="text",
                    help="text (default); json: the graph as data; mermaid: a Markdown flowchart; svg, png: a picture")
     p.add_argument("--json", dest="format", action="store_const", const="json", help="the same as --format json")
     p.add_argument("-o", "--output", type=Path, help="write to this file (atomically) instead of stdout; png needs it")
-    sub.add_parser("verify", help="hash each done stage's final/ again and compare with the ledger (exit 1: damaged)"
-                   ).add_argument("run_dir", type=Path)
 
-    p = sub.add_parser("schema", help="the manifest's JSON Schema, every kind's options in it (for editors)")
+    p = _command(sub, "verify", "hash each done stage's final/ again and compare with the ledger",
+                 "baton verify runs/quickstart", "0 every output intact; 1 one damaged or missing; 2 not a run folder")
+    p.add_argument("run_dir", type=Path, metavar="RUN", help="the run folder")
+
+    p = _command(sub, "schema", "the manifest's JSON Schema, every kind's options in it (for editors)",
+                 "baton schema -o manifest.schema.json", "0 written; 2 the file cannot be written")
     p.add_argument("-o", "--output", type=Path, help="write it to this file instead of stdout")
 
-    p = sub.add_parser("report", help="one self-contained HTML page: lineage, curves, evals, attempts, settings")
-    p.add_argument("run_dir", type=Path)
+    p = _command(sub, "report", "one self-contained HTML page: lineage, curves, evals, attempts, settings",
+                 "baton report runs/quickstart -o quickstart.html", READ_EXITS)
+    p.add_argument("run_dir", type=Path, metavar="RUN", help="the run folder")
     p.add_argument("-o", "--output", type=Path, help="where to write it (default: <run>/report.html)")
 
     args = parser.parse_args(argv)
@@ -93,7 +130,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "resume":
         return pipeline.resume(args.run_dir)
     if args.command == "status":
-        print(json.dumps(report.status_data(args.run_dir), indent=2) if args.json else report.status(args.run_dir))
+        run_dir = report.run_folder(args.run_dir)
+        print(json.dumps(report.status_data(run_dir), indent=2) if args.json else report.status(run_dir, args.wide))
         return 0
     if args.command == "lineage":
         from launcher import lineage
@@ -130,6 +168,27 @@ def _output(data: str | bytes, path: Path | None) -> None:
         write_atomic(path, data)
     except OSError as e:
         raise ConfigError(f"{path}: cannot write: {e.strerror or e}") from None
+
+
+def _command(sub: Any, name: str, summary: str, example: str, exits: str, more: str = "") -> argparse.ArgumentParser:
+    """A subcommand whose --help says what it does, one example and its exit codes."""
+    description = textwrap.fill(f"{summary[0].upper()}{summary[1:]}. {more}".strip(), 79)
+    epilog = f"Example:\n  {example}\n\nExit codes:\n  " + exits.replace("; ", "\n  ")
+    return sub.add_parser(name, help=summary, description=description, epilog=epilog,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+class _Version(argparse.Action):
+    """--version: baton's and its main libraries' versions, read from their metadata (no torch import)."""
+
+    def __init__(self, option_strings: list[str], dest: str, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
+        from launcher.attempts import versions
+
+        print("".join(f"{name} {v or 'not installed'}\n" for name, v in versions().items()), end="")
+        parser.exit()
 
 
 def schema() -> dict[str, object]:

@@ -60,7 +60,7 @@ class Run(Strict):
     report_to: list[Tracker] = Field(
         default_factory=default_report_to,
         description="Where every stage reports its metrics besides metrics.jsonl: tensorboard (event files in "
-        "stages/<stage>/tensorboard/), wandb, mlflow; [] for none. Not part of the fingerprint.")
+        "stages/<stage>/events.out.tfevents.*), wandb, mlflow; [] for none. Not part of the fingerprint.")
     wandb: WandbSettings = Field(default_factory=WandbSettings, description="Weights & Biases settings (report_to "
                                  "wandb); WANDB_* environment variables work too.")
     mlflow: MlflowSettings = Field(default_factory=MlflowSettings, description="MLflow settings (report_to mlflow); "

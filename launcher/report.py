@@ -5,6 +5,7 @@ is launcher/lineage.py's, the HTML page launcher/htmlreport.py's."""
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +13,27 @@ from contract.files import dir_digest, short
 from contract.layout import final_dir, stage_dir
 from launcher.decisions import describe
 from launcher.digests import folder_stat
+from launcher.errors import ConfigError
 from launcher.lineage import ON_DISK, load, refs
 from launcher.plan import disk_state, stat_changes
 from launcher.progress import read as read_progress
+
+
+def run_folder(path: Path) -> Path:
+    """The run folder `baton status` shows: `path` itself, or for a manifest (a file) the folder it runs in,
+    run.dir or runs/<run.name> (relative to the working directory, as `baton run` makes it). Only the manifest's
+    `run:` is read: a run whose data have moved since still shows."""
+    if not path.is_file():
+        return path
+    import yaml
+
+    try:
+        run = (yaml.safe_load(path.read_text()) or {}).get("run") or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, AttributeError) as e:
+        raise ConfigError(f"{path}: neither a run folder nor a manifest baton can read: {e}") from None
+    if not isinstance(run, dict) or not (run.get("dir") or run.get("name")):
+        raise ConfigError(f"{path}: a manifest names its run folder in run.dir or run.name; this one does not")
+    return Path(str(run.get("dir") or f"runs/{run['name']}")).resolve()
 
 
 def status_data(run_dir: Path) -> dict[str, Any]:
@@ -45,30 +64,58 @@ def status_data(run_dir: Path) -> dict[str, Any]:
             "stages": stages, "shared_evals": shared(data), "decisions": decided(data)}
 
 
-def status(run_dir: Path) -> str:
-    """`status_data` as tables."""
+WIDTH = 80  # `baton status` fits a terminal of this many columns; `--wide` shows every column, whole
+
+
+def status(run_dir: Path, wide: bool = False) -> str:
+    """`status_data` as tables: by default stage, kind, state, steps, tries and metrics, cut to fit `WIDTH`
+    columns; `wide` adds the digests, the start-up time and cuts nothing. A stage that runs shows its
+    step/max steps, and its loss and ETA in place of metrics."""
     st = status_data(run_dir)
-    rows: list[tuple[str, ...]] = [
-        ("stage", "kind", "state", "steps", "metrics", "input -> output", "tries", "launch -> step 1")]
+    head = ("stage", "kind", "state", "steps", "tries", "metrics")
+    rows: list[tuple[str, ...]] = [head + (("input -> output", "launch -> step 1") if wide else ())]
     slurm = any("slurm" in s for s in st["stages"])
     if slurm:
         rows[0] += ("slurm",)
     shared = set(st["shared_evals"])  # the shared eval sets' metrics have a table of their own
     for s in st["stages"]:
+        progress = s["progress"]
         own = [(k, v) for k, v in s["metrics"].items() if k.split("/")[0] not in shared]  # see below
-        shown = ", ".join(f"{k} {number(v)}" for k, v in own) or "-"  # in the order the stage gave them
-        inputs = [i for i in dict.fromkeys(short(ref.get("digest")) for ref in s["inputs"]) if i != "-"] or ["data"]
-        io = f"{','.join(inputs)} -> {short(s.get('output'))}"
-        startup = s["progress"].get("startup_s")
+        shown = ", ".join(f"{k} {number(v)}" for k, v in own)  # in the order the stage gave them
+        if s["state"] == "running":
+            shown = ", ".join(filter(None, [f"loss {number(progress['loss'])}" if "loss" in progress else "",
+                                            f"eta {duration(progress['eta_s'])}" if "eta_s" in progress else "",
+                                            shown]))
+        steps = str(s.get("steps", "-"))
+        if s["state"] != "done" and progress.get("max_steps"):
+            steps = f"{progress.get('step', 0)}/{progress['max_steps']}"
         mark = ON_DISK.get(s.get("on_disk") or "")
-        state = s["state"] + (f" ({mark})" if mark else "")
-        row = (s["name"], s.get("kind") or "?", state, str(s.get("steps", "-")), shown, io, str(s["tries"]),
-               "-" if startup is None else f"{startup:.1f} s")
+        row: tuple[str, ...] = (s["name"], s.get("kind") or "?", s["state"] + (f" ({mark})" if mark else ""), steps,
+               str(s["tries"]), shown or "-")
+        if wide:
+            inputs = [i for i in dict.fromkeys(short(ref.get("digest")) for ref in s["inputs"]) if i != "-"]
+            startup = progress.get("startup_s")
+            row += (f"{','.join(inputs or ['data'])} -> {short(s.get('output'))}",
+                    "-" if startup is None else f"{startup:.1f} s")
         job = s.get("slurm") or {}
         rows.append(row + ((f"{job['job_id']} {job['state']}" + (f" ({job['reason']})" if job.get("reason") else "")
                             if job else "-",) if slurm else ()))
-    text = f"run {st['run'] or '?'}  ({run_dir})\n" + _table(rows)
-    return "\n\n".join([text, *filter(None, [_shared_table(st["shared_evals"]), _decisions(st["decisions"])])])
+    width = None if wide else WIDTH
+    title = f"run {st['run'] or '?'}  ({run_dir})"
+    if width is not None and len(title) > width:
+        title = f"run {st['run'] or '?'}\n{run_dir}"  # a path is shown whole, even past the width: it is copied
+    tables = [_table(rows, width), _shared_table(st["shared_evals"], width), _decisions(st["decisions"], width)]
+    return "\n\n".join([title + "\n" + tables[0], *filter(None, tables[1:])])
+
+
+def duration(seconds: float) -> str:
+    """3 s, 4m05s, 2h07m: an ETA as a person reads it."""
+    s = round(seconds)
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 def shared(data: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
@@ -111,17 +158,23 @@ def decision_lines(decided: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
     return lines
 
 
-def _shared_table(shared: dict[str, dict[str, dict[str, Any]]]) -> str:
+def _shared_table(shared: dict[str, dict[str, dict[str, Any]]], width: int | None) -> str:
     columns, rows = shared_columns(shared)
     if not columns:
         return ""
     return _table([("shared evals", *columns)] + [(stage, *(number(m[c]) if c in m else "-" for c in columns))
-                                                  for stage, m in rows])
+                                                  for stage, m in rows], width)
 
 
-def _decisions(decided: dict[str, dict[str, Any]]) -> str:
+def _decisions(decided: dict[str, dict[str, Any]], width: int | None) -> str:
     lines = decision_lines(decided)
-    return "decisions\n" + "\n".join(f"  {name}: {line}" for name, line in lines) if lines else ""
+    if not lines:
+        return ""
+    if width is None:
+        return "decisions\n" + "\n".join(f"  {name}: {line}" for name, line in lines)
+    return "decisions\n" + "\n".join(textwrap.fill(f"{name}: {line}", width, initial_indent="  ",
+                                                    subsequent_indent="    ", break_on_hyphens=False)
+                                      for name, line in lines)
 
 
 def verify(run_dir: Path) -> tuple[str, bool]:
@@ -153,6 +206,15 @@ def number(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def _table(rows: list[tuple[str, ...]]) -> str:
+def _table(rows: list[tuple[str, ...]], width: int | None = None) -> str:
+    """Columns two spaces apart. Given a `width`, cells are cut (…) until a line fits it: those of the last column
+    (the metrics) first, down to 24 characters, then those of the widest column."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+    while width is not None and sum(widths) + 2 * (len(widths) - 1) > width and max(widths) > 4:
+        cut = len(widths) - 1 if widths[-1] > 24 else max(range(len(widths)), key=lambda i: (widths[i], i))
+        widths[cut] -= 1
+    return "\n".join("  ".join(_cut(c, w).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def _cut(cell: str, width: int) -> str:
+    return cell if len(cell) <= width else cell[:width - 1] + "…"

@@ -28,6 +28,7 @@ from contract.files import dir_digest
 from contract.layout import Output, Result, read_metrics, stage_dir, write_bad_input, write_result
 from contract.spec import Spec
 from launcher import attempts, cli, decisions, lineage
+from launcher.backends.local import link_logs
 from launcher.errors import ConfigError
 from launcher.ledger import Ledger, read
 from launcher.plan import Step, make_plan
@@ -398,6 +399,46 @@ def test_a_kept_stage_made_under_other_versions_is_warned_about(done: dict[str, 
     assert "== pre: skip (done, unchanged)\n== pre: made with torch 2.12.0" in out
 
 
+# ----------------------------------------------------------------- logs at stable paths
+
+
+def crash_as_torchrun_does(spec: Spec, log_dir: Path) -> int:
+    """A stage that crashes, its two ranks' logs where torchrun puts them: under its run id and a random suffix."""
+    for rank in (0, 1):
+        folder = log_dir / "4f0c2a9e-run_x7k2p1" / "attempt_0" / str(rank)
+        folder.mkdir(parents=True)
+        (folder / "stdout.log").write_text(f"rank {rank} out\n")
+        (folder / "stderr.log").write_text(f"RuntimeError: rank {rank} fell over\n")
+    return 1
+
+
+def test_a_failed_attempt_names_rank_0s_stderr_at_a_stable_path(tmp_path: Path, backend: FakeBackend,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    backend.act = crash_as_torchrun_does
+    run_dir = tmp_path / "run"
+    assert run("run", write_manifest(tmp_path), "--run-dir", run_dir) == 1
+    out = capsys.readouterr().out
+    attempt = stage_dir(run_dir, "tok") / "logs" / "attempt-1"
+    assert f"== tok: failed with exit code 1; rank 0's stderr: {attempt / 'rank-0.stderr'} (" in out
+    assert f"the end of rank 0's stderr ({attempt / 'rank-0.stderr'}):\nRuntimeError: rank 0 fell over" in out
+    for rank in (0, 1):
+        assert (attempt / f"rank-{rank}.stderr").read_text() == f"RuntimeError: rank {rank} fell over\n"
+        assert (attempt / f"rank-{rank}.stdout").read_text() == f"rank {rank} out\n"
+        assert not os.path.isabs(os.readlink(attempt / f"rank-{rank}.stderr"))  # the run folder may move
+
+
+def test_on_several_nodes_rank_0_is_the_local_rank_0_that_printed(tmp_path: Path) -> None:
+    for node, printed in (("a_1", ""), ("b_2", "step 1/4\n")):
+        folder = tmp_path / node / "attempt_0" / "0"
+        folder.mkdir(parents=True)
+        (folder / "stdout.log").write_text(printed)
+        (folder / "stderr.log").write_text(f"node {node}\n")
+    assert link_logs(tmp_path) == tmp_path / "rank-0.stderr"
+    assert (tmp_path / "rank-0.stderr").read_text() == "node b_2\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_1", "b_2", "rank-0.stderr", "rank-0.stdout"]
+    assert link_logs(tmp_path / "a_1" / "attempt_0") is None  # no torchrun logs: nothing linked
+
+
 # ----------------------------------------------------------------- the real thing
 
 
@@ -492,9 +533,9 @@ def test_a_crashing_stage_shows_the_end_of_rank_0s_stderr(tmp_path: Path, hf_env
     assert proc.returncode == 1, proc.stdout + proc.stderr
     head, _, tail = proc.stdout.partition("== tok: the end of rank 0's stderr (")
     assert tail, proc.stdout
-    assert "/attempt-1/" in tail.splitlines()[0] and tail.splitlines()[0].endswith("/0/stderr.log):")
+    assert tail.splitlines()[0].endswith("/stages/tok/logs/attempt-1/rank-0.stderr):")
     assert "RuntimeError" in tail and "Vocabulary size too high (5000)" in tail
-    assert "== tok: failed with exit code 1; logs in " in tail
+    assert "== tok: failed with exit code 1; rank 0's stderr: " in tail
     assert not [noise for noise in ("ChildFailedError", "torch/distributed") if noise in proc.stdout + proc.stderr]
 
 

@@ -175,3 +175,50 @@ def test_the_page_renders_in_a_browser(run_dir: Path, tmp_path: Path) -> None:
     assert main(["report", str(run_dir), "-o", str(out)]) == 0
     found = browser.check_report(out, STAGES, plots=3)
     assert found["tables"] == [["shared", 2], ["metrics", 5], ["attempts", 6]] and found["switched"]
+
+
+def test_status_fits_80_columns_and_a_running_stage_shows_its_progress(run_dir: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    data = json.loads((run_dir / "ledger.json").read_text())
+    members = [{"source": "stage", "stage": f"ft{i}", "digest": f"sha256:{i}" + "e" * 63} for i in range(5)]
+    data["stages"]["soup-greedy"] = stage("ensemble", [attempt(1, 0, "done")], {
+        **{f"member{i}/accuracy": 0.5 + i / 100 for i in range(5)}, "accuracy": 0.59, "macro_f1": 0.58,
+        "eval_loss": 1.35, "kept": "ft0,ft3,ft4"}, 0) | {"inputs": {"members": members}}
+    data["stages"]["sft"] = {"state": "running", "kind": "clm", "attempts": [attempt(1, 0, "running")],
+                             "inputs": {"init": {"source": "stage", "digest": "sha256:" + "cd" * 32}}}
+    (run_dir / "ledger.json").write_text(json.dumps(data))
+    for name in data["stages"]:
+        (run_dir / "stages" / name / "final").mkdir(parents=True)  # done; "final/ MISSING" is another test's
+    folder = run_dir / "stages" / "sft"
+    records = [{"event": "start", "time": 1796067000, "step": 0, "max_steps": 400}, train(120, 2.3125)]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    assert main(["status", str(run_dir)]) == 0
+    text = capsys.readouterr().out
+    assert all(len(line) <= 80 for line in text.splitlines()), max(text.splitlines(), key=len)
+    row = next(line for line in text.splitlines() if line.startswith("sft "))
+    assert "120/400" in row and "loss 2.312" in row and "eta 56 s" in row  # 280 steps at 5 steps/s
+    assert re.search(r"^soup-greedy +ensemble +done +0 +1 +member0/accuracy 0.5, .*…$", text, re.M)
+
+    assert main(["status", str(run_dir), "--wide"]) == 0
+    wide = capsys.readouterr().out
+    assert max(len(line) for line in wide.splitlines()) > 80 and "…" not in wide
+    assert "member4/accuracy 0.54" in wide and "kept ft0,ft3,ft4" in wide and "launch -> step 1" in wide
+    assert "0eeeeeeeeeee,1eeeeeeeeeee" in wide
+
+
+def test_status_of_a_manifest_shows_the_run_it_runs_in(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    run_dir = fake_run(tmp_path)
+    manifest = tmp_path / "elsewhere.yaml"
+    manifest.write_text(MANIFEST.replace("run: {name: fake}", f"run: {{name: fake, dir: {run_dir}}}"))
+    assert main(["status", str(manifest)]) == 0
+    assert capsys.readouterr().out.startswith(f"run fake  ({run_dir})\nstage ")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    run_dir.rename(tmp_path / "runs" / "fake")
+    assert main(["status", "fake.yaml", "--json"]) == 0  # run.name: runs/<name> in the working directory
+    assert json.loads(capsys.readouterr().out)["run_dir"] == str(tmp_path / "runs" / "fake")
+    (tmp_path / "list.yaml").write_text("- a\n")
+    assert main(["status", "list.yaml"]) == 2
+    assert "list.yaml: neither a run folder nor a manifest" in capsys.readouterr().err

@@ -136,7 +136,9 @@ def test_status_json_of_a_run_in_progress_reads_the_run_folder_without_torch(tmp
     assert progress["eval"] == {"eval_loss": 6.25, "perplexity": 518.0} and progress["tokens_per_s"] == 12345.6
     assert pre["inputs"] == [{"input": "tokenizer", "source": "stage", "stage": "tokenizer", "path": "x",
                               "digest": "sha256:" + "ab" * 32}]
-    text = subprocess.run([sys.executable, "-m", "launcher.cli", "status", str(run_dir)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=60).stdout
-    row = next(line for line in text.splitlines() if line.startswith("pretrain"))
-    assert row.split()[:4] == ["pretrain", "mlm", "running", "200"] and row.endswith("9.5 s")
+    for wide in ([], ["--wide"]):
+        text = subprocess.run([sys.executable, "-m", "launcher.cli", "status", str(run_dir), *wide], cwd=ROOT,
+                              capture_output=True, text=True, timeout=60).stdout
+        row = next(line for line in text.splitlines() if line.startswith("pretrain"))
+        assert row.split()[:5] == ["pretrain", "mlm", "running", "200/1500", "1"] and "loss 5.5, eta 2m10s" in row
+        assert row.endswith("9.5 s") == bool(wide)  # the start-up time: --wide only

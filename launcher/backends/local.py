@@ -86,6 +86,38 @@ def torchrun(rendezvous: list[str], kind: str, spec_path: Path, nproc_per_node: 
     ]
 
 
+def link_logs(log_dir: Path) -> Path | None:
+    """After an attempt: stable names for the logs torchrun wrote under its run id and a random suffix
+    (`<log_dir>/<run id>_<random>/attempt_<restart>/<local rank>/stdout.log`): `rank-<r>.stdout` and
+    `rank-<r>.stderr` in `log_dir`, relative links (the run folder may move). On several nodes (a folder per
+    node, which the names do not tell apart) only rank 0's, found as the one local rank 0 that printed (only
+    the global rank 0 prints). Returns rank 0's stderr, or None where torchrun wrote no rank's logs."""
+    nodes = [max(agent.glob("attempt_*"), key=lambda a: int(a.name.removeprefix("attempt_") or 0))
+             for agent in sorted(log_dir.glob("*_*")) if any(agent.glob("attempt_*/0/stderr.log"))]
+    if not nodes:
+        return None
+    if len(nodes) == 1:
+        ranks = {int(r.name): r for r in nodes[0].iterdir() if r.name.isdigit()}
+    else:
+        ranks = {0: next((n / "0" for n in nodes if _size(n / "0" / "stdout.log")), nodes[0] / "0")}
+    for rank, folder in ranks.items():
+        for stream in ("stdout", "stderr"):
+            link = log_dir / f"rank-{rank}.{stream}"
+            try:
+                link.unlink(missing_ok=True)
+                link.symlink_to((folder / f"{stream}.log").relative_to(log_dir))
+            except OSError:
+                continue  # a file system without links: the logs stay where torchrun put them
+    return log_dir / "rank-0.stderr"
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
 def _launcher_log(argv: list[str]) -> Path | None:
     """Where the stderr of the command (torchrun's, srun's) goes: TORCHRUN_LOG beside the ranks' logs."""
     if "--log-dir" not in argv:

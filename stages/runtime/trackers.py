@@ -28,7 +28,6 @@ from contract.files import write_json
 from stages.runtime import dist, records
 from stages.runtime.spec import Spec
 
-TENSORBOARD_DIR = "tensorboard"
 MLFLOW_RUN = "mlflow_run.json"
 
 
@@ -95,7 +94,8 @@ class Tracker(Protocol):
 
 
 class TensorBoard:
-    """Event files in `<stage_dir>/tensorboard/`: `tensorboard --logdir <run>/stages` shows each stage as a run."""
+    """Event files in the stage's folder itself: TensorBoard names a run by the folder that holds its event
+    files, so `tensorboard --logdir <run>/stages` shows each stage as a run named after it (not `<stage>/...`)."""
 
     name = "tensorboard"
 
@@ -103,7 +103,7 @@ class TensorBoard:
         from torch.utils.tensorboard import SummaryWriter
 
         # purge_step: TensorBoard drops what the stopped attempt logged past the checkpoint resumed from
-        self.writer = SummaryWriter(log_dir=str(Path(spec.stage_dir) / TENSORBOARD_DIR),
+        self.writer = SummaryWriter(log_dir=spec.stage_dir,
                                     purge_step=resumed + 1 if resumed else None)
 
     def log(self, step: int, values: dict[str, float]) -> None:

@@ -109,9 +109,11 @@ def test_a_failing_tracker_is_dropped_and_the_others_go_on(tmp_path, capsys):
     assert "nowhere" in logged[0]["error"]
     warnings = [line for line in capsys.readouterr().out.splitlines() if "mlflow reporting failed" in line]
     assert len(warnings) == 1, warnings
-    events = EventAccumulator(str(tmp_path / "stage" / "tensorboard"))
+    events = EventAccumulator(str(tmp_path / "stage"))
     events.Reload()
     assert [(s.step, s.value) for s in events.Scalars("eval/accuracy")] == [(0, 0.25)]
+    # TensorBoard names a run by the folder holding its event files: under --logdir <run>/stages, the stage's name
+    assert {p.parent.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("events.out.tfevents.*")} == {"stage"}
 
 
 # ----------------------------------------------------------------- slow: a real stage, stopped and resumed
@@ -179,7 +181,7 @@ def test_tensorboard_event_files(tracked):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     train, evals = _train_and_eval(tracked["folder"])
-    events = EventAccumulator(str(tracked["folder"] / "tensorboard"))
+    events = EventAccumulator(str(tracked["folder"]))
     events.Reload()
     tags = set(events.Tags()["scalars"])
     assert {"train/loss", "train/lr", "train/steps_per_s", "train/tokens_per_s", "eval/eval_loss",
@@ -241,6 +243,6 @@ def test_tensorboard_drops_what_a_stopped_attempt_logged_past_its_checkpoint(tmp
             t.record({"event": "train", "step": step, "loss": loss + step})
         records.close(0)
     assert not Path(spec.stage_dir, records.METRICS).exists()  # no tracker failed
-    events = EventAccumulator(str(tmp_path / "stage" / "tensorboard"))
+    events = EventAccumulator(str(tmp_path / "stage"))
     events.Reload()
     assert [(s.step, s.value) for s in events.Scalars("train/loss")] == [(2, 3.0), (4, 5.0), (6, 8.0), (8, 10.0)]
