@@ -15,10 +15,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from contract.files import write_atomic
+from contract.files import short, write_atomic
 from contract.layout import (
     EXIT_BAD_INPUT,
     EXIT_STOPPED,
+    ChangedInput,
     Result,
     complete_tags,
     final_dir,
@@ -65,6 +66,7 @@ def run_stage(step: Step, led: ledger.Ledger, run_dir: Path, backend: Backend,
         write_atomic(spec_path, spec.model_dump_json(indent=2) + "\n")
         attempt_no = len(entry["attempts"]) + 1
         argv = backend.command(r.kind, spec_path, r.nproc_per_node, folder / "logs" / f"attempt-{attempt_no}", r.nnodes)
+        entry.pop("damage", None)
         ledger.set_state(entry, "running", kind=r.kind, fingerprint=spec.fingerprint, settings=settings(spec),
                          inputs=inputs_of(spec), output=None, metrics=None)
         entry["attempts"].append({"attempt": attempt_no, "backend": backend.name, "started": ledger.now(),
@@ -82,6 +84,7 @@ def run_stage(step: Step, led: ledger.Ledger, run_dir: Path, backend: Backend,
     result = read_result(folder, spec.fingerprint)
     bad_input = read_bad_input(folder)
     checkpoint = resumable(folder, spec.fingerprint, spec.any_world)
+    damaged: tuple[str, str] | None = None
     with led.edit():
         entry = led.stage(r.name)
         attempt = entry["attempts"][-1]
@@ -104,6 +107,8 @@ def run_stage(step: Step, led: ledger.Ledger, run_dir: Path, backend: Backend,
             ledger.set_state(entry, "failed")
             attempt["error"] = bad_input.message
             outcome, ret = f"bad input: {bad_input.message}; logs in {log_dir}", EXIT_BAD_INPUT
+            if bad_input.changed_input is not None:
+                damaged = _mark_upstream(led.data, bad_input.changed_input, r.name)
         else:
             ledger.set_state(entry, "failed")
             logs = f"rank 0's stderr: {rank0}" if rank0 else f"logs in {folder / 'logs'}"
@@ -122,7 +127,24 @@ def run_stage(step: Step, led: ledger.Ledger, run_dir: Path, backend: Backend,
         else:
             settle(folder, entry)
     print(f"== {r.name}: {outcome} ({attempt['wall_s']} s)", flush=True)
+    if damaged:
+        print(f"== {damaged[0]}: recorded as damaged ({damaged[1]}); the next `baton run` reruns it and its "
+              "descendants", flush=True)
     return ret
+
+
+def _mark_upstream(data: dict[str, Any], changed: ChangedInput, reader: str) -> tuple[str, str] | None:
+    """A stage refused an input because its digest differs: when that input is a done stage's final/, record the
+    stage as damaged. (stage, why), or None for an input no stage made (a pretrained folder: its digest is taken
+    again at the next plan)."""
+    for name, entry in data["stages"].items():
+        if (entry.get("output") or {}).get("path") == changed.path:
+            why = f"{reader} found its final/ with digest {short(changed.digest)}, not the recorded " \
+                  f"{short(changed.expected)}"
+            if ledger.mark_damaged(entry, f"final/ holds {short(changed.digest)}, not the recorded "
+                                          f"{short(changed.expected)} (found by {reader})"):
+                return name, why
+    return None
 
 
 def stage_environment(folder: Path) -> dict[str, Any] | None:

@@ -38,7 +38,8 @@ VERSION = 1
 
 # A stage's state; only `set_state` writes it.
 State = Literal["pending", "queued", "running", "requeued", "preempted", "done", "failed", "cancelled",
-                "skipped"]  # skipped: a Slurm job whose stage a decision made unneeded (or a gate stop before it)
+                "skipped",  # a Slurm job whose stage a decision made unneeded (or a gate stop before it)
+                "damaged"]  # was done, but its final/ no longer holds the recorded digest: the next run reruns it
 ACTIVE: tuple[State, ...] = ("queued", "running", "requeued")  # a Slurm job of the stage is live
 
 
@@ -250,6 +251,15 @@ def _keep_previous(path: Path) -> None:
 def set_state(entry: dict[str, Any], state: State, **fields: Any) -> None:
     """Change a stage entry's state (and any other fields with it)."""
     entry.update(fields, state=state)
+
+
+def mark_damaged(entry: dict[str, Any], why: str) -> bool:
+    """Record that a done stage's final/ no longer holds its recorded digest (`why`): state damaged, the output's
+    record kept for the lineage. False when the entry is not a done stage's (nothing to mark, or marked)."""
+    if entry.get("state") != "done":
+        return False
+    set_state(entry, "damaged", damage=why)
+    return True
 
 
 def _acquire(lock: Path, wait_s: float = 0) -> None:

@@ -21,7 +21,8 @@ from launcher.errors import LedgerError
 from launcher.plan import disk_state
 
 VERSION = 1  # of the graph dict (`baton lineage --json`)
-ON_DISK = {"changed": "CHANGED ON DISK", "missing": "final/ MISSING"}  # marks of a done stage whose final/ differs
+# marks of a stage whose final/ differs: by size or mtime, or found by a hash (state damaged)
+ON_DISK = {"changed": "CHANGED ON DISK", "missing": "final/ MISSING", "damaged": "DAMAGED"}
 _VARIANT = re.compile(r"@v\d+$")
 
 
@@ -110,7 +111,8 @@ def _node(run_dir: Path, name: str, e: dict[str, Any], gate: str | None) -> dict
     return {"id": f"stage:{name}", "name": name, "kind": e.get("kind"), "state": e.get("state"),
             "stage": _group(name), "role": _role(name),
             "output": {"path": out.get("path"), "digest": out.get("digest")} if out else None,
-            "on_disk": disk_state(run_dir, name, e) if done else None, "gate": gate}
+            "on_disk": "damaged" if e.get("state") == "damaged" else disk_state(run_dir, name, e) if done else None,
+            "gate": gate}
 
 
 def _group(name: str) -> str:
@@ -147,7 +149,8 @@ def _stage_edge(run_dir: Path, name: str, key: str, ref: dict[str, Any], stages:
     changed or missing (its files differ by size or mtime), unknown (no stat record: `baton verify` hashes)."""
     upstream = stages.get(ref["stage"], {})
     now = (upstream.get("output") or {}).get("digest")
-    state = "stale" if now != ref.get("digest") else disk_state(run_dir, ref["stage"], upstream)
+    state = "stale" if now != ref.get("digest") else "damaged" if upstream.get("state") == "damaged" \
+        else disk_state(run_dir, ref["stage"], upstream)
     named = ref.get("named")
     rec = decisions.get(named or "") or {}
     why = None if not named else "fallback" if rec.get("outcome") == "fallback" else \
@@ -208,7 +211,8 @@ def _input_line(edge: dict[str, Any], src: dict[str, Any] | None) -> str:
 
 COLOURS = {  # fill, by state: done green, running blue, failed red, preempted orange, the rest grey
     "done": "#c8e6c9", "running": "#bbdefb", "queued": "#e3f2fd", "requeued": "#e3f2fd", "failed": "#ffcdd2",
-    "preempted": "#ffe0b2", "pending": "#eeeeee", "cancelled": "#e0e0e0", "skipped": "#e0e0e0", "absent": "#ffffff",
+    "preempted": "#ffe0b2", "damaged": "#f8bbd0",
+    "pending": "#eeeeee", "cancelled": "#e0e0e0", "skipped": "#e0e0e0", "absent": "#ffffff",
 }
 _VERDICT = {"passed": "gate passed", "failed": "gate failed", "stopped": "gate STOPPED THE RUN"}  # as boxes say it
 _MERMAID_CLASS = {"queued": "running", "requeued": "running", "cancelled": "pending", "skipped": "pending"}
@@ -267,7 +271,7 @@ def _edge_label(group: list[dict[str, Any]], sep: str) -> str:
     return sep.join([" ".join(["; ".join(parts), *marks]), *why])
 
 
-_MARKS = {"stale": "STALE", "changed": "CHANGED", "missing": "MISSING"}
+_MARKS = {"stale": "STALE", "changed": "CHANGED", "missing": "MISSING", "damaged": "DAMAGED"}
 
 
 def _retries(g: dict[str, Any]) -> list[tuple[str, str]]:

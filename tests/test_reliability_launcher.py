@@ -25,7 +25,7 @@ import launcher.pipeline
 import launcher.plan
 import launcher.report
 from contract.files import dir_digest
-from contract.layout import Output, Result, read_metrics, stage_dir, write_bad_input, write_result
+from contract.layout import ChangedInput, Output, Result, read_metrics, stage_dir, write_bad_input, write_result
 from contract.spec import Spec
 from launcher import attempts, cli, decisions, lineage
 from launcher.backends.local import link_logs
@@ -48,8 +48,10 @@ def play_stage(spec: Spec, log_dir: Path, metrics: dict[str, float] | None = Non
     (log_dir / "0" / "stderr.log").write_text(f"{spec.stage} ran\n")
     for name, ref in spec.inputs.items():
         for r in ref if isinstance(ref, list) else [ref]:
-            if r.digest and r.path and Path(r.path).is_dir() and dir_digest(r.path) != r.digest:
-                write_bad_input(folder, f"inputs.{name}: {r.path} has digest {dir_digest(r.path)}, not {r.digest}")
+            if r.digest and r.path and Path(r.path).is_dir() and (found := dir_digest(r.path)) != r.digest:
+                changed = ChangedInput(key=f"inputs.{name}", path=r.path, digest=found, expected=r.digest)
+                write_bad_input(folder, f"inputs.{name}.digest: {r.path} has {found}, spec expects {r.digest}",
+                                changed)
                 return 1  # torchrun's code for any failing rank; error.json says it was bad input
     with open(folder / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"event": "start", "time": 0, "step": 0, "world_size": spec.world_size}) + "\n")

@@ -8,15 +8,22 @@ The driver runs in-process (`baton run`) with the stand-in back-end of `test_rel
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+import launcher.pipeline
+import launcher.report
 from contract.layout import stage_dir
+from launcher import lineage
+from launcher.errors import ConfigError
 from launcher.ledger import LEDGER, Ledger, read
+from launcher.plan import make_plan
 from tests import test_reliability_launcher as base
-from tests.test_reliability_launcher import run
+from tests.test_ledger_plan import write_manifest
+from tests.test_reliability_launcher import FakeBackend, flip_a_byte, run
 
 backend, done = base.backend, base.done  # the fixtures: a stand-in back-end; tok -> pre -> cls done through it
 
@@ -106,3 +113,91 @@ def test_restore_ledger_refuses_a_readable_ledger_and_a_missing_generation(done:
     assert run("restore-ledger", run_dir) == 2
     assert f"no readable {LEDGER}.1" in capsys.readouterr().err
     assert before != (run_dir / LEDGER).read_bytes()
+
+
+# ----------------------------------------------------------------- (2) damage that keeps size and mtime
+
+
+def substitute_in_place(path: Path) -> None:
+    """One flipped bit, the file's size and mtime kept: invisible to a stat."""
+    st = path.stat()
+    flip_a_byte(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_verify_records_damage_that_keeps_size_and_mtime_and_the_next_run_repairs_it(
+        done: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir, manifest = done["run_dir"], done["manifest"]
+    substitute_in_place(stage_dir(run_dir, "pre") / "final" / "model.safetensors")
+    assert run("run", manifest, "--run-dir", run_dir, "--dry-run") == 0  # a stat cannot see it
+    assert "2. pre [mlm] SKIP" in capsys.readouterr().out
+
+    assert run("verify", run_dir) == 1
+    out = capsys.readouterr().out
+    assert "pre: DAMAGED" in out and "recorded as damaged: pre; the next `baton run` reruns it" in out
+    entry = read(run_dir)["stages"]["pre"]
+    assert entry["state"] == "damaged" and entry["damage"].startswith("final/ holds ")
+    assert entry["output"]["digest"]  # what it was, for the lineage
+    assert run("verify", run_dir) == 1  # still damaged, recorded once
+    capsys.readouterr()
+
+    status = launcher.report.status(run_dir)
+    assert [line.split()[2] for line in status.splitlines() if line.startswith("pre ")] == ["damaged"]
+    text = lineage.text(lineage.graph(run_dir))
+    assert "pre [mlm] damaged" in text
+    assert "(DAMAGED)" in text.split("<- init pre/final")[1].splitlines()[0]
+
+    assert run("run", manifest, "--run-dir", run_dir, "--dry-run") == 0
+    out = capsys.readouterr().out
+    assert "2. pre [mlm] RERUN: output damaged: final/ holds " in out
+    assert "3. cls [classify] RERUN: input from pre will change" in out
+    with pytest.raises(ConfigError, match="output of pre, which is damaged"):
+        make_plan(done["stages"], read(run_dir), run_dir, only="cls")
+
+    assert run("run", manifest, "--run-dir", run_dir) == 0
+    assert {n: e["state"] for n, e in read(run_dir)["stages"].items()} == {"tok": "done", "pre": "done", "cls": "done"}
+    # the plan is made again after pre: its new final/ is the old one's bytes (the stand-in is deterministic), so
+    # cls's input is unchanged and cls is kept
+    assert {n: len(e["attempts"]) for n, e in read(run_dir)["stages"].items()} == {"tok": 1, "pre": 2, "cls": 1}
+    assert "damage" not in read(run_dir)["stages"]["pre"]
+    assert run("verify", run_dir) == 0
+
+
+def test_a_stage_refusing_its_input_digest_marks_the_upstream_damaged(done: dict[str, Any], backend: FakeBackend,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """The stand-in stage refuses pre's final/ the way a real one does (error.json naming the input); the driver
+    records pre as damaged, and the next run reruns pre and then cls."""
+    run_dir = done["run_dir"]
+    substitute_in_place(stage_dir(run_dir, "pre") / "final" / "model.safetensors")
+    changed = write_manifest(done["root"], cls_lr=1e-3)
+    assert run("run", changed, "--run-dir", run_dir) == 2
+    out = capsys.readouterr().out
+    assert "== cls: bad input: inputs.init.digest: " in out
+    assert "== pre: recorded as damaged (cls found its final/ with digest " in out
+    assert "the next `baton run` reruns it and its descendants" in out
+    stages = read(run_dir)["stages"]
+    assert stages["pre"]["state"] == "damaged" and "found by cls" in stages["pre"]["damage"]
+    assert "baton: " not in capsys.readouterr().err
+
+    assert run("run", changed, "--run-dir", run_dir) == 0
+    out = capsys.readouterr().out
+    assert "== pre (mlm): rerun (output damaged: " in out and "== cls (classify): " in out
+    assert {n: e["state"] for n, e in read(run_dir)["stages"].items()} == {"tok": "done", "pre": "done", "cls": "done"}
+    assert run("verify", run_dir) == 0
+
+
+@pytest.mark.slow
+def test_a_real_stage_refusing_a_damaged_input_marks_it_damaged(done: dict[str, Any],
+                                                                 monkeypatch: pytest.MonkeyPatch,
+                                                                 hf_env: dict[str, str]) -> None:
+    """A real classify stage under torchrun meets pre's final/ with a flipped bit: exit 2 before it
+    loads anything, and the error.json it writes names the input, so the driver marks pre damaged."""
+    from launcher.backends.local import LocalBackend
+
+    monkeypatch.setattr(launcher.pipeline, "LocalBackend", LocalBackend)
+    run_dir = done["run_dir"]
+    substitute_in_place(stage_dir(run_dir, "pre") / "final" / "model.safetensors")
+    assert run("run", write_manifest(done["root"], cls_lr=1e-3), "--run-dir", run_dir) == 2
+    stages = read(run_dir)["stages"]
+    assert stages["cls"]["attempts"][-1]["error"].startswith("inputs.tokenizer.digest: ")
+    assert stages["pre"]["state"] == "damaged" and "found by cls" in stages["pre"]["damage"]

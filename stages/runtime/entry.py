@@ -54,7 +54,7 @@ def _run(main: Callable[[S, Dist], int], narrow: Callable[[Spec], S]) -> None:
             # torchrun reports any failing rank as its own exit 1; this file tells the launcher it was bad input
             stage_dir = json.loads(Path(args.spec).read_text()).get("stage_dir") if Path(args.spec).is_file() else None
             if stage_dir and Path(stage_dir).is_dir():
-                write_bad_input(stage_dir, " ".join(str(e).split()))
+                write_bad_input(stage_dir, " ".join(str(e).split()), getattr(e, "changed", None))
         records.close(EXIT_BAD_INPUT)
         dist.finish(EXIT_BAD_INPUT, sync=False)
     except BaseException:
