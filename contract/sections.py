@@ -245,6 +245,7 @@ class DataSection(NamedTuple):
     name: str | None  # None: the stage's own data: (spec.data); else its key in spec.sections
     path: tuple[str | int, ...]  # where it is below the stage in the manifest, for messages
     data: Data
+    head: str | None = None  # what its rows train or score, where not the stage's own head (multitask's tasks)
 
 
 # ----------------------------------------------------------------- how a stage trains
@@ -527,8 +528,10 @@ class Variants(Strict):
     @model_validator(mode="after")
     def _one(self) -> Variants:
         exactly_one(self, "grid", "each")
-        if len(self.overrides()) > 64:
-            raise ValueError(f"{len(self.overrides())} variants; at most 64")
+        # the product of the sizes, not the expanded grid: a few lines of manifest can ask for 10^8 variants
+        count = len(self.each) if self.each is not None else math.prod(len(v) for v in (self.grid or {}).values())
+        if count > 64:
+            raise ValueError(f"{count} variants; at most 64")
         return self
 
     def overrides(self) -> list[dict[str, Any]]:

@@ -207,6 +207,30 @@ CASES: dict[str, Case] = {
     "data-files-with-other-columns": Case(
         edit("    data: {train: train.jsonl}", "    data: {train: train.jsonl, eval: other.jsonl}  #!"),
         "stages[2].data.train", ("different columns", "other.jsonl: label, source, text"), command="run"),
+    "label-missing-in-row-6": Case(
+        edit("    data: {train: train.jsonl}", "    data: {train: labels-missing.jsonl}  #!"),
+        "stages[2].data.train", ("labels-missing.jsonl: line 6: no field 'label'", "set data.label_field")),
+    "label-null-in-row-5": Case(
+        edit("    data: {train: train.jsonl}", "    data: {train: labels-null.jsonl}  #!"),
+        "stages[2].data.train", ("labels-null.jsonl: line 5: label is null",)),
+    "label-a-float": Case(
+        edit("    data: {train: train.jsonl}", "    data: {train: labels-float.jsonl}  #!"),
+        "stages[2].data.train", ("labels-float.jsonl: line 3: label is 1.5, not a string or an integer",)),
+    "label-a-number-among-strings": Case(
+        edit("    data: {train: train.jsonl}", "    data: {train: labels-mixed.jsonl}  #!"),
+        "stages[2].data.train", ("labels-mixed.jsonl: line 5: label is 3, a number, where",
+                                 "line 1's is a string", "one label column holds one type")),
+    "label-not-declared": Case(
+        edit("    data: {train: train.jsonl}", "    data: {train: labels-ab.jsonl, labels: [a]}  #!"),
+        "stages[2].data.train", ("labels-ab.jsonl: line 2: label 'b' is not one of data.labels: a",)),
+    "eval-label-not-in-train": Case(
+        edit("    data: {train: train.jsonl}", "    data: {train: labels-ab.jsonl, eval: labels-abc.jsonl}  #!"),
+        "stages[2].data.eval", ("labels-abc.jsonl: line 3: label 'c' never occurs in the training data "
+                                "(its labels: a, b)",)),
+    "eval-label-not-declared": Case(
+        edit("    data: {train: train.jsonl}",
+             "    data: {train: labels-ab.jsonl, eval: labels-abc.jsonl, labels: [a, b]}  #!"),
+        "stages[2].data.eval", ("labels-abc.jsonl: line 3: label 'c' is not one of data.labels: a, b",)),
     "infinite-lr": Case(
         edit(CLS_TRAIN, "    train: {epochs: 1, micro_batch_size: 4, lr: .inf}  #!\n"),
         "stages[2].train", ("lr: inf is not a finite number",)),
@@ -564,6 +588,16 @@ def write_inputs(folder: Path) -> None:
     (folder / "broken.jsonl").write_text(labelled[0] + "\n" + labelled[1][:-5] + "\n", encoding="utf-8")
     (folder / "null-text.jsonl").write_text(labelled[0] + '\n{"text": null, "label": "food"}\n', encoding="utf-8")
     (folder / "other.jsonl").write_text('{"text": "a grain", "label": "food", "source": "x"}\n', encoding="utf-8")
+    rows = [f'{{"text": "gloss {n}", "label": "{"ab"[n % 2]}"}}' for n in range(8)]
+    for name, row in {"missing": '{"text": "no label"}', "null": '{"text": "null label", "label": null}',
+                      "mixed": '{"text": "numbered", "label": 3}'}.items():
+        at = 5 if name == "missing" else 4  # 0-based: line 6 and line 5
+        (folder / f"labels-{name}.jsonl").write_text("\n".join(rows[:at] + [row] + rows[at:]) + "\n", encoding="utf-8")
+    (folder / "labels-float.jsonl").write_text('{"text": "x", "label": 1}\n{"text": "y", "label": 2}\n'
+                                               '{"text": "z", "label": 1.5}\n', encoding="utf-8")
+    (folder / "labels-ab.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    (folder / "labels-abc.jsonl").write_text("\n".join(rows[:2] + ['{"text": "c", "label": "c"}']) + "\n",
+                                             encoding="utf-8")
     write_model_folders(folder)
 
 
@@ -866,3 +900,20 @@ def test_report_to_unknown_tracker_and_settings(tmp_path: Path) -> None:
         proc, manifest, run_dir = baton(tmp_path, Case(text, where, says))
         line = assert_clean_failure(proc, Case(text, where, says), tmp_path, run_dir)
         assert line.startswith(f"baton: {manifest}:{marked_line(text)} {where}: "), line
+
+
+def test_a_huge_variants_grid_is_refused_by_its_size_not_expanded(tmp_path: Path) -> None:
+    """8 keys × 10 values is 10^8 variants: refused from the product of the sizes, within a memory limit (1 GiB of
+    address space) that expanding the grid would run through in a moment."""
+    grid = ", ".join(f"train.k{k}: [{', '.join(str(v) for v in range(10))}]" for k in range(8))
+    case = Case(edit(CLS_TRAIN, CLS_TRAIN + f"    variants: {{grid: {{{grid}}}, select: {{max: accuracy}}}}  #!\n"),
+                "stages[2].variants", ("100000000 variants; at most 64",))
+    write_inputs(tmp_path)
+    manifest = tmp_path / "bad.yaml"
+    manifest.write_text(case.text)
+    limited = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30)); "
+               "from launcher.cli import main; sys.exit(main(sys.argv[1:]))")
+    proc = subprocess.run([sys.executable, "-c", limited, "validate", str(manifest)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120, env=os.environ | {"PYTHONPATH": str(REPO)})
+    line = assert_clean_failure(proc, case, tmp_path, tmp_path / "run")
+    assert line.startswith(f"baton: {manifest}:{marked_line(case.text)} stages[2].variants"), line

@@ -446,8 +446,8 @@ def test_on_several_nodes_rank_0_is_the_local_rank_0_that_printed(tmp_path: Path
 
 @pytest.mark.slow
 def test_real_stage_exiting_2_keeps_its_previous_output(tiny_run: dict[str, Any], hf_env: dict[str, str]) -> None:
-    """A real classify stage rerun with labels its data does not match exits 2 under torchrun; its old output
-    stays."""
+    """A real classify stage rerun on eval data with a label the training data never has, far past the rows that
+    validate samples, exits 2 under torchrun naming the file and row; its old output stays."""
     root = tiny_run["root"]
     run_dir = root / "run-kept"
     shutil.copytree(tiny_run["run_dir"], run_dir)
@@ -458,13 +458,18 @@ def test_real_stage_exiting_2_keeps_its_previous_output(tiny_run: dict[str, Any]
     assert before["attempts"][0]["versions"]["torch"]  # recorded by the run that made it
 
     bad = root / "bad-finetune.yaml"
+    rows = [json.loads(line) for line in (root / "data" / "eval.jsonl").read_text().splitlines()]
+    assert len(rows) > 200
+    rows[200]["label"] = "noun.unheard-of"
+    (root / "data" / "eval-bad.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     text = pipeline_manifest()
     line = "data: {train: data/train.jsonl, eval: data/eval.jsonl, max_length: 32}"
     assert line in text
-    bad.write_text(text.replace(line, line[:-1] + ", labels: [alpha, beta]}"))
+    bad.write_text(text.replace(line, line.replace("eval.jsonl", "eval-bad.jsonl")))
     proc = baton("run", bad, "--run-dir", run_dir, env=hf_env, check=False)
     assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "bad input: data: train row 0: label" in proc.stdout
+    assert f"bad input: data: {root / 'data' / 'eval-bad.jsonl'}: row 201: label 'noun.unheard-of' is not " \
+           "one of noun." in proc.stdout
     assert "previous output is kept" in proc.stdout
     assert not [noise for noise in TORCHRUN_NOISE if noise in proc.stdout + proc.stderr], proc.stdout + proc.stderr
 

@@ -152,3 +152,63 @@ def test_no_program_branches_on_the_objective():
             if BRANCH.search(line):
                 found.append(f"{path.relative_to(REPO)}:{n}: {line.strip()}")
     assert not found, "ask the head (stages/runtime/heads/) instead:\n" + "\n".join(found)
+
+
+# ----------------------------------------------------------------- labels: a bad row anywhere is exit 2, file:row
+
+
+def labelled(folder: Path, name: str, bad: dict[int, object], rows: int = 150) -> Path:
+    """A JSON lines file of `rows` rows labelled animal/thing, with the label of row i (0-based) set to bad[i]
+    (missing where bad[i] is `...`)."""
+    lines = []
+    for i in range(rows):
+        row: dict[str, object] = {"text": f"{WORDS[i % len(WORDS)]} cat", "label": LABELS[i % 2]}
+        if i in bad:
+            if bad[i] is ...:
+                del row["label"]
+            else:
+                row["label"] = bad[i]
+        lines.append(json.dumps(row))
+    path = folder / f"{name}.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def classify_head(tokenizer, tmp_path: Path, train: Path, eval_: Path | None = None,
+                  labels: list[str] | None = None) -> heads.Head:
+    section = DataSpec(train_files=[str(train)], eval_files=[str(eval_)] if eval_ else [], format="json", hub=None,
+                       text_field="text", text_pair_field=None, label_field="label", labels=labels, max_length=16,
+                       digests={})
+    return heads.load("classify", heads.Source(data=section, tokenizer=tokenizer, tokenizer_digest="test",
+                                               cache_dir=str(tmp_path / "cache"), seed=7))
+
+
+@pytest.mark.parametrize(("bad", "says"), [
+    ({140: None}, "row 141: label is null; every row needs a label"),
+    ({120: ...}, "row 121: label is null; every row needs a label"),  # datasets reads a missing field as null
+    ({4: 3}, "row 5: label is 3, a number, where row 1's is a string 'animal'; one label column holds one type"),
+    ({130: 1.5}, "row 131: label is 1.5, not a string or an integer"),
+], ids=["null", "missing", "number-among-strings", "float"])
+def test_a_bad_label_anywhere_is_a_spec_error_naming_file_and_row(tokenizer, tmp_path, bad, says):
+    from stages.runtime.spec import SpecError
+
+    train = labelled(tmp_path, "train", bad)
+    with pytest.raises(SpecError) as e:
+        classify_head(tokenizer, tmp_path, train)
+    assert str(e.value) == f"data: {train}: {says}"
+
+
+def test_labels_outside_data_labels_or_the_training_data_name_file_and_row(tokenizer, tmp_path):
+    from stages.runtime.spec import SpecError
+
+    train = labelled(tmp_path, "train", {140: "plant"})
+    with pytest.raises(SpecError, match=rf"^data: {train}: row 141: label 'plant' is not one of animal, thing "
+                                        r"\(data.labels\)$"):
+        classify_head(tokenizer, tmp_path, train, labels=["animal", "thing"])
+    train = labelled(tmp_path, "train2", {})
+    eval_ = labelled(tmp_path, "eval", {7: "plant"}, rows=10)
+    with pytest.raises(SpecError, match=rf"^data: {eval_}: row 8: label 'plant' is not one of animal, thing "
+                                        r"\(the training data's labels\)$"):
+        classify_head(tokenizer, tmp_path, train, eval_)
+    head = classify_head(tokenizer, tmp_path, train, labelled(tmp_path, "eval-ok", {}, rows=10))
+    assert head.names == ["animal", "thing"] and head.labels["train"].tolist() == [i % 2 for i in range(150)]
