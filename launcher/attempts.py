@@ -5,6 +5,7 @@ Used by the driver (`baton run`) and by a Slurm job (`baton job`) alike.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import importlib.metadata
@@ -34,6 +35,7 @@ from launcher import ledger
 from launcher.backends import Backend
 from launcher.backends.local import TORCHRUN_LOG, link_logs
 from launcher.digests import folder_stat
+from launcher.errors import LedgerError
 from launcher.plan import Step, world_size_change
 from launcher.resolve import Resolved, settings
 from launcher.watch import Watch
@@ -55,24 +57,30 @@ def run_stage(step: Step, led: ledger.Ledger, run_dir: Path, backend: Backend,
     resumed_from = resumable(folder, spec.fingerprint, spec.any_world) if step.action == "resume" else None
     change = {"world_size_change": c} if resumed_from and (c := world_size_change(folder, r.world_size)) else {}
     spec_path = folder / "spec.json"
-    with led.edit():
-        entry = led.stage(r.name)
-        if resumed_from is None:
-            start_over(folder, entry)
-        else:
-            settle(folder, entry)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "error.json").unlink(missing_ok=True)
-        write_atomic(spec_path, spec.model_dump_json(indent=2) + "\n")
-        attempt_no = len(entry["attempts"]) + 1
-        argv = backend.command(r.kind, spec_path, r.nproc_per_node, folder / "logs" / f"attempt-{attempt_no}", r.nnodes)
-        entry.pop("damage", None)
-        ledger.set_state(entry, "running", kind=r.kind, fingerprint=spec.fingerprint, settings=settings(spec),
-                         inputs=inputs_of(spec), output=None, metrics=None)
-        entry["attempts"].append({"attempt": attempt_no, "backend": backend.name, "started": ledger.now(),
-                                  "resumed_from": resumed_from, "world_size": r.world_size, **change,
-                                  "command": argv, **environment(),
-                                  **(attempt_info or {})})
+    try:
+        with led.edit():
+            entry = led.stage(r.name)
+            if resumed_from is None:
+                start_over(folder, entry)
+            else:
+                settle(folder, entry)
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "error.json").unlink(missing_ok=True)
+            write_atomic(spec_path, spec.model_dump_json(indent=2) + "\n")
+            attempt_no = len(entry["attempts"]) + 1
+            argv = backend.command(r.kind, spec_path, r.nproc_per_node, folder / "logs" / f"attempt-{attempt_no}",
+                                   r.nnodes)
+            entry.pop("damage", None)
+            ledger.set_state(entry, "running", kind=r.kind, fingerprint=spec.fingerprint, settings=settings(spec),
+                             inputs=inputs_of(spec), output=None, metrics=None)
+            entry["attempts"].append({"attempt": attempt_no, "backend": backend.name, "started": ledger.now(),
+                                      "resumed_from": resumed_from, "world_size": r.world_size, **change,
+                                      "command": argv, **environment(),
+                                      **(attempt_info or {})})
+    except (OSError, LedgerError):  # a full disk before launch: put back what start_over set aside
+        with contextlib.suppress(OSError):
+            restore(folder, led.stage(r.name))
+        raise
     print(f"== {r.name} ({r.kind}): {step.action} ({step.reason}), {r.world_size} process(es)", flush=True)
 
     t0 = time.monotonic()
@@ -103,6 +111,12 @@ def run_stage(step: Step, led: ledger.Ledger, run_dir: Path, backend: Backend,
             ledger.set_state(entry, "preempted")
             outcome = "stopped on the signal before it had anything to keep; running it again starts it over"
             ret = EXIT_STOPPED
+        elif bad_input is not None and bad_input.no_space:
+            ledger.set_state(entry, "failed")
+            attempt["error"] = bad_input.message
+            outcome = (f"{bad_input.message}; free space and run again: it resumes from the newest intact "
+                       f"checkpoint; logs in {log_dir}")
+            ret = EXIT_BAD_INPUT
         elif bad_input is not None:
             ledger.set_state(entry, "failed")
             attempt["error"] = bad_input.message
@@ -120,8 +134,8 @@ def run_stage(step: Step, led: ledger.Ledger, run_dir: Path, backend: Backend,
         attempt["outcome"] = entry["state"]
         # a bad input, or a failure before the input checks passed: the output this attempt was to replace
         # comes back, and with it the stage's state (the failed attempt stays recorded)
-        if entry["state"] == "failed" and (bad_input is not None or not passed_checks(folder)) \
-                and restore(folder, entry):
+        refused = bad_input is not None and not bad_input.no_space
+        if entry["state"] == "failed" and (refused or not passed_checks(folder)) and restore(folder, entry):
             attempt["kept_previous"] = True
             outcome += f"; its previous output is kept (state {entry['state']})"
         else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 import textwrap
@@ -113,6 +114,12 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     except KeyboardInterrupt:
         return 130
+    except OSError as e:  # the driver's own writes (spec, logs, the manifest's copy) on a full disk
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"baton: no space left on device writing {e.filename or 'a file'}; free space and run again",
+              file=sys.stderr)
+        return ConfigError.exit_code
 
 
 def _dispatch(args: argparse.Namespace) -> int:

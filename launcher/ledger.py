@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import json
 import os
 import shutil
@@ -219,11 +220,19 @@ class Ledger:
             self.save()
 
     def save(self) -> None:
+        """Write the ledger (and keep the one it replaces). A full disk is a LedgerError, never a traceback: the
+        ledger on disk is then the whole one from before this change."""
         assert self._locked, "the ledger is written only under its lock"
         self.data["updated"] = now()
         text = json.dumps(self.data, indent=2, sort_keys=False) + "\n"
-        _keep_previous(self.path)
-        write_atomic(self.path, text)
+        try:
+            _keep_previous(self.path)
+            write_atomic(self.path, text)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise LedgerError(f"{self.path}: no space left on device to save the ledger; it still holds the run "
+                              "as it was before this change; free space and run `baton run` again") from None
 
 
 def _keep_previous(path: Path) -> None:

@@ -7,6 +7,7 @@ The driver runs in-process (`baton run`) with the stand-in back-end of `test_rel
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -14,15 +15,18 @@ from typing import Any
 
 import pytest
 
+import launcher.attempts
+import launcher.ledger
 import launcher.pipeline
 import launcher.report
-from contract.layout import stage_dir
+from contract.layout import stage_dir, write_bad_input
+from contract.spec import Spec
 from launcher import lineage
 from launcher.errors import ConfigError
 from launcher.ledger import LEDGER, Ledger, read
 from launcher.plan import make_plan
 from tests import test_reliability_launcher as base
-from tests.test_ledger_plan import write_manifest
+from tests.test_ledger_plan import stages_of, write_manifest
 from tests.test_reliability_launcher import FakeBackend, flip_a_byte, run
 
 backend, done = base.backend, base.done  # the fixtures: a stand-in back-end; tok -> pre -> cls done through it
@@ -201,3 +205,90 @@ def test_a_real_stage_refusing_a_damaged_input_marks_it_damaged(done: dict[str, 
     stages = read(run_dir)["stages"]
     assert stages["cls"]["attempts"][-1]["error"].startswith("inputs.tokenizer.digest: ")
     assert stages["pre"]["state"] == "damaged" and "found by cls" in stages["pre"]["damage"]
+
+
+# ----------------------------------------------------------------- (5) a full disk
+
+
+def test_a_stage_that_finds_the_disk_full_is_one_line_exit_2_and_keeps_its_checkpoints(
+        done: dict[str, Any], backend: FakeBackend, capsys: pytest.CaptureFixture[str]) -> None:
+    """The stage's error.json says the disk was full (not a bad input): exit 2, state failed, the attempt's
+    progress kept (no previous output put back over it), and the next run resumes."""
+    run_dir = done["run_dir"]
+
+    def disk_full(spec: Spec, log_dir: Path) -> int:
+        folder = Path(spec.stage_dir)
+        (folder / "metrics.jsonl").write_text(json.dumps({"event": "start", "step": 0}) + "\n")
+        tag = folder / "ckpt" / "step00000008"
+        tag.mkdir(parents=True)
+        (tag / "COMPLETE").write_text(json.dumps({"step": 8, "samples": 32, "fingerprint": spec.fingerprint}))
+        write_bad_input(folder, f"no space left on device while saving step 16 to {folder}/ckpt/step00000016; "
+                                "step 8 is intact", no_space=True)
+        return 1
+
+    backend.act = disk_full
+    changed = write_manifest(done["root"], cls_lr=1e-3)
+    assert run("run", changed, "--run-dir", run_dir) == 2
+    out, err = capsys.readouterr()
+    folder = stage_dir(run_dir, "cls")
+    assert (f"== cls: no space left on device while saving step 16 to {folder}/ckpt/step00000016; step 8 is "
+            "intact; free space and run again: it resumes from the newest intact checkpoint") in out
+    assert "bad input" not in out and "Traceback" not in out + err
+    entry = read(run_dir)["stages"]["cls"]
+    assert entry["state"] == "failed" and "kept_previous" not in entry["attempts"][-1]
+    assert (folder / "ckpt" / "step00000008" / "COMPLETE").is_file() and not (folder / "previous").exists()
+    assert [s.action for s in make_plan(stages_of(changed), read(run_dir), run_dir)] == ["skip", "skip", "resume"]
+
+
+def test_the_driver_survives_a_full_disk_with_one_line_and_a_consistent_ledger(
+        done: dict[str, Any], backend: FakeBackend, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The disk fills while the stage runs: the driver cannot record the end. One line, exit 2, the ledger on disk
+    the whole one from before (the stage running), no lock and no temp file left; with space again, the next run
+    records the stage's result and goes on."""
+    run_dir = done["run_dir"]
+    full = {"now": False}
+    real_write = launcher.ledger.write_atomic
+
+    def write(path: Any, data: Any) -> None:
+        if full["now"]:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        real_write(path, data)
+
+    def fills_the_disk(spec: Spec, log_dir: Path) -> int:
+        code = base.play_stage(spec, log_dir)
+        full["now"] = True
+        return code
+
+    monkeypatch.setattr(launcher.ledger, "write_atomic", write)
+    backend.act = fills_the_disk
+    changed = write_manifest(done["root"], cls_lr=1e-3)
+    assert run("run", changed, "--run-dir", run_dir) == 2
+    out, err = capsys.readouterr()
+    assert err.splitlines() == [f"baton: {run_dir / LEDGER}: no space left on device to save the ledger; it "
+                                "still holds the run as it was before this change; free space and run "
+                                "`baton run` again"], err
+    assert "Traceback" not in out
+    assert read(run_dir)["stages"]["cls"]["state"] == "running"
+    assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith(".")) == []
+
+    full["now"] = False
+    assert run("run", changed, "--run-dir", run_dir) == 0
+    assert read(run_dir)["stages"]["cls"]["state"] == "done"
+    assert len(read(run_dir)["stages"]["cls"]["attempts"]) == 2  # adopted, not run again
+
+    # any other write of the driver's on a full disk (here the spec of a stage about to run) is one line too
+    def no_room_for_specs(path: Any, data: Any) -> None:
+        if str(path).endswith("spec.json"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        real_write(path, data)
+
+    monkeypatch.setattr(launcher.attempts, "write_atomic", no_room_for_specs)
+    assert run("run", write_manifest(done["root"], cls_lr=2e-3), "--run-dir", run_dir) == 2
+    err = capsys.readouterr().err
+    assert err == f"baton: no space left on device writing {stage_dir(run_dir, 'cls') / 'spec.json'}; free space " \
+                  "and run again\n", err
+    assert not (run_dir / ".baton.lock").exists()
+    # what starting over had set aside is back: the ledger and the folder agree, as before the attempt
+    assert read(run_dir)["stages"]["cls"]["state"] == "done" and not (stage_dir(run_dir, "cls") / "previous").exists()
+    assert run("verify", run_dir) == 0
