@@ -11,6 +11,7 @@ import functools
 import importlib.metadata
 import platform
 import shutil
+import signal
 import socket
 import time
 from pathlib import Path
@@ -104,13 +105,15 @@ def run_stage(step: Step, led: ledger.Ledger, run_dir: Path, backend: Backend,
         elif code == 0 and result is not None:
             _record_result(entry, result, folder)
             outcome, ret = "done", 0
-        elif (interrupted or code == EXIT_STOPPED) and checkpoint:
+        elif interrupted or code == EXIT_STOPPED:
+            # a stop asked for is a stop, wherever it found the stage: also in its start-up, before its ranks had
+            # a handler for the signal (killed by it) or while it was failing for another reason
             ledger.set_state(entry, "preempted")
-            outcome, ret = f"stopped at {checkpoint}; running it again resumes", EXIT_STOPPED
-        elif (interrupted or code == EXIT_STOPPED) and stopped_on_signal(folder):  # a stage without checkpoints
-            ledger.set_state(entry, "preempted")
-            outcome = "stopped on the signal before it had anything to keep; running it again starts it over"
+            outcome = f"stopped at {checkpoint}; running it again resumes" if checkpoint else \
+                "stopped on the signal before it had anything to keep; running it again starts it over"
             ret = EXIT_STOPPED
+            if code != EXIT_STOPPED:
+                attempt.update(exit_code=EXIT_STOPPED, launcher_exit_code=code)
         elif bad_input is not None and bad_input.no_space:
             ledger.set_state(entry, "failed")
             attempt["error"] = bad_input.message
@@ -127,6 +130,8 @@ def run_stage(step: Step, led: ledger.Ledger, run_dir: Path, backend: Backend,
             ledger.set_state(entry, "failed")
             logs = f"rank 0's stderr: {rank0}" if rank0 else f"logs in {folder / 'logs'}"
             outcome, ret = f"failed with exit code {code}; {logs}", code or 1
+            if code < 0:  # killed by a signal: the shell's 128 + its number, not the number modulo 256
+                outcome, ret = f"killed by {_signal_name(-code)}; {logs}", 128 - code
             tail = error_tail(log_dir)
             if tail:
                 whose = "torchrun's stderr" if tail[0].name == TORCHRUN_LOG else "rank 0's stderr"
@@ -161,6 +166,13 @@ def _mark_upstream(data: dict[str, Any], changed: ChangedInput, reader: str) -> 
     return None
 
 
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
 def stage_environment(folder: Path) -> dict[str, Any] | None:
     """What the stage reported it ran on (torch build, CUDA, NCCL, GPU) in its newest start record."""
     starts = [r for r in read_metrics(folder) if r.get("event") == "start"]
@@ -179,13 +191,6 @@ def error_tail(log_dir: Path, lines: int = 25) -> tuple[Path, str] | None:
         if text:
             return path, "\n".join(text.splitlines()[-lines:])
     return None
-
-
-def stopped_on_signal(folder: Path) -> bool:
-    """Whether the stage's last word (metrics.jsonl) is that a signal stopped it: what a stage that keeps no
-    checkpoints (tokenizer) leaves when it stops cleanly, as training stages do after their checkpoint."""
-    records = read_metrics(folder)
-    return bool(records) and records[-1].get("event") == "stop" and records[-1].get("reason") == "signal"
 
 
 def _record_result(entry: dict[str, Any], result: Result, folder: Path) -> None:

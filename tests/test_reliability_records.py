@@ -10,6 +10,10 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
+import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +26,7 @@ import launcher.report
 from contract.layout import stage_dir, write_bad_input
 from contract.spec import Spec
 from launcher import lineage
+from launcher.backends.local import LocalBackend
 from launcher.errors import ConfigError
 from launcher.ledger import LEDGER, Ledger, read
 from launcher.plan import make_plan
@@ -292,3 +297,56 @@ def test_the_driver_survives_a_full_disk_with_one_line_and_a_consistent_ledger(
     # what starting over had set aside is back: the ledger and the folder agree, as before the attempt
     assert read(run_dir)["stages"]["cls"]["state"] == "done" and not (stage_dir(run_dir, "cls") / "previous").exists()
     assert run("verify", run_dir) == 0
+
+
+# ----------------------------------------------------------------- (6) a stop is a stop, whenever it lands
+
+
+class Sleeper(LocalBackend):
+    """The local back-end (its real signal forwarding), launching a process that has no handler for SIGTERM yet,
+    as a rank still importing torch: the stop request kills it."""
+
+    def __init__(self, up: Path) -> None:
+        self.up = up
+
+    def command(self, kind: str, spec_path: Path, nproc_per_node: int, log_dir: Path, nnodes: int = 1) -> list[str]:
+        return [sys.executable, "-c", f"import pathlib, time; pathlib.Path({str(self.up)!r}).touch(); time.sleep(60)"]
+
+
+def test_ctrl_c_while_a_stage_starts_is_75_and_preempted(done: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
+                                                        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir = done["run_dir"]
+    up = tmp_path / "up"
+    monkeypatch.setattr(launcher.pipeline, "LocalBackend", lambda: Sleeper(up))
+
+    def ctrl_c() -> None:
+        deadline = time.monotonic() + 60
+        while not up.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGINT)  # what the terminal sends the driver
+
+    threading.Thread(target=ctrl_c, daemon=True).start()
+    assert run("run", write_manifest(done["root"], cls_lr=1e-3), "--run-dir", run_dir) == 75
+    out, err = capsys.readouterr()
+    assert "baton: SIGINT: asking the stage to checkpoint and stop" in err
+    assert "== cls: stopped on the signal before it had anything to keep; running it again starts it over" in out
+    entry = read(run_dir)["stages"]["cls"]
+    assert entry["state"] == "preempted"
+    attempt = entry["attempts"][-1]
+    assert (attempt["exit_code"], attempt["outcome"], attempt["launcher_exit_code"]) == (75, "preempted", -15)
+
+    from launcher import htmlreport
+
+    table = htmlreport.attempts_table(read(run_dir))
+    row = table.split("<tr>")[-1]
+    assert "<td>75</td>" in row and "preempted" in row, row
+
+
+def test_a_stage_killed_by_a_signal_nobody_asked_for_fails_with_128_plus_the_signal(
+        done: dict[str, Any], backend: FakeBackend, capsys: pytest.CaptureFixture[str]) -> None:
+    backend.act = lambda spec, log_dir: -signal.SIGKILL  # torchrun killed (the OOM killer, say)
+    assert run("run", write_manifest(done["root"], cls_lr=1e-3), "--run-dir", done["run_dir"]) == 137
+    out = capsys.readouterr().out
+    assert "== cls: killed by SIGKILL; logs in " in out
+    assert read(done["run_dir"])["stages"]["cls"]["state"] == "done"  # before its input checks: the old output kept
