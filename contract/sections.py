@@ -17,7 +17,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 from contract.fingerprint import LEFT_OUT, UNLESS_DEFAULT
 
 BLOCK_SIZE = 128  # tokens per packed block of the causal-LM heads (clm, distill, teacher_logits) by default
-NAME_PATTERN = r"^[^/\x00-\x1f.][^/\x00-\x1f]*$"
+# a folder and file name: no /, no control characters; not starting with . (hidden, or . and ..), - (read as an
+# option by the commands a user types it into) or white space (so never blank)
+NAME_PATTERN = r"^[^/\x00-\x1f.\-\s][^/\x00-\x1f]*$"
 Precision = Literal["fp32", "bf16", "fp16"]
 
 
@@ -160,6 +162,8 @@ class Data(Strict):
     def _source(self) -> Data:
         if self.reads_train and (self.train is None) == (self.hub is None):
             raise ValueError("give exactly one of: train (local files) or hub (a datasets name)")
+        if self.train == []:
+            raise Problem(("train",), "no files: give at least one training file")
         if self.hub is not None and self.eval is not None:
             raise ValueError("with hub, name the evaluation split in eval_split instead of eval files")
         if self.labels is not None and len(set(self.labels)) != len(self.labels):

@@ -23,8 +23,10 @@ from launcher.slurm.srun import SrunBackend, allocation_nodes
 
 
 def validate(manifest: Path) -> list[Resolved]:
-    """Schema, references, files and DeepSpeed's own verdict on every stage's config."""
-    stages = resolve(load(manifest))
+    """Schema, references, files, the run folder's place and DeepSpeed's own verdict on every stage's config."""
+    loaded = load(manifest)
+    default_run_dir(loaded)  # refused where it (or a folder above it) is a file, as `run` would refuse it
+    stages = resolve(loaded)
     check_deepspeed(stages)
     return stages
 

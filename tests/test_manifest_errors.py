@@ -313,6 +313,30 @@ CASES |= {
     "ds-zero-key-misspelt": Case(
         edit(CLS_TRAIN, "    deepspeed: {overrides: {zero_optimization: {overlap_com: true}}}  #!\n" + CLS_TRAIN),
         "stages[2].deepspeed", ("zero_optimization.overlap_com", "did you mean overlap_comm?")),
+    "run-dir-is-a-file": Case(
+        edit("run: {name: bad}", "run: {name: bad, dir: train.txt}  #!"), "run.dir", ("train.txt is a file",),
+        run_dir_flag=False),
+    "stage-names-differ-only-in-case": Case(
+        edit("  - name: cls\n", "  - name: PRE  #!\n"), "stages[2].name",
+        ("stage name 'PRE' differs from 'pre' only in case", "case-insensitive")),
+    "stage-name-starting-with-a-dash": Case(
+        edit("  - name: cls\n", "  - name: -cls  #!\n"), "stages[2].name", ("pattern",)),
+    "stage-name-blank": Case(edit("  - name: cls\n", "  - name: '  '  #!\n"), "stages[2].name", ("pattern",)),
+    "run-name-starting-with-a-dash": Case(edit("run: {name: bad}", "run: {name: --help}  #!"), "run.name",
+                                          ("pattern",)),
+    "data-train-empty-list": Case(
+        edit("    data: {train: train.jsonl}", "    data: {train: []}  #!"), "stages[2].data.train",
+        ("no files",)),
+    "ds-config-nan-in-optimizer-params": Case(
+        edit(CLS_TRAIN, "    deepspeed: {config: ./nan.json}  #!\n" + CLS_TRAIN),
+        "stages[2].deepspeed", ("nan.json", "optimizer.params.momentum: NaN is not a finite number")),
+    "ds-override-infinite": Case(
+        edit(CLS_TRAIN, "    deepspeed: {overrides: {optimizer: {params: {momentum: .inf}}}}  #!\n" + CLS_TRAIN),
+        "stages[2].deepspeed", ("optimizer.params.momentum: Infinity is not a finite number",)),
+    "ds-nvme-offload-path-missing": Case(
+        edit(CLS_TRAIN, "    deepspeed: {config: zero3, overrides: {zero_optimization: {offload_optimizer: "
+                        "{device: nvme, nvme_path: /no/such/nvme}}}}  #!\n" + CLS_TRAIN),
+        "stages[2].deepspeed", ("zero_optimization.offload_optimizer.nvme_path: /no/such/nvme: no such folder",)),
     "run-dir-is-a-file-on-run": Case(
         edit("run: {name: bad}", "run: {name: bad, dir: train.txt}  #!"), "run.dir", ("train.txt is a file",),
         command="run", run_dir_flag=False),
@@ -581,6 +605,8 @@ def write_inputs(folder: Path) -> None:
     (folder / "train.jsonl").write_text("\n".join(labelled) + "\n", encoding="utf-8")
     (folder / "train.dat").write_text("\n".join(labelled) + "\n", encoding="utf-8")
     (folder / "custom.json").write_text(CUSTOM_DS, encoding="utf-8")
+    (folder / "nan.json").write_text('{"optimizer": {"type": "AdamW", "params": {"momentum": NaN}}}\n',
+                                     encoding="utf-8")
     (folder / "latin1.json").write_text('{"zero_optimization": {"stage": 1}, "comment": "café"}\n', encoding="latin-1")
     # data files a stage would crash on minutes later; validate looks at their first rows
     (folder / "blank.txt").write_text("\n  \n", encoding="utf-8")
@@ -917,3 +943,14 @@ def test_a_huge_variants_grid_is_refused_by_its_size_not_expanded(tmp_path: Path
                           capture_output=True, text=True, timeout=120, env=os.environ | {"PYTHONPATH": str(REPO)})
     line = assert_clean_failure(proc, case, tmp_path, tmp_path / "run")
     assert line.startswith(f"baton: {manifest}:{marked_line(case.text)} stages[2].variants"), line
+
+
+def test_a_manifest_that_is_not_a_regular_file_is_refused_not_read(tmp_path: Path) -> None:
+    """A FIFO would block the reader until something writes to it: refused before it is opened."""
+    fifo = tmp_path / "manifest.yaml"
+    os.mkfifo(fifo)
+    for command in ("validate", "run"):
+        proc = subprocess.run([sys.executable, "-m", "launcher.cli", command, str(fifo)], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=60, env=os.environ | {"PYTHONPATH": str(REPO)})
+        assert proc.returncode == 2 and proc.stderr == f"baton: {fifo}: not a regular file (a FIFO); a manifest is " \
+                                                       "a YAML file\n", proc.stderr
