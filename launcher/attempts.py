@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import datetime as dt
 import functools
 import importlib.metadata
 import platform
@@ -30,6 +31,8 @@ from contract.layout import (
     read_result,
     resumable,
     stage_dir,
+    step_of,
+    tag_of,
 )
 from contract.spec import Ref, Spec
 from launcher import ledger
@@ -90,6 +93,7 @@ def run_stage(step: Step, led: ledger.Ledger, run_dir: Path, backend: Backend,
         code, interrupted = backend.launch(argv)
     rank0 = link_logs(log_dir)
     stage_env = stage_environment(folder)
+    resumed = resumed_at(folder, resumed_from, entry["attempts"][-1]["started"])
     result = read_result(folder, spec.fingerprint)
     bad_input = read_bad_input(folder)
     checkpoint = resumable(folder, spec.fingerprint, spec.any_world)
@@ -97,7 +101,7 @@ def run_stage(step: Step, led: ledger.Ledger, run_dir: Path, backend: Backend,
     with led.edit():
         entry = led.stage(r.name)
         attempt = entry["attempts"][-1]
-        attempt.update(ended=ledger.now(), exit_code=code, wall_s=round(time.monotonic() - t0, 1))
+        attempt.update(ended=ledger.now(), exit_code=code, wall_s=round(time.monotonic() - t0, 1), **resumed)
         if stage_env is not None:
             attempt["stage_environment"] = stage_env
         if entry["state"] == "cancelled":  # `baton cancel` stopped it: that is the story, whatever the exit
@@ -164,6 +168,22 @@ def _mark_upstream(data: dict[str, Any], changed: ChangedInput, reader: str) -> 
                                           f"{short(changed.expected)} (found by {reader})"):
                 return name, why
     return None
+
+
+def resumed_at(folder: Path, planned: str | None, started: str) -> dict[str, Any]:
+    """{"resumed_from", "passed_over"} when the stage resumed from another checkpoint than the newest complete one
+    the plan named (it was damaged: the stage passed over it for an older intact one), read from the stage's start
+    record of this attempt; {} when it resumed where planned (or did not start)."""
+    if planned is None:
+        return {}
+    since = dt.datetime.fromisoformat(started).timestamp()
+    starts = [r for r in read_metrics(folder) if r.get("event") == "start" and isinstance(r.get("step"), int)
+              and isinstance(r.get("time"), (int, float)) and r["time"] >= since]
+    if not starts or starts[0]["step"] == step_of(planned):
+        return {}
+    used = starts[0]["step"]
+    return {"resumed_from": tag_of(used) if used else None,
+            "passed_over": [t for t in complete_tags(folder) if used < step_of(t) <= step_of(planned)]}
 
 
 def _signal_name(number: int) -> str:

@@ -298,6 +298,23 @@ def _acquire(lock: Path, wait_s: float = 0) -> None:
         return
 
 
+def held(run_dir: Path) -> bool:
+    """Whether a driver holds the run now (its lock exists and, on this host, its process lives): else a stage
+    the ledger says is running was left so by a driver that died (status shows it interrupted)."""
+    lock = run_dir / LOCK
+    if not lock.exists():
+        return False
+    holder = _holder(lock)
+    return holder.get("host") != socket.gethostname() or _alive(holder.get("pid"))
+
+
+def shown_state(entry: dict[str, Any], driver_alive: bool) -> str:
+    """A stage's state as the views show it: a local stage running without a live driver is interrupted (the next
+    `baton run` resumes it); Slurm stages have their jobs for a driver."""
+    state = str(entry.get("state", "?"))
+    return "interrupted" if state == "running" and not driver_alive and not entry.get("slurm") else state
+
+
 def _holder(lock: Path) -> dict[str, Any]:
     try:
         return json.loads(lock.read_text())

@@ -64,7 +64,9 @@ def graph(run_dir: Path) -> dict[str, Any]:
     stages: dict[str, dict[str, Any]] = data["stages"]
     decisions: dict[str, dict[str, Any]] = data.get("decisions") or {}
     verdicts = _verdicts(decisions)
-    nodes = [_node(run_dir, name, e, verdicts.get(name)) for name, e in stages.items()]
+    alive = ledger.held(run_dir)
+    nodes = [_node(run_dir, name, e, verdicts.get(name)) | {"state": ledger.shown_state(e, alive)}
+             for name, e in stages.items()]
     sources: dict[str, dict[str, Any]] = {}  # by id
     edges: list[dict[str, Any]] = []
 
@@ -211,7 +213,7 @@ def _input_line(edge: dict[str, Any], src: dict[str, Any] | None) -> str:
 
 COLOURS = {  # fill, by state: done green, running blue, failed red, preempted orange, the rest grey
     "done": "#c8e6c9", "running": "#bbdefb", "queued": "#e3f2fd", "requeued": "#e3f2fd", "failed": "#ffcdd2",
-    "preempted": "#ffe0b2", "damaged": "#f8bbd0",
+    "preempted": "#ffe0b2", "interrupted": "#ffe0b2", "damaged": "#f8bbd0",
     "pending": "#eeeeee", "cancelled": "#e0e0e0", "skipped": "#e0e0e0", "absent": "#ffffff",
 }
 _VERDICT = {"passed": "gate passed", "failed": "gate failed", "stopped": "gate STOPPED THE RUN"}  # as boxes say it

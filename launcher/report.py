@@ -49,10 +49,11 @@ def status_data(run_dir: Path) -> dict[str, Any]:
 
         jobs = slurm_states(data["stages"])
     stages = []
+    alive = ledger.held(run_dir)
     for name, e in data["stages"].items():
         attempts = e.get("attempts") or []
         progress = read_progress(stage_dir(run_dir, name), (attempts or [{}])[-1].get("started"))
-        state = e.get("state", "?")
+        state = ledger.shown_state(e, alive)
         inputs = [{"input": key, **{k: ref.get(k) for k in ("source", "stage", "path", "digest") if ref.get(k)}}
                   for key, value in (e.get("inputs") or {}).items() if key != "data" for ref in refs(value)]
         stage = {"name": name, "kind": e.get("kind"), "state": state,

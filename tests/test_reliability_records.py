@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -350,3 +351,61 @@ def test_a_stage_killed_by_a_signal_nobody_asked_for_fails_with_128_plus_the_sig
     out = capsys.readouterr().out
     assert "== cls: killed by SIGKILL; logs in " in out
     assert read(done["run_dir"])["stages"]["cls"]["state"] == "done"  # before its input checks: the old output kept
+
+
+# ----------------------------------------------------------------- (7) what status says
+
+
+def test_status_after_a_failed_rerun_shows_no_negative_start_up(done: dict[str, Any], backend: FakeBackend,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """The old attempt's records come back with its output; the new attempt never took a step: its start-up is
+    unknown, not the old first step's time minus the new launch."""
+    run_dir = done["run_dir"]
+    with open(stage_dir(run_dir, "cls") / "metrics.jsonl", "a") as f:  # the first attempt's first step, long ago
+        f.write(json.dumps({"event": "first_step", "time": time.time() - 1655}) + "\n")
+    backend.act = lambda spec, log_dir: 1  # crashes before its input checks: the old output comes back
+    assert run("run", write_manifest(done["root"], cls_lr=1e-3), "--run-dir", run_dir) == 1
+    row = next(s for s in launcher.report.status_data(run_dir)["stages"] if s["name"] == "cls")
+    assert "startup_s" not in row["progress"]
+    line = next(line for line in launcher.report.status(run_dir).splitlines() if line.startswith("cls "))
+    assert line.rstrip().endswith(" -") and "-1655" not in line, line
+
+
+def test_a_running_stage_whose_driver_is_gone_shows_as_interrupted(done: dict[str, Any]) -> None:
+    run_dir = done["run_dir"]
+    with Ledger(run_dir) as led:  # what a driver killed with SIGKILL leaves: the stage running, its lock gone
+        led.data["stages"]["cls"]["state"] = "running"
+        led.save()
+    assert [s["state"] for s in launcher.report.status_data(run_dir)["stages"]] == ["done", "done", "interrupted"]
+    assert re.search(r"^cls +classify +interrupted ", launcher.report.status(run_dir), re.M)
+    assert "cls [classify] interrupted" in lineage.text(lineage.graph(run_dir))
+    with Ledger(run_dir):  # a live driver holds the run: then it is running
+        assert launcher.report.status_data(run_dir)["stages"][2]["state"] == "running"
+    assert read(run_dir)["stages"]["cls"]["state"] == "running"  # shown so, never written so
+
+
+def test_resumed_from_names_the_checkpoint_the_stage_resumed_from(done: dict[str, Any], backend: FakeBackend,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """The newest complete checkpoint is damaged: the stage passes over it for the one before. The attempt
+    records the one it used, and the one passed over."""
+    run_dir = done["run_dir"]
+
+    def stopped_with_two_checkpoints(spec: Spec, log_dir: Path) -> int:
+        for step in (8, 16):
+            tag = Path(spec.stage_dir) / "ckpt" / f"step{step:08d}"
+            tag.mkdir(parents=True)
+            (tag / "COMPLETE").write_text(json.dumps({"step": step, "fingerprint": spec.fingerprint}))
+        return 75
+
+    def resumes_from_8(spec: Spec, log_dir: Path) -> int:
+        with open(Path(spec.stage_dir) / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"event": "start", "time": time.time(), "step": 8, "max_steps": 24}) + "\n")
+        return base.play_stage(spec, log_dir)
+
+    changed = write_manifest(done["root"], cls_lr=1e-3)
+    backend.act = stopped_with_two_checkpoints
+    assert run("run", changed, "--run-dir", run_dir) == 75
+    backend.act = resumes_from_8
+    assert run("run", changed, "--run-dir", run_dir) == 0
+    attempt = read(run_dir)["stages"]["cls"]["attempts"][-1]
+    assert attempt["resumed_from"] == "step00000008" and attempt["passed_over"] == ["step00000016"]
