@@ -7,13 +7,12 @@ never a crash: validate samples only the first rows of each file, the stage read
 
 from __future__ import annotations
 
-import csv
 import json
-from pathlib import Path
 
 import torch
 
 from contract.spec import DataSpec
+from stages.runtime.data import locate
 from stages.runtime.spec import SpecError
 
 
@@ -72,37 +71,6 @@ def check_values(values: list, data: DataSpec, split: str, key: str) -> None:
             first = i if first is None else first
             continue
         raise SpecError(f"{key}: {locate(data, split, i)}: {problem}")
-
-
-def locate(data: DataSpec, split: str, index: int) -> str:
-    """`<file>: row <n>`: where row `index` of a split (its files one after another) is; for hub data, the split's
-    row."""
-    files = data.train_files if split == "train" else data.eval_files
-    for path in files:
-        n = _rows(path, data.format)
-        if n is None:
-            break
-        if index < n:
-            return f"{path}: row {index + 1}"
-        index -= n
-    return f"{split} row {index + 1}" if not files else f"{split} row {index + 1} of {', '.join(files)}"
-
-
-def _rows(path: str, fmt: str | None) -> int | None:
-    """How many rows `datasets` reads from one file (None: a format counted here cannot be)."""
-    try:
-        if fmt == "parquet":
-            import pyarrow.parquet as pq
-
-            return int(pq.ParquetFile(path).metadata.num_rows)
-        text = Path(path).read_text(encoding="utf-8")
-        if fmt == "csv":
-            return max(sum(1 for _ in csv.reader(text.splitlines())) - 1, 0)
-        if fmt == "json" and text.lstrip()[:1] == "[":
-            return len(json.loads(text))
-        return sum(1 for line in text.splitlines() if line.strip())
-    except (OSError, ValueError, ImportError):
-        return None
 
 
 def _show(value: object) -> str:
