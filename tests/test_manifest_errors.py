@@ -954,3 +954,34 @@ def test_a_manifest_that_is_not_a_regular_file_is_refused_not_read(tmp_path: Pat
                               capture_output=True, text=True, timeout=60, env=os.environ | {"PYTHONPATH": str(REPO)})
         assert proc.returncode == 2 and proc.stderr == f"baton: {fifo}: not a regular file (a FIFO); a manifest is " \
                                                        "a YAML file\n", proc.stderr
+
+
+def test_offline_hub_names_not_in_the_cache_are_refused(tmp_path: Path) -> None:
+    """With HF_HUB_OFFLINE=1 a hub model or dataset that is not in the local cache cannot be loaded by the stage:
+    refused by validate, naming each; one that is in the cache passes."""
+    write_inputs(tmp_path)
+    manifest = tmp_path / "offline.yaml"
+    manifest.write_text(edit("init: {from: pre}", "init: {pretrained: acme/tiny-bert}  #!")
+                        .replace("    data: {train: train.txt, eval: eval.txt}\n",
+                                 "    data: {hub: acme/glosses}\n"))
+    hf = tmp_path / "hf"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
+    env |= {"HF_HOME": str(hf), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+
+    def validate() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "launcher.cli", "validate", str(manifest)], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=120, env=env)
+
+    proc = validate()
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert lines == [
+        f"baton: {manifest}:15 stages[1].data.hub: 'acme/glosses': not in the local Hugging Face cache "
+        f"({hf / 'hub'}), and HF_HUB_OFFLINE=1 forbids downloading it; fetch it once without it, or give local files",
+        f"baton: {manifest}:{marked_line(manifest.read_text())} stages[2].init.pretrained: 'acme/tiny-bert': not in "
+        f"the local Hugging Face cache ({hf / 'hub'}), and HF_HUB_OFFLINE=1 forbids downloading it; fetch it once "
+        "without it, or give a local folder"], proc.stderr
+    for kind, name in (("models", "acme--tiny-bert"), ("datasets", "acme--glosses")):
+        (hf / "hub" / f"{kind}--{name}" / "snapshots" / "0123abc").mkdir(parents=True)
+    proc = validate()
+    assert "not in the local Hugging Face cache" not in proc.stderr, proc.stderr
