@@ -17,6 +17,7 @@ from typing import Any
 from contract.files import json_safe, short
 from launcher import ledger
 from launcher.decisions import describe
+from launcher.decisions import superseded as decided_otherwise
 from launcher.errors import LedgerError
 from launcher.plan import disk_state
 
@@ -151,14 +152,18 @@ def _stage_edge(run_dir: Path, name: str, key: str, ref: dict[str, Any], stages:
     changed or missing (its files differ by size or mtime), unknown (no stat record: `baton verify` hashes)."""
     upstream = stages.get(ref["stage"], {})
     now = (upstream.get("output") or {}).get("digest")
-    state = "stale" if now != ref.get("digest") else "damaged" if upstream.get("state") == "damaged" \
+    superseded = decided_otherwise({"stages": stages, "decisions": decisions}, ref)
+    state = "stale" if now != ref.get("digest") or superseded else "damaged" if upstream.get("state") == "damaged" \
         else disk_state(run_dir, ref["stage"], upstream)
     named = ref.get("named")
     rec = decisions.get(named or "") or {}
     why = None if not named else "fallback" if rec.get("outcome") == "fallback" else \
         "selected" if any(ev.get("kind") == "select" for ev in rec.get("events", [])) else "passed"
-    return _edge(f"stage:{ref['stage']}", name, key, ref.get("digest"), state, now=now if state == "stale" else None,
-                 named=named, handed_on=why)
+    edge = _edge(f"stage:{ref['stage']}", name, key, ref.get("digest"), state,
+                 now=now if state == "stale" and not superseded else None, named=named, handed_on=why)
+    if superseded:
+        edge["why"] = superseded
+    return edge
 
 
 def _decision(name: str, rec: dict[str, Any]) -> dict[str, Any]:
@@ -199,7 +204,9 @@ def _input_line(edge: dict[str, Any], src: dict[str, Any] | None) -> str:
     key, digest = edge["key"], short(edge["digest"])
     if src is None:  # an earlier stage's final/
         upstream = edge["from"].removeprefix("stage:")
-        if edge["state"] == "stale":
+        if edge["state"] == "stale" and edge.get("why"):  # made under a decision taken otherwise since
+            mark = f"STALE: the decision on {edge.get('named') or _group(upstream)} no longer hands it on"
+        elif edge["state"] == "stale":
             mark = f"STALE: {upstream} now gives {short(edge['now'])}"
         else:  # the digests agree; do the files still? (sizes and mtimes only: `baton verify` hashes)
             mark = ON_DISK.get(edge["state"]) or \

@@ -13,7 +13,7 @@ from typing import Any
 from contract.files import dir_digest, short
 from contract.layout import final_dir, stage_dir
 from launcher import ledger
-from launcher.decisions import describe
+from launcher.decisions import describe, stale_stages
 from launcher.digests import folder_stat
 from launcher.errors import ConfigError, LedgerError
 from launcher.ledger import Ledger
@@ -50,6 +50,7 @@ def status_data(run_dir: Path) -> dict[str, Any]:
         jobs = slurm_states(data["stages"])
     stages = []
     alive = ledger.held(run_dir)
+    stale = stale_stages(data)
     for name, e in data["stages"].items():
         attempts = e.get("attempts") or []
         progress = read_progress(stage_dir(run_dir, name), (attempts or [{}])[-1].get("started"))
@@ -62,7 +63,8 @@ def status_data(run_dir: Path) -> dict[str, Any]:
                  "progress": progress.as_dict(), "metrics": e.get("metrics") or {}, "inputs": inputs,
                  "data": (e.get("inputs") or {}).get("data") or {}, "output": (e.get("output") or {}).get("digest"),
                  "tries": len(attempts), "started": attempts[0].get("started") if attempts else None,
-                 "ended": attempts[-1].get("ended") if attempts else None, "slurm": jobs.get(name)}
+                 "ended": attempts[-1].get("ended") if attempts else None, "slurm": jobs.get(name),
+                 "stale": stale.get(name)}
         stages.append({k: v for k, v in stage.items() if v is not None})
     return {"version": 1, "run": data.get("run"), "run_dir": str(run_dir.resolve()), "manifest": data.get("manifest"),
             "stages": stages, "shared_evals": shared(data), "decisions": decided(data)}
@@ -93,7 +95,7 @@ def status(run_dir: Path, wide: bool = False) -> str:
         steps = str(s.get("steps", "-"))
         if s["state"] != "done" and progress.get("max_steps"):
             steps = f"{progress.get('step', 0)}/{progress['max_steps']}"
-        mark = ON_DISK.get(s.get("on_disk") or "")
+        mark = ON_DISK.get(s.get("on_disk") or "") or ("stale" if s.get("stale") else None)
         row: tuple[str, ...] = (s["name"], s.get("kind") or "?", s["state"] + (f" ({mark})" if mark else ""), steps,
                str(s["tries"]), shown or "-")
         if wide:
