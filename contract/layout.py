@@ -114,11 +114,25 @@ class Result(Report):
     time: float
 
 
+class ChangedInput(Report):
+    """An input folder or file whose content is not what the spec recorded (e.g. an upstream final/ damaged)."""
+
+    key: str  # the spec's key, e.g. inputs.init
+    path: str
+    digest: str  # what the stage found there
+    expected: str
+
+
 class BadInput(Report):
-    """error.json: the stage refused its spec or input (torchrun turns every failure into exit 1)."""
+    """error.json: the stage refused its spec or input, or found the disk full (torchrun turns every failure into
+    exit 1)."""
 
     exit_code: Literal[2] = 2  # EXIT_BAD_INPUT
     message: str
+    changed_input: ChangedInput | None = None  # the refusal was an input's digest: the launcher records the damage
+    # a write found no space left (not an input problem): the stage's complete checkpoints stay and a rerun
+    # resumes from the newest; the launcher puts back no previous output over them
+    no_space: bool = False
 
 
 def read_metrics(stage_folder: str | Path) -> list[dict[str, Any]]:
@@ -148,8 +162,10 @@ def read_result(stage_folder: str | Path, fingerprint: str) -> Result | None:
     return result if result is not None and result.fingerprint == fingerprint else None
 
 
-def write_bad_input(stage_folder: str | Path, message: str) -> None:
-    write_json(Path(stage_folder, "error.json"), BadInput(message=message).model_dump())
+def write_bad_input(stage_folder: str | Path, message: str, changed_input: ChangedInput | None = None,
+                    no_space: bool = False) -> None:
+    write_json(Path(stage_folder, "error.json"),
+               BadInput(message=message, changed_input=changed_input, no_space=no_space).model_dump())
 
 
 def read_bad_input(stage_folder: str | Path) -> BadInput | None:

@@ -17,7 +17,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 from contract.fingerprint import LEFT_OUT, UNLESS_DEFAULT
 
 BLOCK_SIZE = 128  # tokens per packed block of the causal-LM heads (clm, distill, teacher_logits) by default
-NAME_PATTERN = r"^[^/\x00-\x1f.][^/\x00-\x1f]*$"
+# a folder and file name: no /, no control characters; not starting with . (hidden, or . and ..), - (read as an
+# option by the commands a user types it into) or white space (so never blank)
+NAME_PATTERN = r"^[^/\x00-\x1f.\-\s][^/\x00-\x1f]*$"
 Precision = Literal["fp32", "bf16", "fp16"]
 
 
@@ -160,6 +162,8 @@ class Data(Strict):
     def _source(self) -> Data:
         if self.reads_train and (self.train is None) == (self.hub is None):
             raise ValueError("give exactly one of: train (local files) or hub (a datasets name)")
+        if self.train == []:
+            raise Problem(("train",), "no files: give at least one training file")
         if self.hub is not None and self.eval is not None:
             raise ValueError("with hub, name the evaluation split in eval_split instead of eval files")
         if self.labels is not None and len(set(self.labels)) != len(self.labels):
@@ -245,6 +249,7 @@ class DataSection(NamedTuple):
     name: str | None  # None: the stage's own data: (spec.data); else its key in spec.sections
     path: tuple[str | int, ...]  # where it is below the stage in the manifest, for messages
     data: Data
+    head: str | None = None  # what its rows train or score, where not the stage's own head (multitask's tasks)
 
 
 # ----------------------------------------------------------------- how a stage trains
@@ -527,8 +532,10 @@ class Variants(Strict):
     @model_validator(mode="after")
     def _one(self) -> Variants:
         exactly_one(self, "grid", "each")
-        if len(self.overrides()) > 64:
-            raise ValueError(f"{len(self.overrides())} variants; at most 64")
+        # the product of the sizes, not the expanded grid: a few lines of manifest can ask for 10^8 variants
+        count = len(self.each) if self.each is not None else math.prod(len(v) for v in (self.grid or {}).values())
+        if count > 64:
+            raise ValueError(f"{count} variants; at most 64")
         return self
 
     def overrides(self) -> list[dict[str, Any]]:

@@ -5,20 +5,24 @@ Used by the driver (`baton run`) and by a Slurm job (`baton job`) alike.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import datetime as dt
 import functools
 import importlib.metadata
 import platform
 import shutil
+import signal
 import socket
 import time
 from pathlib import Path
 from typing import Any
 
-from contract.files import write_atomic
+from contract.files import short, write_atomic
 from contract.layout import (
     EXIT_BAD_INPUT,
     EXIT_STOPPED,
+    ChangedInput,
     Result,
     complete_tags,
     final_dir,
@@ -27,12 +31,15 @@ from contract.layout import (
     read_result,
     resumable,
     stage_dir,
+    step_of,
+    tag_of,
 )
 from contract.spec import Ref, Spec
 from launcher import ledger
 from launcher.backends import Backend
 from launcher.backends.local import TORCHRUN_LOG, link_logs
 from launcher.digests import folder_stat
+from launcher.errors import LedgerError
 from launcher.plan import Step, world_size_change
 from launcher.resolve import Resolved, settings
 from launcher.watch import Watch
@@ -54,23 +61,30 @@ def run_stage(step: Step, led: ledger.Ledger, run_dir: Path, backend: Backend,
     resumed_from = resumable(folder, spec.fingerprint, spec.any_world) if step.action == "resume" else None
     change = {"world_size_change": c} if resumed_from and (c := world_size_change(folder, r.world_size)) else {}
     spec_path = folder / "spec.json"
-    with led.edit():
-        entry = led.stage(r.name)
-        if resumed_from is None:
-            start_over(folder, entry)
-        else:
-            settle(folder, entry)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "error.json").unlink(missing_ok=True)
-        write_atomic(spec_path, spec.model_dump_json(indent=2) + "\n")
-        attempt_no = len(entry["attempts"]) + 1
-        argv = backend.command(r.kind, spec_path, r.nproc_per_node, folder / "logs" / f"attempt-{attempt_no}", r.nnodes)
-        ledger.set_state(entry, "running", kind=r.kind, fingerprint=spec.fingerprint, settings=settings(spec),
-                         inputs=inputs_of(spec), output=None, metrics=None)
-        entry["attempts"].append({"attempt": attempt_no, "backend": backend.name, "started": ledger.now(),
-                                  "resumed_from": resumed_from, "world_size": r.world_size, **change,
-                                  "command": argv, **environment(),
-                                  **(attempt_info or {})})
+    try:
+        with led.edit():
+            entry = led.stage(r.name)
+            if resumed_from is None:
+                start_over(folder, entry)
+            else:
+                settle(folder, entry)
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "error.json").unlink(missing_ok=True)
+            write_atomic(spec_path, spec.model_dump_json(indent=2) + "\n")
+            attempt_no = len(entry["attempts"]) + 1
+            argv = backend.command(r.kind, spec_path, r.nproc_per_node, folder / "logs" / f"attempt-{attempt_no}",
+                                   r.nnodes)
+            entry.pop("damage", None)
+            ledger.set_state(entry, "running", kind=r.kind, fingerprint=spec.fingerprint, settings=settings(spec),
+                             inputs=inputs_of(spec), output=None, metrics=None)
+            entry["attempts"].append({"attempt": attempt_no, "backend": backend.name, "started": ledger.now(),
+                                      "resumed_from": resumed_from, "world_size": r.world_size, **change,
+                                      "command": argv, **environment(),
+                                      **(attempt_info or {})})
+    except (OSError, LedgerError):  # a full disk before launch: put back what start_over set aside
+        with contextlib.suppress(OSError):
+            restore(folder, led.stage(r.name))
+        raise
     print(f"== {r.name} ({r.kind}): {step.action} ({step.reason}), {r.world_size} process(es)", flush=True)
 
     t0 = time.monotonic()
@@ -79,13 +93,15 @@ def run_stage(step: Step, led: ledger.Ledger, run_dir: Path, backend: Backend,
         code, interrupted = backend.launch(argv)
     rank0 = link_logs(log_dir)
     stage_env = stage_environment(folder)
+    resumed = resumed_at(folder, resumed_from, entry["attempts"][-1]["started"])
     result = read_result(folder, spec.fingerprint)
     bad_input = read_bad_input(folder)
     checkpoint = resumable(folder, spec.fingerprint, spec.any_world)
+    damaged: tuple[str, str] | None = None
     with led.edit():
         entry = led.stage(r.name)
         attempt = entry["attempts"][-1]
-        attempt.update(ended=ledger.now(), exit_code=code, wall_s=round(time.monotonic() - t0, 1))
+        attempt.update(ended=ledger.now(), exit_code=code, wall_s=round(time.monotonic() - t0, 1), **resumed)
         if stage_env is not None:
             attempt["stage_environment"] = stage_env
         if entry["state"] == "cancelled":  # `baton cancel` stopped it: that is the story, whatever the exit
@@ -93,21 +109,33 @@ def run_stage(step: Step, led: ledger.Ledger, run_dir: Path, backend: Backend,
         elif code == 0 and result is not None:
             _record_result(entry, result, folder)
             outcome, ret = "done", 0
-        elif (interrupted or code == EXIT_STOPPED) and checkpoint:
+        elif interrupted or code == EXIT_STOPPED:
+            # a stop asked for is a stop, wherever it found the stage: also in its start-up, before its ranks had
+            # a handler for the signal (killed by it) or while it was failing for another reason
             ledger.set_state(entry, "preempted")
-            outcome, ret = f"stopped at {checkpoint}; running it again resumes", EXIT_STOPPED
-        elif (interrupted or code == EXIT_STOPPED) and stopped_on_signal(folder):  # a stage without checkpoints
-            ledger.set_state(entry, "preempted")
-            outcome = "stopped on the signal before it had anything to keep; running it again starts it over"
+            outcome = f"stopped at {checkpoint}; running it again resumes" if checkpoint else \
+                "stopped on the signal before it had anything to keep; running it again starts it over"
             ret = EXIT_STOPPED
+            if code != EXIT_STOPPED:
+                attempt.update(exit_code=EXIT_STOPPED, launcher_exit_code=code)
+        elif bad_input is not None and bad_input.no_space:
+            ledger.set_state(entry, "failed")
+            attempt["error"] = bad_input.message
+            outcome = (f"{bad_input.message}; free space and run again: it resumes from the newest intact "
+                       f"checkpoint; logs in {log_dir}")
+            ret = EXIT_BAD_INPUT
         elif bad_input is not None:
             ledger.set_state(entry, "failed")
             attempt["error"] = bad_input.message
             outcome, ret = f"bad input: {bad_input.message}; logs in {log_dir}", EXIT_BAD_INPUT
+            if bad_input.changed_input is not None:
+                damaged = _mark_upstream(led.data, bad_input.changed_input, r.name)
         else:
             ledger.set_state(entry, "failed")
             logs = f"rank 0's stderr: {rank0}" if rank0 else f"logs in {folder / 'logs'}"
             outcome, ret = f"failed with exit code {code}; {logs}", code or 1
+            if code < 0:  # killed by a signal: the shell's 128 + its number, not the number modulo 256
+                outcome, ret = f"killed by {_signal_name(-code)}; {logs}", 128 - code
             tail = error_tail(log_dir)
             if tail:
                 whose = "torchrun's stderr" if tail[0].name == TORCHRUN_LOG else "rank 0's stderr"
@@ -115,14 +143,54 @@ def run_stage(step: Step, led: ledger.Ledger, run_dir: Path, backend: Backend,
         attempt["outcome"] = entry["state"]
         # a bad input, or a failure before the input checks passed: the output this attempt was to replace
         # comes back, and with it the stage's state (the failed attempt stays recorded)
-        if entry["state"] == "failed" and (bad_input is not None or not passed_checks(folder)) \
-                and restore(folder, entry):
+        refused = bad_input is not None and not bad_input.no_space
+        if entry["state"] == "failed" and (refused or not passed_checks(folder)) and restore(folder, entry):
             attempt["kept_previous"] = True
             outcome += f"; its previous output is kept (state {entry['state']})"
         else:
             settle(folder, entry)
     print(f"== {r.name}: {outcome} ({attempt['wall_s']} s)", flush=True)
+    if damaged:
+        print(f"== {damaged[0]}: recorded as damaged ({damaged[1]}); the next `baton run` reruns it and its "
+              "descendants", flush=True)
     return ret
+
+
+def _mark_upstream(data: dict[str, Any], changed: ChangedInput, reader: str) -> tuple[str, str] | None:
+    """A stage refused an input because its digest differs: when that input is a done stage's final/, record the
+    stage as damaged. (stage, why), or None for an input no stage made (a pretrained folder: its digest is taken
+    again at the next plan)."""
+    for name, entry in data["stages"].items():
+        if (entry.get("output") or {}).get("path") == changed.path:
+            why = f"{reader} found its final/ with digest {short(changed.digest)}, not the recorded " \
+                  f"{short(changed.expected)}"
+            if ledger.mark_damaged(entry, f"final/ holds {short(changed.digest)}, not the recorded "
+                                          f"{short(changed.expected)} (found by {reader})"):
+                return name, why
+    return None
+
+
+def resumed_at(folder: Path, planned: str | None, started: str) -> dict[str, Any]:
+    """{"resumed_from", "passed_over"} when the stage resumed from another checkpoint than the newest complete one
+    the plan named (it was damaged: the stage passed over it for an older intact one), read from the stage's start
+    record of this attempt; {} when it resumed where planned (or did not start)."""
+    if planned is None:
+        return {}
+    since = dt.datetime.fromisoformat(started).timestamp()
+    starts = [r for r in read_metrics(folder) if r.get("event") == "start" and isinstance(r.get("step"), int)
+              and isinstance(r.get("time"), (int, float)) and r["time"] >= since]
+    if not starts or starts[0]["step"] == step_of(planned):
+        return {}
+    used = starts[0]["step"]
+    return {"resumed_from": tag_of(used) if used else None,
+            "passed_over": [t for t in complete_tags(folder) if used < step_of(t) <= step_of(planned)]}
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 def stage_environment(folder: Path) -> dict[str, Any] | None:
@@ -143,13 +211,6 @@ def error_tail(log_dir: Path, lines: int = 25) -> tuple[Path, str] | None:
         if text:
             return path, "\n".join(text.splitlines()[-lines:])
     return None
-
-
-def stopped_on_signal(folder: Path) -> bool:
-    """Whether the stage's last word (metrics.jsonl) is that a signal stopped it: what a stage that keeps no
-    checkpoints (tokenizer) leaves when it stops cleanly, as training stages do after their checkpoint."""
-    records = read_metrics(folder)
-    return bool(records) and records[-1].get("event") == "stop" and records[-1].get("reason") == "signal"
 
 
 def _record_result(entry: dict[str, Any], result: Result, folder: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 import textwrap
@@ -90,6 +91,11 @@ def main(argv: list[str] | None = None) -> int:
                  "baton verify runs/quickstart", "0 every output intact; 1 one damaged or missing; 2 not a run folder")
     p.add_argument("run_dir", type=Path, metavar="RUN", help="the run folder")
 
+    p = _command(sub, "restore-ledger", "put back the ledger's previous generation (ledger.json.1) when the ledger "
+                 "is unreadable", "baton restore-ledger runs/quickstart",
+                 "0 restored; 2 the ledger reads, or no readable ledger.json.1")
+    p.add_argument("run_dir", type=Path, metavar="RUN", help="the run folder")
+
     p = _command(sub, "schema", "the manifest's JSON Schema, every kind's options in it (for editors)",
                  "baton schema -o manifest.schema.json", "0 written; 2 the file cannot be written")
     p.add_argument("-o", "--output", type=Path, help="write it to this file instead of stdout")
@@ -108,10 +114,19 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     except KeyboardInterrupt:
         return 130
+    except OSError as e:  # the driver's own writes (spec, logs, the manifest's copy) on a full disk
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"baton: no space left on device writing {e.filename or 'a file'}; free space and run again",
+              file=sys.stderr)
+        return ConfigError.exit_code
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    from launcher import pipeline, report
+    from launcher import ledger, pipeline, report
+
+    if getattr(args, "output", None) is not None:
+        _refuse_kept(args.output)  # before any work
 
     if args.command == "validate":
         stages = pipeline.validate(args.manifest)
@@ -151,6 +166,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         _output(htmlreport.build(args.run_dir), out)
         print(out)
         return 0
+    if args.command == "restore-ledger":
+        print(ledger.restore(args.run_dir))
+        return 0
     if args.command == "schema":
         _output(json.dumps(schema(), indent=2) + "\n", args.output)
         return 0
@@ -164,6 +182,7 @@ def _output(data: str | bytes, path: Path | None) -> None:
         return
     from contract.files import write_atomic
 
+    _refuse_kept(path)
     try:
         write_atomic(path, data)
     except OSError as e:
@@ -189,6 +208,14 @@ class _Version(argparse.Action):
 
         print("".join(f"{name} {v or 'not installed'}\n" for name, v in versions().items()), end="")
         parser.exit()
+
+
+def _refuse_kept(path: Path) -> None:
+    from launcher.ledger import owner
+
+    why = owner(path)
+    if why:
+        raise ConfigError(f"-o {path}: {why}; write the output elsewhere")
 
 
 def schema() -> dict[str, object]:

@@ -163,6 +163,38 @@ def _digest(data: dict[str, Any], name: str | None) -> str | None:
 # ----------------------------------------------------------------- the run's view of them
 
 
+def superseded(data: dict[str, Any], ref: dict[str, Any]) -> str | None:
+    """Why a stage input `ref` (an earlier stage's output, as a stage's ledger entry records it) no longer follows
+    the ledger's decisions: the decision of the manifest stage it was read for (a gate since tightened, say) now
+    hands on another instance, waits, or stopped the run. None when it still follows them, or no decision
+    concerns it."""
+    if ref.get("source") != "stage" or not ref.get("stage"):
+        return None
+    group = ref.get("named") or str(ref["stage"]).split("@", 1)[0]
+    rec = (data.get("decisions") or {}).get(group)
+    if rec is None or (rec.get("outcome") in ("pass", "fallback") and rec.get("hand_on") == ref["stage"]):
+        return None
+    now = {"stop": "it stopped the run", "pending": f"it waits for {rec.get('next')}"}.get(
+        str(rec.get("outcome")), f"it hands on {rec.get('hand_on')}")
+    return f"built on {ref['stage']}, which the decision on {group} no longer hands on ({now})"
+
+
+def stale_stages(data: dict[str, Any]) -> dict[str, str]:
+    """{done stage: why} for each stage one of whose inputs a decision no longer hands on (`superseded`): made
+    under an earlier decision, it is stale until it runs again on what the decisions hand on now."""
+    out = {}
+    for name, entry in data["stages"].items():
+        if entry.get("state") != "done":
+            continue
+        for key, value in (entry.get("inputs") or {}).items():
+            refs = value if isinstance(value, list) else [value] if isinstance(value, dict) else []
+            why = next((w for ref in refs if key != "data" and (w := superseded(data, ref))), None)
+            if why:
+                out[name] = why
+                break
+    return out
+
+
 def wanted(r: Resolved, records: dict[str, dict[str, Any]], order: list[str]) -> Wanted:
     """Whether instance `r` is to run: yes; away (a decision made it unneeded: a retry whose earlier attempt
     passed); undecided (a retry whose earlier attempt is not decided yet); stopped (a stage before it stopped the

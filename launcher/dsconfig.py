@@ -11,6 +11,7 @@ import copy
 import difflib
 import functools
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -93,9 +94,36 @@ def fill(config: dict[str, Any], train: dict[str, Any], precision: str, world_si
         _settle(cfg, ("optimizer", "params", key), value, source, problems, f"train.{key}")
     for mode in ("bf16", "fp16"):
         _settle(cfg, (mode, "enabled"), precision == mode, source, problems, f"precision {precision}")
+    problems += [f"{source}: {path}: {value} is not a finite number" for path, value in _non_finite(cfg)]
+    problems += _offload_paths(cfg, source)
     if problems:
         raise ConfigError(problems)
     return cfg
+
+
+def _non_finite(node: Any, path: str = "") -> list[tuple[str, str]]:
+    """(dotted path, NaN/Infinity) of every number that is not finite: JSON's NaN and YAML's .inf reach DeepSpeed,
+    which takes them (an optimizer's momentum of NaN trains a NaN model)."""
+    if isinstance(node, float) and not math.isfinite(node):
+        return [(path, json.dumps(node))]
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    return [found for key, value in items for found in _non_finite(value, f"{path}.{key}" if path else str(key))]
+
+
+def _offload_paths(cfg: dict[str, Any], source: str) -> list[str]:
+    """An NVMe offload's nvme_path must be a folder (on this machine; under Slurm, the login node sees the same
+    file systems as a rule): DeepSpeed finds out only when the stage builds its engine."""
+    zero = cfg.get("zero_optimization")
+    problems = []
+    for part in ("offload_optimizer", "offload_param"):
+        offload = zero.get(part) if isinstance(zero, dict) else None
+        if not isinstance(offload, dict) or offload.get("device") != "nvme":
+            continue
+        path = offload.get("nvme_path")
+        if not isinstance(path, str) or not Path(path).is_dir():
+            problems.append(f"{source}: zero_optimization.{part}.nvme_path: {path}: no such folder "
+                            "(device nvme needs a folder on a fast local disk)")
+    return problems
 
 
 def _settle(cfg: dict, path: tuple[str, ...], value: Any, source: str, problems: list[str], origin: str) -> None:

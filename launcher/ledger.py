@@ -5,14 +5,20 @@ file locks misbehave). Every write goes to a temp file, is fsynced and renamed
 over the old ledger, so a crash leaves the previous or the new ledger, never half
 of one. A lock file created with O_EXCL keeps a second driver out; a lock left by
 a dead process on this host is taken over.
+
+Each save keeps the ledger it replaces as `ledger.json.1` (renamed into place, so it too is whole or absent):
+when the ledger is found unreadable, `baton restore-ledger` puts that generation back. No command writes its
+output over a file baton keeps in a run folder (`owner`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import json
 import os
+import shutil
 import socket
 import time
 import typing
@@ -24,12 +30,17 @@ from contract.files import write_atomic
 from launcher.errors import LedgerError
 
 LEDGER = "ledger.json"
+PREVIOUS = f"{LEDGER}.1"  # the generation before the newest save
+DAMAGED = f"{LEDGER}.damaged"  # an unreadable ledger that `restore` replaced, kept for inspection
 LOCK = ".baton.lock"
+# what baton keeps at the top of a run folder (a stage's folder under stages/ is the stage's, all of it)
+KEPT = (LEDGER, PREVIOUS, DAMAGED, LOCK, "manifest.yaml", "stages", "cache")
 VERSION = 1
 
 # A stage's state; only `set_state` writes it.
 State = Literal["pending", "queued", "running", "requeued", "preempted", "done", "failed", "cancelled",
-                "skipped"]  # skipped: a Slurm job whose stage a decision made unneeded (or a gate stop before it)
+                "skipped",  # a Slurm job whose stage a decision made unneeded (or a gate stop before it)
+                "damaged"]  # was done, but its final/ no longer holds the recorded digest: the next run reruns it
 ACTIVE: tuple[State, ...] = ("queued", "running", "requeued")  # a Slurm job of the stage is live
 
 
@@ -48,17 +59,85 @@ def read(run_dir: Path) -> dict[str, Any]:
     if not path.exists():
         return {"version": VERSION, "stages": {}}
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise LedgerError(f"{path}: unreadable ledger: not UTF-8 text (byte {e.start})") from None
-    except (OSError, ValueError, RecursionError) as e:
-        raise LedgerError(f"{path}: unreadable ledger: {' '.join(str(e).split())[:200]}") from None
+        data = _parse(path)
+    except LedgerError as e:
+        raise LedgerError(f"{e}{_offer(run_dir)}") from None
     if isinstance(data, dict) and "version" in data and data["version"] != VERSION:
         raise LedgerError(f"{path}: ledger version {data['version']!r}; this baton reads version {VERSION}")
     problem = _problem(data)
     if problem:
-        raise LedgerError(f"{path}: not a baton ledger: {problem}; move it away to start the run afresh")
+        raise LedgerError(f"{path}: not a baton ledger: {problem}; move it away to start the run afresh"
+                          + _offer(run_dir))
     return data
+
+
+def _parse(path: Path) -> Any:
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise LedgerError(f"{path}: unreadable ledger: not UTF-8 text (byte {e.start})") from None
+    except (OSError, ValueError, RecursionError) as e:
+        raise LedgerError(f"{path}: unreadable ledger: {' '.join(str(e).split())[:200]}") from None
+
+
+def _previous(run_dir: Path) -> dict[str, Any] | None:
+    """The previous generation (ledger.json.1) if it is a ledger this baton reads."""
+    try:
+        data = _parse(run_dir / PREVIOUS)
+    except LedgerError:
+        return None
+    return data if _problem(data) is None else None
+
+
+def _offer(run_dir: Path) -> str:
+    previous = _previous(run_dir)
+    if previous is None:
+        return ""
+    return (f"; its previous generation {PREVIOUS} (saved {previous.get('updated', '?')}) is readable: "
+            f"`baton restore-ledger {run_dir}` puts it back")
+
+
+def restore(run_dir: Path) -> str:
+    """`baton restore-ledger`: replace an unreadable ledger with its previous generation (the unreadable one is
+    kept as ledger.json.damaged). Refused while the ledger reads, or without a readable generation."""
+    path = run_dir / LEDGER
+    lock = run_dir / LOCK
+    _acquire(lock)
+    try:
+        try:
+            readable = path.exists() and bool(read(run_dir))
+        except LedgerError:
+            readable = False
+        if readable:
+            raise LedgerError(f"{path}: the ledger is readable; nothing to restore")
+        previous = _previous(run_dir)
+        if previous is None:
+            raise LedgerError(f"{run_dir}: no readable {PREVIOUS} to restore the ledger from")
+        if path.exists():
+            os.replace(path, run_dir / DAMAGED)
+        write_atomic(path, (run_dir / PREVIOUS).read_bytes())
+    finally:
+        lock.unlink(missing_ok=True)
+    return (f"{path}: restored from {PREVIOUS} (saved {previous.get('updated', '?')})"
+            + (f"; the unreadable one is {run_dir / DAMAGED}" if (run_dir / DAMAGED).exists() else ""))
+
+
+def owner(path: Path) -> str | None:
+    """Why no command may write its output (-o) to `path`: it is a file baton keeps in a run folder (the ledger
+    and its generations, the manifest's copy, anything of a stage: spec, results, metrics, evals, final/,
+    ckpt/). None where `path` is free. Judged by where a rename onto `path` would land: its folder's links are
+    followed, the name itself is not."""
+    try:
+        target = path.parent.resolve() / path.name
+    except (OSError, RuntimeError):
+        return None
+    for folder in target.parents:
+        if any((folder / marker).is_file() for marker in (LEDGER, PREVIOUS, LOCK)):
+            rel = target.relative_to(folder)
+            if rel.parts[0] in KEPT or rel.parts[0].startswith(f".{LEDGER}"):
+                return f"{rel.as_posix()} is a file baton keeps in the run folder {folder}"
+            return None
+    return None
 
 
 _STATES = frozenset(typing.get_args(State))
@@ -141,14 +220,55 @@ class Ledger:
             self.save()
 
     def save(self) -> None:
+        """Write the ledger (and keep the one it replaces). A full disk is a LedgerError, never a traceback: the
+        ledger on disk is then the whole one from before this change."""
         assert self._locked, "the ledger is written only under its lock"
         self.data["updated"] = now()
-        write_atomic(self.path, json.dumps(self.data, indent=2, sort_keys=False) + "\n")
+        text = json.dumps(self.data, indent=2, sort_keys=False) + "\n"
+        try:
+            _keep_previous(self.path)
+            write_atomic(self.path, text)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise LedgerError(f"{self.path}: no space left on device to save the ledger; it still holds the run "
+                              "as it was before this change; free space and run `baton run` again") from None
+
+
+def _keep_previous(path: Path) -> None:
+    """Keep the ledger about to be replaced as ledger.json.1: a second name for the same file, renamed into
+    place (a copy where the file system has no hard links). A ledger that does not read is not kept: the
+    generation stays one that can be restored."""
+    try:
+        if _problem(_parse(path)) is not None:
+            return
+    except LedgerError:
+        return
+    tmp = path.with_name(f".{PREVIOUS}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        try:
+            os.link(path, tmp)
+        except OSError:
+            shutil.copyfile(path, tmp)
+        os.replace(tmp, path.with_name(PREVIOUS))
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def set_state(entry: dict[str, Any], state: State, **fields: Any) -> None:
     """Change a stage entry's state (and any other fields with it)."""
     entry.update(fields, state=state)
+
+
+def mark_damaged(entry: dict[str, Any], why: str) -> bool:
+    """Record that a done stage's final/ no longer holds its recorded digest (`why`): state damaged, the output's
+    record kept for the lineage. False when the entry is not a done stage's (nothing to mark, or marked)."""
+    if entry.get("state") != "done":
+        return False
+    set_state(entry, "damaged", damage=why)
+    return True
 
 
 def _acquire(lock: Path, wait_s: float = 0) -> None:
@@ -176,6 +296,23 @@ def _acquire(lock: Path, wait_s: float = 0) -> None:
         with os.fdopen(fd, "w") as f:
             json.dump(me, f)
         return
+
+
+def held(run_dir: Path) -> bool:
+    """Whether a driver holds the run now (its lock exists and, on this host, its process lives): else a stage
+    the ledger says is running was left so by a driver that died (status shows it interrupted)."""
+    lock = run_dir / LOCK
+    if not lock.exists():
+        return False
+    holder = _holder(lock)
+    return holder.get("host") != socket.gethostname() or _alive(holder.get("pid"))
+
+
+def shown_state(entry: dict[str, Any], driver_alive: bool) -> str:
+    """A stage's state as the views show it: a local stage running without a live driver is interrupted (the next
+    `baton run` resumes it); Slurm stages have their jobs for a driver."""
+    state = str(entry.get("state", "?"))
+    return "interrupted" if state == "running" and not driver_alive and not entry.get("slurm") else state
 
 
 def _holder(lock: Path) -> dict[str, Any]:

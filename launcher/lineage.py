@@ -17,11 +17,13 @@ from typing import Any
 from contract.files import json_safe, short
 from launcher import ledger
 from launcher.decisions import describe
+from launcher.decisions import superseded as decided_otherwise
 from launcher.errors import LedgerError
 from launcher.plan import disk_state
 
 VERSION = 1  # of the graph dict (`baton lineage --json`)
-ON_DISK = {"changed": "CHANGED ON DISK", "missing": "final/ MISSING"}  # marks of a done stage whose final/ differs
+# marks of a stage whose final/ differs: by size or mtime, or found by a hash (state damaged)
+ON_DISK = {"changed": "CHANGED ON DISK", "missing": "final/ MISSING", "damaged": "DAMAGED"}
 _VARIANT = re.compile(r"@v\d+$")
 
 
@@ -63,7 +65,9 @@ def graph(run_dir: Path) -> dict[str, Any]:
     stages: dict[str, dict[str, Any]] = data["stages"]
     decisions: dict[str, dict[str, Any]] = data.get("decisions") or {}
     verdicts = _verdicts(decisions)
-    nodes = [_node(run_dir, name, e, verdicts.get(name)) for name, e in stages.items()]
+    alive = ledger.held(run_dir)
+    nodes = [_node(run_dir, name, e, verdicts.get(name)) | {"state": ledger.shown_state(e, alive)}
+             for name, e in stages.items()]
     sources: dict[str, dict[str, Any]] = {}  # by id
     edges: list[dict[str, Any]] = []
 
@@ -110,7 +114,8 @@ def _node(run_dir: Path, name: str, e: dict[str, Any], gate: str | None) -> dict
     return {"id": f"stage:{name}", "name": name, "kind": e.get("kind"), "state": e.get("state"),
             "stage": _group(name), "role": _role(name),
             "output": {"path": out.get("path"), "digest": out.get("digest")} if out else None,
-            "on_disk": disk_state(run_dir, name, e) if done else None, "gate": gate}
+            "on_disk": "damaged" if e.get("state") == "damaged" else disk_state(run_dir, name, e) if done else None,
+            "gate": gate}
 
 
 def _group(name: str) -> str:
@@ -147,13 +152,18 @@ def _stage_edge(run_dir: Path, name: str, key: str, ref: dict[str, Any], stages:
     changed or missing (its files differ by size or mtime), unknown (no stat record: `baton verify` hashes)."""
     upstream = stages.get(ref["stage"], {})
     now = (upstream.get("output") or {}).get("digest")
-    state = "stale" if now != ref.get("digest") else disk_state(run_dir, ref["stage"], upstream)
+    superseded = decided_otherwise({"stages": stages, "decisions": decisions}, ref)
+    state = "stale" if now != ref.get("digest") or superseded else "damaged" if upstream.get("state") == "damaged" \
+        else disk_state(run_dir, ref["stage"], upstream)
     named = ref.get("named")
     rec = decisions.get(named or "") or {}
     why = None if not named else "fallback" if rec.get("outcome") == "fallback" else \
         "selected" if any(ev.get("kind") == "select" for ev in rec.get("events", [])) else "passed"
-    return _edge(f"stage:{ref['stage']}", name, key, ref.get("digest"), state, now=now if state == "stale" else None,
-                 named=named, handed_on=why)
+    edge = _edge(f"stage:{ref['stage']}", name, key, ref.get("digest"), state,
+                 now=now if state == "stale" and not superseded else None, named=named, handed_on=why)
+    if superseded:
+        edge["why"] = superseded
+    return edge
 
 
 def _decision(name: str, rec: dict[str, Any]) -> dict[str, Any]:
@@ -194,7 +204,9 @@ def _input_line(edge: dict[str, Any], src: dict[str, Any] | None) -> str:
     key, digest = edge["key"], short(edge["digest"])
     if src is None:  # an earlier stage's final/
         upstream = edge["from"].removeprefix("stage:")
-        if edge["state"] == "stale":
+        if edge["state"] == "stale" and edge.get("why"):  # made under a decision taken otherwise since
+            mark = f"STALE: the decision on {edge.get('named') or _group(upstream)} no longer hands it on"
+        elif edge["state"] == "stale":
             mark = f"STALE: {upstream} now gives {short(edge['now'])}"
         else:  # the digests agree; do the files still? (sizes and mtimes only: `baton verify` hashes)
             mark = ON_DISK.get(edge["state"]) or \
@@ -208,7 +220,8 @@ def _input_line(edge: dict[str, Any], src: dict[str, Any] | None) -> str:
 
 COLOURS = {  # fill, by state: done green, running blue, failed red, preempted orange, the rest grey
     "done": "#c8e6c9", "running": "#bbdefb", "queued": "#e3f2fd", "requeued": "#e3f2fd", "failed": "#ffcdd2",
-    "preempted": "#ffe0b2", "pending": "#eeeeee", "cancelled": "#e0e0e0", "skipped": "#e0e0e0", "absent": "#ffffff",
+    "preempted": "#ffe0b2", "interrupted": "#ffe0b2", "damaged": "#f8bbd0",
+    "pending": "#eeeeee", "cancelled": "#e0e0e0", "skipped": "#e0e0e0", "absent": "#ffffff",
 }
 _VERDICT = {"passed": "gate passed", "failed": "gate failed", "stopped": "gate STOPPED THE RUN"}  # as boxes say it
 _MERMAID_CLASS = {"queued": "running", "requeued": "running", "cancelled": "pending", "skipped": "pending"}
@@ -267,7 +280,7 @@ def _edge_label(group: list[dict[str, Any]], sep: str) -> str:
     return sep.join([" ".join(["; ".join(parts), *marks]), *why])
 
 
-_MARKS = {"stale": "STALE", "changed": "CHANGED", "missing": "MISSING"}
+_MARKS = {"stale": "STALE", "changed": "CHANGED", "missing": "MISSING", "damaged": "DAMAGED"}
 
 
 def _retries(g: dict[str, Any]) -> list[tuple[str, str]]:

@@ -142,9 +142,15 @@ def check_references(loaded: Loaded) -> list[str]:
     seen: dict[str, StageBase] = {}
     base = loaded.file.parent
     stages = loaded.manifest.stages
+    folded: dict[str, str] = {}  # casefolded name -> the name, for file systems that do not tell case apart
     for i, stage in enumerate(stages):
         if stage.name in seen:
             problems.append(f"{loaded.where(('stages', i, 'name'))}: duplicate stage name '{stage.name}'")
+        elif folded.get(stage.name.casefold(), stage.name) != stage.name:
+            problems.append(f"{loaded.where(('stages', i, 'name'))}: stage name '{stage.name}' differs from "
+                            f"'{folded[stage.name.casefold()]}' only in case; their folders would be one on a "
+                            "case-insensitive file system (macOS, Windows)")
+        folded.setdefault(stage.name.casefold(), stage.name)
         refs = stage.references()
         for name, j, ref in flat_references(refs):
             if ref.from_ is None:

@@ -10,23 +10,54 @@ from typing import Any
 
 from contract.files import file_digest, write_atomic
 from contract.layout import final_dir, stage_dir
-from launcher import decisions, dsconfig, ledger
+from launcher import decisions, dsconfig, hubcache, ledger
 from launcher.attempts import adopt_finished, run_stage, version_drift
 from launcher.backends import Backend
 from launcher.backends.local import LocalBackend
 from launcher.digests import known_intact
 from launcher.errors import BatonError, ConfigError, GateStopped
-from launcher.manifest import Loaded, load
+from launcher.manifest import Loaded, flat_references, load
 from launcher.plan import Step, make_plan
 from launcher.resolve import Resolved, default_run_dir, resolve
 from launcher.slurm.srun import SrunBackend, allocation_nodes
 
 
 def validate(manifest: Path) -> list[Resolved]:
-    """Schema, references, files and DeepSpeed's own verdict on every stage's config."""
-    stages = resolve(load(manifest))
+    """Schema, references, files, the run folder's place and DeepSpeed's own verdict on every stage's config."""
+    loaded = load(manifest)
+    default_run_dir(loaded)  # refused where it (or a folder above it) is a file, as `run` would refuse it
+    stages = resolve(loaded)
+    check_offline(loaded)
     check_deepspeed(stages)
     return stages
+
+
+def check_offline(loaded: Loaded, run_dir: Path | None = None) -> None:
+    """With HF_HUB_OFFLINE=1 (or TRANSFORMERS_OFFLINE / HF_DATASETS_OFFLINE), a hub model or dataset that is not in
+    the local cache is a certain failure once the stage loads it: refused before launch, each name once, where the
+    manifest writes it. `run_dir`: its datasets cache counts too (a dataset an earlier run of it loaded)."""
+    problems, seen = [], set()
+    base = loaded.file.parent
+    for i, stage in enumerate(loaded.manifest.stages):
+        for name, j, ref in flat_references(stage.references()):
+            at = ("stages", i, name, *(() if j is None else (j,)), "pretrained")
+            hub = ref.pretrained
+            if hub is None or hub in seen or at not in loaded.lines or hub.startswith((".", "/")) or \
+                    (base / hub).is_dir():
+                continue
+            seen.add(hub)
+            if why := hubcache.offline_miss(hub, "model"):
+                problems.append(f"{loaded.where(at)}: {why}, or give a local folder")
+        for section in stage.data_sections():
+            hub = section.data.hub
+            if hub is None or hub in seen:
+                continue
+            seen.add(hub)
+            extra = [run_dir / "cache" / "datasets"] if run_dir else []
+            if why := hubcache.offline_miss(hub, "dataset", extra):
+                problems.append(f"{loaded.where(('stages', i, *section.path, 'hub'))}: {why}, or give local files")
+    if problems:
+        raise ConfigError(problems)
 
 
 def check_nodes(loaded: Loaded, stages: list[Resolved], available: int | None) -> None:
@@ -60,6 +91,7 @@ def plan_run(manifest: Path, run_dir: Path | None, only: str | None, start: str 
     stages = resolve(loaded)
     check_nodes(loaded, stages, nodes_available)
     run_dir, manifest = (run_dir or default_run_dir(loaded)).resolve(), manifest.resolve()
+    check_offline(loaded, run_dir)
     steps = make_plan(stages, ledger.read(run_dir), run_dir, only, start)
     check_deepspeed([s.stage for s in steps if s.action != "skip"])
     return stages, run_dir, manifest, steps

@@ -75,6 +75,10 @@ def make_plan(stages: list[Resolved], ledger: dict[str, Any], run_dir: Path,
                 continue
         stale = [u for u in r.upstream if u in changing]
         missing = [u for u in r.upstream if u not in outputs and u not in changing]
+        damaged_up = [u for u in missing if entries.get(u, {}).get("state") == "damaged"]
+        if damaged_up:
+            raise ConfigError([f"stage {r.name} needs the output of {u}, which is damaged ({entries[u].get('damage')})"
+                               f"; rerun {u} first (baton run --from {u}, or drop --only/--from)" for u in damaged_up])
         if missing:
             raise ConfigError(
                 f"stage {r.name} needs the output of {', '.join(missing)}, which has not run; "
@@ -105,6 +109,8 @@ def _decide(r: Resolved, entry: dict[str, Any], spec: Spec | None, stale: list[s
     same = entry.get("fingerprint") == fp
     if not same and (spec.any_world is None or fingerprint_any_world(recorded) != spec.any_world):
         return Step(r, "rerun", "changed: " + diff(recorded, settings(spec)), spec=spec)
+    if state == "damaged":  # found by `baton verify`, or by a stage that read it: start over
+        return Step(r, "rerun", f"output damaged: {entry.get('damage') or 'its final/ changed'}", spec=spec)
     if state == "done" and (folder / "result.json").is_file():
         kept = (f"done at world size {recorded.get('world_size')}; kept at {spec.world_size} "
                 "(checkpoint.on_world_size_change: resume)")

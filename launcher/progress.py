@@ -73,7 +73,8 @@ class Progress:
             self.step, self.max_steps = rec.get("step"), rec.get("max_steps") or self.max_steps
             self.steps_per_s = self.tokens_per_s = None
             self.tokens = 0
-        elif event == "first_step" and self.launched_at is not None and "time" in rec:
+        elif event == "first_step" and self.launched_at is not None and (_number(rec.get("time")) or 0) >= \
+                self.launched_at:  # an earlier attempt's (its records kept with its output) is not this one's
             self.startup_s = rec["time"] - self.launched_at
         elif event == "train":
             self.step, self.loss, self.lr = rec.get("step"), _number(rec.get("loss")), _number(rec.get("lr"))

@@ -1,7 +1,8 @@
-"""`baton status` (a table, or `--json`) and `baton verify`: read-only views of a run folder (no lock, no torch).
+"""`baton status` (a table, or `--json`) and `baton verify`: views of a run folder (no torch).
 
-status compares a done stage's files with their recorded sizes and mtimes only (cheap); verify hashes. The lineage
-is launcher/lineage.py's, the HTML page launcher/htmlreport.py's."""
+status reads only (no lock): it compares a done stage's files with their recorded sizes and mtimes (cheap). verify
+hashes, and records in the ledger (under its lock) each stage whose final/ it finds damaged, which the next run
+reruns. The lineage is launcher/lineage.py's, the HTML page launcher/htmlreport.py's."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ from typing import Any
 
 from contract.files import dir_digest, short
 from contract.layout import final_dir, stage_dir
-from launcher.decisions import describe
+from launcher import ledger
+from launcher.decisions import describe, stale_stages
 from launcher.digests import folder_stat
-from launcher.errors import ConfigError
+from launcher.errors import ConfigError, LedgerError
+from launcher.ledger import Ledger
 from launcher.lineage import ON_DISK, load, refs
 from launcher.plan import disk_state, stat_changes
 from launcher.progress import read as read_progress
@@ -46,10 +49,12 @@ def status_data(run_dir: Path) -> dict[str, Any]:
 
         jobs = slurm_states(data["stages"])
     stages = []
+    alive = ledger.held(run_dir)
+    stale = stale_stages(data)
     for name, e in data["stages"].items():
         attempts = e.get("attempts") or []
         progress = read_progress(stage_dir(run_dir, name), (attempts or [{}])[-1].get("started"))
-        state = e.get("state", "?")
+        state = ledger.shown_state(e, alive)
         inputs = [{"input": key, **{k: ref.get(k) for k in ("source", "stage", "path", "digest") if ref.get(k)}}
                   for key, value in (e.get("inputs") or {}).items() if key != "data" for ref in refs(value)]
         stage = {"name": name, "kind": e.get("kind"), "state": state,
@@ -58,7 +63,8 @@ def status_data(run_dir: Path) -> dict[str, Any]:
                  "progress": progress.as_dict(), "metrics": e.get("metrics") or {}, "inputs": inputs,
                  "data": (e.get("inputs") or {}).get("data") or {}, "output": (e.get("output") or {}).get("digest"),
                  "tries": len(attempts), "started": attempts[0].get("started") if attempts else None,
-                 "ended": attempts[-1].get("ended") if attempts else None, "slurm": jobs.get(name)}
+                 "ended": attempts[-1].get("ended") if attempts else None, "slurm": jobs.get(name),
+                 "stale": stale.get(name)}
         stages.append({k: v for k, v in stage.items() if v is not None})
     return {"version": 1, "run": data.get("run"), "run_dir": str(run_dir.resolve()), "manifest": data.get("manifest"),
             "stages": stages, "shared_evals": shared(data), "decisions": decided(data)}
@@ -89,7 +95,7 @@ def status(run_dir: Path, wide: bool = False) -> str:
         steps = str(s.get("steps", "-"))
         if s["state"] != "done" and progress.get("max_steps"):
             steps = f"{progress.get('step', 0)}/{progress['max_steps']}"
-        mark = ON_DISK.get(s.get("on_disk") or "")
+        mark = ON_DISK.get(s.get("on_disk") or "") or ("stale" if s.get("stale") else None)
         row: tuple[str, ...] = (s["name"], s.get("kind") or "?", s["state"] + (f" ({mark})" if mark else ""), steps,
                str(s["tries"]), shown or "-")
         if wide:
@@ -178,28 +184,50 @@ def _decisions(decided: dict[str, dict[str, Any]], width: int | None) -> str:
 
 
 def verify(run_dir: Path) -> tuple[str, bool]:
-    """Hash every done stage's final/ again and compare with the ledger: (one line per stage, all intact)."""
+    """Hash every done stage's final/ again and compare with the ledger: (one line per stage, all intact). A stage
+    found damaged is recorded as such (`ledger.mark_damaged`), so that status and lineage show it and the next run
+    reruns it with its descendants; one already recorded stays so until it is rerun."""
     data = load(run_dir)
-    lines, intact = [], True
+    lines, found = [], {}
     for name, e in data["stages"].items():
         out = e.get("output") or {}
+        if e.get("state") == "damaged":
+            lines.append(f"{name}: DAMAGED (recorded: {e.get('damage')})")
+            found[name] = ""
+            continue
         if e.get("state") != "done" or not out.get("digest"):
             lines.append(f"{name}: - (state {e.get('state', '?')}; no output to verify)")
             continue
         final = final_dir(stage_dir(run_dir, name))
         if not final.is_dir():
             lines.append(f"{name}: missing: {final} (recorded {short(out['digest'])})")
-            intact = False
+            found[name] = "final/ is missing"
             continue
         now = dir_digest(final)
         if now == out["digest"]:
             lines.append(f"{name}: ok {short(now)}")
             continue
-        intact = False
         changes = stat_changes(out["stat"], folder_stat(final)) if out.get("stat") is not None else []
         lines.append(f"{name}: DAMAGED: recorded {short(out['digest'])} now {short(now)}"
                      + (f" ({', '.join(changes[:3])}{' …' if len(changes) > 3 else ''})" if changes else ""))
-    return "\n".join(lines), intact
+        found[name] = (f"{', '.join(changes[:3])} since it was recorded" if changes else
+                       f"final/ holds {short(now)}, not the recorded {short(out['digest'])}") + " (found by verify)"
+    new = {name: why for name, why in found.items() if why}
+    if new:
+        lines.append(_record_damage(run_dir, new))
+    return "\n".join(lines), not found
+
+
+def _record_damage(run_dir: Path, found: dict[str, str]) -> str:
+    try:
+        with Ledger(run_dir) as led:
+            marked = [name for name, why in found.items() if ledger.mark_damaged(led.stage(name), why)]
+            if marked:
+                led.save()
+    except LedgerError as e:
+        return f"not recorded in the ledger: {e}"
+    return f"recorded as damaged: {', '.join(marked)}; the next `baton run` reruns it and its descendants" \
+        if marked else ""
 
 
 def number(v: Any) -> str:

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from contract.fingerprint import fingerprinted
+from contract.heads import HEADS
 from contract.layout import final_dir, stage_dir
-from contract.sections import Data, RefBase, RowsRef, StageBase, TrainingStage, inherit
+from contract.sections import Data, DataSection, RefBase, RowsRef, StageBase, TrainingStage, inherit
 from contract.spec import SPEC_VERSION, Spec
 from launcher import datacheck, dsconfig, instances, modelcheck
 from launcher.digests import data_file_digest, folder_digest
@@ -327,7 +328,8 @@ def _data_sections(loaded: Loaded, i: int, stage: StageBase, base_dir: Path) -> 
     for section in stage.data_sections():
         numbers = _difficulty_column(stage) if section.name is None else []
         try:
-            out[section.name] = _data(loaded, ("stages", i, *section.path), section.data, numbers)
+            out[section.name] = _data(loaded, ("stages", i, *section.path), section.data, numbers,
+                                      _labelled(stage, section))
         except ConfigError as e:
             problems += e.problems
     if problems:
@@ -342,7 +344,15 @@ def _data_sections(loaded: Loaded, i: int, stage: StageBase, base_dir: Path) -> 
     return {"data": main, "sections": out}
 
 
-def _data(loaded: Loaded, at: tuple[str | int, ...], data: Data, numbers: list[str]) -> dict[str, Any]:
+def _labelled(stage: StageBase, section: DataSection) -> bool:
+    """Whether a data section feeds a classifier (its rows need labels): a multitask task of type classify, or
+    the data of a stage whose head (or task) classifies."""
+    head = section.head or stage.model_head() or stage.options().get("task")
+    return head in HEADS and HEADS[head].classes == "num_labels"
+
+
+def _data(loaded: Loaded, at: tuple[str | int, ...], data: Data, numbers: list[str],
+          labelled: bool = False) -> dict[str, Any]:
     """A data section as spec data: files made absolute, the format, each file checked and its digest."""
     base_dir = loaded.file.parent
     files = {k: [str((base_dir / f).resolve()) for f in ([v] if isinstance(v, str) else v or [])]
@@ -359,8 +369,9 @@ def _data(loaded: Loaded, at: tuple[str | int, ...], data: Data, numbers: list[s
         fmt = found.pop()
     if data.hub is None and fmt is not None:
         fields = [] if fmt == "text" else [f for f in (data.text_field, data.text_pair_field) if f]
+        labels = datacheck.Labels(data.label_field, data.labels) if labelled and fmt != "text" else None
         problems = [f"{loaded.where((*at, split))}: {problem}"
-                    for split, problem in datacheck.check(files, fmt, fields, numbers)]
+                    for split, problem in datacheck.check(files, fmt, fields, numbers, labels)]
         if problems:
             raise ConfigError(problems)
     hub = None

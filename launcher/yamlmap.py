@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +129,13 @@ class _Builder:
 def load_yaml(file: Path) -> tuple[Any, dict[Path_, int]]:
     """Parse `file` with YAML's safe schema; return (data, {key path: line})."""
     source = str(file)
+    try:
+        mode = file.stat().st_mode
+    except OSError as e:
+        raise ConfigError(f"{source}: cannot read: {e.strerror}") from None
+    if not stat.S_ISREG(mode):  # a FIFO or a device would block or never end; a folder is no manifest either
+        what = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a device or socket"
+        raise ConfigError(f"{source}: not a regular file ({what}); a manifest is a YAML file")
     try:
         with file.open("rb") as f:
             raw = f.read(MAX_BYTES + 1)

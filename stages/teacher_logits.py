@@ -21,6 +21,7 @@ request is honoured between two batches: a `stop` record, nothing written, exit 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -106,8 +107,11 @@ def main(spec: Spec, d: Dist) -> int:
              "train_digests": [spec.data.digests[f] for f in spec.data.train_files],
              "eval_digests": [spec.data.digests[f] for f in spec.data.eval_files],
              "hub": spec.data.hub.model_dump() if spec.data.hub else None,
-             "teacher": {"source": teacher_ref.source, "stage": teacher_ref.stage, "path": teacher_ref.path,
-                         "digest": teacher_ref.digest}}
+             # the teacher by what it is (its stage, its digest; a hub name), never where it lay: an absolute path
+             # here would give the same logits another digest in another run folder
+             "teacher": {"source": teacher_ref.source, "stage": teacher_ref.stage,
+                         "path": None if teacher_ref.path is None or os.path.isabs(teacher_ref.path)
+                         else teacher_ref.path, "digest": teacher_ref.digest}}
     dist.print0(f"{spec.stage}: top {k} of {classes} logits for "
                 + ", ".join(f"{n} {split} rows" for split, n in meta["rows"].items())
                 + "".join(f"; teacher {name} {value:.4f}" for name, value in results.items()))

@@ -140,6 +140,30 @@ def test_a_gate_that_stops_ends_the_run_with_its_numbers(tmp_path: Path, scored:
     assert len(entries(run_dir)["ft"]["attempts"]) == 1 and entries(run_dir)["after"]["state"] == "done"
 
 
+def test_stages_built_under_a_decision_since_tightened_show_as_stale(tmp_path: Path, scored: FakeBackend,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """ft's gate passes and small and after are built on ft; the gate is tightened and ft now fails it, which stops
+    the run: small and after were made under the looser decision, and status and lineage say so."""
+    manifest, run_dir = write(tmp_path, lr=6e-4, ft_extra="    gate: {require: accuracy >= 0.5, on_fail: stop}"), \
+        tmp_path / "r"
+    assert run("run", manifest, "--run-dir", run_dir) == 0
+    assert "stale" not in status(run_dir) and "STALE" not in lineage(run_dir)
+    write(tmp_path, lr=6e-4, ft_extra="    gate: {require: accuracy >= 0.8, on_fail: stop}")
+    assert run("run", manifest, "--run-dir", run_dir) == EXIT_GATE_STOPPED
+    capsys.readouterr()
+    rows = {line.split()[0]: line.split()[2:4] for line in status(run_dir).split("\n\n")[0].splitlines()[2:]}
+    assert rows["ft"][0] == "done" and rows["ft"][1] != "(stale)"
+    assert rows["small"] == ["done", "(stale)"] and rows["after"] == ["done", "(stale)"], status(run_dir)
+    from launcher.report import status_data
+
+    stale = {s["name"]: s.get("stale") for s in status_data(run_dir)["stages"]}
+    assert stale["small"] == "built on ft, which the decision on ft no longer hands on (it stopped the run)"
+    assert stale["after"] and stale["tok"] is None and stale["ft"] is None
+    text = lineage(run_dir)
+    line = next(x for x in text.split("small [prune]")[1].splitlines() if x.startswith("  <- init ft/final"))
+    assert "(STALE: the decision on ft no longer hands it on)" in line, text
+
+
 def test_a_retry_whose_second_attempt_passes(tmp_path: Path, scored: FakeBackend,
                                              capsys: pytest.CaptureFixture[str]) -> None:
     gate = ("    gate: {require: accuracy >= 0.8, on_fail: retry,\n"

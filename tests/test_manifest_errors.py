@@ -207,6 +207,30 @@ CASES: dict[str, Case] = {
     "data-files-with-other-columns": Case(
         edit("    data: {train: train.jsonl}", "    data: {train: train.jsonl, eval: other.jsonl}  #!"),
         "stages[2].data.train", ("different columns", "other.jsonl: label, source, text"), command="run"),
+    "label-missing-in-row-6": Case(
+        edit("    data: {train: train.jsonl}", "    data: {train: labels-missing.jsonl}  #!"),
+        "stages[2].data.train", ("labels-missing.jsonl: line 6: no field 'label'", "set data.label_field")),
+    "label-null-in-row-5": Case(
+        edit("    data: {train: train.jsonl}", "    data: {train: labels-null.jsonl}  #!"),
+        "stages[2].data.train", ("labels-null.jsonl: line 5: label is null",)),
+    "label-a-float": Case(
+        edit("    data: {train: train.jsonl}", "    data: {train: labels-float.jsonl}  #!"),
+        "stages[2].data.train", ("labels-float.jsonl: line 3: label is 1.5, not a string or an integer",)),
+    "label-a-number-among-strings": Case(
+        edit("    data: {train: train.jsonl}", "    data: {train: labels-mixed.jsonl}  #!"),
+        "stages[2].data.train", ("labels-mixed.jsonl: line 5: label is 3, a number, where",
+                                 "line 1's is a string", "one label column holds one type")),
+    "label-not-declared": Case(
+        edit("    data: {train: train.jsonl}", "    data: {train: labels-ab.jsonl, labels: [a]}  #!"),
+        "stages[2].data.train", ("labels-ab.jsonl: line 2: label 'b' is not one of data.labels: a",)),
+    "eval-label-not-in-train": Case(
+        edit("    data: {train: train.jsonl}", "    data: {train: labels-ab.jsonl, eval: labels-abc.jsonl}  #!"),
+        "stages[2].data.eval", ("labels-abc.jsonl: line 3: label 'c' never occurs in the training data "
+                                "(its labels: a, b)",)),
+    "eval-label-not-declared": Case(
+        edit("    data: {train: train.jsonl}",
+             "    data: {train: labels-ab.jsonl, eval: labels-abc.jsonl, labels: [a, b]}  #!"),
+        "stages[2].data.eval", ("labels-abc.jsonl: line 3: label 'c' is not one of data.labels: a, b",)),
     "infinite-lr": Case(
         edit(CLS_TRAIN, "    train: {epochs: 1, micro_batch_size: 4, lr: .inf}  #!\n"),
         "stages[2].train", ("lr: inf is not a finite number",)),
@@ -289,6 +313,30 @@ CASES |= {
     "ds-zero-key-misspelt": Case(
         edit(CLS_TRAIN, "    deepspeed: {overrides: {zero_optimization: {overlap_com: true}}}  #!\n" + CLS_TRAIN),
         "stages[2].deepspeed", ("zero_optimization.overlap_com", "did you mean overlap_comm?")),
+    "run-dir-is-a-file": Case(
+        edit("run: {name: bad}", "run: {name: bad, dir: train.txt}  #!"), "run.dir", ("train.txt is a file",),
+        run_dir_flag=False),
+    "stage-names-differ-only-in-case": Case(
+        edit("  - name: cls\n", "  - name: PRE  #!\n"), "stages[2].name",
+        ("stage name 'PRE' differs from 'pre' only in case", "case-insensitive")),
+    "stage-name-starting-with-a-dash": Case(
+        edit("  - name: cls\n", "  - name: -cls  #!\n"), "stages[2].name", ("pattern",)),
+    "stage-name-blank": Case(edit("  - name: cls\n", "  - name: '  '  #!\n"), "stages[2].name", ("pattern",)),
+    "run-name-starting-with-a-dash": Case(edit("run: {name: bad}", "run: {name: --help}  #!"), "run.name",
+                                          ("pattern",)),
+    "data-train-empty-list": Case(
+        edit("    data: {train: train.jsonl}", "    data: {train: []}  #!"), "stages[2].data.train",
+        ("no files",)),
+    "ds-config-nan-in-optimizer-params": Case(
+        edit(CLS_TRAIN, "    deepspeed: {config: ./nan.json}  #!\n" + CLS_TRAIN),
+        "stages[2].deepspeed", ("nan.json", "optimizer.params.momentum: NaN is not a finite number")),
+    "ds-override-infinite": Case(
+        edit(CLS_TRAIN, "    deepspeed: {overrides: {optimizer: {params: {momentum: .inf}}}}  #!\n" + CLS_TRAIN),
+        "stages[2].deepspeed", ("optimizer.params.momentum: Infinity is not a finite number",)),
+    "ds-nvme-offload-path-missing": Case(
+        edit(CLS_TRAIN, "    deepspeed: {config: zero3, overrides: {zero_optimization: {offload_optimizer: "
+                        "{device: nvme, nvme_path: /no/such/nvme}}}}  #!\n" + CLS_TRAIN),
+        "stages[2].deepspeed", ("zero_optimization.offload_optimizer.nvme_path: /no/such/nvme: no such folder",)),
     "run-dir-is-a-file-on-run": Case(
         edit("run: {name: bad}", "run: {name: bad, dir: train.txt}  #!"), "run.dir", ("train.txt is a file",),
         command="run", run_dir_flag=False),
@@ -557,6 +605,8 @@ def write_inputs(folder: Path) -> None:
     (folder / "train.jsonl").write_text("\n".join(labelled) + "\n", encoding="utf-8")
     (folder / "train.dat").write_text("\n".join(labelled) + "\n", encoding="utf-8")
     (folder / "custom.json").write_text(CUSTOM_DS, encoding="utf-8")
+    (folder / "nan.json").write_text('{"optimizer": {"type": "AdamW", "params": {"momentum": NaN}}}\n',
+                                     encoding="utf-8")
     (folder / "latin1.json").write_text('{"zero_optimization": {"stage": 1}, "comment": "café"}\n', encoding="latin-1")
     # data files a stage would crash on minutes later; validate looks at their first rows
     (folder / "blank.txt").write_text("\n  \n", encoding="utf-8")
@@ -564,6 +614,16 @@ def write_inputs(folder: Path) -> None:
     (folder / "broken.jsonl").write_text(labelled[0] + "\n" + labelled[1][:-5] + "\n", encoding="utf-8")
     (folder / "null-text.jsonl").write_text(labelled[0] + '\n{"text": null, "label": "food"}\n', encoding="utf-8")
     (folder / "other.jsonl").write_text('{"text": "a grain", "label": "food", "source": "x"}\n', encoding="utf-8")
+    rows = [f'{{"text": "gloss {n}", "label": "{"ab"[n % 2]}"}}' for n in range(8)]
+    for name, row in {"missing": '{"text": "no label"}', "null": '{"text": "null label", "label": null}',
+                      "mixed": '{"text": "numbered", "label": 3}'}.items():
+        at = 5 if name == "missing" else 4  # 0-based: line 6 and line 5
+        (folder / f"labels-{name}.jsonl").write_text("\n".join(rows[:at] + [row] + rows[at:]) + "\n", encoding="utf-8")
+    (folder / "labels-float.jsonl").write_text('{"text": "x", "label": 1}\n{"text": "y", "label": 2}\n'
+                                               '{"text": "z", "label": 1.5}\n', encoding="utf-8")
+    (folder / "labels-ab.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    (folder / "labels-abc.jsonl").write_text("\n".join(rows[:2] + ['{"text": "c", "label": "c"}']) + "\n",
+                                             encoding="utf-8")
     write_model_folders(folder)
 
 
@@ -866,3 +926,62 @@ def test_report_to_unknown_tracker_and_settings(tmp_path: Path) -> None:
         proc, manifest, run_dir = baton(tmp_path, Case(text, where, says))
         line = assert_clean_failure(proc, Case(text, where, says), tmp_path, run_dir)
         assert line.startswith(f"baton: {manifest}:{marked_line(text)} {where}: "), line
+
+
+def test_a_huge_variants_grid_is_refused_by_its_size_not_expanded(tmp_path: Path) -> None:
+    """8 keys × 10 values is 10^8 variants: refused from the product of the sizes, within a memory limit (1 GiB of
+    address space) that expanding the grid would run through in a moment."""
+    grid = ", ".join(f"train.k{k}: [{', '.join(str(v) for v in range(10))}]" for k in range(8))
+    case = Case(edit(CLS_TRAIN, CLS_TRAIN + f"    variants: {{grid: {{{grid}}}, select: {{max: accuracy}}}}  #!\n"),
+                "stages[2].variants", ("100000000 variants; at most 64",))
+    write_inputs(tmp_path)
+    manifest = tmp_path / "bad.yaml"
+    manifest.write_text(case.text)
+    limited = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30)); "
+               "from launcher.cli import main; sys.exit(main(sys.argv[1:]))")
+    proc = subprocess.run([sys.executable, "-c", limited, "validate", str(manifest)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120, env=os.environ | {"PYTHONPATH": str(REPO)})
+    line = assert_clean_failure(proc, case, tmp_path, tmp_path / "run")
+    assert line.startswith(f"baton: {manifest}:{marked_line(case.text)} stages[2].variants"), line
+
+
+def test_a_manifest_that_is_not_a_regular_file_is_refused_not_read(tmp_path: Path) -> None:
+    """A FIFO would block the reader until something writes to it: refused before it is opened."""
+    fifo = tmp_path / "manifest.yaml"
+    os.mkfifo(fifo)
+    for command in ("validate", "run"):
+        proc = subprocess.run([sys.executable, "-m", "launcher.cli", command, str(fifo)], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=60, env=os.environ | {"PYTHONPATH": str(REPO)})
+        assert proc.returncode == 2 and proc.stderr == f"baton: {fifo}: not a regular file (a FIFO); a manifest is " \
+                                                       "a YAML file\n", proc.stderr
+
+
+def test_offline_hub_names_not_in_the_cache_are_refused(tmp_path: Path) -> None:
+    """With HF_HUB_OFFLINE=1 a hub model or dataset that is not in the local cache cannot be loaded by the stage:
+    refused by validate, naming each; one that is in the cache passes."""
+    write_inputs(tmp_path)
+    manifest = tmp_path / "offline.yaml"
+    manifest.write_text(edit("init: {from: pre}", "init: {pretrained: acme/tiny-bert}  #!")
+                        .replace("    data: {train: train.txt, eval: eval.txt}\n",
+                                 "    data: {hub: acme/glosses}\n"))
+    hf = tmp_path / "hf"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
+    env |= {"HF_HOME": str(hf), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+
+    def validate() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "launcher.cli", "validate", str(manifest)], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=120, env=env)
+
+    proc = validate()
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert lines == [
+        f"baton: {manifest}:15 stages[1].data.hub: 'acme/glosses': not in the local Hugging Face cache "
+        f"({hf / 'hub'}), and HF_HUB_OFFLINE=1 forbids downloading it; fetch it once without it, or give local files",
+        f"baton: {manifest}:{marked_line(manifest.read_text())} stages[2].init.pretrained: 'acme/tiny-bert': not in "
+        f"the local Hugging Face cache ({hf / 'hub'}), and HF_HUB_OFFLINE=1 forbids downloading it; fetch it once "
+        "without it, or give a local folder"], proc.stderr
+    for kind, name in (("models", "acme--tiny-bert"), ("datasets", "acme--glosses")):
+        (hf / "hub" / f"{kind}--{name}" / "snapshots" / "0123abc").mkdir(parents=True)
+    proc = validate()
+    assert "not in the local Hugging Face cache" not in proc.stderr, proc.stderr

@@ -127,8 +127,13 @@ def test_changed_settings_rerun_that_stage_and_its_descendants_only(tiny_run: di
 
 
 def test_bad_input_found_by_a_stage_exits_2(tiny_run: dict[str, Path], hf_env: dict[str, str], tmp_path: Path) -> None:
-    """A label the data has but data.labels lacks is found inside the stage, under torchrun; baton says 2 and why."""
+    """A label the data has but data.labels lacks, past the rows validate samples, is found inside the stage, under
+    torchrun; baton says 2 and where."""
     final = tiny_run["run_dir"] / "stages" / "pretrain" / "final"
+    rows = [json.loads(line) for line in (tiny_run["root"] / "data" / "train.jsonl").read_text().splitlines()]
+    rows = [r | {"label": "gamma" if i == 150 else ("alpha", "beta")[i % 2]} for i, r in enumerate(rows)]
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
     manifest = tmp_path / "bad.yaml"
     manifest.write_text(f"""version: 1
 run: {{name: bad}}
@@ -137,14 +142,14 @@ stages:
   - name: finetune
     kind: classify
     init: {{pretrained: {final}}}
-    data: {{train: {tiny_run['root'] / 'data' / 'train.jsonl'}, labels: [alpha, beta], max_length: 32}}
+    data: {{train: {train}, labels: [alpha, beta], max_length: 32}}
     train: {{max_steps: 2, micro_batch_size: 4}}
 """)
     proc = baton("run", manifest, "--run-dir", tmp_path / "run", env=hf_env, check=False)
     assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "bad input: data: train row 0: label" in proc.stdout and "not one of ['alpha', 'beta']" in proc.stdout
+    assert f"bad input: data: {train}: row 151: label 'gamma' is not one of alpha, beta (data.labels)" in proc.stdout
     entry = ledger(tmp_path / "run")["stages"]["finetune"]
-    assert entry["state"] == "failed" and "alpha" in entry["attempts"][0]["error"]
+    assert entry["state"] == "failed" and "gamma" in entry["attempts"][0]["error"]
 
 
 def test_terminal_shows_progress_and_the_logs_keep_library_chatter(tiny_run: dict[str, Any]) -> None:

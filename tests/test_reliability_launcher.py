@@ -25,7 +25,7 @@ import launcher.pipeline
 import launcher.plan
 import launcher.report
 from contract.files import dir_digest
-from contract.layout import Output, Result, read_metrics, stage_dir, write_bad_input, write_result
+from contract.layout import ChangedInput, Output, Result, read_metrics, stage_dir, write_bad_input, write_result
 from contract.spec import Spec
 from launcher import attempts, cli, decisions, lineage
 from launcher.backends.local import link_logs
@@ -48,8 +48,10 @@ def play_stage(spec: Spec, log_dir: Path, metrics: dict[str, float] | None = Non
     (log_dir / "0" / "stderr.log").write_text(f"{spec.stage} ran\n")
     for name, ref in spec.inputs.items():
         for r in ref if isinstance(ref, list) else [ref]:
-            if r.digest and r.path and Path(r.path).is_dir() and dir_digest(r.path) != r.digest:
-                write_bad_input(folder, f"inputs.{name}: {r.path} has digest {dir_digest(r.path)}, not {r.digest}")
+            if r.digest and r.path and Path(r.path).is_dir() and (found := dir_digest(r.path)) != r.digest:
+                changed = ChangedInput(key=f"inputs.{name}", path=r.path, digest=found, expected=r.digest)
+                write_bad_input(folder, f"inputs.{name}.digest: {r.path} has {found}, spec expects {r.digest}",
+                                changed)
                 return 1  # torchrun's code for any failing rank; error.json says it was bad input
     with open(folder / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"event": "start", "time": 0, "step": 0, "world_size": spec.world_size}) + "\n")
@@ -444,8 +446,8 @@ def test_on_several_nodes_rank_0_is_the_local_rank_0_that_printed(tmp_path: Path
 
 @pytest.mark.slow
 def test_real_stage_exiting_2_keeps_its_previous_output(tiny_run: dict[str, Any], hf_env: dict[str, str]) -> None:
-    """A real classify stage rerun with labels its data does not match exits 2 under torchrun; its old output
-    stays."""
+    """A real classify stage rerun on eval data with a label the training data never has, far past the rows that
+    validate samples, exits 2 under torchrun naming the file and row; its old output stays."""
     root = tiny_run["root"]
     run_dir = root / "run-kept"
     shutil.copytree(tiny_run["run_dir"], run_dir)
@@ -456,13 +458,18 @@ def test_real_stage_exiting_2_keeps_its_previous_output(tiny_run: dict[str, Any]
     assert before["attempts"][0]["versions"]["torch"]  # recorded by the run that made it
 
     bad = root / "bad-finetune.yaml"
+    rows = [json.loads(line) for line in (root / "data" / "eval.jsonl").read_text().splitlines()]
+    assert len(rows) > 100  # validate samples the first 100 rows of a file
+    rows[110]["label"] = "noun.unheard-of"
+    (root / "data" / "eval-bad.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     text = pipeline_manifest()
     line = "data: {train: data/train.jsonl, eval: data/eval.jsonl, max_length: 32}"
     assert line in text
-    bad.write_text(text.replace(line, line[:-1] + ", labels: [alpha, beta]}"))
+    bad.write_text(text.replace(line, line.replace("eval.jsonl", "eval-bad.jsonl")))
     proc = baton("run", bad, "--run-dir", run_dir, env=hf_env, check=False)
     assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "bad input: data: train row 0: label" in proc.stdout
+    assert f"bad input: data: {root / 'data' / 'eval-bad.jsonl'}: row 111: label 'noun.unheard-of' is not " \
+           "one of animal, " in proc.stdout and "(the training data's labels)" in proc.stdout
     assert "previous output is kept" in proc.stdout
     assert not [noise for noise in TORCHRUN_NOISE if noise in proc.stdout + proc.stderr], proc.stdout + proc.stderr
 

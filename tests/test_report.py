@@ -14,6 +14,7 @@ import pytest
 from contract.files import file_digest
 from launcher import htmlreport
 from launcher.cli import main
+from launcher.ledger import Ledger
 from tests import browser
 
 STAGES = ["tokenizer", "pretrain", "pretrain@2", "finetune", "prune"]
@@ -193,7 +194,8 @@ def test_status_fits_80_columns_and_a_running_stage_shows_its_progress(run_dir: 
     records = [{"event": "start", "time": 1796067000, "step": 0, "max_steps": 400}, train(120, 2.3125)]
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 
-    assert main(["status", str(run_dir)]) == 0
+    with Ledger(run_dir):  # sft's driver holds the run while it runs (without it, sft shows as interrupted)
+        assert main(["status", str(run_dir)]) == 0
     text = capsys.readouterr().out
     assert all(len(line) <= 80 for line in text.splitlines()), max(text.splitlines(), key=len)
     row = next(line for line in text.splitlines() if line.startswith("sft "))

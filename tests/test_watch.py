@@ -120,6 +120,7 @@ def test_status_json_of_a_run_in_progress_reads_the_run_folder_without_torch(tmp
             "tokenizer": {"source": "stage", "stage": "tokenizer", "path": "x", "digest": "sha256:" + "ab" * 32}})
         running["attempts"].append({"attempt": 1, "started": LAUNCHED})
         led.save()
+    driver = ledger.Ledger(run_dir).__enter__()  # the run's driver holds it while it runs (without: interrupted)
     code = ("import json, sys; from launcher.cli import main; main(['status', sys.argv[1], '--json']); "
             "assert 'torch' not in sys.modules and 'rich' not in sys.modules, 'imported a heavy module'")
     proc = subprocess.run([sys.executable, "-c", code, str(run_dir)], cwd=ROOT, capture_output=True, text=True,
@@ -142,3 +143,4 @@ def test_status_json_of_a_run_in_progress_reads_the_run_folder_without_torch(tmp
         row = next(line for line in text.splitlines() if line.startswith("pretrain"))
         assert row.split()[:5] == ["pretrain", "mlm", "running", "200/1500", "1"] and "loss 5.5, eta 2m10s" in row
         assert row.endswith("9.5 s") == bool(wide)  # the start-up time: --wide only
+    driver.__exit__()

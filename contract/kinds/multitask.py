@@ -130,7 +130,7 @@ class MultitaskStage(TrainingStage):
                          or t.data.eval_split is not None for m in HEADS[t.type].metrics)
 
     def data_sections(self) -> list[DataSection]:
-        return [DataSection(t.name, ("multitask", "tasks", j, "data"), t.data)
+        return [DataSection(t.name, ("multitask", "tasks", j, "data"), t.data, t.type)
                 for j, t in enumerate(self.multitask.tasks)]
 
 

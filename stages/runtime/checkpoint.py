@@ -4,12 +4,15 @@ A folder counts only once rank 0 has written COMPLETE after a barrier that
 follows every rank's files; LATEST is replaced atomically after that, and older
 checkpoints are pruned only then. COMPLETE lists every file's size and CRC-32,
 and a resume checks them: a damaged checkpoint (a disk error, a file cut short)
-is passed over for the previous intact one, never trained on.
+is passed over for the previous intact one, never trained on. A save that runs out
+of disk space removes its unfinished folder (which would never count) and ends the
+stage with exit 2 naming the step it was saving and the step that is intact.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import random
@@ -29,6 +32,45 @@ from stages.runtime import dist
 from stages.runtime.spec import Spec, SpecError, TrainingSpec
 
 UNIVERSAL = "universal"  # ckpt/universal/<tag>/: a checkpoint converted for another world size
+# torch's zip writer turns a short write into a RuntimeError that carries no errno
+SHORT_WRITE = ("unexpected pos", "file write failed", "No space left on device")
+NEARLY_FULL = 64 << 20  # bytes free under which such a RuntimeError is taken for a full disk
+
+
+class NoSpace(SpecError):
+    """A write found the disk full: exit 2 with this one line, reported by whichever rank met it (entry.failure);
+    error.json says no_space, so that the launcher keeps the checkpoints and a rerun resumes."""
+
+
+def free_bytes(path: str | Path) -> int:
+    """Bytes free to this user on the file system of `path` (of its nearest existing folder)."""
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    st = os.statvfs(p)
+    return st.f_bavail * st.f_frsize
+
+
+def no_space(e: BaseException, folder: str | Path) -> bool:
+    """Whether `e` is a write that found the disk (or the user's quota) full; `folder`: where it wrote."""
+    if isinstance(e, NoSpace):
+        return True
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    if isinstance(e, RuntimeError) and any(s in str(e) for s in SHORT_WRITE):
+        try:
+            return free_bytes(folder) < NEARLY_FULL
+        except OSError:
+            return False
+    return False
+
+
+def intact(stage_folder: str | Path) -> str:
+    """`step 8 is intact (<its folder>)`, of the newest complete checkpoint: what a rerun resumes from."""
+    tags = complete_tags(stage_folder)
+    if not tags:
+        return "no checkpoint is intact yet"
+    return f"step {step_of(tags[-1])} is intact ({ckpt_dir(stage_folder) / tags[-1]})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,8 +172,20 @@ def _records(folder: Path) -> dict[str, dict]:
 
 
 def save(engine, spec: TrainingSpec, pos: Position) -> str:
-    """Collective. Returns the tag."""
+    """Collective. Returns the tag. NoSpace when the disk fills: the unfinished folder is removed (it never counts,
+    and the space it took lets the launcher record the end)."""
     root, tag = ckpt_dir(spec.stage_dir), tag_of(pos.step)
+    try:
+        return _save(engine, spec, pos, root, tag)
+    except (OSError, RuntimeError) as e:
+        if not no_space(e, root):
+            raise
+        shutil.rmtree(root / tag, ignore_errors=True)
+        raise NoSpace(f"no space left on device while saving step {pos.step} to {root / tag}; "
+                      f"{intact(spec.stage_dir)}") from None
+
+
+def _save(engine, spec: TrainingSpec, pos: Position, root: Path, tag: str) -> str:
     client = {"step": pos.step, "samples": pos.samples, "fingerprint": spec.fingerprint}
     if dist.is_main() and (root / tag).exists():
         # A run resumed from an older checkpoint saves this step again: what is there (damaged or cut

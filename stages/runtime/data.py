@@ -10,10 +10,12 @@ uninterrupted run would have.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
 import re
+import traceback
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,10 @@ from stages.runtime import dist
 from stages.runtime.spec import Spec, SpecError
 
 _BUILDERS = {"json": "json", "csv": "csv", "parquet": "parquet", "text": "text"}
+# A row longer than max_length × CHARS_PER_TOKEN characters is cut (at white space) before the tokenizer sees it:
+# no token of the tokenizers in use is that long (WordPiece gives up on a word of 100), so the cut row gives the
+# first max_length tokens of the whole one, and a 100 MB row costs what a short one does.
+CHARS_PER_TOKEN = 128
 
 
 def load_raw(spec: Spec, *, train: bool = True) -> dict[str, Any]:
@@ -97,9 +103,27 @@ def tokenize_data(data: DataSpec, cache_dir: str, raw: dict[str, Any], tokenizer
     out_dir = Path(cache_dir, "tokenized")
     keep = [c for c in tokenizer.model_input_names if c != "attention_mask"]
 
+    bound = data.max_length * CHARS_PER_TOKEN
+
     def encode(batch: dict[str, list]) -> dict[str, list]:
-        pair = batch[data.text_pair_field] if data.text_pair_field else None
-        enc = tokenizer(batch[data.text_field], pair, truncation=True, max_length=data.max_length)
+        texts, pairs = batch[data.text_field], batch[data.text_pair_field] if data.text_pair_field else None
+        # a pair is cut only where one side is long: with both long, which side is longer decides the truncation
+        long = [len(t) > bound and (pairs is None or len(pairs[i]) <= bound) for i, t in enumerate(texts)]
+        long_pair = [len(p) > bound and len(texts[i]) <= bound for i, p in enumerate(pairs or [])]
+        cut = [_clip(t, bound) if c else t for t, c in zip(texts, long, strict=True)]
+        cut_pairs = None if pairs is None else \
+            [_clip(p, bound) if c else p for p, c in zip(pairs, long_pair, strict=True)]
+        enc = tokenizer(cut, cut_pairs, truncation=True, max_length=data.max_length)
+        # a cut row whose tokens fell short of max_length may have lost some (a word longer than the cut): whole
+        redo = [i for i, ids in enumerate(enc["input_ids"])
+                if (long[i] or (long_pair and long_pair[i])) and len(ids) < data.max_length]
+        if redo:
+            again = tokenizer([texts[i] for i in redo], None if pairs is None else [pairs[i] for i in redo],
+                              truncation=True, max_length=data.max_length)
+            for k in keep:
+                if k in enc:
+                    for j, i in enumerate(redo):
+                        enc[k][i] = again[k][j]
         return {k: enc[k] for k in keep if k in enc}
 
     out: dict[str, Any] = {}
@@ -108,12 +132,72 @@ def tokenize_data(data: DataSpec, cache_dir: str, raw: dict[str, Any], tokenizer
         if ds is None:
             out[split] = None
             continue
+        check_text(ds, data, split)
         kept = [data.label_field, *difficulty]  # the label, and a curriculum's difficulty column
         key = cache_key(tokenizer_digest, ds._fingerprint, data.text_field, data.text_pair_field,
                         data.max_length, keep, *([kept] if difficulty else []))
         out[split] = map_by_rank(ds, encode, key=key, path=out_dir / f"{split}-{key}",
                                  remove_columns=[c for c in ds.column_names if c not in kept])
     return out
+
+
+def _clip(text: str, bound: int) -> str:
+    """`text` cut to at most `bound` characters, at the last white space before it (where there is one in its
+    second half): the words kept are whole, so they give the tokens the whole text begins with."""
+    space = max(text.rfind(c, 0, bound) for c in " \n\t")
+    return text[:space] if space > bound // 2 else text[:bound]
+
+
+def check_text(ds, data: DataSpec, split: str, key: str = "data") -> None:
+    """SpecError naming the file and row of the first row whose text (or text pair) is null or not a string: what
+    the tokenizer would otherwise meet as a TypeError in some rank's share. Nulls are found in Arrow, without
+    reading the rows into Python."""
+    import pyarrow.compute as pc
+
+    for field in filter(None, (data.text_field, data.text_pair_field)):
+        if field not in ds.column_names:
+            continue
+        if getattr(ds.features[field], "dtype", None) in ("string", "large_string"):
+            column = ds.data.column(field)
+            if column.null_count:
+                row = pc.index(pc.is_null(column), True).as_py()
+                raise SpecError(f"{key}: {locate(data, split, row)}: {field} is null; every row needs its text")
+            continue
+        for row, value in enumerate(ds[field]):  # a column of another type, or of mixed types (JSON values)
+            if not isinstance(value, str):
+                what = "null; every row needs its text" if value is None else f"{json.dumps(value)}, not a string"
+                raise SpecError(f"{key}: {locate(data, split, row)}: {field} is {what}")
+
+
+def locate(data: DataSpec, split: str, index: int) -> str:
+    """`<file>: row <n>`: where row `index` of a split (its files one after another) is; for hub data, the split's
+    row."""
+    files = data.train_files if split == "train" else data.eval_files
+    for path in files:
+        n = _rows(path, data.format)
+        if n is None:
+            break
+        if index < n:
+            return f"{path}: row {index + 1}"
+        index -= n
+    return f"{split} row {index + 1}" if not files else f"{split} row {index + 1} of {', '.join(files)}"
+
+
+def _rows(path: str, fmt: str | None) -> int | None:
+    """How many rows `datasets` reads from one file (None: a format counted here cannot be)."""
+    try:
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            return int(pq.ParquetFile(path).metadata.num_rows)
+        text = Path(path).read_text(encoding="utf-8")
+        if fmt == "csv":
+            return max(sum(1 for _ in csv.reader(text.splitlines())) - 1, 0)
+        if fmt == "json" and text.lstrip()[:1] == "[":
+            return len(json.loads(text))
+        return sum(1 for line in text.splitlines() if line.strip())
+    except (OSError, ValueError, ImportError):
+        return None
 
 
 def map_by_rank(ds, fn: Callable[[dict[str, list]], dict[str, list]], *, key: str, path: Path, **map_args) -> Any:
@@ -133,17 +217,29 @@ def map_by_rank(ds, fn: Callable[[dict[str, list]], dict[str, list]], *, key: st
             fn, batched=True, new_fingerprint=f"{key}-{i}of{shares}", cache_file_name=f"{path}-{i}of{shares}.arrow",
             **map_args)
 
-    error: Exception | None = None
+    error: BaseException | None = None
     if dist.rank() < shares:
         try:
             share(dist.rank())
-        except Exception as e:  # noqa: BLE001 - raised below, after the other ranks know
+        except (Exception, MemoryError) as e:  # noqa: BLE001 - raised below, after the other ranks know
             error = e
+            traceback.print_exc()  # kept in this rank's log; every rank's message below names it and says why
     if dist.any_rank(error is not None):
-        if error is not None:
+        if isinstance(error, SpecError):
             raise error
-        raise SpecError("data: another rank failed to tokenize its share of the data (its error is in its log)")
+        said = dist.all_gather_objects(None if error is None else f"{type(error).__name__}: {error}")
+        failed = next(r for r, what in enumerate(said) if what is not None)
+        start, end = _share_rows(len(ds), shares, failed)
+        raise SpecError(f"data: rank {failed} failed to tokenize its share (rows {start + 1}-{end} of {len(ds)}): "
+                        f"{' '.join(str(said[failed]).split())[:500]}") from error
     return datasets.concatenate_datasets([share(i) for i in range(shares)]) if shares > 1 else share(0)
+
+
+def _share_rows(n: int, shares: int, index: int) -> tuple[int, int]:
+    """[start, end) of share `index` of n rows, as `Dataset.shard(contiguous=True)` cuts them."""
+    div, mod = divmod(n, shares)
+    start = div * index + min(index, mod)
+    return start, start + div + (index < mod)
 
 
 def _cached_shares(path: Path) -> int | None:

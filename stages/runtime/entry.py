@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import json
 import os
@@ -18,6 +19,7 @@ from contract.layout import EXIT_BAD_INPUT, EXIT_FAILED, write_bad_input
 from contract.spec import ContractError
 from stages.runtime import dist, records, signals, trackers
 from stages.runtime import spec as spec_mod
+from stages.runtime.checkpoint import NoSpace, intact, no_space
 from stages.runtime.dist import Dist
 from stages.runtime.spec import Spec, SpecError, TrainingSpec
 
@@ -48,21 +50,35 @@ def _run(main: Callable[[S, Dist], int], narrow: Callable[[Spec], S]) -> None:
         if d.world_size != spec.world_size:
             raise SpecError(f"{args.spec}: world_size {spec.world_size} but torchrun started {d.world_size} processes")
         code = main(spec, d)
-    except (ContractError, ValidationError) as e:  # ValidationError: spec.options against the kind's model
-        if dist.is_main():
-            print(f"baton stage error: {e}", file=sys.stderr)
-            # torchrun reports any failing rank as its own exit 1; this file tells the launcher it was bad input
-            stage_dir = json.loads(Path(args.spec).read_text()).get("stage_dir") if Path(args.spec).is_file() else None
-            if stage_dir and Path(stage_dir).is_dir():
-                write_bad_input(stage_dir, " ".join(str(e).split()))
-        records.close(EXIT_BAD_INPUT)
-        dist.finish(EXIT_BAD_INPUT, sync=False)
-    except BaseException:
-        traceback.print_exc()
-        records.close(EXIT_FAILED)
-        dist.finish(EXIT_FAILED, sync=False)
+    except BaseException as e:
+        code = failure(e, args.spec)
+        with contextlib.suppress(Exception):  # a tracker that cannot write now (a full disk) changes nothing
+            records.close(code)
+        dist.finish(code, sync=False)
     records.close(code)  # dist.finish skips interpreter finalisation: nothing would flush the trackers after it
     dist.finish(code)
+
+
+def failure(e: BaseException, spec_path: str) -> int:
+    """What a stage that raised `e` reports, and its exit code: a bad spec or input (said once, by rank 0) and a
+    full disk (by whichever rank met it: the others may be waiting for it) are one line on stderr and error.json,
+    exit 2; anything else is its traceback, exit 1."""
+    stage_dir = json.loads(Path(spec_path).read_text()).get("stage_dir") if Path(spec_path).is_file() else None
+    full = stage_dir is not None and no_space(e, stage_dir)
+    if full or isinstance(e, (ContractError, ValidationError)):  # ValidationError: spec.options vs the kind's model
+        if full and not isinstance(e, NoSpace):
+            e = NoSpace(f"no space left on device: {e}; {intact(stage_dir) if stage_dir else ''}")
+        if full or dist.is_main():
+            print(f"baton stage error: {e}", file=sys.stderr, flush=True)
+            # torchrun reports any failing rank as its own exit 1; this file tells the launcher why
+            if stage_dir and Path(stage_dir).is_dir():
+                try:
+                    write_bad_input(stage_dir, " ".join(str(e).split()), getattr(e, "changed", None), full)
+                except OSError:  # the disk is still full; the launcher reads the exit and the log
+                    pass
+        return EXIT_BAD_INPUT
+    traceback.print_exc()
+    return EXIT_FAILED
 
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters

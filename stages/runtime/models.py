@@ -19,9 +19,19 @@ from typing import Any
 import torch
 
 from contract.files import digest as digest_of
+from contract.layout import ChangedInput
 from contract.spec import SPECIAL_TOKEN_IDS
 from stages.runtime import dist, engine, records
 from stages.runtime.spec import Ref, Spec, SpecError, TrainingSpec
+
+
+class InputChanged(SpecError):
+    """An input's content is not what the launcher recorded: exit 2, and error.json names the input (`changed`), so
+    that the launcher can record an upstream stage's final/ as damaged."""
+
+    def __init__(self, changed: ChangedInput) -> None:
+        self.changed = changed
+        super().__init__(f"{changed.key}.digest: {changed.path} has {changed.digest}, spec expects {changed.expected}")
 
 
 def verify_digest(key: str, path: str | None, expected: str | None) -> None:
@@ -32,7 +42,7 @@ def verify_digest(key: str, path: str | None, expected: str | None) -> None:
         raise SpecError(f"{key}.path: {path}: does not exist")
     actual = digest_of(path)
     if actual != expected:
-        raise SpecError(f"{key}.digest: {path} has {actual}, spec expects {expected}")
+        raise InputChanged(ChangedInput(key=key, path=path, digest=actual, expected=expected))
 
 
 def load_tokenizer(spec: Spec, name: str = "tokenizer"):

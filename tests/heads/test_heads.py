@@ -152,3 +152,141 @@ def test_no_program_branches_on_the_objective():
             if BRANCH.search(line):
                 found.append(f"{path.relative_to(REPO)}:{n}: {line.strip()}")
     assert not found, "ask the head (stages/runtime/heads/) instead:\n" + "\n".join(found)
+
+
+# ----------------------------------------------------------------- labels: a bad row anywhere is exit 2, file:row
+
+
+def labelled(folder: Path, name: str, bad: dict[int, object], rows: int = 150) -> Path:
+    """A JSON lines file of `rows` rows labelled animal/thing, with the label of row i (0-based) set to bad[i]
+    (missing where bad[i] is `...`)."""
+    lines = []
+    for i in range(rows):
+        row: dict[str, object] = {"text": f"{WORDS[i % len(WORDS)]} cat", "label": LABELS[i % 2]}
+        if i in bad:
+            if bad[i] is ...:
+                del row["label"]
+            else:
+                row["label"] = bad[i]
+        lines.append(json.dumps(row))
+    path = folder / f"{name}.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def classify_head(tokenizer, tmp_path: Path, train: Path, eval_: Path | None = None,
+                  labels: list[str] | None = None) -> heads.Head:
+    section = DataSpec(train_files=[str(train)], eval_files=[str(eval_)] if eval_ else [], format="json", hub=None,
+                       text_field="text", text_pair_field=None, label_field="label", labels=labels, max_length=16,
+                       digests={})
+    return heads.load("classify", heads.Source(data=section, tokenizer=tokenizer, tokenizer_digest="test",
+                                               cache_dir=str(tmp_path / "cache"), seed=7))
+
+
+@pytest.mark.parametrize(("bad", "says"), [
+    ({140: None}, "row 141: label is null; every row needs a label"),
+    ({120: ...}, "row 121: label is null; every row needs a label"),  # datasets reads a missing field as null
+    ({4: 3}, "row 5: label is 3, a number, where row 1's is a string 'animal'; one label column holds one type"),
+    ({130: 1.5}, "row 131: label is 1.5, not a string or an integer"),
+], ids=["null", "missing", "number-among-strings", "float"])
+def test_a_bad_label_anywhere_is_a_spec_error_naming_file_and_row(tokenizer, tmp_path, bad, says):
+    from stages.runtime.spec import SpecError
+
+    train = labelled(tmp_path, "train", bad)
+    with pytest.raises(SpecError) as e:
+        classify_head(tokenizer, tmp_path, train)
+    assert str(e.value) == f"data: {train}: {says}"
+
+
+def test_labels_outside_data_labels_or_the_training_data_name_file_and_row(tokenizer, tmp_path):
+    from stages.runtime.spec import SpecError
+
+    train = labelled(tmp_path, "train", {140: "plant"})
+    with pytest.raises(SpecError, match=rf"^data: {train}: row 141: label 'plant' is not one of animal, thing "
+                                        r"\(data.labels\)$"):
+        classify_head(tokenizer, tmp_path, train, labels=["animal", "thing"])
+    train = labelled(tmp_path, "train2", {})
+    eval_ = labelled(tmp_path, "eval", {7: "plant"}, rows=10)
+    with pytest.raises(SpecError, match=rf"^data: {eval_}: row 8: label 'plant' is not one of animal, thing "
+                                        r"\(the training data's labels\)$"):
+        classify_head(tokenizer, tmp_path, train, eval_)
+    head = classify_head(tokenizer, tmp_path, train, labelled(tmp_path, "eval-ok", {}, rows=10))
+    assert head.names == ["animal", "thing"] and head.labels["train"].tolist() == [i % 2 for i in range(150)]
+
+
+# ----------------------------------------------------------------- text: cut before tokenizing; bad rows; which rank
+
+
+class Spy:
+    """A tokenizer that notes the longest text it was handed."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer, self.lengths = tokenizer, set()
+
+    def __call__(self, text, pair=None, **kwargs):
+        self.lengths |= {*map(len, text), *map(len, pair or [])}
+        return self.tokenizer(text, pair, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+def test_a_huge_row_is_cut_before_the_tokenizer_sees_it_to_the_same_tokens(tokenizer, tmp_path):
+    from stages.runtime import data
+
+    huge = " ".join(WORDS[i % len(WORDS)] for i in range(800_000))  # 3.3 MB of words
+    glued = "x" * 2_000_000  # no white space: one word, [UNK] whole
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps({"text": t, "label": "animal"}) + "\n" for t in ("the cat", huge, glued)))
+    section = DataSpec(train_files=[str(path)], eval_files=[], format="json", hub=None, text_field="text",
+                       text_pair_field=None, label_field="label", labels=None, max_length=16, digests={})
+    raw = data.load_section(section, str(tmp_path / "cache"))
+    spy = Spy(tokenizer)
+    ids = data.tokenize_data(section, str(tmp_path / "cache"), raw, spy, "test")["train"]["input_ids"]
+    assert len(huge) not in spy.lengths and max(spy.lengths - {len(glued)}) <= 16 * data.CHARS_PER_TOKEN
+    # one glued word gives WordPiece one [UNK], short of max_length: the whole row is tokenized again to be sure
+    assert len(glued) in spy.lengths
+    whole = tokenizer(["the cat", huge, glued], truncation=True, max_length=16)["input_ids"]
+    assert ids == whole
+
+
+def test_a_null_or_numeric_text_past_the_sample_names_file_and_row(tokenizer, tmp_path):
+    from stages.runtime import data
+    from stages.runtime.spec import SpecError
+
+    for bad, says in ((None, "text is null; every row needs its text"), (7, "text is 7, not a string")):
+        path = tmp_path / "train.jsonl"
+        rows = [{"text": f"{WORDS[i % len(WORDS)]} cat", "label": "animal"} for i in range(150)]
+        rows[140]["text"] = bad
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        section = DataSpec(train_files=[str(path)], eval_files=[], format="json", hub=None, text_field="text",
+                           text_pair_field=None, label_field="label", labels=None, max_length=16, digests={})
+        raw = data.load_section(section, str(tmp_path / f"cache-{bad}"))
+        with pytest.raises(SpecError) as e:
+            data.tokenize_data(section, str(tmp_path / f"cache-{bad}"), raw, tokenizer, "test")
+        assert str(e.value) == f"data: {path}: row 141: {says}"
+
+
+def test_a_rank_that_fails_to_tokenize_is_named_with_its_error_on_every_rank(tokenizer, tmp_path, monkeypatch):
+    """This process plays rank 0 of 2, whose share maps fine; rank 1's failed (its error arrives through the
+    gather): rank 0 says which rank failed, on which rows, and why."""
+    import datasets
+
+    from stages.runtime import data, dist
+    from stages.runtime.spec import SpecError
+
+    ds = datasets.Dataset.from_dict({"text": [f"{WORDS[i % len(WORDS)]} cat" for i in range(10)]})
+    monkeypatch.setattr(dist, "world_size", lambda: 2)
+    monkeypatch.setattr(dist, "rank", lambda: 0)
+    gathered = iter([[None, None], None])
+
+    def gather(obj):
+        got = next(gathered)
+        return got if got is not None else [obj, "MemoryError: cannot allocate 104857600 bytes"]
+
+    monkeypatch.setattr(dist, "all_gather_objects", gather)
+    monkeypatch.setattr(dist, "any_rank", lambda flag: True)
+    with pytest.raises(SpecError) as e:
+        data.map_by_rank(ds, lambda batch: {"n": [len(t) for t in batch["text"]]}, key="k", path=tmp_path / "m")
+    assert str(e.value) == ("data: rank 1 failed to tokenize its share (rows 6-10 of 10): "
+                            "MemoryError: cannot allocate 104857600 bytes")

@@ -285,6 +285,8 @@ def test_offline_distillation_takes_the_online_step(tmp_path):
     stored = load_file(str(final / "teacher_logits.safetensors"))
     assert meta["task"] == "classify" and meta["top_k"] == meta["classes"] == 8 and meta["top_k_given"] is None
     assert meta["examples"] == {"train": 96, "eval": 48} and meta["teacher"]["digest"] == teacher["output"]["digest"]
+    # no place on disk enters the digest: the same logits made in another run folder hand on the same digest
+    assert not [p.name for p in final.iterdir() if p.suffix == ".json" and str(tmp_path) in p.read_text()]
     assert stored["train.values"].shape == stored["train.indices"].shape == (96, 8)
     assert stored["train.values"].dtype == torch.float32 and stored["train.indices"].dtype == torch.int64
     model = AutoModelForSequenceClassification.from_pretrained(teacher["output"]["path"]).eval()

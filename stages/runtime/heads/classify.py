@@ -40,8 +40,9 @@ class Head:
         self.source, self.splits, self.names = source, splits, names
         self.classes: list[str | int] | None = names
         label2id = {str(name): i for i, name in enumerate(names)}
-        field = source.data.label_field
-        self.labels = {split: torch.tensor(label_ids(ds, field, label2id, split, source.key))
+        whose = "the model's labels" if source.labels is not None else \
+            f"{source.key}.labels" if source.data.labels is not None else "the training data's labels"
+        self.labels = {split: torch.tensor(label_ids(ds, source.data, label2id, split, source.key, whose))
                        for split, ds in splits.items() if ds is not None}
         self.ends = source.tokenizer.all_special_ids  # a curriculum phase's max_length keeps the final [SEP]
 
