@@ -289,6 +289,10 @@ def test_failed_stage_gets_its_dependant_cancelled(slurm_cluster: dict, root: Pa
     env = slurm_cluster["env"]
     tokenizer = local_two / "stages" / "tokenizer" / "final"
     manifest = root / "bad.yaml"
+    # a label outside data.labels past the rows validate samples: the stage finds it (exit 2), not the submit
+    rows = [{"text": f"a gloss {i}", "label": "alpha" if i % 2 else "beta"} for i in range(150)]
+    (root / "data" / "bad_train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in
+                                                           [*rows, {"text": "a leaf", "label": "plant"}]))
     manifest.write_text(f"""version: 1
 run: {{name: slurm-bad}}
 defaults:
@@ -300,7 +304,7 @@ stages:
     init:
 {TINY_BERT}
     tokenizer: {{pretrained: {json.dumps(str(tokenizer))}}}
-    data: {{train: data/train.jsonl, labels: [alpha, beta], max_length: 32}}
+    data: {{train: data/bad_train.jsonl, labels: [alpha, beta], max_length: 32}}
     train: {{max_steps: 2, micro_batch_size: 4}}
   - name: after
     kind: classify
