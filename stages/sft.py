@@ -149,13 +149,8 @@ class Grouped:
         """The curriculum's global batch of `step`, its phase's cut, and its records (as CurriculumSampler)."""
         s = self.schedule
         assert s is not None
-        k = s.phase_of(step)
-        phase = s.phases[k]
-        self.max_length = phase.max_length
-        if step == s.starts[k] + 1:
-            self.log("phase", phase=k, first_step=step, until_step=phase.until_step, pool=s.pools[k],
-                     examples=self.n, data_fraction=phase.data_fraction, max_length=phase.max_length,
-                     order=s.curriculum.order)
+        k = s.begin(step, self.log)
+        self.max_length = s.phases[k].max_length
         items = s.items(step, range(self.global_batch))
         if s.curriculum.log_draws:
             self.log("draw", step=step, phase=k, indices=[i for i, _ in items])

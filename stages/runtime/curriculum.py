@@ -63,6 +63,15 @@ class Schedule:
         """The phase of optimizer step `step` (counted from 1)."""
         return bisect.bisect_left(self.starts, step) - 1
 
+    def begin(self, step: int, log: Callable[..., None]) -> int:
+        """The phase of step `step`; at the phase's first step, its `phase` record (what a sampler logs)."""
+        k = self.phase_of(step)
+        phase = self.phases[k]
+        if step == self.starts[k] + 1:
+            log("phase", phase=k, first_step=step, until_step=phase.until_step, pool=self.pools[k], examples=self.n,
+                data_fraction=phase.data_fraction, max_length=phase.max_length, order=self.curriculum.order)
+        return k
+
     def pool(self, phase: int) -> list[int]:
         """The examples phase `phase` draws from, easiest (or first ranked) first."""
         return self.ranking[: self.pools[phase]].tolist()
@@ -105,13 +114,8 @@ class CurriculumSampler(StreamSampler):
     def next_step(self) -> list[list[tuple[int, int]]]:
         s = self.schedule
         step = self.step + 1
-        k = self.phase = s.phase_of(step)
-        phase = s.phases[k]
-        self.max_length = phase.max_length
-        if step == s.starts[k] + 1:
-            self._log("phase", phase=k, first_step=step, until_step=phase.until_step, pool=s.pools[k],
-                      examples=self.n, data_fraction=phase.data_fraction, max_length=phase.max_length,
-                      order=s.curriculum.order)
+        k = self.phase = s.begin(step, self._log)
+        self.max_length = s.phases[k].max_length
         micro = []
         for a in range(self.accum):
             start = a * self.micro * self.world + self.rank * self.micro

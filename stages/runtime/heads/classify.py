@@ -67,13 +67,13 @@ class Head:
         return Rows(model)
 
     def select(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return logits[batch["labels"] != -100]
+        return common.select_labelled(logits, batch)
 
     def targets(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return batch["labels"][batch["labels"] != -100]
+        return common.labelled_targets(batch)
 
     def examples(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return (batch["labels"] != -100).nonzero()[:, 0]
+        return common.labelled_examples(batch)
 
     def loss(self, rows: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return F.cross_entropy(rows.float(), self.targets(batch))

@@ -36,18 +36,19 @@ class Rows(nn.Module):
 
 
 def select(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    return logits[:, :-1][_predicted(batch)]
+    return logits[:, :-1][predicted(batch)]
 
 
 def targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    return batch["labels"][:, 1:][_predicted(batch)]
+    return batch["labels"][:, 1:][predicted(batch)]
 
 
 def examples(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    return _predicted(batch).nonzero()[:, 0]
+    return predicted(batch).nonzero()[:, 0]
 
 
-def _predicted(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def predicted(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Where position j's next token is one that counts (labels shifted by one), (rows, positions − 1)."""
     return batch["labels"][:, 1:] != -100
 
 

@@ -21,6 +21,21 @@ def real(keys: list[tuple[int, int]]) -> tuple[list[int], torch.Tensor]:
     return [max(i, 0) for i, _ in keys], torch.tensor([i != PAD for i, _ in keys])
 
 
+# A head whose labels line up with its logits' leading dimensions (classify: a label per row; mlm: per position)
+
+
+def select_labelled(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return logits[batch["labels"] != -100]
+
+
+def labelled_targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return batch["labels"][batch["labels"] != -100]
+
+
+def labelled_examples(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return (batch["labels"] != -100).nonzero()[:, 0]
+
+
 def shards(head: Head, split: str, batch_size: int, d: Dist):
     """Collective. Each of this rank's eval batches of `split` (padding rows included: ZeRO-3 needs every rank in
     every forward pass), as collated batches."""

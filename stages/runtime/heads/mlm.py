@@ -74,13 +74,13 @@ class Head:
         return Rows(model)
 
     def select(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return logits[batch["labels"] != -100]
+        return common.select_labelled(logits, batch)
 
     def targets(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return batch["labels"][batch["labels"] != -100]
+        return common.labelled_targets(batch)
 
     def examples(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return (batch["labels"] != -100).nonzero()[:, 0]
+        return common.labelled_examples(batch)
 
     def loss(self, rows: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         # The sum over the masked tokens divided by their number: the mean, as it was always computed here.

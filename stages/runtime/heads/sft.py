@@ -57,15 +57,7 @@ class Rows(nn.Module):
                 position_ids: torch.Tensor | None = None, example: torch.Tensor | None = None) -> torch.Tensor:
         logits = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                             use_cache=False).logits
-        return select(logits, {"labels": labels})
-
-
-def select(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    return logits[:, :-1][_predicted(batch)]
-
-
-def _predicted(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    return batch["labels"][:, 1:] != -100
+        return clm.select(logits, {"labels": labels})
 
 
 def pack_rows(ids: list[list[int]], labels: list[list[int]], capacity: int, pad: int) -> dict[str, torch.Tensor]:
@@ -166,15 +158,15 @@ class Head:
         return Rows(model)
 
     def select(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return select(logits, batch)
+        return clm.select(logits, batch)
 
     def targets(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return batch["labels"][:, 1:][_predicted(batch)]
+        return clm.targets(batch)
 
     def examples(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if "example" in batch:
-            return batch["example"][:, 1:][_predicted(batch)]
-        return _predicted(batch).nonzero()[:, 0]
+            return batch["example"][:, 1:][clm.predicted(batch)]
+        return clm.examples(batch)
 
     def loss(self, rows: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return F.cross_entropy(rows.float(), self.targets(batch))
