@@ -224,7 +224,8 @@ def test_ledger_status_and_lineage_show_tasks(work, tmp_path):
     assert entry["state"] == "done" and "sense/accuracy" in entry["metrics"] and "gloss/perplexity" in entry["metrics"]
     assert {Path(f).name for f in entry["inputs"]["data"]} == {"supersense_train.jsonl", "supersense_eval.jsonl",
                                                                 "pretrain.txt", "pretrain_eval.txt"}
-    status = subprocess.run(cli + ["status", str(run_dir)], env=env, capture_output=True, text=True, timeout=60)
+    status = subprocess.run(cli + ["status", str(run_dir), "--wide"], env=env, capture_output=True, text=True,
+                            timeout=60)
     row = next(line for line in status.stdout.splitlines() if line.startswith("mt "))
     assert "sense/accuracy" in row and "gloss/perplexity" in row, status.stdout
     lineage = subprocess.run(cli + ["lineage", str(run_dir)], env=env, capture_output=True, text=True, timeout=60)

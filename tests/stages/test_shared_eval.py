@@ -182,7 +182,7 @@ def test_a_label_the_model_does_not_know_is_bad_input(work):
     error = json.loads(Path(spec.stage_dir, "error.json").read_text())
     assert error["exit_code"] == 2
     assert "evals.odd" in error["message"] and "'no-such-label'" in error["message"]
-    assert "'animal'" in error["message"] and "'substance'" in error["message"]  # the model's labels
+    assert "is not one of animal, artifact" in error["message"] and "substance (the model's labels)" in error["message"]
     assert not Path(spec.stage_dir, "result.json").exists()
 
 
