@@ -65,16 +65,18 @@ def tools(workload: str) -> dict[str, list[str]]:
     return {"baton": [], **peers}
 
 
-def settings(steps: int, tokenizer: Path, zero: int = 2) -> dict:
+def settings(steps: int, tokenizer: Path, zero: int = 2, *, workloads: dict | None = None, precision: str = "fp32",
+             nproc: int = NPROC) -> dict:
     """What every tool trains with; the peers read it from settings.json, baton from its manifest. `zero`: the
-    ds_configs/zero<N>.json that baton and the Trainer use."""
+    ds_configs/zero<N>.json that baton and the Trainer use; `workloads`: WORKLOADS unless given."""
     from launcher.dsconfig import fill, read_template, template_path
 
     template = read_template(template_path(f"zero{zero}", ROOT), "bench")
     out = {}
-    for name, w in WORKLOADS.items():
-        w = {**w, **TRAIN, "warmup_steps": max(1, steps // 10), "log_every": LOG_EVERY}
-        w["deepspeed"] = fill(template, w, "fp32", NPROC, f"ds_configs/zero{zero}.json")
+    for name, w in (workloads or WORKLOADS).items():
+        w = {**w, **TRAIN, "warmup_steps": max(1, steps // 10), "log_every": LOG_EVERY, "precision": precision,
+             "nproc": nproc}
+        w["deepspeed"] = fill(template, w, precision, nproc, f"ds_configs/zero{zero}.json")
         out[name] = w
     return {"tokenizer": str(tokenizer), "seed": SEED, "workloads": out}
 
@@ -93,9 +95,9 @@ def manifest(name: str, w: dict, steps: int, tokenizer: Path) -> dict:
     if w["kind"] == "clm":
         stage["clm"] = {"block_size": w["block_size"]}
     return {"version": 1, "run": {"name": f"bench-{name}"},
-            "defaults": {"launcher": {"nproc_per_node": NPROC},
+            "defaults": {"launcher": {"nproc_per_node": w.get("nproc", NPROC)},
                          "deepspeed": {"config": f"zero{w['deepspeed']['zero_optimization']['stage']}"}, "seed": SEED,
-                         "precision": "fp32"},
+                         "precision": w.get("precision", "fp32")},
             "stages": [stage]}
 
 
@@ -164,7 +166,8 @@ def run_one(workload: str, tool: str, rep: int, steps: int, work: Path, conf: di
         record = folder / "run" / "stages" / workload / "metrics.jsonl"
     else:
         record = folder / "timings.jsonl"
-        argv = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", str(NPROC), *tools(workload)[tool],
+        nproc = conf["workloads"][workload].get("nproc", NPROC)
+        argv = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", str(nproc), *tools(workload)[tool],
                 "--workload", workload, "--steps", str(steps), "--settings", str(work / "settings.json"),
                 "--out", str(record)]
     if tool == "trainer" and DEPS.is_dir():

@@ -103,7 +103,10 @@ class Timings:
         self.records.append({"event": "step", "step": step, "time": time.time(),
                              **({} if loss is None else {"loss": loss})})
 
-    def close(self) -> None:
+    def close(self, **end) -> None:
+        """`end`: what the run ends with (e.g. peak_memory_mb), an "end" record."""
+        if end:
+            self.records.append({"event": "end", "time": time.time(), **end})
         if self.rank == 0:
             with open(self.path, "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in self.records)

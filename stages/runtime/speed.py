@@ -7,12 +7,16 @@ backward of every matrix) + 12 × layers × hidden × sequence length (attention
 MFU divides the achieved FLOP/s by the accelerators' dense bf16/fp16 peak, for the GPUs in PEAK_TFLOPS.
 
 `RateWindow` is the training loop's: the rates and mfu of its `train` records, the start-up time of its
-`first_step` record, and rank 0's progress line.
+`first_step` record, and rank 0's progress line. Each train record also carries the writing rank's peak memory so
+far (`peak_memory_mb`): on a GPU the tensors' peak (torch.cuda.max_memory_allocated, what a smaller batch or a
+ZeRO stage changes), on the CPU the process's peak resident set (every allocation the process made, the
+libraries' included).
 """
 
 from __future__ import annotations
 
 import os
+import resource
 import time
 from dataclasses import dataclass
 
@@ -126,11 +130,19 @@ class RateWindow:
             achieved = token_rate * self.flops.per_token(tokens / rows)
             extra["mfu"] = round(achieved / (self.peak_flops * dist.world_size()), 4)
         records.log("train", step=step, samples=samples, loss=loss, lr=lr, tokens=round(tokens),
-                    steps_per_s=round(rate, 3), tokens_per_s=round(token_rate, 1), **extra)
+                    steps_per_s=round(rate, 3), tokens_per_s=round(token_rate, 1), **extra,
+                    peak_memory_mb=round(peak_memory_mb(), 1))
         eta = (self.max_steps - step) / rate if rate else float("nan")
         mfu = f"  mfu {extra['mfu']:.1%}" if extra else ""
         dist.print0(f"step {step}/{self.max_steps}  loss {loss:.4f}  lr {lr:.3e}  {rate:.2f} steps/s  "
                     f"{token_rate:,.0f} tokens/s{mfu}  eta {eta:.0f} s")
+
+
+def peak_memory_mb() -> float:
+    """This process's peak memory so far, MiB: its GPU's allocated tensors, else its resident set."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def process_start_time() -> float:

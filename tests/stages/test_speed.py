@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -60,6 +61,8 @@ def test_train_records_carry_tokens_per_s_and_mfu(tmp_path):
     rates.train(10, 640, 2.5, 1e-3, tokens=9000.0, rows=300.0)
     record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     assert record["tokens_per_s"] > 0 and record["tokens"] == 9000
+    # this process's peak resident set: at least the torch it imported, at most the machine
+    assert 50 < record["peak_memory_mb"] < os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**20
     expected = record["tokens_per_s"] * flops.per_token(30) / 1e9
     assert record["mfu"] == pytest.approx(expected, rel=1e-3, abs=1e-4)
     plain = RateWindow(100)
