@@ -8,7 +8,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: demo compress test test-fast lint clean
+.PHONY: demo compress test test-fast lint docs clean
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q "$(TORCH)"
@@ -38,7 +38,11 @@ lint: $(BIN)/.installed
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
-test: lint
+# the site (mkdocs.yml, docs/) into site/; strict: a broken link or anchor, or a page left out of the navigation, fails
+docs: $(BIN)/.installed
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
+test: lint docs
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=10
 
 test-fast: lint

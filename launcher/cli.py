@@ -96,9 +96,13 @@ def main(argv: list[str] | None = None) -> int:
                  "0 restored; 2 the ledger reads, or no readable ledger.json.1")
     p.add_argument("run_dir", type=Path, metavar="RUN", help="the run folder")
 
-    p = _command(sub, "schema", "the manifest's JSON Schema, every kind's options in it (for editors)",
-                 "baton schema -o manifest.schema.json", "0 written; 2 the file cannot be written")
+    p = _command(sub, "schema", "the manifest's JSON Schema, every kind's options in it (for editors), or the "
+                 "same as the reference page of docs/", "baton schema -o manifest.schema.json",
+                 "0 written; 2 the file cannot be written")
     p.add_argument("-o", "--output", type=Path, help="write it to this file instead of stdout")
+    p.add_argument("--format", choices=("json", "markdown"), default="json",
+                   help="json: the JSON Schema; markdown: docs/reference/manifest.md, every key with its type, "
+                   "default and description")
 
     p = _command(sub, "report", "one self-contained HTML page: lineage, curves, evals, attempts, settings",
                  "baton report runs/quickstart -o quickstart.html", READ_EXITS)
@@ -170,7 +174,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(ledger.restore(args.run_dir))
         return 0
     if args.command == "schema":
-        _output(json.dumps(schema(), indent=2) + "\n", args.output)
+        from launcher import reference
+
+        text = reference.markdown(schema()) if args.format == "markdown" else json.dumps(schema(), indent=2) + "\n"
+        _output(text, args.output)
         return 0
     raise AssertionError(args.command)
 

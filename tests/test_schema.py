@@ -15,6 +15,7 @@ from launcher.cli import main, schema
 from tests.conftest import ROOT
 
 SHIPPED = ROOT / "docs" / "manifest.schema.json"
+REFERENCE = ROOT / "docs" / "reference" / "manifest.md"
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
 MODELINE = "# yaml-language-server: $schema=../docs/manifest.schema.json"
 
@@ -32,6 +33,20 @@ def test_the_shipped_schema_is_baton_schema(tmp_path: Path, capsys: pytest.Captu
     assert (tmp_path / "s.json").read_text() == printed
     assert json.loads(printed) == json.loads(SHIPPED.read_text()), \
         "docs/manifest.schema.json is out of date: `baton schema -o docs/manifest.schema.json`"
+
+
+def test_the_reference_page_is_the_schema_in_words(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["schema", "--format", "markdown"]) == 0
+    assert capsys.readouterr().out == REFERENCE.read_text(), \
+        "docs/reference/manifest.md is out of date: `baton schema --format markdown -o docs/reference/manifest.md`"
+    page = REFERENCE.read_text()
+    defs = schema()["$defs"]
+    assert isinstance(defs, dict)
+    for name, definition in defs.items():  # every section and every key of it is on the page, linked by its anchor
+        assert f"{{ #section-{name.lower()} }}" in page or name.endswith("Stage"), name
+        for key in definition.get("properties", {}):
+            assert f"| `{key}` |" in page, f"{name}.{key}"
+    assert "| `max_steps` | integer (> 0, ≤ 1000000000) or null | `null` |" in page
 
 
 @pytest.mark.parametrize("manifest", EXAMPLES, ids=lambda p: p.name)
