@@ -325,6 +325,14 @@ class Checkpoint(Strict):
     )
 
 
+class Best(Strict):
+    """Which eval's model the stage hands on: the one with the largest (max) or smallest (min) value of a metric."""
+
+    metric: str = Field(description="A metric of the stage's own eval (eval_loss, accuracy …), as its result names "
+                        "it (multitask: <task>/<metric>).")
+    mode: Literal["max", "min"] = Field(description="max: larger is better (accuracy); min: smaller is (eval_loss).")
+
+
 class Eval(Strict):
     every_steps: int | None = Field(None, gt=0, strict=True, description="Evaluate every N steps.")
     at_end: bool = Field(True, description="Evaluate after the last step.")
@@ -332,6 +340,27 @@ class Eval(Strict):
         False, description="After training, write each training example's loss under the final model to "
         "final/train_losses.json, for a later stage's curriculum (difficulty: {loss_of: <this stage>}).",
     )
+    best: Annotated[Best | None, UNLESS_DEFAULT] = Field(
+        None, description="final/ is the model of the best eval (every every_steps, and the last step's with "
+        "at_end) by this metric; the stage's metrics are that eval's, the last step's are kept beside them. "
+        "Default: the last step's model.",
+    )
+    patience: Annotated[int | None, UNLESS_DEFAULT] = Field(
+        None, ge=1, le=10**6, strict=True, description="Early stopping: end the stage once this many evals in a "
+        "row have not beaten eval.best's. Default: train to the end.",
+    )
+
+    @model_validator(mode="after")
+    def _selection(self) -> Eval:
+        if self.best is not None and self.every_steps is None:
+            raise Problem(("best",), "choosing the best eval needs evals during training: give eval.every_steps")
+        if self.patience is not None and self.best is None:
+            raise Problem(("patience",), "early stopping counts evals that did not beat the best: give eval.best "
+                          "{metric: …, mode: max|min}")
+        if self.best is not None and self.score_train:
+            raise Problem(("score_train",), "score_train scores the last step's model, and eval.best hands on "
+                          "another: use one or the other")
+        return self
 
 
 # ----------------------------------------------------------------- layer-wise training
@@ -697,6 +726,19 @@ class TrainingStage(StageBase):
         if self.eval.score_train and not self.scores_train:
             raise Problem(("eval", "score_train"), f"kind {self.kind} does not score its training examples "
                           "(per-example losses need one loss per row of the training data)")
+        return self
+
+    @model_validator(mode="after")
+    def _best(self) -> TrainingStage:
+        best = self.eval.best
+        if best is None:
+            return self
+        names = self.metric_names()
+        if not names:
+            raise Problem(("eval", "best"), "the stage has no eval data (data.eval) to choose the best step by")
+        if best.metric not in names:
+            raise Problem(("eval", "best", "metric"), f"{best.metric!r} is not a metric of this stage; "
+                          f"known: {', '.join(sorted(names))}")
         return self
 
     @model_validator(mode="after")

@@ -65,6 +65,7 @@ class Case:
 
 
 CLS_TRAIN = "    train: {epochs: 1, micro_batch_size: 4}\n"
+PRE_TRAIN = "    train: {max_steps: 10, micro_batch_size: 4}\n"
 
 CASES: dict[str, Case] = {
     "unknown-top-level-key": Case(
@@ -437,6 +438,25 @@ CASES |= {
                                              "    train: {max_steps: 10, micro_batch_size: 4}\n"
                                              "    eval: {score_train: true}  #!\n"),
         "stages[1].eval.score_train", ("kind clm does not score its training examples",)),
+    "best-without-every-steps": Case(
+        edit(PRE_TRAIN, PRE_TRAIN + "    eval: {best: {metric: eval_loss, mode: min}}  #!\n"),
+        "stages[1].eval.best", ("needs evals during training: give eval.every_steps",)),
+    "best-metric-the-stage-does-not-report": Case(
+        edit(PRE_TRAIN, PRE_TRAIN + "    eval: {every_steps: 2, best: {metric: accuracy, mode: max}}  #!\n"),
+        "stages[1].eval.best.metric", ("'accuracy' is not a metric of this stage", "known: eval_loss, perplexity")),
+    "best-mode-neither-max-nor-min": Case(
+        edit(PRE_TRAIN, PRE_TRAIN + "    eval: {every_steps: 2, best: {metric: eval_loss, mode: lowest}}  #!\n"),
+        "stages[1].eval.best.mode", ("'max' or 'min'",)),
+    "best-without-eval-data": Case(
+        edit(CLS_TRAIN, CLS_TRAIN + "    eval: {every_steps: 2, best: {metric: accuracy, mode: max}}  #!\n"),
+        "stages[2].eval.best", ("no eval data",)),
+    "patience-without-best": Case(
+        edit(PRE_TRAIN, PRE_TRAIN + "    eval: {every_steps: 2, patience: 3}  #!\n"),
+        "stages[1].eval.patience", ("give eval.best",)),
+    "best-with-score-train": Case(
+        edit(PRE_TRAIN, PRE_TRAIN + "    eval: {every_steps: 2, score_train: true, "
+             "best: {metric: eval_loss, mode: min}}  #!\n"),
+        "stages[1].eval.score_train", ("eval.best hands on another",)),
     "curriculum-difficulty-on-clm": Case(
         edit("kind: mlm", "kind: clm").replace("    train: {max_steps: 10", CUR.format(
             "order: easy_first, difficulty: {by: length}, phases: [{until_step: 4, data_fraction: 0.5}, {}]")
