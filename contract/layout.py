@@ -112,6 +112,10 @@ class Result(Report):
     output: Output
     metrics: dict[str, float | int | None]  # null: a value that was not finite
     time: float
+    # eval.best: the step whose model final/ holds (`metrics` are its eval's), and the last step's eval beside it
+    best_step: int | None = None
+    last_metrics: dict[str, float | int | None] | None = None
+    stopped_early: str | None = None  # why training ended before its last step (eval.patience)
 
 
 class ChangedInput(Report):

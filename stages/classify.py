@@ -83,10 +83,10 @@ def main(spec: TrainingSpec, d: Dist) -> int:
         t.engine.eval()
         return head.evaluate(logits, "eval", micro, d, predictions)
 
-    if t.fit(micro_step, evaluate):
+    if t.fit(micro_step, evaluate, tokenizer, head=head):
         return EXIT_STOPPED
-    return t.finish(lambda step: evaluate(step, f"{spec.stage_dir}/eval_predictions.jsonl"), tokenizer,
-                    losses=lambda indices: head.example_losses(logits, indices), head=head)
+    return t.finish(lambda step: evaluate(step, f"{spec.stage_dir}/eval_predictions.jsonl"),
+                    losses=lambda indices: head.example_losses(logits, indices))
 
 
 def supervised(options: ClassifyLayerwise, model) -> list[float]:

@@ -48,9 +48,9 @@ def main(spec: TrainingSpec, d: Dist) -> int:
         t.engine.eval()
         return head.evaluate(t.engine, "eval", micro, d)
 
-    if t.fit(micro_step, evaluate):
+    if t.fit(micro_step, evaluate, tokenizer, head=head):
         return EXIT_STOPPED
-    return t.finish(evaluate, tokenizer, head=head)
+    return t.finish(evaluate)
 
 
 if __name__ == "__main__":

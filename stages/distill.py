@@ -138,9 +138,9 @@ def main(spec: TrainingSpec, d: Dist) -> int:
         return scores | {"teacher_agreement": float(agreement[1]) / n} | (
             {"teacher_accuracy": float(agreement[2]) / n} if HEADS[opts.task].classes == "num_labels" else {})
 
-    if t.fit(micro_step, evaluate):
+    if t.fit(micro_step, evaluate, tokenizer, head=head):
         return EXIT_STOPPED
-    return t.finish(evaluate, tokenizer, head=head)
+    return t.finish(evaluate)
 
 
 def _inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:

@@ -218,9 +218,10 @@ def main(spec: TrainingSpec, d: Dist) -> int:
             out |= {f"{name}/{k}": v for k, v in values.items()}
         return out
 
-    if t.fit(micro_step, evaluate):
+    beside = {f"tasks/{name}": c for name, c in t.engine.module.classifiers.items()}
+    if t.fit(micro_step, evaluate, tokenizer, beside=beside):
         return EXIT_STOPPED
-    return t.finish(evaluate, tokenizer, beside={f"tasks/{name}": c for name, c in t.engine.module.classifiers.items()})
+    return t.finish(evaluate)
 
 
 def task_head(spec: TrainingSpec, settings: TaskSettings, tokenizer, tokenizer_digest: str) -> heads.Head:

@@ -75,9 +75,9 @@ def main(spec: TrainingSpec, d: Dist) -> int:
         t.engine.eval()
         return head.evaluate(t.engine, "eval", micro, d, predictions=str(Path(spec.stage_dir, PREDICTIONS)))
 
-    if t.fit(micro_step, evaluate):
+    if t.fit(micro_step, evaluate, tokenizer, head=head):
         return EXIT_STOPPED
-    return t.finish(evaluate, tokenizer, losses=lambda indices: head.example_losses(t.engine, indices), head=head)
+    return t.finish(evaluate, losses=lambda indices: head.example_losses(t.engine, indices))
 
 
 def answer_loss(head: Head, rows: torch.Tensor, batch: dict[str, torch.Tensor], share: float) -> torch.Tensor:

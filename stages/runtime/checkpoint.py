@@ -77,6 +77,7 @@ def intact(stage_folder: str | Path) -> str:
 class Position:
     step: int
     samples: int
+    best: dict | None = None  # eval.best's selection after this step (`best.Selection.state`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +188,8 @@ def save(engine, spec: TrainingSpec, pos: Position) -> str:
 
 def _save(engine, spec: TrainingSpec, pos: Position, root: Path, tag: str) -> str:
     client = {"step": pos.step, "samples": pos.samples, "fingerprint": spec.fingerprint}
+    if pos.best is not None:
+        client["best"] = pos.best
     if dist.is_main() and (root / tag).exists():
         # A run resumed from an older checkpoint saves this step again: what is there (damaged or cut
         # short, maybe from another world size) goes first, so it never counts as complete.
@@ -253,7 +256,7 @@ def load(engine, spec: Spec, saved: Saved, universal: bool) -> Position:
         _set_rng_state(torch.load(rng, weights_only=True))
     elif saved.world_size in (None, dist.world_size()):
         raise RuntimeError(f"{rng}: missing")
-    return Position(step=int(client["step"]), samples=int(client["samples"]))
+    return Position(step=int(client["step"]), samples=int(client["samples"]), best=client.get("best"))
 
 
 def _mend_universal_load(engine, groups: list[dict], own: list[dict]) -> None:

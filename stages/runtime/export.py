@@ -20,8 +20,9 @@ from stages.runtime.spec import Diverged, Spec
 
 
 def save_final(model, tokenizer, spec: Spec, *, zero_stage: int, beside: dict[str, Any] | None = None,
-               files: dict[str, Any] | None = None) -> tuple[str, str | None]:
-    """Collective. Writes `save_pretrained` safetensors + tokenizer to final.tmp/, then publishes it as final/.
+               files: dict[str, Any] | None = None, folder: Path | None = None) -> tuple[str, str | None]:
+    """Collective. Writes `save_pretrained` safetensors + tokenizer to final.tmp/, then publishes it as final/
+    (or as `folder`, through <folder>.tmp/: eval.best's best/).
 
     `model` is the transformers model itself (unwrapped); `beside` maps folders below final/ to more such models
     (multitask: {"tasks/<task>": its classifier}), each saved with the tokenizer; `files` maps file names to JSON
@@ -29,8 +30,8 @@ def save_final(model, tokenizer, spec: Spec, *, zero_stage: int, beside: dict[st
     shard, so all ranks gather and rank 0 writes. Trained in bf16 or fp16, final/ holds the fp32 master weights
     (the optimizer's), not the rounded working copy. Returns (path, digest); the digest only on rank 0.
     """
-    final = final_dir(spec.stage_dir)
-    tmp = final.with_name("final.tmp")
+    final = folder or final_dir(spec.stage_dir)
+    tmp = final.with_name(f"{final.name}.tmp")
     folders = {"": model} | (beside or {})
     masters = _fp32_masters(folders) if spec.precision != "fp32" else {}
     gathered: Any = contextlib.nullcontext()
@@ -67,8 +68,8 @@ def write_folder(spec: Spec, fill: Callable[[Path], None]) -> tuple[str, str | N
 
 
 def staging(final: Path) -> Path:
-    """An empty final.tmp/ beside `final` to write the output into (rank 0)."""
-    tmp = final.with_name("final.tmp")
+    """An empty final.tmp/ (<name>.tmp/) beside `final` to write the output into (rank 0)."""
+    tmp = final.with_name(f"{final.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     return tmp
@@ -149,10 +150,12 @@ def save_tokenizer(tokenizer, path: Path | str) -> None:
 
 
 def write_result(spec: Spec, *, steps: int, samples: int, output: str, digest: str | None,
-                 metrics: dict[str, float]) -> None:
-    """result.json, last of all (rank 0): what the launcher records in the ledger."""
+                 metrics: dict[str, float], **selected: Any) -> None:
+    """result.json, last of all (rank 0): what the launcher records in the ledger. `selected`: eval.best's
+    best_step, last_metrics and stopped_early."""
     if not dist.is_main():
         return
     result = Result(stage=spec.stage, kind=spec.kind, fingerprint=spec.fingerprint, steps=steps, samples=samples,
-                    output=Output(path=output, digest=digest), metrics=json_safe(metrics), time=time.time())
+                    output=Output(path=output, digest=digest), metrics=json_safe(metrics), time=time.time(),
+                    **json_safe(selected))
     layout.write_result(spec.stage_dir, result)

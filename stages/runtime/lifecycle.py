@@ -4,23 +4,30 @@ exactly), `Training.fit` (the loop) and `Training.finish` (final eval, export, r
 A stage script keeps only what is its own: its data and batches, its loss, its eval.
 
     t = lifecycle.start(spec, d, num_samples=len(train), build=..., what="mlm, 4000 samples")
-    if t.fit(micro_step, evaluate):
+    if t.fit(micro_step, evaluate, tokenizer, head=head):
         return EXIT_STOPPED
-    return t.finish(evaluate, tokenizer)
+    return t.finish(evaluate)
+
+With eval.best, final/ is the model of the best eval (`best.Selection`): each new best is exported to best/ as
+final/ would be, and `finish` makes best/ final/ unless the last step's model is the best.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import random
+import shutil
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from contract.layout import EXIT_DONE, TRAIN_LOSSES, step_of
+from contract.layout import EXIT_DONE, TRAIN_LOSSES, ckpt_dir, final_dir, step_of, tag_of
 from contract.sections import Unfreeze
 from stages.runtime import (
     checkpoint,
@@ -36,6 +43,7 @@ from stages.runtime import (
     shared_eval,
     speed,
 )
+from stages.runtime.best import BEST, STEP_FILE, Selection
 from stages.runtime.checkpoint import Position
 from stages.runtime.dist import Dist
 from stages.runtime.heads import Head
@@ -59,13 +67,32 @@ class Training:
     wrap: Callable[[nn.Module], nn.Module] | None
     unfreezing: layers.Unfreezing | None  # gradual unfreezing: a new engine at each phase
     d: Dist
+    selection: Selection | None  # eval.best: the best eval so far, restored from the checkpoint
+    # what final/ holds and who scores it, given to `fit` (a new best is exported then) for `finish` too
+    tokenizer: Any = None
+    head: Head | None = None
+    beside: dict[str, nn.Module] | None = None
 
-    def fit(self, micro_step: MicroStep, evaluate: Evaluate) -> bool:
-        """Train to max_steps; True when a signal stopped it (a checkpoint is saved: exit 75)."""
+    def fit(self, micro_step: MicroStep, evaluate: Evaluate, tokenizer, *, head: Head | None = None,
+            beside: dict[str, nn.Module] | None = None) -> bool:
+        """Train to max_steps; True when a signal stopped it (a checkpoint is saved: exit 75). `tokenizer` is
+        saved in final/ beside the model, with the models `beside` in folders below it (multitask's classifiers);
+        `head` reads the model for the shared eval sets (None: a model the sets do not fit)."""
+        self.tokenizer, self.head, self.beside = tokenizer, head, beside
         stopped, self.pos = loop.fit(self.engine, self.spec, self.sampler, micro_step, evaluate, pos=self.pos,
                                      max_steps=self.max_steps, flops=speed.flops_of(self.model),
-                                     unfreezing=self.unfreezing, renew=self.renew)
+                                     unfreezing=self.unfreezing, renew=self.renew, selection=self.selection,
+                                     keep=self._keep)
         return stopped
+
+    def _keep(self, step: int) -> None:
+        """Collective. The eval at `step` is the best so far: the shared eval sets score its model (their scores
+        join its metrics), which is exported to best/ as final/ would be, with the step it holds."""
+        assert self.selection is not None
+        self.selection.metrics |= self._shared_scores()
+        export.save_final(self.model, self.tokenizer, self.spec, zero_stage=engine.zero_stage(self.spec),
+                          beside=self.beside, files={STEP_FILE: {"step": step}},
+                          folder=Path(self.spec.stage_dir) / BEST)
 
     def renew(self, pos: Position):
         """Collective. A fresh engine for the layer groups that train from `pos` on (gradual unfreezing: DeepSpeed
@@ -83,33 +110,85 @@ class Training:
         self.engine.global_samples = pos.samples
         return self.engine
 
-    def finish(self, evaluate: Evaluate, tokenizer, beside: dict[str, nn.Module] | None = None,
-               losses: ExampleLosses | None = None, *, head: Head | None = None) -> int:
-        """Collective. The final eval (if eval.at_end) and the shared eval sets' scores (spec.shared_evals, on
-        `model` read by `head`; None: a model the sets do not fit), final/ (model + tokenizer, and the models `beside`
-        in folders below it; with eval.score_train each training example's loss, `losses(indices)` by batch), then
-        result.json."""
-        spec = self.spec
+    def finish(self, evaluate: Evaluate, losses: ExampleLosses | None = None) -> int:
+        """Collective. The final eval (if eval.at_end) and the shared eval sets' scores (spec.shared_evals), final/
+        (what `fit` was given; with eval.score_train each training example's loss, `losses(indices)` by batch),
+        then result.json. With eval.best and an earlier best step, final/ is best/ and the metrics are its eval's;
+        the last step's are kept beside them (result.json's last_metrics)."""
+        spec, sel, pos = self.spec, self.selection, self.pos
         final_metrics: dict[str, float] = {}
-        if spec.eval.at_end:
-            final_metrics = evaluate(self.pos.step)
-        if spec.shared_evals:
-            if head is None:
-                raise SpecError(f"shared_evals: kind {spec.kind} is scored on no shared eval set, but the spec gives "
-                                f"{', '.join(spec.shared_evals)}")
-            final_metrics |= shared_eval.score(spec, self.d, self.model, tokenizer, head.name,
-                                               batch_size=spec.train.micro_batch_size, options=head.source.options)
-        if final_metrics:
-            loop.record_eval(spec, self.pos.step, final_metrics)
+        fresh: dict[str, float] = {}  # evaluated here: recorded as one eval record, with the shared sets' scores
+        if sel is not None and sel.last_step == pos.step:  # evaluated in the loop (early stopping), or a resume
+            final_metrics = dict(sel.last_metrics)
+        elif spec.eval.at_end:
+            final_metrics = fresh = evaluate(pos.step)
+            if sel is not None and fresh:
+                sel.see(pos.step, fresh)  # the last step's model may be the best
+        if sel is not None and sel.step is not None and sel.step != pos.step:
+            if fresh:
+                loop.record_eval(spec, pos.step, fresh)
+            return self._finish_with_best()
+        shared = self._shared_scores()
+        if fresh or shared:
+            loop.record_eval(spec, pos.step, fresh | shared)
+        final_metrics = final_metrics | shared
         files = {}
         if spec.eval.score_train:
             assert losses is not None, f"kind {spec.kind} scores its training examples: finish needs losses"
             files[TRAIN_LOSSES] = self._train_losses(losses)
-        path, digest = export.save_final(self.model, tokenizer, spec, zero_stage=engine.zero_stage(spec),
-                                         beside=beside, files=files)
-        export.write_result(spec, steps=self.pos.step, samples=self.pos.samples, output=path, digest=digest,
-                            metrics=final_metrics)
+        path, digest = export.save_final(self.model, self.tokenizer, spec, zero_stage=engine.zero_stage(spec),
+                                         beside=self.beside, files=files)
+        export.write_result(spec, steps=pos.step, samples=pos.samples, output=path, digest=digest,
+                            metrics=final_metrics, **self._selected())
         return EXIT_DONE
+
+    def _finish_with_best(self) -> int:
+        """Collective. final/ is best/ (linked, not copied: best/ stays until result.json is written, so a stage
+        killed in between finishes alike); the last step's model is kept in a checkpoint of its own."""
+        spec, sel, pos = self.spec, self.selection, self.pos
+        assert sel is not None
+        # Rank 0's view of the folder, for all: another rank may look before rank 0 has written COMPLETE
+        saved = dist.all_gather_objects((ckpt_dir(spec.stage_dir) / tag_of(pos.step) / "COMPLETE").exists())[0]
+        if not saved:  # an early stop has saved it, or it was resumed from
+            checkpoint.save(self.engine, spec, Position(step=pos.step, samples=pos.samples, best=sel.state()))
+        best, digest = Path(spec.stage_dir) / BEST, None
+        if dist.is_main():
+            held = json.loads((best / STEP_FILE).read_text())["step"]
+            if held != sel.step:  # a best exported by an attempt that a resume did not repeat (not deterministic)
+                raise RuntimeError(f"{best} holds the model of step {held}, but the best eval is step {sel.step}'s; "
+                                   "delete the stage folder to run the stage again")
+            tmp = final_dir(spec.stage_dir).with_name("final.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(best, tmp, copy_function=_link, ignore=shutil.ignore_patterns(STEP_FILE))
+            digest = export.publish(tmp, final_dir(spec.stage_dir))
+        dist.barrier()
+        records.log("best", step=sel.step, metric=sel.best.metric, value=sel.metrics.get(sel.best.metric),
+                    last_step=pos.step)
+        dist.print0(f"final/ is step {sel.step}'s model, the best by {sel.best.metric}; the last step was {pos.step}")
+        export.write_result(spec, steps=pos.step, samples=pos.samples, output=str(final_dir(spec.stage_dir)),
+                            digest=digest, metrics=sel.metrics, **self._selected())
+        if dist.is_main():
+            shutil.rmtree(best)
+        return EXIT_DONE
+
+    def _selected(self) -> dict[str, Any]:
+        """result.json's record of eval.best: the step final/ holds, the last step's metrics, an early stop."""
+        sel, pos = self.selection, self.pos
+        if sel is None or sel.step is None:
+            return {}
+        return {"best_step": sel.step, "last_metrics": sel.last_metrics if sel.last_step == pos.step else None,
+                "stopped_early": sel.reason() if sel.exhausted and pos.step < self.max_steps else None}
+
+    def _shared_scores(self) -> dict[str, float]:
+        """Collective. The shared eval sets' scores of the model (spec.shared_evals; {} without sets)."""
+        spec, head = self.spec, self.head
+        if not spec.shared_evals:
+            return {}
+        if head is None:
+            raise SpecError(f"shared_evals: kind {spec.kind} is scored on no shared eval set, but the spec gives "
+                            f"{', '.join(spec.shared_evals)}")
+        return shared_eval.score(spec, self.d, self.model, self.tokenizer, head.name,
+                                 batch_size=spec.train.micro_batch_size, options=head.source.options)
 
     def _train_losses(self, losses: ExampleLosses) -> dict[str, Any]:
         """Collective. Every training example's loss under the final model, in row order (eval mode; the ranks
@@ -170,8 +249,12 @@ def start(spec: TrainingSpec, d: Dist, *, num_samples: int, build: Callable[[boo
                   resharded_from=saved.world_size if saved and resharded else None)
     drawn = sampler(pos, max_steps) if sampler else curriculum.sampler(
         spec, d, num_samples=num_samples, step=pos.step, samples=pos.samples, difficulty=difficulty)
+    selection = None
+    if spec.eval.best is not None:
+        selection = Selection(spec.eval.best, spec.eval.patience)
+        selection.restore(pos.best)
     return Training(spec=spec, model=model, engine=net, sampler=drawn, num_samples=num_samples, pos=pos,
-                    max_steps=max_steps, build=build, wrap=wrap, unfreezing=unfreezing, d=d)
+                    max_steps=max_steps, build=build, wrap=wrap, unfreezing=unfreezing, d=d, selection=selection)
 
 
 def _engine(spec: TrainingSpec, net: nn.Module, model: nn.Module, max_steps: int,
@@ -185,6 +268,14 @@ def _engine(spec: TrainingSpec, net: nn.Module, model: nn.Module, max_steps: int
         groups = layers.optimizer_groups(layers.groups(net, model), step=step, unfreezing=unfreezing, lr=train.lr,
                                          decay=train.layer_lr_decay, weight_decay=train.weight_decay)
     return engine.initialize(net, spec, max_steps, load_universal=load_universal, groups=groups, step=schedule_step)
+
+
+def _link(src: str, dst: str) -> None:
+    """Hard-link `src` as `dst` (no second copy of the weights), or copy where the file system cannot."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 @contextlib.contextmanager

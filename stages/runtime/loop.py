@@ -8,6 +8,7 @@ from typing import Any, Protocol
 import torch
 
 from stages.runtime import checkpoint, dist, records, signals, speed
+from stages.runtime.best import Selection
 from stages.runtime.checkpoint import Position
 from stages.runtime.engine import current_lr
 from stages.runtime.layers import Unfreezing
@@ -31,7 +32,8 @@ class Sampler(Protocol):
 
 def fit(engine, spec: TrainingSpec, sampler: Sampler, micro_step: MicroStep, evaluate: Evaluate, *,
         pos: Position, max_steps: int, flops: Flops | None = None, unfreezing: Unfreezing | None = None,
-        renew: Callable[[Position], Any] | None = None) -> tuple[bool, Position]:
+        renew: Callable[[Position], Any] | None = None, selection: Selection | None = None,
+        keep: Callable[[int], None] | None = None) -> tuple[bool, Position]:
     """Train from `pos` to `max_steps`. Returns (stopped by a signal, position reached).
 
     `micro_step(items)` returns the loss of one micro-batch of (index, epoch)
@@ -39,6 +41,9 @@ def fit(engine, spec: TrainingSpec, sampler: Sampler, micro_step: MicroStep, eva
     every `checkpoint.every_steps` and on a stop request, then returns at once.
     `flops`: the model's FLOPs estimate, for the train records' mfu on a GPU.
     With `unfreezing`, each new phase trains on the engine `renew(pos)` makes, from a checkpoint of its own.
+    With `selection` (eval.best), each eval is counted and `keep(step)` (collective) keeps the model of a new
+    best; the eval then comes before the step's checkpoint (even on a stop request), so the checkpoint holds the
+    selection after it. Early stopping (eval.patience) saves a checkpoint and returns (not stopped by a signal).
     """
     rates = speed.RateWindow(max_steps, flops=flops, peak_flops=speed.peak_flops(spec.precision))
     every_ckpt, every_eval = spec.checkpoint.every_steps, spec.eval.every_steps
@@ -54,7 +59,7 @@ def fit(engine, spec: TrainingSpec, sampler: Sampler, micro_step: MicroStep, eva
     tokens = speed.TokenCounter(engine.module)
     nonfinite_run = 0  # consecutive steps with a NaN or infinite loss on some rank
     engine.train()
-    while step < max_steps:
+    while step < max_steps and not (selection and selection.exhausted):  # a resume after an early stop: done
         losses = []
         for items in sampler.next_step():
             loss, named = _terms(micro_step(items))
@@ -97,8 +102,18 @@ def fit(engine, spec: TrainingSpec, sampler: Sampler, micro_step: MicroStep, eva
             raise Diverged(f"the loss was NaN or infinite for {nonfinite_run} consecutive steps (up to step {step}); "
                            "nothing is exported. Check train.lr and the data (e.g. empty documents); "
                            "train.stop_after_nonfinite sets how many such steps are tolerated")
-        pos = Position(step=step, samples=sampler.samples)
-        new_phase = unfreezing is not None and unfreezing.starts_phase(step) and step < max_steps
+        due = every_eval and step % every_eval == 0 and step < max_steps
+        if due and selection is not None:
+            values = evaluate(step)
+            record_eval(spec, step, values)
+            if selection.see(step, values):
+                assert keep is not None, "a selection comes with keep"
+                keep(step)
+            engine.train()
+            due = False
+        early = selection is not None and selection.exhausted
+        pos = Position(step=step, samples=sampler.samples, best=selection.state() if selection else None)
+        new_phase = unfreezing is not None and unfreezing.starts_phase(step) and step < max_steps and not early
         if new_phase:
             assert renew is not None, "unfreezing comes with renew"
             # Gradual unfreezing: DeepSpeed fixes the trainable set at initialize, so the phase gets an engine of
@@ -107,14 +122,19 @@ def fit(engine, spec: TrainingSpec, sampler: Sampler, micro_step: MicroStep, eva
             tokens.attach(engine.module)
             engine.train()
         stop = bool(stop_flag)
-        if stop or new_phase or (every_ckpt and step % every_ckpt == 0 and step < max_steps):
+        if stop or early or new_phase or (every_ckpt and step % every_ckpt == 0 and step < max_steps):
             tag = checkpoint.save(engine, spec, pos)
             records.log("checkpoint", step=step, tag=tag)
         if stop:
             records.log("stop", step=step, reason="signal")
             dist.print0(f"stopped on a signal at step {step}; checkpoint saved, exit 75")
             return True, pos
-        if every_eval and step % every_eval == 0 and step < max_steps:
+        if early:
+            assert selection is not None
+            records.log("stop", step=step, reason=selection.reason())
+            dist.print0(f"{selection.reason()}; stopped at step {step}")
+            return False, pos
+        if due:
             record_eval(spec, step, evaluate(step))
             engine.train()
     return False, pos
