@@ -213,12 +213,20 @@ def error_tail(log_dir: Path, lines: int = 25) -> tuple[Path, str] | None:
     return None
 
 
+# eval.best's record in result.json, kept in the ledger where given: the step final/ holds, the last step's
+# metrics beside the best's, an early stop's reason
+SELECTED = ("best_step", "last_metrics", "stopped_early")
+
+
 def _record_result(entry: dict[str, Any], result: Result, folder: Path) -> None:
     """A done stage: its output digest (the stage's) and, beside it, its files' sizes and mtimes, which let a
     later plan trust the digest without hashing the folder again (`plan.output_damage`)."""
     final = final_dir(folder)
     output = result.output.model_dump() | ({"stat": folder_stat(final)} if final.is_dir() else {})
-    ledger.set_state(entry, "done", output=output, metrics=result.metrics, steps=result.steps)
+    for key in SELECTED:
+        entry.pop(key, None)  # an earlier run's
+    ledger.set_state(entry, "done", output=output, metrics=result.metrics, steps=result.steps,
+                     **result.model_dump(include=set(SELECTED), exclude_none=True))
 
 
 # ----------------------------------------------------------------- starting over without losing the old output

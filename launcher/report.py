@@ -64,7 +64,8 @@ def status_data(run_dir: Path) -> dict[str, Any]:
                  "data": (e.get("inputs") or {}).get("data") or {}, "output": (e.get("output") or {}).get("digest"),
                  "tries": len(attempts), "started": attempts[0].get("started") if attempts else None,
                  "ended": attempts[-1].get("ended") if attempts else None, "slurm": jobs.get(name),
-                 "stale": stale.get(name)}
+                 "stale": stale.get(name)} | ({k: e.get(k) for k in ("best_step", "last_metrics", "stopped_early")}
+                                             if state == "done" else {})
         stages.append({k: v for k, v in stage.items() if v is not None})
     return {"version": 1, "run": data.get("run"), "run_dir": str(run_dir.resolve()), "manifest": data.get("manifest"),
             "stages": stages, "shared_evals": shared(data), "decisions": decided(data)}
@@ -92,7 +93,7 @@ def status(run_dir: Path, wide: bool = False) -> str:
             shown = ", ".join(filter(None, [f"loss {number(progress['loss'])}" if "loss" in progress else "",
                                             f"eta {duration(progress['eta_s'])}" if "eta_s" in progress else "",
                                             shown]))
-        steps = str(s.get("steps", "-"))
+        steps = str(s.get("steps", "-")) + (f" (best {s['best_step']})" if "best_step" in s else "")
         if s["state"] != "done" and progress.get("max_steps"):
             steps = f"{progress.get('step', 0)}/{progress['max_steps']}"
         mark = ON_DISK.get(s.get("on_disk") or "") or ("stale" if s.get("stale") else None)
