@@ -225,3 +225,33 @@ def test_status_of_a_manifest_shows_the_run_it_runs_in(tmp_path: Path, capsys: p
     (tmp_path / "list.yaml").write_text("- a\n")
     assert main(["status", "list.yaml"]) == 2
     assert "list.yaml: neither a run folder nor a manifest" in capsys.readouterr().err
+
+
+def test_a_stage_that_handed_on_its_best_eval_shows_that_step_and_its_last_one(run_dir: Path,
+                                                                              capsys: pytest.CaptureFixture[str]):
+    from contract.layout import Output, Result
+    from launcher.attempts import _record_result
+
+    data = json.loads((run_dir / "ledger.json").read_text())
+    entry = data["stages"]["finetune"]
+    result = Result(stage="finetune", kind="classify", fingerprint=entry["fingerprint"], steps=8, samples=128,
+                    output=Output(path="/x/final", digest="sha256:" + "cd" * 32), time=0.0,
+                    metrics={"accuracy": 0.6, "eval_loss": 1.5}, best_step=4,
+                    last_metrics={"accuracy": 0.5, "eval_loss": 1.9}, stopped_early="early stopping: …")
+    _record_result(entry, result, run_dir / "stages" / "finetune")
+    assert (entry["metrics"], entry["best_step"], entry["last_metrics"], entry["stopped_early"]) == (
+        {"accuracy": 0.6, "eval_loss": 1.5}, 4, {"accuracy": 0.5, "eval_loss": 1.9}, "early stopping: …")
+    (run_dir / "ledger.json").write_text(json.dumps(data))
+
+    assert main(["status", str(run_dir), "--json"]) == 0
+    shown = next(s for s in json.loads(capsys.readouterr().out)["stages"] if s["name"] == "finetune")
+    assert (shown["steps"], shown["best_step"], shown["last_metrics"]["eval_loss"]) == (8, 4, 1.9)
+    assert shown["stopped_early"] == "early stopping: …"
+    assert main(["status", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^finetune +classify +done[^\n]* +8 \(best 4\) +1 +accuracy 0.6", out, re.M), out
+
+    # Run again without eval.best, the stage keeps nothing of the earlier choice
+    _record_result(entry, result.model_copy(update={"best_step": None, "last_metrics": None, "stopped_early": None}),
+                   run_dir / "stages" / "finetune")
+    assert not {"best_step", "last_metrics", "stopped_early"} & set(entry)
