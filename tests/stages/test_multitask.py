@@ -17,6 +17,7 @@ import torch
 
 from contract.kinds.multitask import MultitaskOptions
 from stages import multitask
+from stages.runtime import mixing
 from tests.stages import specs
 
 # ----------------------------------------------------------------- mixing (no training)
@@ -45,8 +46,8 @@ def options(mixing: str, temperature: float = 1.0, weights: list[float] | None =
 def test_drawn_task_shares_match_the_requested_ones(opts, sizes, want):
     p = multitask.probabilities(opts, sizes)
     torch.testing.assert_close(p, torch.tensor(want, dtype=torch.float64), rtol=1e-5, atol=1e-6)
-    n = 3 * multitask.BLOCK + 123  # across block boundaries
-    counts = torch.bincount(torch.tensor(multitask.Draws(p, seed=7).tasks(0, n)), minlength=3).double()
+    n = 3 * mixing.BLOCK + 123  # across block boundaries
+    counts = torch.bincount(torch.tensor(mixing.Draws(p, seed=7).tasks(0, n)), minlength=3).double()
     expected = n * p
     assert all(counts[j] == 0 for j in range(3) if want[j] == 0)  # a weight of 0 is never drawn
     live = expected > 0
@@ -57,12 +58,12 @@ def test_drawn_task_shares_match_the_requested_ones(opts, sizes, want):
 
 def test_draws_are_a_function_of_seed_and_micro_batch():
     p = multitask.probabilities(options("weights", weights=[1, 1, 2]), [1, 1, 1])
-    whole = multitask.Draws(p, seed=3).tasks(0, 2 * multitask.BLOCK + 50)
-    fresh = multitask.Draws(p, seed=3)
-    assert fresh.tasks(multitask.BLOCK + 7, 900) == whole[multitask.BLOCK + 7: multitask.BLOCK + 907]
-    m = 2 * multitask.BLOCK + 11
+    whole = mixing.Draws(p, seed=3).tasks(0, 2 * mixing.BLOCK + 50)
+    fresh = mixing.Draws(p, seed=3)
+    assert fresh.tasks(mixing.BLOCK + 7, 900) == whole[mixing.BLOCK + 7: mixing.BLOCK + 907]
+    m = 2 * mixing.BLOCK + 11
     assert fresh.counts_before(m) == torch.bincount(torch.tensor(whole[:m]), minlength=3).tolist()
-    assert multitask.Draws(p, seed=4).tasks(0, 200) != whole[:200]
+    assert mixing.Draws(p, seed=4).tasks(0, 200) != whole[:200]
 
 
 def test_sampler_resumed_at_a_step_continues_the_same_stream():
@@ -70,9 +71,9 @@ def test_sampler_resumed_at_a_step_continues_the_same_stream():
     kw = {"seed": 5, "names": ["a", "b", "c"], "micro": 3, "accum": 2, "world": 2, "log": lambda *a, **k: None,
           "log_every": 1000, "max_steps": 10**6}
     for rank in (0, 1):
-        straight = multitask.MixedSampler(multitask.Draws(p, 5), [7, 30, 5], rank=rank, step=0, samples=0, **kw)
+        straight = mixing.MixedSampler(mixing.Draws(p, 5), [7, 30, 5], rank=rank, step=0, samples=0, **kw)
         steps = [[(b.task, list(b)) for b in straight.next_step()] for _ in range(40)]
-        resumed = multitask.MixedSampler(multitask.Draws(p, 5), [7, 30, 5], rank=rank, step=25, samples=25 * 12,
+        resumed = mixing.MixedSampler(mixing.Draws(p, 5), [7, 30, 5], rank=rank, step=25, samples=25 * 12,
                                          **kw)
         assert [[(b.task, list(b)) for b in resumed.next_step()] for _ in range(15)] == steps[25:]
         assert resumed.samples == straight.samples
