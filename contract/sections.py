@@ -171,6 +171,21 @@ class Data(Strict):
         return self
 
 
+class TransferData(Data):
+    """Training rows without labels (a distill stage's transfer set): text only, nothing to score."""
+
+    @model_validator(mode="after")
+    def _text_only(self) -> TransferData:
+        for key, why in (("eval", "a transfer set is trained on, never scored: the stage's data.eval scores it"),
+                         ("eval_split", "a transfer set is trained on, never scored: the stage's data scores it"),
+                         ("labels", "a transfer set's rows have no labels: the teacher's logits are their targets"),
+                         ("label_field", "a transfer set's rows have no labels: the teacher's logits are their "
+                          "targets")):
+            if key in self.model_fields_set and getattr(self, key) is not None:
+                raise Problem((key,), why)
+        return self
+
+
 class EvalData(Data):
     """Data read only for scoring (an ensemble's, a shared eval set's): data.eval files, or hub with eval_split."""
 
@@ -250,6 +265,7 @@ class DataSection(NamedTuple):
     path: tuple[str | int, ...]  # where it is below the stage in the manifest, for messages
     data: Data
     head: str | None = None  # what its rows train or score, where not the stage's own head (multitask's tasks)
+    unlabelled: bool = False  # its rows need no labels, whatever the head (distill's transfer set)
 
 
 # ----------------------------------------------------------------- how a stage trains
@@ -596,6 +612,8 @@ class StageBase(Strict):
     # the input (its first item, for a list) whose folder the `tokenizer` input defaults to, when not written
     tokenizer_from: ClassVar[str | None] = None
     head: ClassVar[Head | None] = None  # the head of the model final/ holds, when the kind alone says it
+    # where a classifier's rows without labels can go instead, said where validate finds a row that lacks one
+    unlabelled_rows: ClassVar[str | None] = None
 
     kind: str = Field(description="The stage kind: a module of contract/kinds/.")  # a Literal in each kind
     name: str = Field(pattern=NAME_PATTERN, max_length=100,

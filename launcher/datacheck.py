@@ -28,10 +28,16 @@ SAMPLE_BYTES = 1 << 20
 
 @dataclass(frozen=True)
 class Labels:
-    """What a classifier's data section says of its labels: the column, and the declared names (data.labels)."""
+    """What a classifier's data section says of its labels: the column, the declared names (data.labels), and
+    where rows without labels can go instead (the stage kind's `unlabelled_rows`), said with a missing label."""
 
     field: str
     declared: list[str] | None = None
+    elsewhere: str | None = None
+
+    def missing(self, problem: str) -> str:
+        """The message for a row without a label."""
+        return f"{problem}; {self.elsewhere}" if self.elsewhere else problem
 
 
 @dataclass
@@ -115,6 +121,9 @@ def _sample(path: Path, fmt: str, fields: list[str], numbers: list[str], labels:
     if not text.strip():
         raise ValueError("empty; the stage would have nothing to read")
     if fmt == "text":
+        if labels is not None:
+            raise ValueError(labels.missing(f"a text file has no column {labels.field!r}: every row of a "
+                                            "classifier's data needs a label"))
         if numbers:
             raise ValueError(f"a text file has one column, text: no column {numbers[0]!r} for "
                              "curriculum.difficulty.column")
@@ -159,7 +168,7 @@ def _json_lines(text: str, fields: list[str], numbers: list[str], labels: Labels
         for column in numbers:
             _number(row.get(column, _MISSING), column, f"line {n}", ", ".join(row))
         if labels is not None:
-            seen.rows.append((n, _label(row.get(labels.field, _MISSING), labels.field, f"line {n}", ", ".join(row))))
+            seen.rows.append((n, _label(row.get(labels.field, _MISSING), labels, f"line {n}", ", ".join(row))))
         first = first or tuple(sorted(row))
         rows += 1
         if rows >= SAMPLE_ROWS:
@@ -171,9 +180,12 @@ def _json_lines(text: str, fields: list[str], numbers: list[str], labels: Labels
 def _csv(text: str, fields: list[str], numbers: list[str], labels: Labels | None, seen: _Seen) -> tuple[str, ...]:
     reader = csv.DictReader(io.StringIO(text))
     header = tuple(reader.fieldnames or ())
-    missing = [f for f in fields + numbers + ([labels.field] if labels else []) if f not in header]
+    missing = [f for f in fields + numbers if f not in header]
     if missing:
         raise ValueError(f"line 1: no column {', '.join(map(repr, missing))} (columns: {', '.join(header)})")
+    if labels is not None and labels.field not in header:
+        raise ValueError(labels.missing(f"line 1: no column {labels.field!r} (columns: {', '.join(header)}); set "
+                                        "data.label_field"))
     for n, row in enumerate(reader, 2):
         for field in fields:
             if not row.get(field):  # datasets reads an empty cell as null
@@ -187,7 +199,8 @@ def _csv(text: str, fields: list[str], numbers: list[str], labels: Labels | None
         if labels is not None:
             cell = row.get(labels.field)
             if not cell:  # datasets reads an empty cell as null
-                raise ValueError(f"line {n}: {labels.field} is empty (datasets reads it as null: no label)")
+                raise ValueError(labels.missing(f"line {n}: {labels.field} is empty (datasets reads it as null: "
+                                                "no label)"))
             # datasets reads a column of whole numbers as integers
             seen.rows.append((n, int(cell) if cell.lstrip("-").isdigit() else cell))
         if n > SAMPLE_ROWS:
@@ -215,12 +228,14 @@ def _conversation(value: object) -> bool:
 _MISSING = object()
 
 
-def _label(value: object, field: str, where: str, columns: str) -> str | int:
+def _label(value: object, labels: Labels, where: str, columns: str) -> str | int:
     """A classifier's label: a string or an integer (`datasets` and the stage read no other)."""
+    field = labels.field
     if value is _MISSING:
-        raise ValueError(f"{where}: no field {field!r} (fields: {columns or 'none'}); set data.label_field")
+        raise ValueError(labels.missing(f"{where}: no field {field!r} (fields: {columns or 'none'}); set "
+                                        "data.label_field"))
     if value is None:
-        raise ValueError(f"{where}: {field} is null; every row needs a label")
+        raise ValueError(labels.missing(f"{where}: {field} is null; every row needs a label"))
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise ValueError(f"{where}: {field} is {json.dumps(value)}, not a string or an integer")
     return value

@@ -328,8 +328,9 @@ def _data_sections(loaded: Loaded, i: int, stage: StageBase, base_dir: Path) -> 
     for section in stage.data_sections():
         numbers = _difficulty_column(stage) if section.name is None else []
         try:
-            out[section.name] = _data(loaded, ("stages", i, *section.path), section.data, numbers,
-                                      _labelled(stage, section))
+            labels = (datacheck.Labels(section.data.label_field, section.data.labels, stage.unlabelled_rows)
+                      if _labelled(stage, section) else None)
+            out[section.name] = _data(loaded, ("stages", i, *section.path), section.data, numbers, labels)
         except ConfigError as e:
             problems += e.problems
     if problems:
@@ -348,12 +349,13 @@ def _labelled(stage: StageBase, section: DataSection) -> bool:
     """Whether a data section feeds a classifier (its rows need labels): a multitask task of type classify, or
     the data of a stage whose head (or task) classifies."""
     head = section.head or stage.model_head() or stage.options().get("task")
-    return head in HEADS and HEADS[head].classes == "num_labels"
+    return not section.unlabelled and head in HEADS and HEADS[head].classes == "num_labels"
 
 
 def _data(loaded: Loaded, at: tuple[str | int, ...], data: Data, numbers: list[str],
-          labelled: bool = False) -> dict[str, Any]:
-    """A data section as spec data: files made absolute, the format, each file checked and its digest."""
+          labels: datacheck.Labels | None = None) -> dict[str, Any]:
+    """A data section as spec data: files made absolute, the format, each file checked (with `labels`, a
+    classifier's: every row's label) and its digest."""
     base_dir = loaded.file.parent
     files = {k: [str((base_dir / f).resolve()) for f in ([v] if isinstance(v, str) else v or [])]
              for k, v in (("train", data.train), ("eval", data.eval))}
@@ -369,7 +371,6 @@ def _data(loaded: Loaded, at: tuple[str | int, ...], data: Data, numbers: list[s
         fmt = found.pop()
     if data.hub is None and fmt is not None:
         fields = [] if fmt == "text" else [f for f in (data.text_field, data.text_pair_field) if f]
-        labels = datacheck.Labels(data.label_field, data.labels) if labelled and fmt != "text" else None
         problems = [f"{loaded.where((*at, split))}: {problem}"
                     for split, problem in datacheck.check(files, fmt, fields, numbers, labels)]
         if problems:

@@ -11,6 +11,12 @@ classes divided by the number of rows), so α = 0 is the task's own loss and α 
 are logged per step as a `loss_terms` record ({"task", "kd"}). The data are the task's as its own stage reads them
 (classify: labels; mlm: stages/runtime/masking.py; clm: stages/runtime/packing.py).
 
+A transfer set (spec.sections["transfer"], text without labels) adds rows whose only target is the teacher: their
+loss is the KD term alone, T² · KL (the formula at α = 1), logged as the `transfer` term. Each micro-batch is drawn
+from the labelled rows or the transfer set, with probability distill.transfer_share for the latter, by
+stages/runtime/mixing.py (a function of (seed, micro-batch), so a resumed run draws as an unbroken one); the head
+reads the transfer rows as it reads its own data, without labels (classify: the text column; mlm, clm: the text).
+
 The teacher (stages/runtime/teacher.py) is loaded from its input on every start and stays outside the student's
 engine. Offline (input `teacher_logits`, a teacher_logits stage's output) no teacher runs: each row's stored top-k
 logits stand for the teacher's, p_T = softmax(values / T) over the k stored classes (the others count as 0), and the
@@ -31,7 +37,7 @@ from torch import nn
 from contract.heads import HEADS
 from contract.kinds.distill import DistillOptions
 from contract.layout import EXIT_STOPPED
-from stages.runtime import curriculum, data, dist, entry, heads, lifecycle, models, packing, pruning, teacher
+from stages.runtime import curriculum, data, dist, entry, heads, lifecycle, mixing, models, packing, pruning, teacher
 from stages.runtime.dist import Dist
 from stages.runtime.masking import EVAL_EPOCH
 from stages.runtime.spec import TrainingSpec
@@ -74,6 +80,12 @@ def main(spec: TrainingSpec, d: Dist) -> int:
         spec, opts.task, block_size=opts.block_size, device=d.device,
         examples={"train": len(train), "eval": len(evalset) if evalset is not None else None})
     source.check_labels(head.classes)
+    # The rows each micro-batch may be drawn from: the labelled ones, and the transfer set's (no labels)
+    reads = {"data": head}
+    if opts.transfer_share is not None:
+        reads["transfer"] = heads.unlabelled(spec, "transfer", opts.task, tokenizer, head.classes,
+                                             **opts.head_options())
+    names, sizes = list(reads), [len(h.splits["train"]) for h in reads.values()]
 
     def build(resume: bool) -> nn.Module:
         model = models.build_model(spec, head.auto(), tokenizer, resume=resume,
@@ -86,24 +98,35 @@ def main(spec: TrainingSpec, d: Dist) -> int:
         return model
 
     what = (f"distill ({opts.task}, α {opts.alpha}, T {opts.temperature}, {source.describe()}), "
-            f"{len(train)} train samples")
-    t = lifecycle.start(spec, d, num_samples=len(train), what=what, build=build, wrap=head.module,
-                        difficulty=curriculum.difficulty(spec, train))
+            f"{len(train)} train samples") + (f", {sizes[1]} transfer samples at share {opts.transfer_share}"
+                                             if len(sizes) > 1 else "")
+    share = opts.transfer_share or 0.0
+    mixed = mixing.sampler(spec, d, torch.tensor([1 - share, share], dtype=torch.float64), sizes, names) \
+        if len(reads) > 1 else None
+    t = lifecycle.start(spec, d, num_samples=sum(sizes), what=what, build=build, wrap=head.module,
+                        difficulty=curriculum.difficulty(spec, train), sampler=mixed)
     dist.print0(f"{spec.stage}: the student has {models.parameter_count(t.model):,} parameters")
 
-    def taught_of(split: str, keys: list[tuple[int, int]], batch: dict[str, torch.Tensor]) -> Taught | None:
-        """The teacher's side of the batch's rows: its logits, or the stored top-k (None: no stored eval rows)."""
+    def taught_of(split: str, keys: list[tuple[int, int]], batch: dict[str, torch.Tensor],
+                  rows: heads.Head = head) -> Taught | None:
+        """The teacher's side of the batch's rows (read by `rows`): its logits, or the stored top-k (None: no stored
+        eval rows)."""
         if isinstance(source, teacher.Teacher):
-            return head.select(source.logits(**_inputs(batch)), batch)
+            return rows.select(source.logits(**_inputs(batch)), batch)
         if not source.has(split):
             return None
         return source.rows(split, [i for i, _ in keys if i >= 0], batch["input_ids"].shape[1])
 
     def micro_step(keys: list[tuple[int, int]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        batch = head.batch("train", keys, t.sampler.max_length)
-        taught = taught_of("train", keys, batch)
+        drawn = names[keys.task] if isinstance(keys, mixing.TaskBatch) else "data"
+        rows = reads[drawn]
+        batch = rows.batch("train", keys, t.sampler.max_length)
+        taught = taught_of("train", keys, batch, rows)
         assert taught is not None, "load_stored checked the training rows"
         student = t.engine(**batch)
+        if drawn == "transfer":  # no labels: the teacher's logits are the only target (the loss at α = 1)
+            loss, kd = distill_loss(student, taught, student.new_zeros(()), 1.0, opts.temperature)
+            return loss, {"transfer": kd.detach()}
         task_loss = head.loss(student, batch)
         loss, kd = distill_loss(student, taught, task_loss, opts.alpha, opts.temperature)
         return loss, {"task": task_loss.detach(), "kd": kd.detach()}

@@ -26,6 +26,9 @@ class HeadInfo:
     # block_size is one, examples are packed into blocks (rows made alike need the same block_size, else max_length)
     options: dict[str, Any] = field(default_factory=dict)
     storable: bool = True  # whether its rows are the same every epoch, so a teacher's logits of them can be stored
+    # whether it reads rows of plain text without labels (a distill transfer set: the teacher's logits are their
+    # only targets); sft's rows are a completion's tokens, which text alone does not have
+    unlabelled: bool = True
     # the model of its own section, for settings beyond `options` (sft's columns, template, label set): a kind that
     # takes `task:` reads it from its `head:` field (distill.head)
     settings: Any = None

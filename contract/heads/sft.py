@@ -186,4 +186,5 @@ class SftOptions(Strict):
 
 # exact_match and accuracy are reported where the stage asks for them (a kind's metric_names says which)
 HEAD = HeadInfo(name="sft", metrics=("eval_loss", "perplexity", "exact_match", "accuracy"), fits="text",
-                model="AutoModelForCausalLM", classes="vocab_size", settings=SftOptions, storable=False)
+                model="AutoModelForCausalLM", classes="vocab_size", settings=SftOptions, storable=False,
+                unlabelled=False)

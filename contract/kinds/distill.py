@@ -6,7 +6,8 @@ for sequence classification (one row of logits per example), masked-LM (the mask
 predicted token). The student is `init` (optionally with only some of its transformer layers kept: DistilBERT's
 student is its teacher with every other layer); the teacher is `teacher`, an earlier stage's output or a folder, run
 at every step (online), or `teacher_logits`, the top-k logits a `teacher_logits` stage stored for every training row
-(offline: no teacher runs).
+(offline: no teacher runs). A `transfer` set, text without labels, adds rows whose only target is the teacher's
+softened logits (L = T² · KL on them), mixed with the labelled rows at distill.transfer_share of the micro-batches.
 """
 
 from __future__ import annotations
@@ -17,7 +18,18 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import AfterValidator, Field, ValidationError, field_validator, model_validator
 
 from contract import heads
-from contract.sections import BLOCK_SIZE, Data, DataSection, Head, ModelRef, Problem, RowsRef, Strict, TrainingStage
+from contract.sections import (
+    BLOCK_SIZE,
+    Data,
+    DataSection,
+    Head,
+    ModelRef,
+    Problem,
+    RowsRef,
+    Strict,
+    TrainingStage,
+    TransferData,
+)
 
 
 class DistillOptions(Strict):
@@ -37,6 +49,10 @@ class DistillOptions(Strict):
         "(partitioned across the ranks by a DeepSpeed ZeRO-3 engine without optimizer, forward only: a teacher "
         "larger than one device fits), cpu (kept on the CPU, its logits moved to the student's device; on a CPU-only "
         "machine the same as replicate).")
+    transfer_share: float | None = Field(
+        None, gt=0, le=1, description="With a transfer set: the share of micro-batches drawn from it, in (0, 1] (1: "
+        "the transfer set alone); the others are the labelled rows of data.train. Each micro-batch's source is a "
+        "function of (seed, micro-batch), so a resumed run draws as an unbroken one.")
     keep_layers: Literal["every_other"] | list[int] | None = Field(
         None, description="The student is `init` with only these transformer layers kept (0-based, in order): a list "
         "of indices, or every_other (0, 2, 4 …; DistilBERT's student when init is the teacher). Null: all. "
@@ -51,7 +67,7 @@ class DistillOptions(Strict):
         "sft takes an sft stage's `sft:` section here (prompt_field, completion_field or messages_field, template, "
         "label_set …). Default: that head's defaults.")
 
-    @field_validator("alpha", "temperature", "mask_prob", mode="before")
+    @field_validator("alpha", "temperature", "mask_prob", "transfer_share", mode="before")
     @classmethod
     def _number(cls, value: Any) -> Any:
         if isinstance(value, bool):
@@ -102,7 +118,10 @@ class DistillOptions(Strict):
         """spec.options: the task's defaults filled in, the other tasks' settings left out (`head` where the task's
         head has a section of its own)."""
         own = self.head_settings()
-        return self.model_dump(exclude={*self._head_given(), "head"}) | heads.settings(self.task, self._head_given()) \
+        # transfer_share only where given: a stage without a transfer set keeps the fingerprint it had before
+        unset = {"transfer_share"} if self.transfer_share is None else set()
+        return self.model_dump(exclude={*self._head_given(), "head", *unset}) \
+            | heads.settings(self.task, self._head_given()) \
             | ({"head": own.model_dump()} if own is not None else {})
 
     def head_options(self) -> dict[str, Any]:
@@ -121,6 +140,8 @@ class TeacherLogitsRef(RowsRef):
 
 class DistillStage(TrainingStage):
     options_field: ClassVar[str | None] = "distill"
+    unlabelled_rows: ClassVar[str | None] = ("rows without labels go in transfer: (the teacher's logits are "
+                                             "their only targets)")
     same_vocabulary: ClassVar[tuple[tuple[str, str], ...]] = (("init", "tokenizer"), ("teacher", "tokenizer"))
 
     kind: Literal["distill"] = Field(description="Knowledge distillation: a student learns from a frozen teacher's "
@@ -131,7 +152,12 @@ class DistillStage(TrainingStage):
     teacher_logits: TeacherLogitsRef | None = Field(
         None, description="Offline distillation: the top-k logits an earlier teacher_logits stage (from) stored for "
         "this stage's training data (the same files, task and block_size), used instead of running a teacher.")
-    distill: DistillOptions = Field(description="Task, λ, temperature, teacher placement, student layers.")
+    transfer: TransferData | None = Field(
+        None, description="A transfer set: training rows without labels (any text source: .txt, or JSON/CSV/Parquet "
+        "with text_field, or hub), trained on the teacher's softened logits alone (T² · KL), drawn for "
+        "distill.transfer_share of the micro-batches. Needs teacher (online) and train.max_steps. Default: none.")
+    distill: DistillOptions = Field(description="Task, λ, temperature, teacher placement, student layers, the "
+                                    "transfer set's share.")
 
     @model_validator(mode="after")
     def _teacher(self) -> DistillStage:
@@ -153,6 +179,30 @@ class DistillStage(TrainingStage):
                           "give teacher.from (an earlier stage) or teacher.pretrained (a trained model)")
         return self
 
+    @model_validator(mode="after")
+    def _transfer(self) -> DistillStage:
+        share = self.distill.transfer_share
+        if self.transfer is None:
+            if share is not None:
+                raise Problem(("distill", "transfer_share"), "no transfer set to draw from: give transfer (text "
+                              "without labels) or leave out transfer_share")
+            return self
+        task = self.distill.task
+        for wrong, key, why in (
+                (share is None, ("distill", "transfer_share"), "required with transfer: the share of micro-batches "
+                 "drawn from the transfer set, in (0, 1]"),
+                (not heads.HEADS[task].unlabelled, ("transfer",), f"task {task} cannot read rows without labels: "
+                 "its rows are a completion's tokens, which text alone does not have"),
+                (self.teacher_logits is not None, ("transfer",), "the stored teacher_logits cover data.train only, "
+                 "not the transfer rows: give teacher (run at every step) instead of teacher_logits"),
+                (self.curriculum is not None, ("curriculum",), "a curriculum orders data.train alone; with transfer "
+                 "the micro-batches are mixed from two sets: leave out curriculum"),
+                (self.train.max_steps is None, ("train", "epochs"), "with transfer give train.max_steps: an epoch "
+                 "of the labelled rows and one of the transfer set differ")):
+            if wrong:
+                raise Problem(key, why)
+        return self
+
     def options(self) -> dict[str, Any]:
         return self.distill.settings()
 
@@ -167,11 +217,12 @@ class DistillStage(TrainingStage):
 
     def data_sections(self) -> list[DataSection]:
         own = self.distill.head_settings()
-        if own is None:
-            return super().data_sections()
         # the column the data must hold as text is the one the head's section names (sft: the prompt's)
-        return [DataSection(None, ("data",), Data.model_validate(self.data.model_dump()
-                                                                 | {"text_field": own.text_column()}))]
+        sections = super().data_sections() if own is None else [DataSection(None, ("data",), Data.model_validate(
+            self.data.model_dump() | {"text_field": own.text_column()}))]
+        if self.transfer is not None:
+            sections.append(DataSection("transfer", ("transfer",), self.transfer, unlabelled=True))
+        return sections
 
     def training_rows(self) -> dict[str, Any]:
         o = self.distill.settings()

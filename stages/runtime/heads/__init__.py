@@ -12,7 +12,10 @@ and then answers:
 - `splits`: its examples per split ("train", "eval"; None where the section has none); `describe()`: one line;
 - `batch(split, keys, max_length)`: a collated batch on the device of (index, epoch) keys. Every batch carries
   `labels`: the target of each prediction, -100 where nothing is predicted; a key with index -1 is a padding row
-  (`data.eval_shards`), run for ZeRO-3's sake and counting for nothing (its labels are all -100);
+  (`data.eval_shards`), run for ZeRO-3's sake and counting for nothing (its labels are all -100). A head over rows
+  without labels (`Source.labelled` False, a distill transfer set) gives the same rows with no target: a
+  classifier's labels are then UNLABELLED (the row counts, its target is unknown), a language model's are its
+  text as ever;
 - `module(model)`: the module an engine wraps: `module(**batch)` gives the rows of logits that count, (rows,
   classes), in the order of `targets(batch)` (for mlm only the masked positions are projected onto the vocabulary);
 - `select(logits, batch)`: the same rows of a model's full logits (a teacher's); `targets(batch)`: their labels;
@@ -41,9 +44,10 @@ from contract.heads import HEADS
 from contract.spec import DataSpec
 from stages.runtime import data
 from stages.runtime.dist import Dist
-from stages.runtime.spec import Spec
+from stages.runtime.spec import Spec, SpecError
 
 Keys = list[tuple[int, int]]  # (example index, epoch) per row; index -1: a padding row
+UNLABELLED = -1  # a classifier's label of a row that counts but has no known target (a transfer row)
 
 
 @dataclass(frozen=True)
@@ -53,7 +57,9 @@ class Source:
     `key` names the section in errors (data, sections.<task>, evals.<set>). `options`: the head's own settings as the
     kind gives them (mlm: mask_prob; clm: block_size; sft: its section). `labels`: a classifier's label names in id
     order when a model already fixes them (its config's id2label), else None (data.labels, or the train split's).
-    `eval_only`: only the eval split is read (a shared eval set); `seed`: what masking and the like derive from."""
+    `eval_only`: only the eval split is read (a shared eval set); `seed`: what masking and the like derive from.
+    `labelled` False: the rows have no labels (a distill transfer set), only their inputs are read; a classifier
+    then takes its class names from `labels`."""
 
     data: DataSpec
     tokenizer: Any
@@ -65,6 +71,7 @@ class Source:
     labels: list[str] | None = None
     eval_only: bool = False
     difficulty: tuple[str, ...] = ()  # columns kept beside the tokens (a curriculum's difficulty column)
+    labelled: bool = True
 
 
 class Head(Protocol):
@@ -110,6 +117,18 @@ def of(spec: Spec, name: str, tokenizer: Any, labels: list[str] | None = None, *
     return load(name, Source(data=spec.data, tokenizer=tokenizer, tokenizer_digest=data.tokenizer_digest(spec),
                              cache_dir=spec.cache_dir, seed=spec.seed, options=options, labels=labels,
                              difficulty=difficulty))
+
+
+def unlabelled(spec: Spec, section: str, name: str, tokenizer: Any, labels: list[str | int] | None,
+               **options: Any) -> Head:
+    """The head `name` over the rows of spec.sections[section] read without labels (a distill transfer set),
+    masked from a seed of its own; `labels`: the class names the logits are in the order of (a classifier's)."""
+    if section not in spec.sections:
+        raise SpecError(f"sections.{section}: missing from the spec")
+    return load(name, Source(data=spec.sections[section], tokenizer=tokenizer,
+                             tokenizer_digest=data.tokenizer_digest(spec), cache_dir=spec.cache_dir,
+                             seed=data.seed_of(spec.seed, section), key=f"sections.{section}", options=options,
+                             labels=None if labels is None else [str(n) for n in labels], labelled=False))
 
 
 def auto(name: str) -> Any:

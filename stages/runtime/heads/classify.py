@@ -43,6 +43,7 @@ class Head:
         whose = "the model's labels" if source.labels is not None else \
             f"{source.key}.labels" if source.data.labels is not None else "the training data's labels"
         self.labels = {split: torch.tensor(label_ids(ds, source.data, label2id, split, source.key, whose))
+                       if source.labelled else torch.full((len(ds),), heads.UNLABELLED)
                        for split, ds in splits.items() if ds is not None}
         self.ends = source.tokenizer.all_special_ids  # a curriculum phase's max_length keeps the final [SEP]
 
@@ -129,9 +130,11 @@ def load(source: Source) -> Head:
     else:
         raw = data.load_section(source.data, source.cache_dir, key=source.key)
     if source.labels is None:
+        assert source.labelled, "rows without labels take their class names from the labelled rows' head"
         names: list[str | int] = label_names(source.data, raw, source.key)
     else:  # the model's own, which its logits are in the order of
-        if source.data.labels is not None and [str(x) for x in source.data.labels] != source.labels:
+        if source.labelled and source.data.labels is not None and [str(x) for x in source.data.labels] \
+                != source.labels:
             raise SpecError(f"{source.key}.labels: {source.data.labels} are not the model's labels {source.labels} "
                             "(in id order)")
         names = list(source.labels)

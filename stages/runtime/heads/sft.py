@@ -400,6 +400,9 @@ def conversation(row: dict[str, Any], opts: SftOptions, key: str) -> Messages:
 def load(source: Source) -> Any:
     if source.eval_only:
         return clm.load(source)  # a shared text set: this head's model is scored as the causal LM it is
+    if not source.labelled:  # validate says so first (contract.heads: sft reads no unlabelled rows)
+        raise SpecError(f"{source.key}: task sft cannot read rows without labels: its rows are a completion's "
+                        "tokens, which text alone does not have")
     opts = SftOptions.model_validate(source.options)
     tokenizer = source.tokenizer
     template = chat_template(tokenizer, opts)
