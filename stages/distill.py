@@ -98,11 +98,12 @@ def main(spec: TrainingSpec, d: Dist) -> int:
         return model
 
     what = (f"distill ({opts.task}, α {opts.alpha}, T {opts.temperature}, {source.describe()}), "
-            f"{len(train)} train samples") + (f", {sizes[1]} transfer samples at share {opts.transfer_share}"
-                                             if len(sizes) > 1 else "")
-    share = opts.transfer_share or 0.0
-    mixed = mixing.sampler(spec, d, torch.tensor([1 - share, share], dtype=torch.float64), sizes, names) \
-        if len(reads) > 1 else None
+            f"{len(train)} train samples")
+    mixed = None  # the plain stream (or the curriculum's) of the labelled rows
+    if opts.transfer_share is not None:
+        what += f", {sizes[1]} transfer samples at share {opts.transfer_share}"
+        p = torch.tensor([1 - opts.transfer_share, opts.transfer_share], dtype=torch.float64)
+        mixed = mixing.sampler(spec, d, p, sizes, names)
     t = lifecycle.start(spec, d, num_samples=sum(sizes), what=what, build=build, wrap=head.module,
                         difficulty=curriculum.difficulty(spec, train), sampler=mixed)
     dist.print0(f"{spec.stage}: the student has {models.parameter_count(t.model):,} parameters")
