@@ -21,7 +21,7 @@ from tests.slurm.helpers import (
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
-STEPS, CKPT = 200, 20
+STEPS, CKPT = 60, 10
 
 MANIFEST = f"""version: 1
 run: {{name: slurm-transfer}}
@@ -49,7 +49,7 @@ stages:
     data: {{train: data/train.jsonl, eval: data/eval.jsonl, max_length: 32}}
     transfer: {{train: data/pretrain.txt, max_length: 32}}
     distill: {{task: classify, alpha: 0.5, temperature: 2.0, keep_layers: [1], transfer_share: 0.5}}
-    train: {{max_steps: {STEPS}, micro_batch_size: 8, lr: 1.0e-3, log_every: 20}}
+    train: {{max_steps: {STEPS}, micro_batch_size: 8, lr: 1.0e-3, log_every: 10}}
     checkpoint: {{every_steps: {CKPT}, keep_last: 2}}
 """
 
@@ -60,7 +60,7 @@ def test_a_requeued_transfer_stage_resumes_to_the_weights_of_a_local_run(slurm_c
     manifest = tmp_path / "transfer.yaml"
     manifest.write_text(MANIFEST)
     local = tmp_path / "local"
-    baton("run", manifest, "--run-dir", local, env=hf_env)
+    baton("run", manifest, "--run-dir", local, env=hf_env, timeout=1200)
 
     env = slurm_cluster["env"]
     run_dir = tmp_path / "slurm"
