@@ -10,7 +10,7 @@ from typing import Any
 
 from contract.files import file_digest, write_atomic
 from contract.layout import final_dir, stage_dir
-from launcher import decisions, dsconfig, hubcache, ledger
+from launcher import decisions, dsconfig, hubcache, ledger, summary
 from launcher.attempts import adopt_finished, run_stage, version_drift
 from launcher.backends import Backend
 from launcher.backends.local import LocalBackend
@@ -119,6 +119,7 @@ def run(manifest: Path, run_dir: Path | None = None, dry_run: bool = False,
         if keep_stats(led.data, run_dir):
             led.save()
         shown: set[str] = set()  # instances this run has printed or run
+        ran: set[str] = set()  # … and of them, those it launched
         while True:  # run the first stage that can run, take the decisions its end allows, plan again
             records, said = decisions.settle(led, stages)
             for line in said:
@@ -129,6 +130,7 @@ def run(manifest: Path, run_dir: Path | None = None, dry_run: bool = False,
                 if step is None and not decisions.stopped_at(records, records):
                     warn_versions(steps, led.data)
                     print(f"{run_dir}: nothing to do; every selected stage is done and unchanged")
+                    print_summary(led.data, set())
                     return 0
                 record_manifest(led, stages, manifest, run_dir)
             for s in steps:  # the skipped ones up to the one that runs
@@ -141,10 +143,13 @@ def run(manifest: Path, run_dir: Path | None = None, dry_run: bool = False,
                 break
             warn_versions([step], led.data)
             shown.add(step.stage.name)
+            ran.add(step.stage.name)
             code = run_stage(step, led, run_dir, backend, {"job_id": os.environ["SLURM_JOB_ID"]} if nodes else None,
                              overview=overview(steps, step, led.data))
             if code != 0:
+                print_summary(led.data, ran)
                 return code
+        print_summary(led.data, ran)
     stopped = decisions.stopped_at(records, [s.stage.group for s in steps if s.selected])
     if stopped:
         raise GateStopped(decisions.stopped_text(records[stopped]))
@@ -152,6 +157,11 @@ def run(manifest: Path, run_dir: Path | None = None, dry_run: bool = False,
     if waiting:
         raise BatonError(f"not run: {', '.join(waiting)}: their inputs were not decided (see `baton status`)")
     return 0
+
+
+def print_summary(data: dict[str, Any], ran: set[str]) -> None:
+    """The run's outcome and each stage's key metric, last on the terminal: the live view has scrolled them away."""
+    print("\n" + summary.table(data, ran), flush=True)
 
 
 def overview(steps: list[Step], running: Step, data: dict[str, Any]) -> list[tuple[str, str, str]]:

@@ -121,13 +121,35 @@ def test_a_gate_that_passes_hands_on_the_stage(tmp_path: Path, scored: FakeBacke
     assert read(run_dir)["decisions"] == before and "gate on" not in capsys.readouterr().out
 
 
+def test_a_run_ends_with_each_stage_s_key_metric_and_what_it_bought(tmp_path: Path, scored: FakeBackend,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """The live view scrolls the numbers away: `baton run` ends with the outcome and a row per stage, its key
+    metric (on the shared eval set where it has one) and the change against the stage it started from."""
+    manifest, run_dir = write(tmp_path, ffn=0.75), tmp_path / "r"
+    assert run("run", manifest, "--run-dir", run_dir, "--only", "tok") == 0
+    capsys.readouterr()
+    assert run("run", manifest, "--run-dir", run_dir) == 0
+    lines = capsys.readouterr().out.splitlines()
+    end = lines[lines.index("outcome: done: 5 stage(s)"):]
+    assert [line.split() for line in end[1:]] == [
+        ["stage", "state", "this", "run", "key", "metric", "change"],
+        ["tok", "done", "-", "vocab_size", "100", "-"],  # kept from the first run
+        ["pre", "done", "ran", "accuracy", "0.05", "-"],
+        ["ft", "done", "ran", "heldout/accuracy", "0.7", "-"],  # ft's gate is default: accuracy 0.8, shared 0.7
+        ["small", "done", "ran", "heldout/accuracy", "0.65", "-0.05", "vs", "ft", "(worse)"],
+        ["after", "done", "ran", "heldout/accuracy", "-0.05", "-0.75", "vs", "ft", "(worse)"]]  # small fell back
+    assert run("run", manifest, "--run-dir", run_dir) == 0  # a run with nothing to do shows the same
+    assert capsys.readouterr().out.splitlines()[-6:] == [line.replace(" ran ", " -   ") for line in end[1:]]
+
+
 def test_a_gate_that_stops_ends_the_run_with_its_numbers(tmp_path: Path, scored: FakeBackend,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
     gate = "    gate: {require: accuracy >= 0.8, on_fail: stop}"
     manifest, run_dir = write(tmp_path, lr=6e-4, ft_extra=gate), tmp_path / "r"
     assert run("run", manifest, "--run-dir", run_dir) == EXIT_GATE_STOPPED
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert "stage ft failed its gate on ft: accuracy >= 0.8 is false: 0.6 against 0.8" in err
+    assert "\noutcome: stopped by the gate on ft: " in out  # the run's summary says so too
     assert "small" not in entries(run_dir) and "after" not in entries(run_dir)  # downstream never started
     assert "ft: STOPPED THE RUN" in status(run_dir)
     # replayed, not re-decided: the same stop, no attempt
