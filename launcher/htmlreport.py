@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from contract.files import file_digest, short
-from contract.layout import read_metrics, stage_dir, step_of
-from launcher import lineage, report
+from contract.layout import EXIT_STOPPED, read_metrics, stage_dir, step_of
+from launcher import lineage, report, summary
 
 STEPPED = ("train", "eval", "checkpoint", "stop", "mixing", "loss_terms", "draw")  # records a resume can supersede
 
@@ -155,7 +155,7 @@ def training_figure(cs: list[Curve]) -> Any:
     xs: list[tuple[list[float], list[float]]] = []
     for k, c in enumerate(cs):
         for row, (key, _) in enumerate(panels, 1):
-            points = [r for r in c.train if isinstance(r.get(key), (int, float))]
+            points = [r for r in c.train if isinstance(r.get(key), (int, float)) and measured(r, key)]
             if not points:
                 continue
             xs.append(([c.x(r["step"], "step") for r in points], [c.x(r["step"], "tokens") for r in points]))
@@ -200,6 +200,11 @@ def eval_figure(cs: list[Curve]) -> Any | None:
                             customdata=[r["step"] for r in points],
                             hovertemplate=f"{html.escape(c.stage)} step %{{customdata}}<br>{html.escape(name)} "
                                           "%{y:.4g}<extra></extra>")
+    for row, name in enumerate(names, 1):
+        values = {r[name] for c in cs for r in c.evals if isinstance(r.get(name), (int, float))}
+        if len(values) == 1:  # plotly's range for one value is value ± 1: an accuracy of 0.5 on -0.5 … 1.5
+            v = values.pop()
+            fig.update_yaxes(range=[v - (abs(v) * 0.1 or 0.1), v + (abs(v) * 0.1 or 0.1)], row=row, col=1)
     fig.update_layout(height=140 + 200 * len(names), margin={"t": 90}, hovermode="closest")
     _switch(fig, xs, {by: _stage_lines(cs, by) for by in ("step", "tokens")},
             _axis(len(names)), any(c.tokens and c.tokens[-1] for c in cs))
@@ -221,6 +226,12 @@ def shared_figure(columns: list[str], rows: list[tuple[str, dict[str, Any]]], or
                     row=i // per_row + 1, col=i % per_row + 1, hovertemplate="%{x}: %{y:.4g}<extra></extra>")
     fig.update_layout(height=340 * (-(-len(columns) // per_row)))
     return fig
+
+
+def measured(record: dict[str, Any], key: str) -> bool:
+    """False for a rate of a train record that measured no time: the first log after a (re)start, before its
+    rate window had begun (older stages wrote 0 there; now the record has no rates)."""
+    return key not in ("tokens_per_s", "steps_per_s", "mfu") or record.get("steps_per_s") != 0
 
 
 def _axis(rows: int) -> str:
@@ -265,6 +276,16 @@ def metrics_tables(data: dict[str, Any]) -> str:
          for n, e in data["stages"].items()], "metrics")
 
 
+def summary_html(data: dict[str, Any]) -> str:
+    """The page's opening: the run's outcome, each stage's key metric and what it bought against the stage it came
+    from, and the decisions taken (the pictures follow)."""
+    rows = [[r.stage, r.kind, r.state, r.metric or "-", "-" if r.value is None else r.value, summary.change_text(r)]
+            for r in summary.rows(data)]
+    return (f'<p class="outcome"><b>Outcome</b>: {html.escape(summary.outcome(data))}</p>'
+            + _table(["stage", "kind", "state", "key metric", "value", "what it bought"], rows, "summary")
+            + "<h3>Decisions</h3>" + decisions_list(data))
+
+
 def attempts_table(data: dict[str, Any]) -> str:
     rows = []
     for name, e in data["stages"].items():
@@ -274,9 +295,19 @@ def attempts_table(data: dict[str, Any]) -> str:
                 + (f": {a['error']}" if a.get("error") else "")
             wall = f"{a['wall_s']:.1f} s" if isinstance(a.get("wall_s"), (int, float)) else "-"
             rows.append([name, a.get("attempt", "?"), backend, _time(a.get("started")), _time(a.get("ended")), wall,
-                         a.get("exit_code", "-"), outcome, a.get("resumed_from") or "-", a.get("host", "-")])
+                         exit_text(a), outcome, a.get("resumed_from") or "-", a.get("host", "-")])
     header = ["stage", "attempt", "backend", "started", "ended", "wall time", "exit", "outcome", "resumed from", "host"]
     return _table(header, rows, "attempts")
+
+
+def exit_text(attempt: dict[str, Any]) -> str:
+    """The attempt's exit code as the terminal said it: a stop asked for is 75 whatever torchrun exited with (its
+    own code beside it). Ledgers from before the driver said so hold torchrun's code for a preempted attempt."""
+    code = attempt.get("exit_code", "-")
+    launcher = attempt.get("launcher_exit_code")
+    if launcher is None and attempt.get("outcome") == "preempted" and code not in (EXIT_STOPPED, "-"):
+        launcher, code = code, EXIT_STOPPED
+    return f"{code} (torchrun: {launcher})" if launcher is not None else str(code)
 
 
 def decisions_list(data: dict[str, Any]) -> str:
@@ -320,11 +351,12 @@ th { background: #f3f3f3; } pre { background: #f7f7f7; padding: .6em; overflow-x
 </head><body>
 <h1>Run $run</h1>
 <p class="meta">$meta</p>
+<section id="summary"><h2>Summary</h2>$summary</section>
 <section id="lineage"><h2>Lineage</h2>$lineage</section>
 <section id="curves"><h2>Training curves</h2>$training</section>
 <section id="evals"><h2>Evaluations</h2>$evals</section>
 <section id="metrics"><h2>What each stage bought</h2>$shared_plot$metrics</section>
-<section id="attempts"><h2>Attempts and resumes</h2>$attempts<h3>Decisions</h3>$decisions</section>
+<section id="attempts"><h2>Attempts and resumes</h2>$attempts</section>
 <section id="settings"><h2>Settings</h2>$settings</section>
 </body></html>
 """)
@@ -356,5 +388,5 @@ def build(run_dir: Path) -> str:
         + ".</p>",
         evals=div(eval_figure(cs), "No eval records."),
         shared_plot=div(shared_figure(columns, rows, list(data["stages"])), ""),
-        metrics=metrics_tables(data), attempts=attempts_table(data), decisions=decisions_list(data),
+        metrics=metrics_tables(data), attempts=attempts_table(data), summary=summary_html(data),
         settings=settings_html(run_dir, data))

@@ -63,7 +63,8 @@ def fake_run(root: Path) -> Path:
                        *(train(s, 7 - s / 4) for s in (2, 4, 6)),
                        {"event": "checkpoint", "time": 1796067006, "step": 6, "tag": "step00000006"},
                        train(8, 99.0), {"event": "stop", "time": 1796067009, "step": 8, "reason": "signal"},
-                       start | {"step": 6}, *(train(s, 7 - s / 4, 100) for s in (8, 10, 12)),
+                       start | {"step": 6}, train(8, 5, 100) | {"steps_per_s": 0.0, "tokens_per_s": 0.0},  # unmeasured
+                       *(train(s, 7 - s / 4, 100) for s in (10, 12)),
                        {"event": "eval", "time": 1796067200, "step": 12, "eval_loss": 5.9, "perplexity": 365.0}],
         "finetune": [start | {"max_steps": 8}, *(train(s, 2.1 - s / 10) for s in (4, 8)),
                      {"event": "eval", "time": 1796067300, "step": 8, "accuracy": 0.5, "macro_f1": 0.4,
@@ -81,12 +82,14 @@ def fake_run(root: Path) -> Path:
     stages = {
         "tokenizer": stage("tokenizer", [done], {"vocab_size": 600}, 0),
         "pretrain": stage("mlm", [done], {"eval_loss": 6.4, "perplexity": 600.0}, 12),
-        "pretrain@2": stage("mlm", [attempt(1, 75, "preempted"), attempt(2, 0, "done", "step00000006")],
+        "pretrain@2": stage("mlm", [attempt(1, 75, "preempted") | {"launcher_exit_code": 1},
+                                    attempt(2, 0, "done", "step00000006")],
                             {"eval_loss": 5.9, "perplexity": 365.0}, 12),
         "finetune": stage("classify", [done], {"accuracy": 0.5, "macro_f1": 0.4, "eval_loss": 1.9,
                                                "heldout/accuracy": 0.45, "heldout/eval_loss": 2.0}, 8),
         "prune": stage("prune", [done], {"accuracy": 0.4, "eval_loss": 2.2, "heldout/accuracy": 0.38,
-                                         "heldout/eval_loss": 2.3}, 0),
+                                         "heldout/eval_loss": 2.3}, 0)
+        | {"inputs": {"data": {}, "init": {"source": "stage", "stage": "finetune", "digest": "sha256:" + "cd" * 32}}},
     }
     gate = {"kind": "gate", "checks": [{"condition": "eval_loss <= 6.2", "compare": "<=", "right": 6.2}],
             "basis": {}, "time": "2026-11-30T10:05:00.000+00:00"}
@@ -129,6 +132,44 @@ def test_stages_sit_one_after_another_on_steps_and_tokens(run_dir: Path) -> None
     assert cs["pretrain@2"].x(7, "tokens") == 6 * 512 + 3 * 512
 
 
+def test_the_page_opens_with_the_outcome_and_what_each_stage_bought(run_dir: Path) -> None:
+    page = htmlreport.build(run_dir)
+    sections = re.findall(r'<section id="(\w+)">', page)
+    assert sections[:3] == ["summary", "lineage", "curves"]
+    summary = page.split('<section id="summary">')[1].split("</section>")[0]
+    assert "<b>Outcome</b>: done: 5 stage(s)" in summary
+    rows = re.findall(r"<tr>(.*?)</tr>", summary.split("<tbody>")[1])
+    cells = [re.findall(r"<td>(.*?)</td>", row) for row in rows]
+    assert [c[0] for c in cells] == STAGES
+    assert cells[3] == ["finetune", "classify", "done", "heldout/accuracy", "0.45", "-"]  # from no stage
+    assert cells[2][3:5] == ["perplexity", "365"]
+    assert cells[4][3:] == ["heldout/accuracy", "0.38", "-0.07 vs finetune (worse)"]  # prune's init is finetune
+    assert "retry as pretrain@2" in summary  # the decisions sit in the summary
+    assert summary.count("<table") == 1
+
+
+def test_the_charts_leave_out_what_was_not_measured(run_dir: Path) -> None:
+    """A rate logged before its window began is not a stall; a single eval value gets an axis around it, not
+    plotly's value ± 1; a stopped attempt shows the 75 the terminal said, torchrun's code beside it."""
+    from launcher.ledger import read
+
+    cs = htmlreport.curves(run_dir, read(run_dir))
+    speed = [t for t in htmlreport.training_figure(cs).data if t.yaxis == "y3"]
+    assert speed and all(v > 0 for t in speed for v in t.y)
+    assert [len(t.y) for t in speed if t.name == "pretrain@2"] == [5]  # steps 2, 4, 6, 10, 12; not 8
+    evals = htmlreport.eval_figure(cs)
+    titles = [a.text for a in evals.layout.annotations]
+    one = titles.index("macro_f1") + 1  # finetune alone has it: one point, 0.4
+    assert evals.layout[f"yaxis{one}"].range == pytest.approx((0.36, 0.44))
+    assert evals.layout[f"yaxis{titles.index('accuracy') + 1}"].range is None  # two values: plotly's own
+    attempts = htmlreport.attempts_table(read(run_dir))
+    assert "<td>75 (torchrun: 1)</td><td>preempted</td>" in attempts
+    old = read(run_dir)  # a ledger from before the driver recorded 75 for a stop
+    old["stages"]["pretrain@2"]["attempts"][0] |= {"exit_code": 1, "launcher_exit_code": None}
+    del old["stages"]["pretrain@2"]["attempts"][0]["launcher_exit_code"]
+    assert "<td>75 (torchrun: 1)</td><td>preempted</td>" in htmlreport.attempts_table(old)
+
+
 def test_the_page_is_one_file_that_needs_no_network(run_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "page.html"
     assert main(["report", str(run_dir), "-o", str(out)]) == 0
@@ -140,7 +181,7 @@ def test_the_page_is_one_file_that_needs_no_network(run_dir: Path, tmp_path: Pat
     for name in STAGES:
         assert name in page
     # the tables, the decisions, the settings; the manifest's text escaped
-    for cls in ("shared", "metrics", "attempts"):
+    for cls in ("summary", "shared", "metrics", "attempts"):
         assert f'<table class="{cls}">' in page
     assert "<td>step00000006</td>" in page and "<td>preempted</td>" in page
     assert "gate on pretrain: eval_loss &lt;= 6.2: 6.4 &lt;= 6.2 is FALSE -&gt; failed; retry as pretrain@2" in page
@@ -175,7 +216,7 @@ def test_the_page_renders_in_a_browser(run_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "page.html"
     assert main(["report", str(run_dir), "-o", str(out)]) == 0
     found = browser.check_report(out, STAGES, plots=3)
-    assert found["tables"] == [["shared", 2], ["metrics", 5], ["attempts", 6]] and found["switched"]
+    assert found["tables"] == [["summary", 5], ["shared", 2], ["metrics", 5], ["attempts", 6]] and found["switched"]
 
 
 def test_status_fits_80_columns_and_a_running_stage_shows_its_progress(run_dir: Path,

@@ -125,15 +125,16 @@ class RateWindow:
         rate = (step - s0) / seconds if seconds else 0.0
         token_rate = tokens / seconds if seconds else 0.0
         self._window = (now, step)
-        extra: dict[str, float] = {}
-        if self.flops is not None and self.peak_flops and rows:
+        # A log on the first step after a (re)start measured no time: no rates, rather than a 0 that reads as a stall
+        extra: dict[str, float] = {"steps_per_s": round(rate, 3), "tokens_per_s": round(token_rate, 1)} \
+            if seconds else {}
+        if seconds and self.flops is not None and self.peak_flops and rows:
             achieved = token_rate * self.flops.per_token(tokens / rows)
             extra["mfu"] = round(achieved / (self.peak_flops * dist.world_size()), 4)
-        records.log("train", step=step, samples=samples, loss=loss, lr=lr, tokens=round(tokens),
-                    steps_per_s=round(rate, 3), tokens_per_s=round(token_rate, 1), **extra,
+        records.log("train", step=step, samples=samples, loss=loss, lr=lr, tokens=round(tokens), **extra,
                     peak_memory_mb=round(peak_memory_mb(), 1))
         eta = (self.max_steps - step) / rate if rate else float("nan")
-        mfu = f"  mfu {extra['mfu']:.1%}" if extra else ""
+        mfu = f"  mfu {extra['mfu']:.1%}" if "mfu" in extra else ""
         dist.print0(f"step {step}/{self.max_steps}  loss {loss:.4f}  lr {lr:.3e}  {rate:.2f} steps/s  "
                     f"{token_rate:,.0f} tokens/s{mfu}  eta {eta:.0f} s")
 

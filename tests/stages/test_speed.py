@@ -68,3 +68,16 @@ def test_train_records_carry_tokens_per_s_and_mfu(tmp_path):
     plain = RateWindow(100)
     plain.train(10, 640, 2.5, 1e-3, tokens=9000.0, rows=300.0)
     assert "mfu" not in json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+
+
+def test_a_log_on_the_first_step_after_a_start_has_no_rates(tmp_path):
+    """A resume whose first step is a log step measured no time: no rate (a 0 would read as a stall)."""
+    records.configure(str(tmp_path))
+    rates = RateWindow(100, flops=Flops(dense_params=1000, layers=2, hidden=64), peak_flops=1e9)
+    rates.first_step(41)
+    rates.train(41, 640, 2.5, 1e-3, tokens=0.0, rows=0.0)
+    record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["step"] == 41 and not {"steps_per_s", "tokens_per_s", "mfu"} & record.keys()
+    rates.train(42, 656, 2.4, 1e-3, tokens=900.0, rows=30.0)
+    record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["steps_per_s"] > 0 and record["tokens_per_s"] > 0
