@@ -63,10 +63,21 @@ def exactly_one(model: BaseModel, *names: str) -> None:
 
 
 class Launcher(Strict):
-    nproc_per_node: int = Field(1, ge=1, le=1024, strict=True,
-                                description="Processes per node (GPUs per node; CPU ranks on a CPU); at most 1024.")
+    nproc_per_node: int | Literal["auto"] = Field(
+        1, description="Processes per node (GPUs per node; CPU ranks on a CPU), at most 1024; auto: one per GPU of "
+        "the node (slurm.gpus_per_node under `baton submit`), 1 on a machine without GPUs.")
     nnodes: int = Field(1, ge=1, le=4096, strict=True,
                         description="Nodes. More than 1 needs the Slurm back-end; at most 4096.")
+
+    @field_validator("nproc_per_node", mode="before")
+    @classmethod
+    def _processes(cls, value: Any) -> Any:
+        """One message for both forms (pydantic's union would give one per form)."""
+        if value == "auto" or (type(value) is int and 1 <= value <= 1024):
+            return value
+        if type(value) is int:
+            raise ValueError(f"{value}: should be greater than or equal to 1 and less than or equal to 1024, or auto")
+        raise ValueError(f"{value!r:.40}: should be a valid integer (processes, 1 to 1024) or auto")
 
 
 class DeepSpeed(Strict):

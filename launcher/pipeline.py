@@ -88,7 +88,7 @@ def plan_run(manifest: Path, run_dir: Path | None, only: str | None, start: str 
     """Load, resolve and plan, and check everything that can refuse the manifest, before the run folder
     is touched. `nodes_available`: how many nodes the back-end can use (None: any, as Slurm jobs)."""
     loaded = load(manifest)
-    stages = resolve(loaded)
+    stages = resolve(loaded, under_slurm=nodes_available is None)
     check_nodes(loaded, stages, nodes_available)
     run_dir, manifest = (run_dir or default_run_dir(loaded)).resolve(), manifest.resolve()
     check_offline(loaded, run_dir)

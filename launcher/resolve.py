@@ -19,6 +19,7 @@ from contract.layout import final_dir, stage_dir
 from contract.sections import Data, DataSection, RefBase, RowsRef, StageBase, TrainingStage, inherit
 from contract.spec import SPEC_VERSION, Spec
 from launcher import datacheck, dsconfig, instances, modelcheck
+from launcher.devices import processes_per_node
 from launcher.digests import data_file_digest, folder_digest
 from launcher.errors import ConfigError
 from launcher.manifest import Loaded, flat_references
@@ -62,9 +63,9 @@ def default_run_dir(loaded: Loaded) -> Path:
     return path
 
 
-def resolve(loaded: Loaded) -> list[Resolved]:
+def resolve(loaded: Loaded, under_slurm: bool = False) -> list[Resolved]:
     """Resolve every stage, each instance of it (`launcher.instances`); raises one ConfigError listing every
-    problem."""
+    problem. `under_slurm`: for `baton submit` and its jobs (`nproc_per_node: auto` is then slurm.gpus_per_node)."""
     out: list[Resolved] = []
     problems = instances.check_evals(loaded)
     try:
@@ -75,7 +76,7 @@ def resolve(loaded: Loaded) -> list[Resolved]:
         try:
             rule = instances.rule(loaded, i)
             for inst in instances.instances(loaded, i):
-                r = _resolve_stage(loaded, i, inst.stage, inst.name, shared)
+                r = _resolve_stage(loaded, i, inst.stage, inst.name, shared, under_slurm)
                 upstream = tuple(dict.fromkeys(r.upstream + (rule.reads if rule else ())))
                 out.append(dataclasses.replace(r, group=inst.stage.name, role=inst.role, overrides=inst.overrides,
                                                rule=rule, upstream=upstream))
@@ -139,11 +140,18 @@ def _shared_evals(loaded: Loaded) -> dict[str, dict[str, Any]]:
 
 
 def _resolve_stage(loaded: Loaded, i: int, stage: StageBase, name: str,
-                   shared: dict[str, dict[str, Any]]) -> Resolved:
+                   shared: dict[str, dict[str, Any]], under_slurm: bool = False) -> Resolved:
     m, base_dir = loaded.manifest, loaded.file.parent
     d = m.defaults
     launcher = inherit(d.launcher, stage.launcher)
-    nproc, nnodes = (1, 1) if stage.one_process else (launcher.nproc_per_node, launcher.nnodes)
+    slurm = _slurm(loaded, i, stage, base_dir)
+    try:
+        nproc = 1 if stage.one_process else processes_per_node(launcher.nproc_per_node, slurm.get("gpus_per_node"),
+                                                                under_slurm)
+    except ValueError as e:
+        at = ("stages", i) if "nproc_per_node" in stage.launcher.model_fields_set else ("defaults",)
+        raise ConfigError(f"{loaded.where((*at, 'launcher', 'nproc_per_node'))}: {e}") from None
+    nnodes = 1 if stage.one_process else launcher.nnodes
     world = nproc * nnodes
     precision = stage.precision or d.precision
     inputs, upstream = _inputs(loaded, i, stage, base_dir)
@@ -190,7 +198,6 @@ def _resolve_stage(loaded: Loaded, i: int, stage: StageBase, name: str,
             "deepspeed": dsconfig.fill(merged, train, precision, world, ds_source),
             "curriculum": stage.curriculum.model_dump(mode="json") if stage.curriculum else None,
         }
-    slurm = _slurm(loaded, i, stage, base_dir)
     return Resolved(i, name, spec["kind"], nproc, nnodes, upstream, spec, ds_source, slurm, group=stage.name)
 
 

@@ -125,7 +125,7 @@ def run_job(run_dir: Path, name: str) -> int:
     manifest = Path(data.get("manifest", ""))
     if not manifest.is_file() or file_digest(manifest) != data.get("manifest_digest"):
         raise ConfigError(f"{manifest}: changed or gone since `baton submit`; cancel and submit again")
-    stages = resolve(load(manifest))
+    stages = resolve(load(manifest), under_slurm=True)
     r = next((s for s in stages if s.name == name), None)
     if r is None:
         raise ConfigError(f"{manifest}: no stage {name!r}")

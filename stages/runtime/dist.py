@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -45,6 +46,20 @@ def init() -> Dist:
         device=torch.device("cuda", local_rank) if cuda else torch.device("cpu"),
     )
     return _state
+
+
+def precision_refused(precision: str, device: torch.device, supports_bf16: Callable[[], bool] | None = None,
+                      name: Callable[[], str] | None = None) -> str | None:
+    """Why this rank's device cannot train at `precision`, or None. bf16 needs a GPU of compute capability 8.0 or
+    more (A100, L4, H100 …): on an older one (V100, T4) torch would emulate it or fail deep in a kernel. The CPU
+    trains bf16 (slowly). `supports_bf16`, `name`: the device's answers (torch.cuda's by default)."""
+    if precision != "bf16" or device.type != "cuda":
+        return None
+    if (supports_bf16 or (lambda: torch.cuda.is_bf16_supported(including_emulation=False)))():
+        return None
+    gpu = (name or torch.cuda.get_device_name)()
+    return (f"precision: bf16, but this node's GPU ({gpu}) has no bf16 support (it needs compute capability 8.0 or "
+            "more: A100, L4, H100 …); set precision: fp16 (mixed precision with loss scaling) or fp32")
 
 
 def rank() -> int:

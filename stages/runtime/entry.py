@@ -49,6 +49,8 @@ def _run(main: Callable[[S, Dist], int], narrow: Callable[[Spec], S]) -> None:
         d = dist.init()
         if d.world_size != spec.world_size:
             raise SpecError(f"{args.spec}: world_size {spec.world_size} but torchrun started {d.world_size} processes")
+        if why := dist.precision_refused(spec.precision, d.device):
+            raise SpecError(why)
         code = main(spec, d)
     except BaseException as e:
         code = failure(e, args.spec)
