@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,6 +32,20 @@ def stage_dir(run_dir: Path, name: str) -> Path:
 
 def ckpt_dir(stage_folder: str | Path) -> Path:
     return Path(stage_folder, "ckpt")
+
+
+def keep_when_done(stage_folder: str | Path, keep: str) -> None:
+    """A done stage's ckpt/ as `checkpoint.keep_when_done` asks, once its result is recorded: all of it, the last
+    complete checkpoint (and LATEST, which names it), or nothing. Never run before: a checkpoint is what resumes."""
+    root = ckpt_dir(stage_folder)
+    if keep == "all" or not root.is_dir():
+        return
+    kept = set(complete_tags(stage_folder)[-1:]) | {"LATEST"} if keep == "last" else set()
+    for path in root.iterdir():
+        if path.name not in kept:
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    if not kept:
+        root.rmdir()
 
 
 def final_dir(stage_folder: str | Path) -> Path:

@@ -344,6 +344,9 @@ class Checkpoint(Strict):
         None, gt=0, strict=True, description="Save a resumable checkpoint every N steps (also on a signal)."
     )
     keep_last: int = Field(2, ge=1, strict=True, description="Complete checkpoints to keep.")
+    keep_when_done: Annotated[Literal["all", "last", "none"], LEFT_OUT] = Field(
+        "all", description="What ckpt/ keeps once the stage is done (final/ is its hand-off): all (keep_last), the "
+        "last (to resume training it further at another world size), or none.")
     on_world_size_change: Literal["restart", "resume"] = Field(
         "restart",
         description="When only the world size (nproc_per_node × nnodes) or the batch shape (micro_batch_size, "

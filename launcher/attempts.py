@@ -26,6 +26,7 @@ from contract.layout import (
     Result,
     complete_tags,
     final_dir,
+    keep_when_done,
     read_bad_input,
     read_metrics,
     read_result,
@@ -149,6 +150,8 @@ def run_stage(step: Step, led: ledger.Ledger, run_dir: Path, backend: Backend,
             outcome += f"; its previous output is kept (state {entry['state']})"
         else:
             settle(folder, entry)
+    if ret == 0 and spec.checkpoint is not None:  # done and recorded: its checkpoints resume nothing now
+        keep_when_done(folder, spec.checkpoint.keep_when_done)
     print(f"== {r.name}: {outcome} ({attempt['wall_s']} s)", flush=True)
     if damaged:
         print(f"== {damaged[0]}: recorded as damaged ({damaged[1]}); the next `baton run` reruns it and its "

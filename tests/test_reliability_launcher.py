@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 import launcher.digests
+import launcher.ledger
 import launcher.pipeline
 import launcher.plan
 import launcher.report
@@ -581,3 +582,30 @@ def test_ctrl_c_during_the_tokenizer_stops_it_with_75_and_a_rerun_trains_it_agai
     entry = read(run_dir)["stages"]["tok"]
     assert entry["state"] == "done" and [a["outcome"] for a in entry["attempts"]] == ["preempted", "done"]
     assert (folder / "final" / "tokenizer.json").is_file() and baton("verify", run_dir, env=hf_env).returncode == 0
+
+
+@pytest.mark.parametrize("keep, left", [("all", ["LATEST", "step00000002", "step00000004"]),
+                                        ("last", ["LATEST", "step00000004"]), ("none", None)])
+def test_a_done_stage_keeps_the_checkpoints_the_manifest_asks_for(tmp_path: Path, backend: FakeBackend, keep: str,
+                                                                   left: list[str] | None) -> None:
+    """checkpoint.keep_when_done: once the stage is done and recorded, ckpt/ keeps all, the last or nothing;
+    final/ stays, and so does the fingerprint (what is trained does not change): no stage reruns without it."""
+    def act(spec: Spec, log_dir: Path) -> int:
+        for step in (2, 4):  # two complete checkpoints, as keep_last 2 leaves them
+            (Path(spec.stage_dir) / "ckpt" / f"step{step:08d}").mkdir(parents=True)
+            (Path(spec.stage_dir) / "ckpt" / f"step{step:08d}" / "COMPLETE").write_text("{}")
+        (Path(spec.stage_dir) / "ckpt" / "LATEST").write_text("step00000004\n")
+        return play_stage(spec, log_dir)
+
+    backend.act = act
+    manifest = write_manifest(tmp_path)
+    plain = manifest.read_text()
+    manifest.write_text(plain.replace("on_world_size_change: restart",
+                                      f"on_world_size_change: restart, keep_when_done: {keep}"))
+    assert run("run", manifest, "--run-dir", tmp_path / "run") == 0
+    ckpt = stage_dir(tmp_path / "run", "pre") / "ckpt"
+    assert (sorted(p.name for p in ckpt.iterdir()) if ckpt.exists() else None) == left
+    assert (stage_dir(tmp_path / "run", "pre") / "final" / "model.safetensors").is_file()
+    manifest.write_text(plain)
+    assert run("run", manifest, "--run-dir", tmp_path / "run") == 0
+    assert [len(e["attempts"]) for e in launcher.ledger.read(tmp_path / "run")["stages"].values()] == [1, 1, 1]
