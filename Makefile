@@ -1,14 +1,17 @@
 # Two commands set everything up on a fresh machine:
 #   make demo   builds .venv, runs examples/quickstart.yaml end to end, prints its status, writes its report.html
 #   make test   builds .venv, runs the linters and the whole test suite (what CI runs: .ci/run)
-# For your own loop: make test-fast (linters and every test that trains nothing and needs no Slurm; under a minute)
+# For your own loop: make test-fast (linters and every test that trains nothing, needs no Slurm and no browser;
+#   installs nothing; TIME_FAST on two workers, the linters' caches warm)
+# make test-browser: the report pages in a headless Chromium (apt-installs chromium and chromium-driver, about
+#   25 packages, where they are missing and root can; says so)
 PY ?= python3
 VENV ?= .venv
 # torch==2.13.0 is the CPU build; on a GPU machine use e.g. `make TORCH=torch demo` to get pip's CUDA build.
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: demo compress test test-fast lint docs clean
+.PHONY: demo compress test test-fast test-browser lint docs clean
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q "$(TORCH)"
@@ -46,7 +49,11 @@ test: lint docs
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=10
 
 test-fast: lint
-	$(BIN)/python -m pytest -q -n 2 -m "not slow and not slurm"
+	$(BIN)/python -m pytest -q -n 2 -m "not slow and not slurm and not browser"
+
+test-browser: $(BIN)/.installed
+	@test -x /usr/bin/chromium || echo "test-browser: installing chromium and chromium-driver with apt-get (about 25 packages)"
+	$(BIN)/python -m pytest -q -m "browser and not slow" -rs
 
 clean:
 	rm -rf $(VENV) runs

@@ -1,7 +1,8 @@
 """A real headless browser for the tests of `baton report`'s page: Debian's chromium driven by Selenium.
 
 Plain functions, so any test file can use them (tests run with `pytest -n 2 --dist loadfile`, where one file's
-fixtures are not another's). Without chromium and chromedriver, `chromium()` installs them when it can (root and
+fixtures are not another's). The tests that use them are marked `browser`, a tier of their own (`make test-browser`;
+`make test-fast` leaves them out). Without chromium and chromedriver, `chromium()` installs them when it can (root and
 apt-get, as tests/slurm/cluster/start.sh installs Slurm) and otherwise skips the test with the reason.
 """
 
@@ -11,6 +12,7 @@ import functools
 import os
 import shutil
 import subprocess
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,9 @@ def _installed() -> str | None:
     if os.geteuid() != 0 or shutil.which("apt-get") is None:
         return f"{CHROMIUM} or {CHROMEDRIVER} missing, and installing them needs root and apt-get"
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    # an install is not something a test run does silently: pytest lists the warning at the end
+    warnings.warn(f"{CHROMIUM} missing: installing Debian's chromium and chromium-driver with apt-get "
+                  "(about 25 packages)", stacklevel=2)
     install = ["apt-get", "install", "-y", "-o", "DPkg::Lock::Timeout=120", "--no-install-recommends",
                "chromium", "chromium-driver"]
     if subprocess.run(install, env=env, capture_output=True).returncode != 0:

@@ -335,6 +335,7 @@ def test_a_kill_in_the_middle_of_a_real_retry_resumes_that_attempt(gates_run: di
 
 
 @pytest.mark.slow
+@pytest.mark.browser
 def test_the_report_of_a_real_run_renders_in_a_browser(gates_run: dict[str, Any], hf_env: dict[str, str],
                                                        tmp_path: Path) -> None:
     from tests import browser

@@ -212,6 +212,7 @@ def test_a_folder_without_a_ledger_is_one_line_and_exit_2(tmp_path: Path,
     assert not (tmp_path / "report.html").exists()
 
 
+@pytest.mark.browser
 def test_the_page_renders_in_a_browser(run_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "page.html"
     assert main(["report", str(run_dir), "-o", str(out)]) == 0
