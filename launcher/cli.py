@@ -226,11 +226,10 @@ def _refuse_kept(path: Path) -> None:
 
 
 def schema() -> dict[str, object]:
-    """The manifest's JSON Schema (draft 2020-12, as pydantic writes it): what editors check a manifest against."""
-    from launcher.manifest import Manifest
+    """The manifest's JSON Schema: what editors check a manifest against."""
+    from launcher.manifest import json_schema
 
-    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "baton manifest",
-            **{k: v for k, v in Manifest.model_json_schema(by_alias=True).items() if k != "title"}}
+    return json_schema()
 
 
 if __name__ == "__main__":

@@ -120,6 +120,31 @@ class Loaded(BaseModel):
         return f"{self.file}:{line_of(self.lines, path)} {dotted(path)}"
 
 
+def json_schema() -> dict[str, Any]:
+    """The manifest's JSON Schema (draft 2020-12, as pydantic writes it), each stage's kind chosen by if/then rather
+    than pydantic's discriminated `oneOf`: with `oneOf`, a generic validator (an editor's) reports a typo inside a
+    stage as "not valid under any of the given schemas", with the real error buried among every other kind's."""
+    out = {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "baton manifest",
+           **{k: v for k, v in Manifest.model_json_schema(by_alias=True).items() if k != "title"}}
+    return _by_kind(out)
+
+
+def _by_kind(node: Any) -> Any:
+    if isinstance(node, list):
+        return [_by_kind(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    node = {k: _by_kind(v) for k, v in node.items()}
+    if "discriminator" not in node or "oneOf" not in node:
+        return node
+    node.pop("oneOf")
+    discriminator = node.pop("discriminator")
+    key, mapping = discriminator["propertyName"], discriminator["mapping"]
+    return {**node, "type": "object", "required": [key], "properties": {key: {"enum": list(mapping)}},
+            "allOf": [{"if": {"properties": {key: {"const": value}}, "required": [key]}, "then": {"$ref": ref}}
+                      for value, ref in mapping.items()]}
+
+
 def load(file: Path) -> Loaded:
     """Read and validate a manifest: schema, then references between stages and to files."""
     data, lines = load_yaml(file)
