@@ -40,12 +40,13 @@ def keep_when_done(stage_folder: str | Path, keep: str) -> None:
     root = ckpt_dir(stage_folder)
     if keep == "all" or not root.is_dir():
         return
-    kept = set(complete_tags(stage_folder)[-1:]) | {"LATEST"} if keep == "last" else set()
+    if keep == "none":
+        shutil.rmtree(root)
+        return
+    last = complete_tags(stage_folder)[-1:]  # with LATEST and DeepSpeed's zero_to_fp32.py beside it
     for path in root.iterdir():
-        if path.name not in kept:
-            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
-    if not kept:
-        root.rmdir()
+        if path.is_dir() and path.name not in last and (TAG.fullmatch(path.name) or path.name == "universal"):
+            shutil.rmtree(path)
 
 
 def final_dir(stage_folder: str | Path) -> Path:

@@ -584,8 +584,8 @@ def test_ctrl_c_during_the_tokenizer_stops_it_with_75_and_a_rerun_trains_it_agai
     assert (folder / "final" / "tokenizer.json").is_file() and baton("verify", run_dir, env=hf_env).returncode == 0
 
 
-@pytest.mark.parametrize("keep, left", [("all", ["LATEST", "step00000002", "step00000004"]),
-                                        ("last", ["LATEST", "step00000004"]), ("none", None)])
+@pytest.mark.parametrize("keep, left", [("all", ["LATEST", "step00000002", "step00000004", "zero_to_fp32.py"]),
+                                        ("last", ["LATEST", "step00000004", "zero_to_fp32.py"]), ("none", None)])
 def test_a_done_stage_keeps_the_checkpoints_the_manifest_asks_for(tmp_path: Path, backend: FakeBackend, keep: str,
                                                                    left: list[str] | None) -> None:
     """checkpoint.keep_when_done: once the stage is done and recorded, ckpt/ keeps all, the last or nothing;
@@ -595,6 +595,7 @@ def test_a_done_stage_keeps_the_checkpoints_the_manifest_asks_for(tmp_path: Path
             (Path(spec.stage_dir) / "ckpt" / f"step{step:08d}").mkdir(parents=True)
             (Path(spec.stage_dir) / "ckpt" / f"step{step:08d}" / "COMPLETE").write_text("{}")
         (Path(spec.stage_dir) / "ckpt" / "LATEST").write_text("step00000004\n")
+        (Path(spec.stage_dir) / "ckpt" / "zero_to_fp32.py").write_text("# DeepSpeed's\n")
         return play_stage(spec, log_dir)
 
     backend.act = act
