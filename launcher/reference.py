@@ -26,7 +26,7 @@ Each stage's `kind` says which of the tables under [Stages](#stages) applies; th
 def markdown(schema: dict[str, Any]) -> str:
     """The reference page for `schema` (a manifest's JSON Schema, as launcher.cli.schema() returns it)."""
     defs: dict[str, dict[str, Any]] = schema.get("$defs", {})
-    kinds = schema["properties"]["stages"]["items"]["discriminator"]["mapping"]
+    kinds = by_kind(schema["properties"]["stages"]["items"])
     stage_defs = {_name(ref): kind for kind, ref in kinds.items()}
     out = [HEADER, "## The manifest\n", _table(schema), "## Stages\n"]
     out.append("The `kind` key of a stage picks its table: " + ", ".join(f"[`{k}`](#kind-{k})" for k in sorted(kinds))
@@ -64,10 +64,10 @@ def _type(prop: dict[str, Any]) -> str:
         return f"`{json.dumps(prop['const'])}`"
     if "enum" in prop:
         return "one of " + ", ".join(f"`{json.dumps(v)}`" for v in prop["enum"])
+    if by_kind(prop):
+        return "a stage (its `kind` picks the table)"
     for union in ("anyOf", "oneOf"):
         if union in prop:
-            if "discriminator" in prop:
-                return "a stage (its `kind` picks the table)"
             options = [o for o in prop[union] if o.get("type") != "null"]
             nullable = len(options) < len(prop[union])
             return " or ".join(dict.fromkeys(_type(o) for o in options)) + (" or null" if nullable else "")
@@ -83,6 +83,13 @@ def _type(prop: dict[str, Any]) -> str:
     bounds = [f"{sign} {prop[key]}" for key, sign in (("minimum", "≥"), ("exclusiveMinimum", ">"),
                                                       ("maximum", "≤"), ("exclusiveMaximum", "<")) if key in prop]
     return (kind or "any") + (f" ({', '.join(bounds)})" if bounds else "")
+
+
+def by_kind(prop: dict[str, Any]) -> dict[str, str]:
+    """{kind: its definition's $ref} of a schema that picks a definition by `kind` (if/then, launcher.manifest's
+    json_schema), else {}."""
+    return {rule["if"]["properties"]["kind"]["const"]: rule["then"]["$ref"] for rule in prop.get("allOf", [])
+            if "kind" in rule.get("if", {}).get("properties", {})}
 
 
 def _name(ref: str) -> str:
