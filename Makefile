@@ -2,7 +2,7 @@
 #   make demo   builds .venv, runs examples/quickstart.yaml end to end, prints its status, writes its report.html
 #   make test   builds .venv, runs the linters and the whole test suite (what CI runs: .ci/run)
 # For your own loop: make test-fast (linters and every test that trains nothing, needs no Slurm and no browser;
-#   installs nothing; TIME_FAST on two workers, the linters' caches warm)
+#   installs nothing; about 3 min on two workers of an idle 2-core machine, cold: see docs/developing.md)
 # make test-browser: the report pages in a headless Chromium (apt-installs chromium and chromium-driver, about
 #   25 packages, where they are missing and root can; says so)
 PY ?= python3
