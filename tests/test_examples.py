@@ -137,9 +137,10 @@ def test_schema_is_json_and_knows_every_kind(tmp_path: Path) -> None:
 
     assert set(schema["required"]) >= {"run", "stages"}
     assert schema["additionalProperties"] is False
-    stages = schema["properties"]["stages"]["items"]
-    assert set(stages["discriminator"]["mapping"]) == set(KINDS)
-    for kind, ref in stages["discriminator"]["mapping"].items():
+    stages = schema["properties"]["stages"]["items"]  # the kind picks the stage's definition (if/then)
+    kinds = {rule["if"]["properties"]["kind"]["const"]: rule["then"]["$ref"] for rule in stages["allOf"]}
+    assert set(kinds) == set(KINDS) and stages["properties"]["kind"]["enum"] == list(kinds)
+    for kind, ref in kinds.items():
         stage = defs[ref.removeprefix("#/$defs/")]
         assert stage["properties"]["kind"]["const"] == kind
         assert stage["additionalProperties"] is False
