@@ -30,7 +30,7 @@ def save_final(model, tokenizer, spec: Spec, *, zero_stage: int, beside: dict[st
     shard, so all ranks gather and rank 0 writes. Trained in bf16 or fp16, final/ holds the fp32 master weights
     (the optimizer's), not the rounded working copy. Returns (path, digest); the digest only on rank 0.
     """
-    final = folder or final_dir(spec.stage_dir)
+    final = folder or Path(final_dir(spec.stage_dir))
     tmp = final.with_name(f"{final.name}.tmp")
     folders = {"": model} | (beside or {})
     masters = _fp32_masters(folders) if spec.precision != "fp32" else {}
