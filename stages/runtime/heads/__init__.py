@@ -57,9 +57,10 @@ class Source:
     `key` names the section in errors (data, sections.<task>, evals.<set>). `options`: the head's own settings as the
     kind gives them (mlm: mask_prob; clm: block_size; sft: its section). `labels`: a classifier's label names in id
     order when a model already fixes them (its config's id2label), else None (data.labels, or the train split's).
-    `eval_only`: only the eval split is read (a shared eval set); `seed`: what masking and the like derive from.
-    `labelled` False: the rows have no labels (a distill transfer set), only their inputs are read; a classifier
-    then takes its class names from `labels`."""
+    `eval_only`: only the eval split is read (a shared eval set); `train`: whether the section's train split is read
+    (False: a stage that only scores its data, as the head reads it, an ensemble's); `seed`: what masking and the
+    like derive from. `labelled` False: the rows have no labels (a distill transfer set), only their inputs are
+    read; a classifier then takes its class names from `labels`."""
 
     data: DataSpec
     tokenizer: Any
@@ -70,6 +71,7 @@ class Source:
     options: dict[str, Any] = field(default_factory=dict)
     labels: list[str] | None = None
     eval_only: bool = False
+    train: bool = True
     difficulty: tuple[str, ...] = ()  # columns kept beside the tokens (a curriculum's difficulty column)
     labelled: bool = True
 

@@ -128,7 +128,7 @@ def load(source: Source) -> Head:
     if source.eval_only:
         raw = {"eval": data.load_eval(source.data, source.cache_dir, source.key)}
     else:
-        raw = data.load_section(source.data, source.cache_dir, key=source.key)
+        raw = data.load_section(source.data, source.cache_dir, train=source.train, key=source.key)
     if source.labels is None:
         assert source.labelled, "rows without labels take their class names from the labelled rows' head"
         names: list[str | int] = label_names(source.data, raw, source.key)

@@ -123,7 +123,7 @@ def load(source: Source) -> Head:
         raw = data.load_eval(source.data, source.cache_dir, source.key)
         return Head(source, {"eval": documents(source, raw, eos)}, eos, None)
     block_size = int(source.options.get("block_size") or BLOCK_SIZE)
-    raw = data.load_section(source.data, source.cache_dir, key=source.key)
+    raw = data.load_section(source.data, source.cache_dir, train=source.train, key=source.key)
     packed = packing.pack(source.data, source.cache_dir, source.tokenizer_digest, raw, tokenizer, eos, block_size)
     return Head(source, {split: p.blocks if p else None for split, p in packed.items()}, eos, block_size)
 

@@ -105,7 +105,7 @@ def load(source: Source) -> Head:
     if source.eval_only:
         raw = {"eval": data.load_eval(source.data, source.cache_dir, source.key)}
     else:
-        raw = data.load_section(source.data, source.cache_dir, key=source.key)
+        raw = data.load_section(source.data, source.cache_dir, train=source.train, key=source.key)
     splits = data.tokenize_data(source.data, source.cache_dir, raw, source.tokenizer, source.tokenizer_digest,
                                 source.difficulty)
     return Head(source, splits, mask_prob)

@@ -412,7 +412,7 @@ def load(source: Source) -> Any:
     closing = [t for t in writer.answer("x") if t in tokenizer.all_special_ids and t != end]
     stops = [end, *closing[-1:]]
     label_ids = [writer.answer(label) for label in opts.label_set] if opts.label_set else None
-    raw = data.load_section(source.data, source.cache_dir, key=source.key)
+    raw = data.load_section(source.data, source.cache_dir, train=source.train, key=source.key)
     columns = [opts.messages_field] if opts.messages_field else [opts.prompt_field, opts.completion_field]
     out_dir = Path(source.cache_dir, "tokenized")
     out_dir.mkdir(parents=True, exist_ok=True)
