@@ -12,7 +12,9 @@ A logits ensemble's final/ (kind `ensemble`, method `logits`) loads with `load`:
 
 The combined logits are log p̄, p̄ = Σ_i w_i softmax(z_i), the weighted average of the members' predicted
 probabilities (weights normalised to sum 1): softmax gives p̄ back, argmax is p̄'s, and cross-entropy on them is
-the ensemble's negative log-likelihood. A soup's final/ is a plain model: load it with from_pretrained.
+the ensemble's negative log-likelihood. Members that are causal LMs give [batch, positions, vocabulary] logits,
+combined per position: each next token's probabilities averaged. A soup's or a merge's final/ is a plain model:
+load it with from_pretrained.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -44,7 +47,8 @@ def combine(logits: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.T
 
 
 class LogitsEnsemble(nn.Module):
-    """Members (sequence classifiers with the same labels) whose forward returns the combined logits."""
+    """Members (models with one head: classifiers with the same labels, or language models with one vocabulary)
+    whose forward returns the combined logits."""
 
     def __init__(self, members: Sequence[nn.Module], weights: Sequence[float], id2label: Mapping[int, str]) -> None:
         super().__init__()
@@ -54,24 +58,37 @@ class LogitsEnsemble(nn.Module):
         self.weights = normalised(weights)
         self.id2label = dict(id2label)
 
-    def forward(self, **batch: torch.Tensor) -> torch.Tensor:
-        """The tokenizer's batch (input_ids, attention_mask …; no labels) → combined logits [batch, labels]."""
+    def forward(self, **batch: Any) -> torch.Tensor:
+        """The tokenizer's batch (input_ids, attention_mask …; no labels) → combined logits [batch, labels] (a
+        language model's: [batch, positions, vocabulary])."""
         return combine([m(**batch).logits for m in self.members], self.weights)
+
+
+class AsModel(nn.Module):
+    """A LogitsEnsemble called as a transformers model is (its output's `.logits`), for a head's module."""
+
+    def __init__(self, ensemble: LogitsEnsemble) -> None:
+        super().__init__()
+        self.ensemble = ensemble
+        self.config = ensemble.members[0].config  # type: ignore[union-attr]
+
+    def forward(self, **batch: Any) -> SimpleNamespace:
+        return SimpleNamespace(logits=self.ensemble(**batch))
 
 
 def load(path: str | Path, **kwargs: Any) -> LogitsEnsemble:
     """The logits ensemble in `path` (a final/ folder of method logits), in eval mode. `kwargs` go to every
-    member's `AutoModelForSequenceClassification.from_pretrained` (e.g. dtype, device_map)."""
-    from transformers import AutoModelForSequenceClassification
+    member's `AutoModelFor….from_pretrained` (the class of the ensemble's task; e.g. dtype, device_map)."""
+    from stages.runtime import heads
 
     folder = Path(path)
     manifest = json.loads((folder / MANIFEST).read_text())
+    auto = heads.auto(manifest.get("task", "classify"))  # written before tasks other than classify: a classifier
     if manifest.get("method") != "logits":
         raise ValueError(f"{folder}: method {manifest.get('method')!r} is a plain model: load it with "
-                         "AutoModelForSequenceClassification.from_pretrained")
-    members = [AutoModelForSequenceClassification.from_pretrained(folder / m["path"], **kwargs)
-               for m in manifest["members"]]
-    labels = {i: str(name) for i, name in enumerate(manifest["labels"])}
+                         f"{auto.__name__}.from_pretrained")
+    members = [auto.from_pretrained(folder / m["path"], **kwargs) for m in manifest["members"]]
+    labels = {i: str(name) for i, name in enumerate(manifest["labels"] or [])}
     return LogitsEnsemble(members, [m["weight"] for m in manifest["members"]], labels).eval()
 
 

@@ -62,7 +62,8 @@ def problems(tmp_path: Path, stage: str) -> tuple[list[str], int, Path]:
     ("    members: [{from: a}, {from: b}]\n    ensemble: {method: logits, weights: [0, 0]}  #!\n",
      "stages[2].ensemble.weights", "the weights sum to 0"),
     ("    members: [{from: a}, {from: b}]\n    ensemble: {method: uniform_soup, weights: [1, 1]}  #!\n",
-     "stages[2].ensemble.weights", "weights are for method logits"),
+     "stages[2].ensemble.weights", "weights are for methods logits, task_arithmetic, ties, dare; a uniform_soup "
+     "averages"),
     ("    members: [{from: a}, {from: b}]\n    ensemble: {method: greedy_soup}  #!\n",
      "stages[2].ensemble.method", "greedy_soup chooses its members on held-out data: give data.eval"),
     ("    members:\n      - {from: a}\n      - {config: {model_type: bert}}  #!\n    ensemble: {method: logits}\n",
@@ -72,9 +73,40 @@ def problems(tmp_path: Path, stage: str) -> tuple[list[str], int, Path]:
     ("    members: [{from: a}, {from: b}]\n    data: {train: train.jsonl, eval: eval.jsonl}  #!\n"
      "    ensemble: {method: logits}\n", "stages[2].data.train", "only scored, never trained on"),
     ("    members: [{from: a}, {from: b}]\n    ensemble: {method: mean}  #!\n",
-     "stages[2].ensemble.method", "'logits', 'uniform_soup' or 'greedy_soup'"),
+     "stages[2].ensemble.method", "'logits', 'uniform_soup', 'greedy_soup', 'task_arithmetic', 'ties', 'dare' or "
+     "'slerp'"),
+    ("    members: [{from: a}, {from: b}]\n    ensemble: {method: ties}  #!\n",
+     "stages[2].ensemble.method", "ties merges the members' differences from the model they were fine-tuned from: "
+     "give base"),
+    ("    members: [{from: a}, {from: b}]\n    base: {from: a}  #!\n    ensemble: {method: slerp}\n",
+     "stages[2].base", "base is for methods task_arithmetic, ties, dare (method is slerp)"),
+    ("    members: [{from: a}, {from: b}]\n    base:\n      config: {model_type: bert}  #!\n"
+     "    ensemble: {method: dare}\n", "stages[2].base.config", "a base built from a config would be an untrained"),
+    ("    members: [{from: a}, {from: b}, {from: a}]  #!\n    ensemble: {method: slerp}\n",
+     "stages[2].members", "slerp interpolates between two members, not 3"),
+    ("    members: [{from: a}, {from: b}]\n    base: {from: a}\n    ensemble: {method: dare, densities: [0.5]}  #!\n",
+     "stages[2].ensemble.densities", "1 densities for 2 members: give one per member"),
+    ("    members: [{from: a}, {from: b}]\n    base: {from: a}\n    ensemble: {method: dare, densities: [0, 1]}  #!\n",
+     "stages[2].ensemble.densities", "each density must be in (0, 1]"),
+    ("    members: [{from: a}, {from: b}]\n    base: {from: a}\n"
+     "    ensemble: {method: task_arithmetic, densities: [1, 1]}  #!\n",
+     "stages[2].ensemble.densities", "densities is for method ties or dare (method is task_arithmetic)"),
+    ("    members: [{from: a}, {from: b}]\n    ensemble: {method: uniform_soup, t: 0.3}  #!\n",
+     "stages[2].ensemble.t", "t is for method slerp (method is uniform_soup)"),
+    ("    members: [{from: a}, {from: b}]\n    ensemble: {method: slerp, t: 1.5}  #!\n",
+     "stages[2].ensemble.t", "less than or equal to 1"),
+    ("    members: [{from: a}, {from: b}]\n    ensemble: {method: logits, task: clm, head: {label_set: [a]}}  #!\n",
+     "stages[2].ensemble.head", "task clm has no settings of its own"),
+    ("    members: [{from: a}, {from: b}]\n    ensemble: {method: logits, task: sft, head: {max_new: 3}}  #!\n",
+     "stages[2].ensemble.head.max_new", "Extra inputs are not permitted"),
+    ("    members: [{from: a}, {from: b}]\n    data: {eval: eval.jsonl}\n"
+     "    ensemble: {method: greedy_soup, task: sft}  #!\n",
+     "stages[2].ensemble.method", "greedy_soup chooses by held-out accuracy, which task sft does not report here "
+     "(give ensemble.head.label_set)"),
 ], ids=["weights-length", "weights-negative", "weights-zero-sum", "weights-on-a-soup", "greedy-without-eval",
-        "member-config", "one-member", "data-train", "unknown-method"])
+        "member-config", "one-member", "data-train", "unknown-method", "ties-without-base", "base-on-slerp",
+        "base-config", "slerp-of-three", "densities-length", "density-zero", "densities-on-task-arithmetic",
+        "t-on-a-soup", "t-above-1", "head-of-clm", "head-unknown-key", "greedy-without-accuracy"])
 def test_manifest_refuses(tmp_path: Path, stage: str, where: str, says: str) -> None:
     found, line, path = problems(tmp_path, stage)
     assert len(found) == 1, found
