@@ -86,12 +86,14 @@ def main(spec: Spec, d: Dist) -> int:
     names = same_labels(spec, members, configs) if HEADS[options.task].classes == "num_labels" else None
     same_vocabulary(members, tokenizer)
     if options.method != "logits":
-        for other, i, config in [(members, i, c) for i, c in enumerate(configs)][1:] + (
-                [(base, 0, _config(base, 0))] if base else []):
+        others = [(members, i) for i in range(1, len(members.refs))] + ([(base, 0)] if base else [])
+        for group, i in others:
+            config = configs[i] if group is members else _config(group, i)
             key = combining.config_difference(configs[0].to_dict(), config.to_dict())
             if key is not None:
-                raise SpecError(f"{members.names[0]} and {other.key} {other.names[i]} differ in config key {key!r} "
-                                f"({getattr(configs[0], key, None)!r} vs {getattr(config, key, None)!r}): "
+                raise SpecError(f"member {members.names[0]} and {'member' if group is members else 'base'} "
+                                f"{group.names[i]} differ in config key "
+                                f"{key!r} ({getattr(configs[0], key, None)!r} vs {getattr(config, key, None)!r}): "
                                 f"{options.method} combines the weights of one architecture")
     scorer = Scorer(spec, d, tokenizer, names, options)
     if options.method == "greedy_soup" and not scorer.size:
