@@ -195,8 +195,8 @@ class Scorer:
         eval data."""
         if not self.size:
             return {}
-        total = sum(self.head.sums(r.to(b["labels"].device), b) for r, b in zip(rows, self.batches, strict=True))
-        return self.head.metrics_of(total)
+        sums = [self.head.sums(r.to(b["labels"].device), b) for r, b in zip(rows, self.batches, strict=True)]
+        return self.head.metrics_of(torch.stack(sums).sum(0))
 
 
 def merge(options: EnsembleOptions, states: list[dict[str, torch.Tensor]], base: dict[str, torch.Tensor] | None,

@@ -70,7 +70,7 @@ class AsModel(nn.Module):
     def __init__(self, ensemble: LogitsEnsemble) -> None:
         super().__init__()
         self.ensemble = ensemble
-        self.config = ensemble.members[0].config  # type: ignore[union-attr]
+        self.config = ensemble.members[0].config
 
     def forward(self, **batch: Any) -> SimpleNamespace:
         return SimpleNamespace(logits=self.ensemble(**batch))

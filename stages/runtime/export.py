@@ -45,8 +45,8 @@ def save_final(model, tokenizer, spec: Spec, *, zero_stage: int, beside: dict[st
             _check_finite(m)
         if dist.is_main():
             out = staging(final)
-            for folder, m in folders.items():
-                _write(m, tokenizer, out / folder, masters)
+            for below, m in folders.items():
+                _write(m, tokenizer, out / below, masters)
             for name, value in (files or {}).items():
                 write_json(out / name, json_safe(value))
     digest = publish(tmp, final) if dist.is_main() else None

@@ -126,6 +126,8 @@ def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
     norm_a, norm_b = (torch.linalg.vector_norm(x) for x in (a, b))
     norm_a, norm_b = torch.where(norm_a > EPS, norm_a, 1), torch.where(norm_b > EPS, norm_b, 1)
     cos = ((a / norm_a) * (b / norm_b)).sum().clamp(-1, 1)
+    coef_a: float | torch.Tensor
+    coef_b: float | torch.Tensor
     if cos.abs() > SLERP_PARALLEL:
         coef_a, coef_b = 1 - t, t
     else:
