@@ -24,7 +24,8 @@ TASK_VECTORS = ("task_arithmetic", "ties", "dare")  # the merges of the members'
 WEIGHTED = ("logits", *TASK_VECTORS)
 # Settings added after stages existed: left out of spec.options at their defaults, so those stages keep their
 # fingerprints
-ADDED: dict[str, Any] = {"task": "classify", "head": {}, "densities": None, "normalize": None, "rescale": None, "t": None}
+ADDED: dict[str, Any] = {"task": "classify", "head": {}, "densities": None, "normalize": None, "rescale": None,
+                         "t": None}
 
 
 class EnsembleOptions(Strict):
