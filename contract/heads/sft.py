@@ -184,6 +184,29 @@ class SftOptions(Strict):
         return self.messages_field or self.prompt_field
 
 
+class PreferenceOptions(SftOptions):
+    """The `sft:` section of a preference stage (dpo): each row holds a prompt and two answers, the chosen one (in
+    completion_field) and the rejected one; both are written by the same template, and only the last answer of each
+    is trained on (the rest is the shared prompt)."""
+
+    completion_field: str = Field("chosen", description="Column with the chosen (preferred) completion.")
+    rejected_field: str = Field(
+        "rejected", description="Column with the rejected completion; with messages_field, the column holding the "
+        "rejected conversation: the chosen one's messages with another last assistant answer.")
+
+    @model_validator(mode="after")
+    def _pairs(self) -> PreferenceOptions:
+        if self.train_on_prompt:
+            raise Problem(("train_on_prompt",), "a preference compares the two answers' log-probabilities; the "
+                          "prompt they share is never trained on")
+        if self.packing:
+            raise Problem(("packing",), "preference pairs are batched one answer per row; leave packing out")
+        if "group_by_length" in self.model_fields_set:
+            raise Problem(("group_by_length",), "preference pairs are drawn in the shuffled order of every "
+                          "training kind; leave group_by_length out")
+        return self
+
+
 # exact_match and accuracy are reported where the stage asks for them (a kind's metric_names says which)
 HEAD = HeadInfo(name="sft", metrics=("eval_loss", "perplexity", "exact_match", "accuracy"), fits="text",
                 model="AutoModelForCausalLM", classes="vocab_size", settings=SftOptions, storable=False,

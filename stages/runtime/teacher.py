@@ -1,4 +1,4 @@
-"""A frozen teacher for knowledge distillation.
+"""A frozen teacher for knowledge distillation, and a preference stage's (dpo's) frozen reference model.
 
 The teacher stays outside the student's DeepSpeed engine: it is a plain object here, never a submodule of the
 trained net, so DeepSpeed neither partitions it with the student nor gives its parameters to the optimizer. It is
@@ -82,16 +82,18 @@ class Teacher:
         return f"teacher {self.placement}: {models.parameter_count(self.model):,} parameters"
 
 
-def load(spec: Spec, device: torch.device, auto_class, placement: Placement, task: Task) -> Teacher:
-    """Collective with zero3. The teacher of input `teacher`, on `device` (the student's) or as placed, with its
-    trained head: exit 2 when the checkpoint lacks weights of the model (a random head would teach noise)."""
+def load(spec: Spec, device: torch.device, auto_class, placement: Placement, task: Task,
+         name: str = "teacher") -> Teacher:
+    """Collective with zero3. The frozen model of input `name` (distill's teacher; dpo's reference, its init), on
+    `device` (the student's) or as placed, with its trained head: exit 2 when the checkpoint lacks weights of the
+    model (a random head would teach noise)."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    ref = spec.ref("teacher")
+    ref = spec.ref(name)
     if ref.path is None:
-        raise SpecError(f"inputs.teacher.path: missing (source {ref.source}); the teacher must be a trained model")
-    models.verify_digest("inputs.teacher", ref.path, ref.digest)
+        raise SpecError(f"inputs.{name}.path: missing (source {ref.source}); the {name} model must be trained")
+    models.verify_digest(f"inputs.{name}", ref.path, ref.digest)
     holder = None
     if placement == "zero3":
         from transformers.integrations.deepspeed import set_hf_deepspeed_config
@@ -101,7 +103,7 @@ def load(spec: Spec, device: torch.device, auto_class, placement: Placement, tas
     try:
         model, info = auto_class.from_pretrained(ref.path, output_loading_info=True)
     except (OSError, ValueError) as e:
-        raise SpecError(f"inputs.teacher.path: {ref.path}: cannot load a {HEADS[task].model}: {e}") from None
+        raise SpecError(f"inputs.{name}.path: {ref.path}: cannot load a {HEADS[task].model}: {e}") from None
     finally:
         if holder is not None:
             from transformers.integrations.deepspeed import unset_hf_deepspeed_config
@@ -111,9 +113,9 @@ def load(spec: Spec, device: torch.device, auto_class, placement: Placement, tas
     missing = sorted(k for k in info.get("missing_keys", ()) if k in params)
     if missing:
         shown = ", ".join(missing[:6]) + (f" … and {len(missing) - 6} more" if len(missing) > 6 else "")
-        raise SpecError(f"inputs.teacher.path: {ref.path} lacks {len(missing)} weights of {type(model).__name__} "
-                        f"({shown}): they would be random in the teacher. distill.task {task} needs a teacher "
-                        f"trained as a {HEADS[task].model}")
+        raise SpecError(f"inputs.{name}.path: {ref.path} lacks {len(missing)} weights of {type(model).__name__} "
+                        f"({shown}): they would be random in the frozen model. Head {task} needs one trained as "
+                        f"a {HEADS[task].model}")
     model.requires_grad_(False)
     model.eval()
     if placement == "zero3":
@@ -122,7 +124,7 @@ def load(spec: Spec, device: torch.device, auto_class, placement: Placement, tas
         run, *_ = deepspeed.initialize(model=model, config=ds_config(spec), dist_init_required=False)
         run.eval()
         here = sum(int(p.ds_tensor.numel()) for p in model.parameters() if hasattr(p, "ds_tensor"))
-        dist.print0(f"{spec.stage}: teacher partitioned by ZeRO-3: {here:,} of its "
+        dist.print0(f"{spec.stage}: {name} partitioned by ZeRO-3: {here:,} of its "
                     f"{models.parameter_count(model):,} values on rank 0")
         return Teacher(model, run, placement, where=device, out=device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[spec.precision]

@@ -10,6 +10,11 @@ example per row, padded on the right, or with sft.packing several examples per r
 example, no attention mask, and transformers' sdpa/eager masks then keep every example to itself
 (masking_utils.find_packed_sequence_indices), for the model types in PACKS.
 
+Preference pairs (a dpo stage's `sft:` section, PreferenceOptions): each row is written twice, with its chosen and
+with its rejected answer (`rejected_input_ids`, `rejected_labels`), both trained on their last answer only; the two
+must agree before it. `pairs` batches them, `answer_logps` sums each answer's log-probabilities. The eval below is
+of the chosen answers.
+
 Eval: eval_loss and perplexity over the answer tokens; greedy generation of every eval prompt's last answer (up to
 sft.max_new_tokens, stopping at the end token), exact_match against the reference with whitespace normalised; with
 sft.label_set, accuracy: the label whose answer tokens have the highest log-likelihood after the prompt. A shared eval
@@ -28,7 +33,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from contract.heads import HEADS
-from contract.heads.sft import DEFAULT_TEMPLATE, SAMPLE_PAIR, Messages, SftOptions, as_messages, segments
+from contract.heads.sft import (
+    DEFAULT_TEMPLATE,
+    SAMPLE_PAIR,
+    Messages,
+    PreferenceOptions,
+    SftOptions,
+    as_messages,
+    segments,
+)
 from stages.runtime import data, dist, packing
 from stages.runtime.dist import Dist
 from stages.runtime.heads import Keys, Source, clm
@@ -145,12 +158,20 @@ class Head:
         return counts if each else sum(counts)
 
     def batch(self, split: str, keys: Keys, max_length: int | None = None) -> dict[str, torch.Tensor]:
+        return self._collate(split, keys, max_length, ("",))
+
+    def pairs(self, split: str, keys: Keys, max_length: int | None = None) -> dict[str, torch.Tensor]:
+        """Preference pairs: the chosen answers' rows, then the rejected answers' rows (2 × len(keys) rows)."""
+        return self._collate(split, keys, max_length, ("", "rejected_"))
+
+    def _collate(self, split: str, keys: Keys, max_length: int | None, sides: tuple[str, ...]
+                 ) -> dict[str, torch.Tensor]:
         rows, real = [max(i, 0) for i, _ in keys], [i >= 0 for i, _ in keys]  # a padding row (-1) reads row 0
         cut = min(self.max_length, max_length or self.max_length)
         got = self.splits[split][rows]
-        ids = [r[:cut] for r in got["input_ids"]]
-        labels = [r[:cut] if keep else [-100] * len(r[:cut]) for r, keep in zip(got["labels"], real,
-                                                                                  strict=True)]
+        ids = [r[:cut] for side in sides for r in got[f"{side}input_ids"]]
+        labels = [r[:cut] if keep else [-100] * len(r[:cut]) for side in sides
+                  for r, keep in zip(got[f"{side}labels"], real, strict=True)]
         batch = pack_rows(ids, labels, cut, self.pad) if self.opts.packing else pad_rows(ids, labels, self.pad)
         return dist.to_device(batch)
 
@@ -198,10 +219,18 @@ class Head:
     def example_losses(self, net: Any, indices: list[int]) -> torch.Tensor:
         """Each example's mean loss over its answer tokens (0 where it has none)."""
         batch = self.batch("train", [(i, EVAL_EPOCH) for i in indices])
-        tokens = F.cross_entropy(net(**batch).float(), self.targets(batch), reduction="none")
-        rows = self.examples(batch)
-        sums = torch.zeros(len(indices), dtype=tokens.dtype, device=tokens.device).index_add_(0, rows, tokens)
-        return sums / torch.bincount(rows, minlength=len(indices)).clamp(min=1)
+        logps, tokens = self.answer_logps(net(**batch), batch, len(indices))
+        return -logps / tokens.clamp(min=1)
+
+    def answer_logps(self, rows: torch.Tensor, batch: dict[str, torch.Tensor], examples: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """For each of the batch's `examples` (its rows, or packed examples, in order): the sum of its answer tokens'
+        log-probabilities under `rows` (a `module`'s output, or `select` of a model's logits) in float32, and how
+        many answer tokens it has."""
+        tokens = -F.cross_entropy(rows.float(), self.targets(batch), reduction="none")
+        which = self.examples(batch)
+        sums = torch.zeros(examples, dtype=tokens.dtype, device=tokens.device).index_add_(0, which, tokens)
+        return sums, torch.bincount(which, minlength=examples)
 
     # ------------------------------------------------------------- answers: generation and labels
 
@@ -358,13 +387,15 @@ class Writer:
         ids = self.tokenizer([text for text, _ in found], add_special_tokens=False, verbose=False)["input_ids"]
         return [(piece, trained) for piece, (_, trained) in zip(ids, found, strict=True)]
 
-    def example(self, messages: Messages) -> dict[str, Any]:
+    def example(self, messages: Messages, last_only: bool = False) -> dict[str, Any]:
         """input_ids, labels (-100 where nothing is learnt; always at position 0, which nothing predicts),
-        prompt_length (the tokens before the last answer) and reference (the last answer's text)."""
+        prompt_length (the tokens before the last answer) and reference (the last answer's text). `last_only`: only
+        the last answer is learnt (a preference pair's: what comes before it is the prompt both answers share)."""
         pieces = self.pieces(messages)
-        ids = [t for piece, _ in pieces for t in piece]
-        labels = [t if trained or self.opts.train_on_prompt else -100 for piece, trained in pieces for t in piece]
         last = max(k for k, (_, trained) in enumerate(pieces) if trained)
+        ids = [t for piece, _ in pieces for t in piece]
+        labels = [t if (trained and (k == last or not last_only)) or self.opts.train_on_prompt else -100
+                  for k, (piece, trained) in enumerate(pieces) for t in piece]
         answer = next(m["content"] for m in reversed(messages) if m["role"] == "assistant")
         return {"input_ids": ids, "labels": [-100] + labels[1:], "reference": answer,
                 "prompt_length": sum(len(piece) for piece, _ in pieces[:last])}
@@ -375,24 +406,32 @@ class Writer:
                 for t in piece]
 
 
+def _prompt_end(tokenizer: Any, example: dict[str, Any]) -> str:
+    """The last words of an example's prompt, for messages."""
+    return tokenizer.decode(example["input_ids"][: example["prompt_length"]][-12:])
+
+
 def _short(messages: Messages) -> str:
     text = json.dumps(messages, ensure_ascii=False)
     return text if len(text) <= 120 else text[:117] + "..."
 
 
-def conversation(row: dict[str, Any], opts: SftOptions, key: str) -> Messages:
-    """A row as messages, its types checked."""
+def conversation(row: dict[str, Any], opts: SftOptions, key: str, answer: str | None = None) -> Messages:
+    """A row as messages, its types checked. `answer`: the column read instead of the completion (or, with
+    messages_field, of the conversation): a preference pair's rejected one."""
     if opts.messages_field is None:
-        prompt, completion = row[opts.prompt_field], row[opts.completion_field]
-        for name, value in ((opts.prompt_field, prompt), (opts.completion_field, completion)):
+        column = answer or opts.completion_field
+        prompt, completion = row[opts.prompt_field], row[column]
+        for name, value in ((opts.prompt_field, prompt), (column, completion)):
             if not isinstance(value, str) or not value.strip():
                 raise SpecError(f"{key}: a row's {name} is {json.dumps(value)[:80]}, not a text")
         return as_messages(prompt, completion)
-    messages = row[opts.messages_field]
+    column = answer or opts.messages_field
+    messages = row[column]
     if not isinstance(messages, list) or not all(
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
             for m in messages):
-        raise SpecError(f"{key}: a row's {opts.messages_field} is {json.dumps(messages)[:80]}, not a list of "
+        raise SpecError(f"{key}: a row's {column} is {json.dumps(messages)[:80]}, not a list of "
                         "{role, content} messages")
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
@@ -403,7 +442,9 @@ def load(source: Source) -> Any:
     if not source.labelled:  # validate says so first (contract.heads: sft reads no unlabelled rows)
         raise SpecError(f"{source.key}: task sft cannot read rows without labels: its rows are a completion's "
                         "tokens, which text alone does not have")
-    opts = SftOptions.model_validate(source.options)
+    # a preference stage's section names the rejected answers' column too
+    opts = (PreferenceOptions if "rejected_field" in source.options else SftOptions).model_validate(source.options)
+    rejected = opts.rejected_field if isinstance(opts, PreferenceOptions) else None
     tokenizer = source.tokenizer
     template = chat_template(tokenizer, opts)
     writer = Writer(tokenizer, template, opts, source.key)
@@ -414,6 +455,7 @@ def load(source: Source) -> Any:
     label_ids = [writer.answer(label) for label in opts.label_set] if opts.label_set else None
     raw = data.load_section(source.data, source.cache_dir, train=source.train, key=source.key)
     columns = [opts.messages_field] if opts.messages_field else [opts.prompt_field, opts.completion_field]
+    columns += [rejected] if rejected else []
     out_dir = Path(source.cache_dir, "tokenized")
     out_dir.mkdir(parents=True, exist_ok=True)
     splits: dict[str, Any] = {}
@@ -423,19 +465,32 @@ def load(source: Source) -> Any:
             continue
         for column in columns:
             if column not in ds.column_names:
-                field = next(f for f in ("messages_field", "prompt_field", "completion_field")
-                             if getattr(opts, f) == column)
+                field = next(f for f in ("messages_field", "prompt_field", "completion_field", "rejected_field")
+                             if getattr(opts, f, None) == column)
                 raise SpecError(f"sft.{field}: column {column!r} not in the {split} split (columns: "
                                 f"{', '.join(ds.column_names)})")
 
         def encode(batch: dict[str, list]) -> dict[str, list]:
             rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
-            made = [writer.example(conversation(row, opts, source.key)) for row in rows]
-            return {name: [m[name] for m in made] for name in ("input_ids", "labels", "prompt_length", "reference")}
+            made = [writer.example(conversation(row, opts, source.key), last_only=rejected is not None)
+                    for row in rows]
+            out = {name: [m[name] for m in made] for name in ("input_ids", "labels", "prompt_length", "reference")}
+            if rejected is not None:
+                other = [writer.example(conversation(row, opts, source.key, rejected), last_only=True) for row in rows]
+                for chosen, worse in zip(made, other, strict=True):
+                    n = chosen["prompt_length"]
+                    if worse["prompt_length"] != n or worse["input_ids"][:n] != chosen["input_ids"][:n]:
+                        raise SpecError(f"{source.key}: a preference pair whose answers follow different prompts "
+                                        f"(the chosen one after {_prompt_end(tokenizer, chosen)!r}, the rejected "
+                                        f"one after {_prompt_end(tokenizer, worse)!r}); both must answer the same "
+                                        "conversation")
+                out |= {"rejected_input_ids": [w["input_ids"] for w in other],
+                        "rejected_labels": [w["labels"] for w in other]}
+            return out
 
         key = data.cache_key("sft", source.tokenizer_digest, ds._fingerprint, template,
                              opts.model_dump(include={"prompt_field", "completion_field", "messages_field",
-                                                      "train_on_prompt"}))
+                                                      "train_on_prompt", "rejected_field"}))
         kept = list(source.difficulty)
         splits[split] = data.map_by_rank(ds, encode, key=key, path=out_dir / f"sft-{split}-{key}",
                                          remove_columns=[c for c in ds.column_names if c not in kept])
