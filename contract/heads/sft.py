@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import Field, model_validator
 
 from contract.heads import HeadInfo
-from contract.sections import Problem, Strict
+from contract.sections import Data, Problem, Strict
 
 # For a tokenizer without a chat template: "user: <prompt><end>assistant: <completion><end>", where <end> is the
 # tokenizer's EOS, or its [SEP] where it has none (baton's tokenizer, whose documents clm ends with [SEP]); a BOS
@@ -139,6 +139,15 @@ def template_problem(template: str, conversations: bool) -> str | None:
     return None
 
 
+def check_columns(data: Data, kind: str) -> None:
+    """A Problem where a stage of `kind` whose data the sft head reads names text columns in its data section: the
+    head reads the columns its own section names."""
+    if "text_field" in data.model_fields_set or data.text_pair_field is not None:
+        key = "text_field" if "text_field" in data.model_fields_set else "text_pair_field"
+        raise Problem(("data", key), f"{kind} reads the columns its sft section names (prompt_field, "
+                      "completion_field or messages_field); leave data.text_field and text_pair_field out")
+
+
 class SftOptions(Strict):
     """The manifest's `sft:` section."""
 
@@ -179,6 +188,11 @@ class SftOptions(Strict):
             raise Problem(("label_set",), "labels repeat (compared with whitespace normalised)")
         return self
 
+    def unreported(self) -> frozenset[str]:
+        """The head's metrics these settings leave out: exact_match without generation, accuracy without labels."""
+        return frozenset({"exact_match"} if self.max_new_tokens == 0 else ()) | frozenset(
+            {"accuracy"} if self.label_set is None else ())
+
     def text_column(self) -> str:
         """The column the data must hold as text (or conversations): the launcher checks it before launch."""
         return self.messages_field or self.prompt_field
@@ -187,7 +201,8 @@ class SftOptions(Strict):
 class PreferenceOptions(SftOptions):
     """The `sft:` section of a preference stage (dpo): each row holds a prompt and two answers, the chosen one (in
     completion_field) and the rejected one; both are written by the same template, and only the last answer of each
-    is trained on (the rest is the shared prompt)."""
+    is trained on (the rest is the shared prompt). Pairs are drawn in the shuffled order of every training kind:
+    group_by_length does not apply."""
 
     completion_field: str = Field("chosen", description="Column with the chosen (preferred) completion.")
     rejected_field: str = Field(
@@ -201,9 +216,6 @@ class PreferenceOptions(SftOptions):
                           "prompt they share is never trained on")
         if self.packing:
             raise Problem(("packing",), "preference pairs are batched one answer per row; leave packing out")
-        if "group_by_length" in self.model_fields_set:
-            raise Problem(("group_by_length",), "preference pairs are drawn in the shuffled order of every "
-                          "training kind; leave group_by_length out")
         return self
 
 

@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from contract.heads.sft import PreferenceOptions
+from contract.heads.sft import PreferenceOptions, check_columns
 from contract.sections import Data, DataSection, Head, Problem, Strict, TrainingStage
 
 REWARDS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
@@ -77,11 +77,7 @@ class DpoStage(TrainingStage):
         if self.init.config is not None:
             raise Problem(("init", "config"), "the reference is the init model as loaded, and an untrained one "
                           "prefers nothing: give init.from (e.g. an sft stage) or init.pretrained")
-        if "text_field" in self.data.model_fields_set or self.data.text_pair_field is not None:
-            key = "text_field" if "text_field" in self.data.model_fields_set else "text_pair_field"
-            raise Problem(("data", key), "dpo reads the columns its sft section names (prompt_field, "
-                          "completion_field, rejected_field or messages_field); leave data.text_field and "
-                          "text_pair_field out")
+        check_columns(self.data, "dpo")
         return self
 
     def options(self) -> dict[str, Any]:
@@ -90,12 +86,7 @@ class DpoStage(TrainingStage):
     def metric_names(self) -> frozenset[str]:
         if not self.scored():
             return frozenset()
-        names = super().metric_names() | set(REWARDS)
-        if self.sft.max_new_tokens == 0:
-            names -= {"exact_match"}
-        if self.sft.label_set is None:
-            names -= {"accuracy"}
-        return names
+        return (super().metric_names() | set(REWARDS)) - self.sft.unreported()
 
     def data_sections(self) -> list[DataSection]:
         # the column the data must hold as text is the prompt's (or the conversation's): the launcher checks it

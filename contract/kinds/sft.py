@@ -11,8 +11,8 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from contract.heads.sft import SftOptions
-from contract.sections import Data, DataSection, Head, Problem, TrainingStage
+from contract.heads.sft import SftOptions, check_columns
+from contract.sections import Data, DataSection, Head, TrainingStage
 
 
 class SftStage(TrainingStage):
@@ -26,19 +26,11 @@ class SftStage(TrainingStage):
 
     @model_validator(mode="after")
     def _columns(self) -> SftStage:
-        if "text_field" in self.data.model_fields_set or self.data.text_pair_field is not None:
-            key = "text_field" if "text_field" in self.data.model_fields_set else "text_pair_field"
-            raise Problem(("data", key), "sft reads the columns its sft section names (prompt_field, "
-                          "completion_field or messages_field); leave data.text_field and text_pair_field out")
+        check_columns(self.data, "sft")
         return self
 
     def metric_names(self) -> frozenset[str]:
-        names = super().metric_names()
-        if self.sft.max_new_tokens == 0:
-            names -= {"exact_match"}
-        if self.sft.label_set is None:
-            names -= {"accuracy"}
-        return names
+        return super().metric_names() - self.sft.unreported()
 
     def data_sections(self) -> list[DataSection]:
         # the column the data must hold as text is the prompt's (or the conversation's): the launcher checks it

@@ -122,9 +122,7 @@ class Head:
         self.max_length = source.data.max_length
         tokenizer = source.tokenizer
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
-        dropped = {"exact_match"} if opts.max_new_tokens == 0 else set()
-        dropped |= {"accuracy"} if opts.label_set is None else set()
-        self.metrics = tuple(m for m in HEADS["sft"].metrics if m not in dropped)
+        self.metrics = tuple(m for m in HEADS["sft"].metrics if m not in opts.unreported())
 
     def auto(self) -> Any:
         from transformers import AutoModelForCausalLM
