@@ -114,9 +114,9 @@ def main(spec: TrainingSpec, d: Dist) -> int:
         dist.all_reduce_sum(total)
         return scores | {name: float(v / total[0]) for name, v in zip(REWARDS, total[1:], strict=True)}
 
-    if t.fit(micro_step, evaluate):
+    if t.fit(micro_step, evaluate, tokenizer, head=head):
         return EXIT_STOPPED
-    return t.finish(evaluate, tokenizer, head=head)
+    return t.finish(evaluate)
 
 
 if __name__ == "__main__":
