@@ -26,6 +26,7 @@ TRL's DPOTrainer does by default: at step 0 it is the reference, and every rewar
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,7 @@ from contract.kinds.dpo import REWARDS, DpoOptions, DpoSettings
 from contract.layout import EXIT_STOPPED
 from stages.runtime import curriculum, data, dist, entry, heads, lifecycle, models, teacher
 from stages.runtime.dist import Dist
+from stages.runtime.heads.sft import Head as SftHead
 from stages.runtime.masking import EVAL_EPOCH
 from stages.runtime.packing import check_block_size
 from stages.runtime.spec import TrainingSpec
@@ -68,7 +70,7 @@ def main(spec: TrainingSpec, d: Dist) -> int:
     micro = spec.train.micro_batch_size
     check_block_size(spec, spec.data.max_length, key="data.max_length")  # before any data work
     tokenizer = models.load_tokenizer(spec)
-    head = heads.of(spec, "sft", tokenizer, **o.sft.model_dump())
+    head = cast(SftHead, heads.of(spec, "sft", tokenizer, **o.sft.model_dump()))
     tokenizer.chat_template = head.template  # final/'s tokenizer writes its prompts as training did
     reference = teacher.load(spec, d.device, head.auto(), o.dpo.reference_placement, head.name, name="init")
     train, evalset = head.splits["train"], head.splits["eval"]
