@@ -393,6 +393,64 @@ class Eval(Strict):
         return self
 
 
+# ----------------------------------------------------------------- adapters
+
+
+class Adapter(Strict):
+    """Train a low-rank adapter (LoRA, through peft) instead of every weight: the base model stays frozen, only the
+    adapter's matrices (and `modules_to_save`) train, and only they are in the optimizer. final/adapter/ holds the
+    adapter (`PeftModel.from_pretrained`); final/ the merged model, unless `merge: false`."""
+
+    SHAPE: ClassVar[tuple[str, ...]] = ("r", "alpha", "dropout", "target_modules", "modules_to_save")
+
+    type: Literal["lora"] = Field("lora", description="The adapter: lora (peft's LoraConfig).")
+    from_: str | None = Field(
+        None, alias="from", description="Continue the adapter of an earlier stage (one with merge: false) on the "
+        "same base model (init); its r, alpha, dropout, target_modules and modules_to_save come with it.")
+    r: int = Field(8, ge=1, le=4096, strict=True, description="Rank of the low-rank update.")
+    alpha: float = Field(16.0, gt=0, description="Scaling: the update is multiplied by alpha / r.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter's input.")
+    target_modules: list[str] | None = Field(
+        None, min_length=1, description="Names (or name endings) of the linear layers that get an adapter, e.g. "
+        "[q_proj, v_proj]; [all-linear]: every linear layer but the output head. Default: peft's choice for the "
+        "model type.")
+    modules_to_save: list[str] | None = Field(
+        None, description="Modules trained in full beside the adapter and saved with it, e.g. [classifier] for a "
+        "new classification head (which LoRA alone would leave random).")
+    merge: bool = Field(True, description="final/ also holds the model with the adapter merged in, in the ordinary "
+                        "from_pretrained layout; false: the adapter (and tokenizer) only, for a later stage's "
+                        "adapter.from.")
+    quantize: Literal["4bit"] | None = Field(
+        None, description="QLoRA: load the frozen base in 4 bits (bitsandbytes NF4); needs a CUDA device.")
+
+    @field_validator("alpha", "dropout", mode="before")
+    @classmethod
+    def _no_bool(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ValueError(f"{value!r}: a number is expected, not a boolean")
+        return value
+
+    @model_validator(mode="after")
+    def _continued(self) -> Adapter:
+        if self.from_ is not None:
+            written = [n for n in self.SHAPE if n in self.model_fields_set]
+            if written:
+                raise Problem((written[0],), f"the adapter continued from stage '{self.from_}' brings its own "
+                              f"{', '.join(self.SHAPE)}; leave {', '.join(written)} out")
+        return self
+
+
+class AdapterRef(RefBase):
+    """An earlier stage's adapter (adapter.from): its final/adapter/."""
+
+    needs: ClassVar[str] = "adapter"
+
+    @model_validator(mode="after")
+    def _one(self) -> AdapterRef:
+        exactly_one(self, "from_")
+        return self
+
+
 # ----------------------------------------------------------------- layer-wise training
 
 
@@ -730,6 +788,23 @@ class TrainingStage(StageBase):
     eval: Eval = Field(default_factory=Eval, description="When to evaluate.")
     curriculum: Curriculum | None = Field(None, description="Curriculum phases: a growing share of the corpus, a "
                                           "sequence-length warm-up, easy examples first. Default: none.")
+    adapter: Adapter | None = Field(None, description="Train a LoRA adapter on the frozen init model instead of "
+                                    "every weight. Default: none (full fine-tuning).")
+
+    @model_validator(mode="after")
+    def _adapter(self) -> TrainingStage:
+        if self.adapter is None:
+            return self
+        if self.train.layer_lr_decay != 1:
+            raise Problem(("train", "layer_lr_decay"), "the layer groups of layer_lr_decay are the full model's; "
+                          "with an adapter only the adapter trains: leave layer_lr_decay out")
+        if self.options().get("unfreeze") is not None:
+            raise Problem((self.options_field or "", "unfreeze"), "gradual unfreezing trains the full model's layer "
+                          "groups; with an adapter only the adapter trains: leave unfreeze out")
+        if self.adapter.from_ is not None and self.init.from_ is None and self.init.pretrained is None:
+            raise Problem(("adapter", "from"), "an adapter is continued on the base model it was trained on: give "
+                          "init.from or init.pretrained, as the stage it comes from does")
+        return self
 
     @model_validator(mode="after")
     def _curriculum(self) -> TrainingStage:
@@ -786,10 +861,17 @@ class TrainingStage(StageBase):
         difficulty = self.curriculum.difficulty if self.curriculum else None
         if difficulty is not None and difficulty.loss_of is not None:
             refs["difficulty"] = TrainLossesRef.model_validate({"from": difficulty.loss_of})
+        if self.adapter is not None and self.adapter.from_ is not None:
+            refs["adapter"] = AdapterRef.model_validate({"from": self.adapter.from_})
         return refs
 
     def reference_key(self, name: str, index: int | None) -> tuple[str | int, ...]:
-        return ("curriculum", "difficulty", "loss_of") if name == "difficulty" else super().reference_key(name, index)
+        if name == "difficulty":
+            return ("curriculum", "difficulty", "loss_of")
+        return ("adapter", "from") if name == "adapter" else super().reference_key(name, index)
 
     def outputs(self) -> frozenset[str]:
-        return self.gives | ({"train_losses"} if self.eval.score_train else set())
+        out = self.gives | ({"train_losses"} if self.eval.score_train else set())
+        if self.adapter is not None:  # merge: false hands on the adapter alone, with the tokenizer
+            out = (out | {"adapter"}) - (set() if self.adapter.merge else {"model"})
+        return out

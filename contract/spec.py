@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from contract.fingerprint import BY_DIGEST, LEFT_OUT, UNLESS_DEFAULT, files_by_digest
-from contract.sections import Checkpoint, Curriculum, Eval, Precision, Train
+from contract.sections import Adapter, Checkpoint, Curriculum, Eval, Precision, Train
 
 SPEC_VERSION = 2
 M = TypeVar("M", bound=BaseModel)
@@ -143,6 +143,9 @@ class Spec(Frozen):
     options: dict[str, Any] = Field(description="the kind's own section; the kind module's model reads it")
     curriculum: Annotated[Curriculum | None, UNLESS_DEFAULT] = Field(
         None, description="the training stage's curriculum section as the manifest gives it; null: none")
+    adapter: Annotated[Adapter | None, UNLESS_DEFAULT] = Field(
+        None, description="the training stage's adapter section as the manifest gives it; null: full fine-tuning "
+        "(an adapter continued from a stage is inputs.adapter)")
     deepspeed: dict[str, Any] | None = Field(description="the final DeepSpeed config; null where train is")
     shared_evals: Annotated[dict[str, SharedEvalSpec], UNLESS_DEFAULT] = Field(
         default_factory=dict, description="the run's shared eval sets this stage is scored on at its end, by name")

@@ -197,6 +197,9 @@ def check_references(loaded: Loaded) -> list[str]:
                     hint = f"; give stage '{ref.from_}' eval: {{score_train: true}}"
                 problems.append(f"{where}: stage '{ref.from_}' is a {upstream.kind} stage and gives no {ref.needs} "
                                 f"(it gives: {gives}){hint}")
+            elif ref.needs == "adapter" and getattr(upstream, "init", None) != getattr(stage, "init", None):
+                problems.append(f"{where}: stage '{ref.from_}' trained its adapter on another base model (init "
+                                f"{_init(upstream)}, here {_init(stage)}); give this stage stage '{ref.from_}'s init")
         for section, key in ((section, key) for section in stage.data_sections() for key in ("train", "eval")):
             files = getattr(section.data, key)
             for j, name in enumerate([files] if isinstance(files, str) else files or []):
@@ -225,6 +228,12 @@ def check_trackers(loaded: Loaded) -> list[str]:
             problems.append(f"{loaded.where(('run', 'report_to', j))}: {name} is not installed in this Python "
                             f"({sys.executable}); pip install 'baton[{extra}]', or take {name} out of report_to")
     return problems
+
+
+def _init(stage: Any) -> str:
+    """A stage's init as messages show it: {from: …}, {pretrained: …} or {config: …}."""
+    init = getattr(stage, "init", None)
+    return "none" if init is None else str(init.model_dump(by_alias=True, exclude_none=True))
 
 
 def flat_references(refs: dict[str, RefBase | list[RefBase]]) -> list[tuple[str, int | None, RefBase]]:

@@ -144,6 +144,61 @@ def max_length_applies(options: dict[str, Any]) -> bool:
     return "block_size" not in options
 
 
+# ----------------------------------------------------------------- adapters
+
+
+def quantize_problem() -> str | None:
+    """Why QLoRA (a 4-bit base through bitsandbytes) cannot run here, or None: it needs a CUDA device."""
+    with _quiet() as transformers:
+        from transformers.utils import is_bitsandbytes_available, is_torch_cuda_available
+
+        if not is_torch_cuda_available():
+            return (f"QLoRA (quantize: 4bit) needs a CUDA device, and torch {transformers.utils.get_torch_version()} "
+                    "sees none here; leave quantize out to train the adapter on the base model as it is")
+        if not is_bitsandbytes_available():
+            return "QLoRA (quantize: 4bit) needs bitsandbytes, which is not installed: pip install bitsandbytes"
+    return None
+
+
+def module_names(source: dict[str, Any], model_class: str) -> tuple[str, ...] | None:
+    """The module names of `model_class` (an AutoModel… class of transformers) built from a resolved model input
+    (a config, or a local folder's config.json), on the meta device (no memory, no weights read); None where
+    validate cannot know them (a hub name, a config that is refused)."""
+    if source["source"] == "config":
+        values, key = source["config"], ["config", source["config"], model_class]
+    elif source["digest"] is not None:
+        values, key = None, ["folder", source["path"], source["digest"], model_class]
+    else:
+        return None
+    found, problems = _remembered("module names", key, lambda: _module_names(values, source["path"], model_class))
+    return None if problems else tuple(found)
+
+
+def _module_names(values: dict[str, Any] | None, path: str | None, model_class: str) -> tuple[list[str], list[str]]:
+    with _quiet() as transformers:
+        import torch  # transformers has imported it
+
+        try:
+            built = (transformers.AutoConfig.for_model(**values) if values is not None
+                     else transformers.AutoConfig.from_pretrained(path, local_files_only=True))
+            with torch.device("meta"):
+                model = getattr(transformers, model_class).from_config(built)
+        except Exception as e:  # reported by the model checks
+            return [], [_one_line(e)]
+    return [name for name, _ in model.named_modules() if name], []
+
+
+def unmatched(keys: list[str], names: tuple[str, ...]) -> list[str]:
+    """The keys of adapter.target_modules or modules_to_save that name no module, as peft matches them: a
+    module's full name, or its ending after a dot."""
+    return [k for k in keys if k != "all-linear" and not any(n == k or n.endswith("." + k) for n in names)]
+
+
+def short_names(names: tuple[str, ...]) -> str:
+    """The distinct last parts of module names (q_proj, c_attn, classifier …), for a message."""
+    return ", ".join(sorted({n.rsplit(".", 1)[-1] for n in names if not n.rsplit(".", 1)[-1].isdigit()}))
+
+
 # ----------------------------------------------------------------- tokenizers
 
 

@@ -197,7 +197,10 @@ def _resolve_stage(loaded: Loaded, i: int, stage: StageBase, name: str,
             "eval": stage.eval.model_dump(mode="json"),
             "deepspeed": dsconfig.fill(merged, train, precision, world, ds_source),
             "curriculum": stage.curriculum.model_dump(mode="json") if stage.curriculum else None,
+            "adapter": stage.adapter.model_dump(mode="json") if stage.adapter else None,
         }
+        if stage.adapter is not None and (problems := _adapter(loaded, i, stage, inputs["init"], base_dir)):
+            raise ConfigError(problems)
     return Resolved(i, name, spec["kind"], nproc, nnodes, upstream, spec, ds_source, slurm, group=stage.name)
 
 
@@ -297,19 +300,57 @@ def _model(resolved: dict[str, Any], name: str) -> tuple[Any, list[tuple[tuple[s
 def _model_of_stage(loaded: Loaded, base_dir: Path, name: str) -> tuple[Any, str]:
     """The position embeddings of the model an earlier stage hands on (those of the model it started from) and
     where that comes from; (None, "") where validate cannot know them. Its problems are reported for that stage."""
+    found = _origin(loaded, base_dir, name)
+    if found is None:
+        return None, ""
+    stage, input_name, resolved = found
+    positions, _, what = _model(resolved, input_name)
+    return positions, f"stage {stage}'s {what}"
+
+
+def _origin(loaded: Loaded, base_dir: Path, name: str) -> tuple[str, str, dict[str, Any]] | None:
+    """The model an earlier stage `name` started from, followed up the stages it came from: (the stage that reads
+    it, its input name, the resolved input); None where there is no one such model."""
     stage = next(s for s in loaded.manifest.stages if s.name == name)
     models = [(n, ref) for n, _, ref in flat_references(stage.references()) if ref.needs == "model"]
     if len(models) != 1:
-        return None, ""
+        return None
     input_name, ref = models[0]
     if ref.from_ is not None:
-        return _model_of_stage(loaded, base_dir, ref.from_)
+        return _origin(loaded, base_dir, ref.from_)
     try:
-        resolved = _reference(loaded, (), ref, base_dir)
+        return name, input_name, _reference(loaded, (), ref, base_dir)
     except ConfigError:
-        return None, ""
-    positions, _, what = _model(resolved, input_name)
-    return positions, f"stage {name}'s {what}"
+        return None
+
+
+def _adapter(loaded: Loaded, i: int, stage: TrainingStage, init: dict[str, Any], base_dir: Path) -> list[str]:
+    """What validate can tell of a stage's adapter before launch: QLoRA without a CUDA device; target_modules and
+    modules_to_save that name no module of the model it trains (where that model is known: a config, a local
+    folder, or what an earlier stage started from)."""
+    adapter = stage.adapter
+    assert adapter is not None
+    at = ("stages", i, "adapter")
+    problems = []
+    if adapter.quantize is not None and (why := modelcheck.quantize_problem()):
+        problems.append(f"{loaded.where((*at, 'quantize'))}: {why}")
+    if adapter.target_modules is None and adapter.modules_to_save is None:
+        return problems
+    source = init
+    if init["source"] == "stage":
+        found = _origin(loaded, base_dir, init["stage"])
+        source = found[2] if found else None
+    head = stage.model_head()
+    names = source and modelcheck.module_names(source, HEADS[head].model if head else "AutoModel")
+    if not names:
+        return problems
+    model = f"a {source['config']['model_type']} config" if source["source"] == "config" else source["path"]
+    for key in ("target_modules", "modules_to_save"):
+        missing = modelcheck.unmatched(getattr(adapter, key) or [], names)
+        if missing:
+            problems.append(f"{loaded.where((*at, key))}: {', '.join(missing)} names no module of the model ({model}); "
+                            f"its modules are named {modelcheck.short_names(names)}")
+    return problems
 
 
 def _slurm(loaded: Loaded, i: int, stage: StageBase, base_dir: Path) -> dict[str, Any]:

@@ -15,8 +15,8 @@ import torch
 from contract import layout
 from contract.files import dir_digest, fsync_dir, json_safe, write_json
 from contract.layout import Output, Result, final_dir
-from stages.runtime import dist
-from stages.runtime.spec import Diverged, Spec
+from stages.runtime import adapters, dist
+from stages.runtime.spec import Diverged, Ref, Spec
 
 
 def save_final(model, tokenizer, spec: Spec, *, zero_stage: int, beside: dict[str, Any] | None = None,
@@ -46,7 +46,7 @@ def save_final(model, tokenizer, spec: Spec, *, zero_stage: int, beside: dict[st
         if dist.is_main():
             out = staging(final)
             for below, m in folders.items():
-                _write(m, tokenizer, out / below, masters)
+                _write(m, tokenizer, out / below, masters, spec if below == "" else None)
             for name, value in (files or {}).items():
                 write_json(out / name, json_safe(value))
     digest = publish(tmp, final) if dist.is_main() else None
@@ -114,19 +114,29 @@ def _fp32_masters(folders: dict[str, Any]) -> dict[int, torch.Tensor]:
     return out
 
 
-def _write(model, tokenizer, path: Path, masters: dict[int, torch.Tensor]) -> None:
+def _write(model, tokenizer, path: Path, masters: dict[int, torch.Tensor], spec: Spec | None) -> None:
     """`masters`: fp32 values by parameter id (a bf16/fp16 run's); the model's other floating tensors (frozen
-    parameters, buffers) are then saved in fp32 too."""
+    parameters, buffers) are then saved in fp32 too. `spec`: the stage's, for the model it trains (None for the
+    models beside it); with spec.adapter the model is peft's, which saves the adapter in adapter/ and, unless
+    adapter.merge is false, the model with the adapter merged in."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     state = None
-    if masters:
+    if spec is not None and spec.adapter is not None:
+        init = spec.inputs.get("init")
+        base_path = init.path if isinstance(init, Ref) else None
+        done = adapters.save(model, path, masters, merge=spec.adapter.merge, base_path=base_path)
+        model, state = done if done else (None, None)
+    elif masters:
         params = {name: id(p) for name, p in model.named_parameters(remove_duplicate=False)}  # tied: every name
         state = {}
         for name, value in model.state_dict().items():
             master = masters.get(params.get(name, -1))
             state[name] = master if master is not None else value.float() if value.is_floating_point() else value
+    if model is None:  # the adapter alone (adapter.merge false)
+        save_tokenizer(tokenizer, path)
+        return
     with torch.no_grad():
         # save_original_format=False: under ZeRO-3, from_pretrained records legacy renamings it never applied,
         # and "reverting" them would save LayerNorm.weight as LayerNorm.gamma. Names as in memory load everywhere.

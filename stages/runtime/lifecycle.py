@@ -30,6 +30,7 @@ from torch import nn
 from contract.layout import EXIT_DONE, TRAIN_LOSSES, ckpt_dir, final_dir, step_of, tag_of
 from contract.sections import Unfreeze
 from stages.runtime import (
+    adapters,
     checkpoint,
     curriculum,
     data,
@@ -57,7 +58,7 @@ ExampleLosses = Callable[[list[int]], torch.Tensor]
 @dataclass
 class Training:
     spec: TrainingSpec
-    model: nn.Module  # the transformers model: what final/ saves
+    model: nn.Module  # the transformers model: what final/ saves (with an adapter: in its layers; `adapter` saves)
     engine: Any  # the DeepSpeed engine; wraps `model`, or a loss module around it
     sampler: Sampler  # this rank's micro-batches from the current position on
     num_samples: int  # training examples
@@ -72,6 +73,7 @@ class Training:
     tokenizer: Any = None
     head: Head | None = None
     beside: dict[str, nn.Module] | None = None
+    adapter: nn.Module | None = None  # with spec.adapter: peft's model around `model` (which holds the adapter)
 
     def fit(self, micro_step: MicroStep, evaluate: Evaluate, tokenizer, *, head: Head | None = None,
             beside: dict[str, nn.Module] | None = None) -> bool:
@@ -90,9 +92,9 @@ class Training:
         join its metrics), which is exported to best/ as final/ would be, with the step it holds."""
         assert self.selection is not None
         self.selection.metrics |= self._shared_scores()
-        export.save_final(self.model, self.tokenizer, self.spec, zero_stage=engine.zero_stage(self.spec),
-                          beside=self.beside, files={STEP_FILE: {"step": step}},
-                          folder=Path(self.spec.stage_dir) / BEST)
+        export.save_final(self.adapter or self.model, self.tokenizer, self.spec,
+                          zero_stage=engine.zero_stage(self.spec), beside=self.beside,
+                          files={STEP_FILE: {"step": step}}, folder=Path(self.spec.stage_dir) / BEST)
 
     def renew(self, pos: Position):
         """Collective. A fresh engine for the layer groups that train from `pos` on (gradual unfreezing: DeepSpeed
@@ -136,8 +138,8 @@ class Training:
         if spec.eval.score_train:
             assert losses is not None, f"kind {spec.kind} scores its training examples: finish needs losses"
             files[TRAIN_LOSSES] = self._train_losses(losses)
-        path, digest = export.save_final(self.model, self.tokenizer, spec, zero_stage=engine.zero_stage(spec),
-                                         beside=self.beside, files=files)
+        path, digest = export.save_final(self.adapter or self.model, self.tokenizer, spec,
+                                         zero_stage=engine.zero_stage(spec), beside=self.beside, files=files)
         export.write_result(spec, steps=pos.step, samples=pos.samples, output=path, digest=digest,
                             metrics=final_metrics, **self._selected())
         return EXIT_DONE
@@ -235,7 +237,10 @@ def start(spec: TrainingSpec, d: Dist, *, num_samples: int, build: Callable[[boo
     universal = resharded and engine.zero_stage(spec) > 0
     if saved is not None and universal:
         checkpoint.to_universal(spec, saved.tag)
-    model = build(saved is not None)
+    # An adapter's base is frozen, and a ZeRO-3 checkpoint restores only what the optimizer holds: the base always
+    # comes from init (as frozen, it is what it was at step 0), the adapter from the checkpoint.
+    model = build(saved is not None and spec.adapter is None)
+    peft = adapters.wrap(spec, model) if spec.adapter is not None else None
     net = wrap(model) if wrap else model
     unfreezing = None if unfreeze is None else layers.Unfreezing(unfreeze, len(layers.groups(net, model)))
     net = _engine(spec, net, model, max_steps, unfreezing, step=step_of(saved.tag) if saved else 0,
@@ -254,7 +259,8 @@ def start(spec: TrainingSpec, d: Dist, *, num_samples: int, build: Callable[[boo
         selection = Selection(spec.eval.best, spec.eval.patience)
         selection.restore(pos.best)
     return Training(spec=spec, model=model, engine=net, sampler=drawn, num_samples=num_samples, pos=pos,
-                    max_steps=max_steps, build=build, wrap=wrap, unfreezing=unfreezing, d=d, selection=selection)
+                    max_steps=max_steps, build=build, wrap=wrap, unfreezing=unfreezing, d=d, selection=selection,
+                    adapter=peft)
 
 
 def _engine(spec: TrainingSpec, net: nn.Module, model: nn.Module, max_steps: int,
