@@ -325,15 +325,16 @@ def _origin(loaded: Loaded, base_dir: Path, name: str) -> tuple[str, str, dict[s
 
 
 def _adapter(loaded: Loaded, i: int, stage: TrainingStage, init: dict[str, Any], base_dir: Path) -> list[str]:
-    """What validate can tell of a stage's adapter before launch: QLoRA without a CUDA device; target_modules and
+    """What validate can tell of a stage's adapter before launch: QLoRA (which needs a CUDA device, and whose
+    training path is not built yet); target_modules and
     modules_to_save that name no module of the model it trains (where that model is known: a config, a local
     folder, or what an earlier stage started from)."""
     adapter = stage.adapter
     assert adapter is not None
     at = ("stages", i, "adapter")
     problems = []
-    if adapter.quantize is not None and (why := modelcheck.quantize_problem()):
-        problems.append(f"{loaded.where((*at, 'quantize'))}: {why}")
+    if adapter.quantize is not None:
+        problems.append(f"{loaded.where((*at, 'quantize'))}: {modelcheck.quantize_problem()}")
     if adapter.target_modules is None and adapter.modules_to_save is None:
         return problems
     source = init
