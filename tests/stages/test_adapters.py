@@ -324,10 +324,9 @@ def test_resumed_at_another_world_size_goes_on_as_the_same_run(work):
 
     stages = work["stages"]
     ref = stages.run("lora-zero2") if "lora-zero2" not in stages.outputs else {"output": stages.outputs["lora-zero2"]}
-    two = specs.Stages(work["root"] / "two", MANIFEST.replace(
+    two = specs.Stages(work["root"], MANIFEST.replace(  # the same stage folder, at 2 ranks
         'launcher: {nproc_per_node: 1}\n    deepspeed: {config: zero2}', "launcher: {}\n    deepspeed: {config: zero2}"
     ).replace("grad_accum: 4", "grad_accum: 2"), work["root"] / "hf")
-    two.run_dir = stages.run_dir  # the same stage folder
     first = two.spec("lora-ws")
     assert first.world_size == 2
     two.kill_after_first_checkpoint(first)
@@ -371,3 +370,52 @@ def test_an_unmerged_adapter_is_continued_by_a_later_stage(work):
     a = weights(final / "adapter", "adapter_model.safetensors")
     b = weights(Path(more["output"]["path"], "adapter"), "adapter_model.safetensors")
     assert a.keys() == b.keys() and not all(torch.equal(a[k], b[k]) for k in a)
+
+
+KINDS = specs.head("kinds") + f"""
+  - name: mlm-lora
+    kind: mlm
+    init: {{config: {specs.TINY_BERT}}}
+    tokenizer: {{from: tokenizer}}
+    deepspeed: {{config: zero1}}
+    data: {{train: data/pretrain.txt, max_length: 32}}
+    train: {{max_steps: 4, micro_batch_size: 8, lr: 1.0e-2, log_every: 1}}
+    eval: {{at_end: false}}
+    adapter: {{r: 4}}
+  - name: cls-lora
+    kind: classify
+    precision: bf16
+    init: {{from: mlm-lora}}
+    deepspeed: {{config: zero3}}
+    data: {{train: data/supersense_train.jsonl, eval: data/supersense_eval.jsonl, max_length: 32}}
+    train: {{max_steps: 4, micro_batch_size: 4, lr: 1.0e-2, log_every: 1}}
+    adapter: {{r: 4, target_modules: [query, value, dense], modules_to_save: [classifier]}}
+"""
+
+
+@pytest.mark.slow
+def test_other_kinds_take_an_adapter_mlm_then_a_bf16_classifier_at_zero3(tmp_path):
+    """mlm with peft's default target modules for BERT (query, value); then a classifier on its merged model in
+    bf16 at ZeRO-3 with its new head as modules_to_save: final/ holds the fp32 masters, merged, and the adapter."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    specs.copy_data(tmp_path / "data")
+    stages = specs.Stages(tmp_path, KINDS, tmp_path / "hf")
+    stages.run("tokenizer")
+    mlm = stages.run("mlm-lora")
+    assert adapter_record(mlm)["trainable_params"] == 2 * 2 * R * (32 + 32)  # query and value of 2 layers
+    result = stages.run("cls-lora")
+    assert all(v == v for v in result["metrics"].values())  # not NaN
+    final = Path(result["output"]["path"])
+    record = adapter_record(result)
+    classes = 8 * 32 + 8  # the supersense labels: classifier weight and bias, trained in full
+    assert record["trainable_params"] > classes
+    merged = AutoModelForSequenceClassification.from_pretrained(final).eval()
+    assert merged.dtype == torch.float32 and merged.config.num_labels == 8
+    peft = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(
+        mlm["output"]["path"], num_labels=8), final / "adapter").eval()
+    ids = torch.randint(5, 900, (3, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, peft(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
