@@ -430,15 +430,6 @@ class Adapter(Strict):
             raise ValueError(f"{value!r}: a number is expected, not a boolean")
         return value
 
-    @model_validator(mode="after")
-    def _continued(self) -> Adapter:
-        if self.from_ is not None:
-            written = [n for n in self.SHAPE if n in self.model_fields_set]
-            if written:
-                raise Problem((written[0],), f"the adapter continued from stage '{self.from_}' brings its own "
-                              f"{', '.join(self.SHAPE)}; leave {', '.join(written)} out")
-        return self
-
 
 class AdapterRef(RefBase):
     """An earlier stage's adapter (adapter.from): its final/adapter/."""
@@ -801,6 +792,10 @@ class TrainingStage(StageBase):
         if self.options().get("unfreeze") is not None:
             raise Problem((self.options_field or "", "unfreeze"), "gradual unfreezing trains the full model's layer "
                           "groups; with an adapter only the adapter trains: leave unfreeze out")
+        written = [n for n in self.adapter.SHAPE if n in self.adapter.model_fields_set]
+        if self.adapter.from_ is not None and written:  # here, not in Adapter: spec.json writes every field
+            raise Problem(("adapter", written[0]), f"the adapter continued from stage '{self.adapter.from_}' brings "
+                          f"its own {', '.join(self.adapter.SHAPE)}; leave {', '.join(written)} out")
         if self.adapter.from_ is not None and self.init.from_ is None and self.init.pretrained is None:
             raise Problem(("adapter", "from"), "an adapter is continued on the base model it was trained on: give "
                           "init.from or init.pretrained, as the stage it comes from does")

@@ -197,7 +197,7 @@ def _resolve_stage(loaded: Loaded, i: int, stage: StageBase, name: str,
             "eval": stage.eval.model_dump(mode="json"),
             "deepspeed": dsconfig.fill(merged, train, precision, world, ds_source),
             "curriculum": stage.curriculum.model_dump(mode="json") if stage.curriculum else None,
-            "adapter": stage.adapter.model_dump(mode="json") if stage.adapter else None,
+            "adapter": _adapter_section(stage),
         }
         if stage.adapter is not None and (problems := _adapter(loaded, i, stage, inputs["init"], base_dir)):
             raise ConfigError(problems)
@@ -322,6 +322,15 @@ def _origin(loaded: Loaded, base_dir: Path, name: str) -> tuple[str, str, dict[s
         return name, input_name, _reference(loaded, (), ref, base_dir)
     except ConfigError:
         return None
+
+
+def _adapter_section(stage: TrainingStage) -> dict[str, Any] | None:
+    """The stage's adapter section for spec.json; a continued adapter's shape (r, alpha …) is left out: it comes
+    with the adapter (inputs.adapter, counted by its digest)."""
+    if stage.adapter is None:
+        return None
+    shape = set(stage.adapter.SHAPE) if stage.adapter.from_ is not None else set()
+    return stage.adapter.model_dump(mode="json", exclude=shape)
 
 
 def _adapter(loaded: Loaded, i: int, stage: TrainingStage, init: dict[str, Any], base_dir: Path) -> list[str]:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from stages.runtime import dist, records
+from stages.runtime import dist, engine, records
 from stages.runtime.models import verify_digest
 from stages.runtime.spec import SpecError, TrainingSpec
 
@@ -48,6 +48,13 @@ def wrap(spec: TrainingSpec, model: nn.Module) -> nn.Module:
                                                     target_modules=targets, modules_to_save=a.modules_to_save))
     except ValueError as e:  # peft's: no default target modules for the model type, none matched …
         raise SpecError(f"adapter: {e}") from None
+    if engine.zero_stage(spec) == 3 and spec.precision != "fp32":
+        # ZeRO-3 partitions the parameters it finds whole (the adapter's, made after the base was partitioned in
+        # the working dtype) without casting them, and its partitions must all have one dtype
+        dtype = torch.bfloat16 if spec.precision == "bf16" else torch.float16
+        for p in peft.parameters():
+            if not hasattr(p, "ds_id") and p.is_floating_point():
+                p.data = p.data.to(dtype)
     trainable, total = counts(peft)
     dist.print0(f"{spec.stage}: LoRA adapter (r {peft.peft_config['default'].r}), {trainable:,} of {total:,} "
                 f"parameters train ({100 * trainable / max(total, 1):.2f}%)")
