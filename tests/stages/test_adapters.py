@@ -178,7 +178,7 @@ def test_qlora_is_refused_at_validate_without_a_cuda_device(tmp_path):
     ("{merge: false}", "{config: {model_type: gpt2}}", "adapter: {from: first}",
      "21 stages[2].adapter.from: an adapter is continued on the base model it was trained on: give init.from or "
      "init.pretrained, as the stage it comes from does"),
-    ("{r: 4}", "{config: {model_type: gpt2}}", "adapter: {from: tokenizer}",
+    ("{r: 4}", "{from: first}", "adapter: {from: tokenizer}",
      "21 stages[2].adapter.from: stage 'tokenizer' is a tokenizer stage and gives no adapter (it gives: tokenizer)"),
 ])
 def test_a_continued_adapter_is_checked_at_validate(tmp_path, first, init, second, message):
@@ -389,14 +389,15 @@ KINDS = specs.head("kinds") + f"""
     deepspeed: {{config: zero3}}
     data: {{train: data/supersense_train.jsonl, eval: data/supersense_eval.jsonl, max_length: 32}}
     train: {{max_steps: 4, micro_batch_size: 4, lr: 1.0e-2, log_every: 1}}
-    adapter: {{r: 4, target_modules: [query, value, dense], modules_to_save: [classifier]}}
+    adapter: {{r: 4, target_modules: [query, value], modules_to_save: [classifier, pooler]}}
 """
 
 
 @pytest.mark.slow
 def test_other_kinds_take_an_adapter_mlm_then_a_bf16_classifier_at_zero3(tmp_path):
     """mlm with peft's default target modules for BERT (query, value); then a classifier on its merged model in
-    bf16 at ZeRO-3 with its new head as modules_to_save: final/ holds the fp32 masters, merged, and the adapter."""
+    bf16 at ZeRO-3 with its new modules (classifier, and the pooler masked-LM checkpoints lack) as modules_to_save:
+    final/ holds the fp32 masters, merged, and an adapter that gives the same logits on the base it names."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
