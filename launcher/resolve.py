@@ -346,13 +346,13 @@ def _adapter(loaded: Loaded, i: int, stage: TrainingStage, init: dict[str, Any],
         problems.append(f"{loaded.where((*at, 'quantize'))}: {modelcheck.quantize_problem()}")
     if adapter.target_modules is None and adapter.modules_to_save is None:
         return problems
-    source = init
+    source: dict[str, Any] | None = init
     if init["source"] == "stage":
         found = _origin(loaded, base_dir, init["stage"])
         source = found[2] if found else None
     head = stage.model_head()
     names = source and modelcheck.module_names(source, HEADS[head].model if head else "AutoModel")
-    if not names:
+    if not names or source is None:
         return problems
     model = f"a {source['config']['model_type']} config" if source["source"] == "config" else source["path"]
     for key in ("target_modules", "modules_to_save"):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -44,7 +45,9 @@ def wrap(spec: TrainingSpec, model: nn.Module) -> nn.Module:
             peft = PeftModel.from_pretrained(model, Path(ref.path, ADAPTER), is_trainable=True)
         else:
             targets = "all-linear" if a.target_modules == ["all-linear"] else a.target_modules
-            peft = get_peft_model(model, LoraConfig(r=a.r, lora_alpha=a.alpha, lora_dropout=a.dropout,
+            # lora_alpha is typed int, but peft scales by alpha / r whatever the number
+            peft = get_peft_model(model, LoraConfig(r=a.r, lora_alpha=a.alpha,  # type: ignore[arg-type]
+                                                    lora_dropout=a.dropout,
                                                     target_modules=targets, modules_to_save=a.modules_to_save))
     except ValueError as e:  # peft's: no default target modules for the model type, none matched …
         raise SpecError(f"adapter: {e}") from None
@@ -100,7 +103,7 @@ def save(peft: nn.Module, path: Path, masters: dict[int, torch.Tensor], *, merge
     modules_to_save's trained copies, under the base model's own names); None with merge false. `masters`: fp32
     values by parameter id (a bf16/fp16 run's), used for the adapter and the update. `base_path`: the base model's
     folder, recorded in adapter_config.json."""
-    config = peft.peft_config["default"]  # type: ignore[index]
+    config: Any = peft.peft_config["default"]  # type: ignore[index]
     config.base_model_name_or_path = base_path
     if isinstance(config.target_modules, set):  # peft writes a set in hash order: the same stage, another digest
         config.target_modules = sorted(config.target_modules)
@@ -120,7 +123,7 @@ def merged(peft: nn.Module) -> dict[str, torch.Tensor]:
     deltas: dict[str, torch.Tensor] = {}
     for name, m in model.named_modules():
         if isinstance(m, LoraLayer) and "default" in m.scaling:
-            deltas[f"{name}.base_layer.weight"] = m.get_delta_weight("default").float()
+            deltas[f"{name}.base_layer.weight"] = cast(Any, m).get_delta_weight("default").float()  # each type has one
     wrapped = [f"{name}." for name, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
     out: dict[str, torch.Tensor] = {}
     copies: dict[int, torch.Tensor] = {}  # by storage: tied weights (an LM head and its embedding) stay one tensor
