@@ -148,6 +148,9 @@ class Slurm(Strict):
 
 
 class Data(Strict):
+    from_: str | None = Field(
+        None, alias="from", description="An earlier prepare stage whose tokenized corpus (train and eval splits) "
+        "the stage reads, instead of train/eval files or hub; kinds that read prepared data: clm.")
     train: str | list[str] | None = Field(
         None, description="Training file(s), relative to the manifest: .json/.jsonl/.csv/.parquet/.txt."
     )
@@ -171,8 +174,15 @@ class Data(Strict):
 
     @model_validator(mode="after")
     def _source(self) -> Data:
+        if self.from_ is not None:
+            given = [k for k in ("train", "eval", "hub") if getattr(self, k) is not None]
+            if given:
+                raise Problem((given[0],), "data.from reads an earlier prepare stage's splits: give no "
+                              "train, eval or hub beside it")
+            return self
         if self.reads_train and (self.train is None) == (self.hub is None):
-            raise ValueError("give exactly one of: train (local files) or hub (a datasets name)")
+            raise ValueError("give exactly one of: train (local files), hub (a datasets name) or from (a "
+                             "prepare stage)")
         if self.train == []:
             raise Problem(("train",), "no files: give at least one training file")
         if self.hub is not None and self.eval is not None:
@@ -243,6 +253,17 @@ class TokenizerRef(RefBase):
     @model_validator(mode="after")
     def _one(self) -> TokenizerRef:
         exactly_one(self, "from_", "pretrained")
+        return self
+
+
+class PreparedRef(RefBase):
+    """A corpus an earlier prepare stage tokenized (a stage's `data: {from: …}`). Only `from`."""
+
+    needs: ClassVar[str] = "prepared"
+
+    @model_validator(mode="after")
+    def _one(self) -> PreparedRef:
+        exactly_one(self, "from_")
         return self
 
 
@@ -677,6 +698,7 @@ class StageBase(Strict):
     head: ClassVar[Head | None] = None  # the head of the model final/ holds, when the kind alone says it
     # where a classifier's rows without labels can go instead, said where validate finds a row that lacks one
     unlabelled_rows: ClassVar[str | None] = None
+    reads_prepared: ClassVar[bool] = False  # its data: may be {from: <a prepare stage>}
 
     kind: str = Field(description="The stage kind: a module of contract/kinds/.")  # a Literal in each kind
     name: str = Field(pattern=NAME_PATTERN, max_length=100,
@@ -702,6 +724,20 @@ class StageBase(Strict):
         return name_fits(value)
 
     @model_validator(mode="after")
+    def _prepared(self) -> StageBase:
+        if self.data is not None and self.data.from_ is not None and not self.reads_prepared:
+            raise Problem(("data", "from"), f"kind {self.kind} does not read prepared data; give train files or "
+                          "hub (kinds that read a prepare stage's output: "
+                          + ", ".join(self._prepared_kinds()) + ")")
+        return self
+
+    @staticmethod
+    def _prepared_kinds() -> list[str]:
+        from contract.kinds import KINDS  # the kind modules import this one
+
+        return sorted(kind for kind, stage in KINDS.items() if stage.reads_prepared)
+
+    @model_validator(mode="after")
     def _decisions(self) -> StageBase:
         if self.variants is not None and self.gate is not None and self.gate.on_fail == "retry":
             raise Problem(("gate", "on_fail"), "a stage with variants is not retried: the gate checks the "
@@ -722,7 +758,9 @@ class StageBase(Strict):
     def scored(self) -> bool:
         """Whether the stage has eval data to report its head's metrics on."""
         data = self.data
-        return data is not None and (data.eval is not None or (data.hub is not None and data.eval_split is not None))
+        # prepared data: whether its prepare stage had eval data shows at run time; a gate on an eval metric is let be
+        return data is not None and (data.eval is not None or data.from_ is not None
+                                     or (data.hub is not None and data.eval_split is not None))
 
     def references(self) -> References:
         """The named inputs: every field holding a reference (or a list of them), by field name; and the tokenizer
@@ -734,6 +772,8 @@ class StageBase(Strict):
                 isinstance(value, list) and value and all(isinstance(v, RefBase) for v in value)
             ):
                 out[name] = value
+        if self.data is not None and self.data.from_ is not None:
+            out["data"] = PreparedRef.model_validate({"from": self.data.from_})
         if self.tokenizer_from is not None and getattr(self, "tokenizer", None) is None:
             source = getattr(self, self.tokenizer_from)
             source = source[0] if isinstance(source, list) else source

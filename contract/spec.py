@@ -6,6 +6,8 @@ stage to guess. docs/stage-contract.md shows an example.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -22,6 +24,14 @@ M = TypeVar("M", bound=BaseModel)
 # student, must agree on these too (the launcher checks local folders before launch, the stage again at start)
 SPECIAL_TOKEN_IDS = ("pad_token_id", "mask_token_id", "cls_token_id", "sep_token_id", "bos_token_id", "eos_token_id",
                      "unk_token_id")
+
+
+def vocabulary(tokenizer: Any) -> str:
+    """A digest of what a model's embedding rows mean: every token with its id, and the special tokens' ids (as the
+    stage compares a tokenizer with a model's own, `stages.runtime.models.vocabulary_difference`); a prepare stage
+    records it, and a stage reading its token ids compares its own tokenizer's."""
+    what = [sorted(tokenizer.get_vocab().items()), [getattr(tokenizer, n, None) for n in SPECIAL_TOKEN_IDS]]
+    return "sha256:" + hashlib.sha256(json.dumps(what).encode()).hexdigest()
 
 
 class ContractError(Exception):

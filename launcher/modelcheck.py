@@ -18,15 +18,13 @@ from __future__ import annotations
 import contextlib
 import difflib
 import functools
-import hashlib
-import json
 import re
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from contract.spec import SPECIAL_TOKEN_IDS
+from contract.spec import vocabulary
 from launcher import verdicts
 
 Problem = tuple[tuple[str, ...], str]  # (key path below the reference's config, or (), message)
@@ -231,13 +229,6 @@ def _tokenizer_folder(path: str) -> tuple[str | None, str | None]:
     if tok.pad_token_id is None:
         return None, f"{path}: the tokenizer has no pad token (the stage pads its batches)"
     return vocabulary(tok), None
-
-
-def vocabulary(tokenizer: Any) -> str:
-    """A digest of what a model's embedding rows mean: every token with its id, and the special tokens' ids (as the
-    stage compares a tokenizer with a model's own, `stages.runtime.models.vocabulary_difference`)."""
-    what = [sorted(tokenizer.get_vocab().items()), [getattr(tokenizer, n, None) for n in SPECIAL_TOKEN_IDS]]
-    return "sha256:" + hashlib.sha256(json.dumps(what).encode()).hexdigest()
 
 
 # ----------------------------------------------------------------- transformers, quietly; what passed before

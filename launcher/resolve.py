@@ -83,6 +83,7 @@ def resolve(loaded: Loaded, under_slurm: bool = False) -> list[Resolved]:
         except ConfigError as e:
             problems += [p for p in e.problems if p not in problems]
     problems += _scored_data(loaded, out)
+    problems += _prepared_tokenizers(loaded)
     if problems:
         raise ConfigError(problems)
     return out
@@ -114,6 +115,41 @@ def _scored_data(loaded: Loaded, stages: list[Resolved]) -> list[str]:
                 problems.append(f"{where}: stage '{scorer.name}' made its rows with {k} {theirs.get(k)}, but this "
                                 f"stage's have {k} {ours.get(k)}; the {ref.holds} are per row of rows made alike")
     return problems
+
+
+def _prepared_tokenizers(loaded: Loaded) -> list[str]:
+    """A stage reading a prepare stage's output (data.from) must read its token ids with the tokenizer they were
+    made with: compared here where both tokenizers can be traced to one origin (the same stage, local folders with
+    the same vocabulary, one hub name); the stage compares the vocabularies again at start."""
+    by_name = {s.name: s for s in loaded.manifest.stages}
+    problems = []
+    for i, stage in enumerate(loaded.manifest.stages):
+        source = by_name.get(stage.data.from_ or "") if stage.data is not None else None
+        if source is None or source.kind != "prepare":
+            continue  # an unknown stage, or one that gives no prepared data: the reference checks say so
+        ours, theirs = _tokenizer_origin(loaded, stage), _tokenizer_origin(loaded, source)
+        if ours and theirs and ours[0] == theirs[0] and ours != theirs:
+            problems.append(f"{loaded.where(('stages', i, 'data', 'from'))}: stage '{source.name}' tokenized its "
+                            f"corpus with {theirs[2]}, but this stage's tokenizer is {ours[2]}; the token ids mean "
+                            f"other tokens: give this stage the tokenizer of '{source.name}'")
+    return problems
+
+
+def _tokenizer_origin(loaded: Loaded, stage: StageBase, depth: int = 0) -> tuple[str, str, str] | None:
+    """(what kind of origin, its identity, how messages name it) of the tokenizer a stage reads its data with: the
+    tokenizer stage that trained it, a local folder's vocabulary, a hub name; None where validate cannot tell."""
+    ref = stage.references().get("tokenizer")
+    if ref is None:
+        return ("stage", stage.name, f"stage '{stage.name}'s") if "tokenizer" in stage.outputs() else None
+    assert isinstance(ref, RefBase)
+    if ref.from_ is not None:
+        upstream = next((s for s in loaded.manifest.stages if s.name == ref.from_), None)
+        return None if upstream is None or depth > 100 else _tokenizer_origin(loaded, upstream, depth + 1)
+    local = (loaded.file.parent / (ref.pretrained or "")).resolve()
+    if not local.is_dir():
+        return "hub", ref.pretrained or "", f"hub tokenizer {ref.pretrained}"
+    vocabulary, _ = modelcheck.tokenizer_folder(str(local), folder_digest(local))
+    return ("vocabulary", vocabulary, f"the tokenizer of {local}") if vocabulary else None
 
 
 def _train_data(r: Resolved) -> tuple:
@@ -395,12 +431,17 @@ def _data_sections(loaded: Loaded, i: int, stage: StageBase, base_dir: Path) -> 
         raise ConfigError(problems)
     main = out.pop(None, None)
     if main is None:
-        blank = Data.model_construct()  # the defaults; no train, no hub: this stage reads no data: section
-        main = {"train_files": [], "eval_files": [], "format": None, "hub": None, "text_field": blank.text_field,
-                "text_pair_field": None, "label_field": blank.label_field, "labels": None,
-                "max_length": blank.max_length,
-                "digests": {f: d for section in out.values() for f, d in section["digests"].items()}}
+        main = _no_files(Data.model_construct())  # the defaults; no train, no hub: this stage reads no data: section
+        main["digests"] = {f: d for section in out.values() for f, d in section["digests"].items()}
     return {"data": main, "sections": out}
+
+
+def _no_files(data: Data) -> dict[str, Any]:
+    """Spec data that names no file: a stage that reads no data: section, or reads a prepare stage's output (its
+    inputs.data: the prepared folder, by its digest)."""
+    return {"train_files": [], "eval_files": [], "format": None, "hub": None, "text_field": data.text_field,
+            "text_pair_field": None, "label_field": data.label_field, "labels": None,
+            "max_length": data.max_length, "digests": {}}
 
 
 def _labelled(stage: StageBase, section: DataSection) -> bool:
@@ -415,6 +456,10 @@ def _data(loaded: Loaded, at: tuple[str | int, ...], data: Data, numbers: list[s
     """A data section as spec data: files made absolute, the format, each file checked (with `labels`, a
     classifier's: every row's label) and its digest."""
     base_dir = loaded.file.parent
+    if data.from_ is not None:
+        if at[-1:] != ("data",) or at[:1] != ("stages",) or len(at) != 3:
+            raise ConfigError(f"{loaded.where((*at, 'from'))}: only a stage's own data: reads a prepare stage")
+        return _no_files(data)
     files = {k: [str((base_dir / f).resolve()) for f in ([v] if isinstance(v, str) else v or [])]
              for k, v in (("train", data.train), ("eval", data.eval))}
     fmt: str | None = data.format

@@ -66,6 +66,14 @@ class Case:
 
 CLS_TRAIN = "    train: {epochs: 1, micro_batch_size: 4}\n"
 PRE_TRAIN = "    train: {max_steps: 10, micro_batch_size: 4}\n"
+PREPARE = "  - name: prep\n    kind: prepare\n    tokenizer: {from: tok}\n    data: {train: train.txt}\n"
+CLM = """  - name: lm
+    kind: clm
+    init: {{config: {{model_type: gpt2, n_embd: 32, n_layer: 2, n_head: 2}}}}
+    tokenizer: {{from: tok}}
+    data: {data}
+    train: {{max_steps: 10, micro_batch_size: 4}}
+"""
 
 CASES: dict[str, Case] = {
     "unknown-top-level-key": Case(
@@ -235,6 +243,20 @@ CASES: dict[str, Case] = {
     "infinite-lr": Case(
         edit(CLS_TRAIN, "    train: {epochs: 1, micro_batch_size: 4, lr: .inf}  #!\n"),
         "stages[2].train", ("lr: inf is not a finite number",)),
+    "prepared-data-on-a-kind-that-reads-none": Case(
+        edit("    data: {train: train.txt, eval: eval.txt}\n", "    data: {from: tok}  #!\n"),
+        "stages[1].data.from", ("kind mlm does not read prepared data", "kinds that read a prepare stage's output: "
+                                "clm")),
+    "prepared-data-from-a-tokenizer-stage": Case(
+        BASE + CLM.format(data="{from: tok}  #!"), "stages[3].data.from",
+        ("stage 'tok' is a tokenizer stage and gives no prepared",)),
+    "prepared-data-beside-files": Case(
+        BASE + PREPARE + CLM.format(data="{from: prep, train: train.txt}  #!"), "stages[4].data.train",
+        ("give no train, eval or hub beside it",)),
+    "prepared-with-another-tokenizer": Case(
+        BASE + PREPARE + "  - name: tok2\n    kind: tokenizer\n    data: {train: train.txt}\n"
+        + CLM.format(data="{from: prep}  #!").replace("tokenizer: {from: tok}", "tokenizer: {from: tok2}"),
+        "stages[5].data.from", ("stage 'prep' tokenized its corpus with stage 'tok's", "stage 'tok2's")),
 }
 
 # Known bugs: the message is clean and exit 2, but the location is wrong or missing.

@@ -21,6 +21,7 @@ class ClmOptions(Strict):
 class ClmStage(TrainingStage):
     options_field: ClassVar[str | None] = "clm"
     head: ClassVar[Head | None] = "clm"
+    reads_prepared: ClassVar[bool] = True
 
     kind: Literal["clm"] = Field(description="Causal-LM pretraining (next-token prediction); eval: perplexity.")
     clm: ClmOptions = Field(default_factory=ClmOptions, description="Packing settings.")

@@ -47,6 +47,15 @@ def check_block_size(spec: Spec, block_size: int, key: str = "clm.block_size", n
                         f"(inputs.{name}, n_positions / max_position_embeddings); lower {key}")
 
 
+def documents(tokenizer, texts: list[Any], eos: int) -> list[list[int]]:
+    """The token ids of each text that is not blank (a blank one is no document), without special tokens, followed
+    by the end-of-document token `eos`: what clm packs, and what a prepare stage stores."""
+    texts = [text for text in texts if isinstance(text, str) and text.strip()]
+    # verbose=False: documents longer than the tokenizer's model_max_length are expected; packing cuts them.
+    ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+    return [doc + [eos] for doc in ids]
+
+
 @dataclass(frozen=True)
 class Packed:
     documents: Any  # a datasets.Dataset: input_ids per document, end-of-document token included
@@ -64,10 +73,7 @@ def pack(section: DataSpec, cache_dir: str, tokenizer_digest: str, raw: dict[str
     out_dir = Path(cache_dir, "tokenized")
 
     def encode(batch: dict[str, list]) -> dict[str, list]:
-        texts = [text for text in batch[field] if isinstance(text, str) and text.strip()]  # blank: no document
-        # verbose=False: documents longer than the tokenizer's model_max_length are expected; packing cuts them.
-        ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
-        return {"input_ids": [doc + [eos] for doc in ids]}
+        return {"input_ids": documents(tokenizer, batch[field], eos)}
 
     def group(batch: dict[str, list]) -> dict[str, list]:
         stream = list(itertools.chain.from_iterable(batch["input_ids"]))

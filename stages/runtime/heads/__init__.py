@@ -74,6 +74,7 @@ class Source:
     train: bool = True
     difficulty: tuple[str, ...] = ()  # columns kept beside the tokens (a curriculum's difficulty column)
     labelled: bool = True
+    prepared: str | None = None  # a prepare stage's final/ to read the splits from (data.from), instead of `data`
 
 
 class Head(Protocol):
@@ -118,7 +119,8 @@ def of(spec: Spec, name: str, tokenizer: Any, labels: list[str] | None = None, *
     difficulty = (c.difficulty.column,) if c and c.difficulty and c.difficulty.column else ()
     return load(name, Source(data=spec.data, tokenizer=tokenizer, tokenizer_digest=data.tokenizer_digest(spec),
                              cache_dir=spec.cache_dir, seed=spec.seed, options=options, labels=labels,
-                             difficulty=difficulty))
+                             difficulty=difficulty,
+                             prepared=spec.ref("data").path if "data" in spec.inputs else None))
 
 
 def unlabelled(spec: Spec, section: str, name: str, tokenizer: Any, labels: list[str | int] | None,

@@ -14,7 +14,7 @@ from torch import nn
 
 from contract.heads import HEADS
 from contract.sections import BLOCK_SIZE
-from stages.runtime import data, dist, heads, packing
+from stages.runtime import data, dist, heads, packing, prepared
 from stages.runtime.dist import Dist
 from stages.runtime.heads import Keys, Source, common
 from stages.runtime.metrics import language_model_metrics
@@ -123,9 +123,26 @@ def load(source: Source) -> Head:
         raw = data.load_eval(source.data, source.cache_dir, source.key)
         return Head(source, {"eval": documents(source, raw, eos)}, eos, None)
     block_size = int(source.options.get("block_size") or BLOCK_SIZE)
+    if source.prepared is not None:
+        return Head(source, prepared_blocks(source.prepared, tokenizer, block_size), eos, block_size)
     raw = data.load_section(source.data, source.cache_dir, train=source.train, key=source.key)
     packed = packing.pack(source.data, source.cache_dir, source.tokenizer_digest, raw, tokenizer, eos, block_size)
     return Head(source, {split: p.blocks if p else None for split, p in packed.items()}, eos, block_size)
+
+
+def prepared_blocks(folder: str, tokenizer: Any, block_size: int) -> dict[str, Any]:
+    """The splits of a prepare stage's output as blocks read from its token files: one stream of documents per
+    split cut into blocks of block_size, as `packing.pack` cuts a corpus of at most PACK_BATCH documents (it drops
+    a remainder per PACK_BATCH documents, this one remainder per split)."""
+    meta = prepared.load(folder)
+    prepared.check_tokenizer(meta, tokenizer)
+    splits: dict[str, Any] = {"train": None, "eval": None}
+    for split, described in meta["splits"].items():
+        splits[split] = prepared.Blocks(prepared.Stream(folder, described), block_size)
+        if len(splits[split]) == 0:
+            raise SpecError(f"inputs.data: the prepared {split} split makes no block of clm.block_size {block_size} "
+                            f"tokens: {described['documents']} documents, {described['tokens']} tokens")
+    return splits
 
 
 def documents(source: Source, raw: Any, eos: int) -> Any:
