@@ -107,7 +107,7 @@ def describe(spec: Spec, opts: PrepareOptions, tokenizer: Any, eos: int, dtype: 
         s["documents"] += len(index) - 1
         s["tokens"] += int(index[-1])
         s["shards"].append({"tokens": tokens_name, "index": index_name, "documents": len(index) - 1,
-                            "tokens_count": int(index[-1])})
+                            "token_count": int(index[-1])})
     return {"format": FORMAT, "dtype": dtype, "shard_rows": opts.shard_rows,
             "tokenizer": {"vocabulary": vocabulary(tokenizer), "size": len(tokenizer), "end_of_document": eos},
             "text_field": spec.data.text_field,

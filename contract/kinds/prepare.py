@@ -35,5 +35,8 @@ class PrepareStage(StageBase):
                                     "(pretrained); the stages that read the prepared data must use the same one.")
     prepare: PrepareOptions = Field(default_factory=PrepareOptions, description="Sharding settings.")
 
+    def metric_names(self) -> frozenset[str]:
+        return frozenset({"documents", "tokens"})  # of the train split
+
 
 STAGE = PrepareStage
