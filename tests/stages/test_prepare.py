@@ -213,6 +213,11 @@ def test_a_killed_preparation_continues_to_the_same_bytes(work):
     result, out = stages.run_with_output("big-kill")
     done = sum(int(line.split(" tokenized ")[1].split()[0]) for line in out.splitlines() if " tokenized " in line)
     assert done <= BIG_LINES - kept * 500  # the finished shards were not tokenized again
+    ours, theirs = Path(result["output"]["path"]), Path(reference["output"]["path"])
+    differ = sorted({p.name for p in ours.iterdir()} ^ {p.name for p in theirs.iterdir()}) + [
+        p.name for p in sorted(ours.iterdir()) if (theirs / p.name).is_file() and
+        p.read_bytes() != (theirs / p.name).read_bytes()]
+    assert not differ, f"final/ differs from the unbroken preparation's in {differ}"
     assert result["output"]["digest"] == reference["output"]["digest"]
 
 
