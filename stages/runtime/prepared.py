@@ -43,7 +43,7 @@ def write_shard(folder: Path, split: str, index: int, documents: list[list[int]]
     np.cumsum(lengths, out=offsets[1:])
     tokens = np.fromiter(itertools.chain.from_iterable(documents), dtype=dtype, count=int(offsets[-1]))
     for name, array in zip(shard_names(split, index), (tokens, offsets), strict=True):
-        tmp = folder / f"{name}.tmp"
+        tmp = folder / f"{name}.{os.getpid()}.tmp"  # a writer of its own: another (a stray rank) never shares it
         with open(tmp, "wb") as f:
             np.save(f, array)
             f.flush()
