@@ -31,6 +31,15 @@ def name_fits(value: str) -> str:
     return value
 
 
+def finite_number(value: Any) -> Any:
+    """A before-validator's check of a number field: not a boolean (pydantic takes True for 1), not NaN or ±inf."""
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r}: a number is expected, not a boolean")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{value}: not a finite number")
+    return value
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

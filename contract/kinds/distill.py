@@ -12,7 +12,6 @@ softened logits (L = T² · KL on them), mixed with the labelled rows at distill
 
 from __future__ import annotations
 
-import math
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, Field, ValidationError, field_validator, model_validator
@@ -29,6 +28,7 @@ from contract.sections import (
     Strict,
     TrainingStage,
     TransferData,
+    finite_number,
 )
 
 
@@ -70,11 +70,7 @@ class DistillOptions(Strict):
     @field_validator("alpha", "temperature", "mask_prob", "transfer_share", mode="before")
     @classmethod
     def _number(cls, value: Any) -> Any:
-        if isinstance(value, bool):
-            raise ValueError(f"{value!r}: a number is expected, not a boolean")
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"{value}: not a finite number")
-        return value
+        return finite_number(value)
 
     @field_validator("keep_layers", mode="before")
     @classmethod

@@ -12,13 +12,12 @@ rewards/rejected, rewards/margins, rewards/accuracies (TRL's names), logged per 
 
 from __future__ import annotations
 
-import math
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from contract.heads.sft import PreferenceOptions, check_columns
-from contract.sections import Data, DataSection, Head, Problem, Strict, TrainingStage
+from contract.sections import Data, DataSection, Head, Problem, Strict, TrainingStage, finite_number
 
 REWARDS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
 
@@ -41,11 +40,7 @@ class DpoOptions(Strict):
     @field_validator("beta", "label_smoothing", mode="before")
     @classmethod
     def _number(cls, value: Any) -> Any:
-        if isinstance(value, bool):
-            raise ValueError(f"{value!r}: a number is expected, not a boolean")
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"{value}: not a finite number")
-        return value
+        return finite_number(value)
 
     @model_validator(mode="after")
     def _smoothing(self) -> DpoOptions:

@@ -3,23 +3,14 @@ data and eval; micro-batches are mixed across tasks by weights or by temperature
 
 from __future__ import annotations
 
-import math
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from contract.heads import HEADS
-from contract.sections import Data, DataSection, Problem, Strict, TrainingStage
+from contract.sections import Data, DataSection, Problem, Strict, TrainingStage, finite_number
 
 TASK_NAME = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"
-
-
-def _number(value: Any) -> Any:
-    if isinstance(value, bool):
-        raise ValueError(f"{value!r}: a number is expected, not a boolean")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError(f"{value}: not a finite number")
-    return value
 
 
 class TaskSettings(Strict):
@@ -39,7 +30,7 @@ class TaskSettings(Strict):
     @field_validator("weight", "loss_weight", "mask_prob", mode="before")
     @classmethod
     def _finite(cls, value: Any) -> Any:
-        return _number(value)
+        return finite_number(value)
 
 
 class Task(TaskSettings):
@@ -58,7 +49,7 @@ class Mixing(Strict):
     @field_validator("temperature", mode="before")
     @classmethod
     def _finite(cls, value: Any) -> Any:
-        return _number(value)
+        return finite_number(value)
 
 
 class MultitaskOptions(Mixing):
