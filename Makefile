@@ -1,17 +1,22 @@
 # Two commands set everything up on a fresh machine:
 #   make demo   builds .venv, runs examples/quickstart.yaml end to end, prints its status, writes its report.html
 #   make test   builds .venv, runs the linters and the whole test suite (what CI runs: .ci/run)
-# For your own loop: make test-fast (linters and every test that trains nothing, needs no Slurm and no browser;
-#   installs nothing; about 3 min on two workers of an idle 2-core machine, cold: see docs/developing.md)
-# make test-browser: the report pages in a headless Chromium (apt-installs chromium and chromium-driver, about
-#   25 packages, where they are missing and root can; says so)
+# The tiers (docs/developing.md), each its own target:
+#   make test-fast    linters and every test that trains nothing, needs no Slurm and no browser; installs nothing
+#   make test-kinds   each kind trained for real: a stage's ranks forked from one warm process, DeepSpeed on gloo
+#   make test-e2e     `baton run` with real torchrun: kill/resume, world-size change, decisions, the pipeline
+#   make test-slurm   a real one-node and a real two-node Slurm cluster (installs Slurm where root can)
+#   make test-browser the report pages in a headless Chromium (apt-installs chromium and chromium-driver, about
+#                     25 packages, where they are missing and root can; says so)
+#   make test-full    all of them, and the further cases marked `full` (other ZeRO stages, world sizes, Slurm
+#                     variants of guarantees `make test` proves once)
 PY ?= python3
 VENV ?= .venv
 # torch==2.13.0 is the CPU build; on a GPU machine use e.g. `make TORCH=torch demo` to get pip's CUDA build.
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: demo compress test test-fast test-browser lint docs clean
+.PHONY: demo compress test test-fast test-kinds test-e2e test-slurm test-browser test-full lint docs clean
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q "$(TORCH)"
@@ -45,15 +50,29 @@ lint: $(BIN)/.installed
 docs: $(BIN)/.installed
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 
+PYTEST := $(BIN)/python -m pytest -q -n 2 --dist loadfile
+
 test: lint docs
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=10
+	$(PYTEST) --durations=10 -m "not browser and not full"
 
 test-fast: lint
-	$(BIN)/python -m pytest -q -n 2 -m "not slow and not slurm and not browser"
+	$(PYTEST) -m "not slow and not e2e and not slurm and not browser"
+
+test-kinds: $(BIN)/.installed
+	$(PYTEST) -m "slow and not full"
+
+test-e2e: $(BIN)/.installed
+	$(PYTEST) -m "e2e and not browser and not full"
+
+test-slurm: $(BIN)/.installed
+	$(PYTEST) -m "slurm and not full" -rs
+
+test-full: lint docs
+	$(PYTEST) --durations=20 -m "not browser"
 
 test-browser: $(BIN)/.installed
 	@test -x /usr/bin/chromium || echo "test-browser: installing chromium and chromium-driver with apt-get (about 25 packages)"
-	$(BIN)/python -m pytest -q -m "browser and not slow" -rs
+	$(BIN)/python -m pytest -q -m "browser and not e2e" -rs
 
 clean:
 	rm -rf $(VENV) runs

@@ -293,7 +293,7 @@ def test_bad_gates_and_variants_are_refused_with_their_line(tmp_path: Path, extr
 # ----------------------------------------------------------------- with real stages
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_real_stages_take_every_decision_and_replay_them(gates_run: dict[str, Any], hf_env: dict[str, str]) -> None:
     run_dir = gates_run["run_dir"]
     led = read(run_dir)
@@ -308,7 +308,7 @@ def test_real_stages_take_every_decision_and_replay_them(gates_run: dict[str, An
     assert "nothing to do" in again.stdout and read(run_dir)["decisions"] == led["decisions"]
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_kill_in_the_middle_of_a_real_retry_resumes_that_attempt(gates_run: dict[str, Any], hf_env: dict[str, str],
                                                                    tmp_path: Path) -> None:
     (tmp_path / "data").symlink_to(gates_run["root"] / "data")
@@ -334,7 +334,7 @@ def test_a_kill_in_the_middle_of_a_real_retry_resumes_that_attempt(gates_run: di
     assert_same_weights(final_weights(gates_run["run_dir"], "pretrain@2"), final_weights(run_dir, "pretrain@2"))
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.browser
 def test_the_report_of_a_real_run_renders_in_a_browser(gates_run: dict[str, Any], hf_env: dict[str, str],
                                                        tmp_path: Path) -> None:
@@ -350,7 +350,7 @@ def test_the_report_of_a_real_run_renders_in_a_browser(gates_run: dict[str, Any]
     assert dict(found["tables"])["attempts"] == sum(len(e["attempts"]) for e in entries(gates_run["run_dir"]).values())
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_lineage_shows_the_real_runs_retry_variants_and_fallback(gates_run: dict[str, Any],
                                                                  hf_env: dict[str, str]) -> None:
     import xml.etree.ElementTree as ET

@@ -8,9 +8,12 @@ the line of the edited manifest that ends in `#!` is the line the error must nam
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -703,17 +706,50 @@ def marked_line(text: str) -> int:
     return next((n for n, line in enumerate(text.splitlines(), 1) if line.rstrip().endswith("#!")), 1)
 
 
+def cli(argv: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """The CLI's `main` in this process, from `cwd`, its output captured: what `baton ARGV` would exit with and print
+    (an exception it lets through is its traceback on stderr and exit 1, as the interpreter would make it). The
+    imports are paid once for every case; `test_the_cli_process_exits_2_with_one_line` runs the real process."""
+    from launcher import cli as baton_cli
+
+    out, err, before = io.StringIO(), io.StringIO(), Path.cwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = baton_cli.main(argv)
+            except SystemExit as e:  # argparse's usage errors
+                code = e.code if isinstance(e.code, int) else 1
+            except Exception:
+                traceback.print_exc()
+                code = 1
+    finally:
+        os.chdir(before)
+    return subprocess.CompletedProcess(["baton", *argv], code, out.getvalue(), err.getvalue())
+
+
 def baton(tmp_path: Path, case: Case) -> tuple[subprocess.CompletedProcess[str], Path, Path]:
-    """Write the case and run the real CLI on it from tmp_path; return (process, manifest, run dir)."""
+    """Write the case and run the CLI on it from tmp_path; return (process, manifest, run dir)."""
     write_inputs(tmp_path)
     manifest = tmp_path / "bad.yaml"
     manifest.write_text(case.text, encoding=case.encoding)
     run_dir = tmp_path / "run"
-    argv = [sys.executable, "-m", "launcher.cli", case.command, str(manifest)]
+    argv = [case.command, str(manifest)]
     if case.command == "run" and case.run_dir_flag:
         argv += ["--run-dir", str(run_dir)]
-    proc = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    return proc, manifest, run_dir
+    return cli(argv, tmp_path), manifest, run_dir
+
+
+def test_the_cli_process_exits_2_with_one_line(tmp_path: Path) -> None:
+    """The cases run `main` in this process; here the real `python -m launcher.cli` meets one of them."""
+    case = CASES["model-config-unknown-type"]
+    write_inputs(tmp_path)
+    (tmp_path / "bad.yaml").write_text(case.text)
+    proc = subprocess.run([sys.executable, "-m", "launcher.cli", "validate", str(tmp_path / "bad.yaml")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("baton: "), proc.stderr
+    assert all(fragment in proc.stderr for fragment in case.says), proc.stderr
 
 
 def assert_clean_failure(proc: subprocess.CompletedProcess[str], case: Case, tmp_path: Path, run_dir: Path) -> str:

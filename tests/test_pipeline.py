@@ -18,7 +18,7 @@ import pytest
 from contract.files import dir_digest, file_digest
 from tests.conftest import baton, pipeline_manifest
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 
 
 def ledger(run_dir: Path) -> dict:

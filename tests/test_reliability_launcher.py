@@ -445,7 +445,7 @@ def test_on_several_nodes_rank_0_is_the_local_rank_0_that_printed(tmp_path: Path
 # ----------------------------------------------------------------- the real thing
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_real_stage_exiting_2_keeps_its_previous_output(tiny_run: dict[str, Any], hf_env: dict[str, str]) -> None:
     """A real classify stage rerun on eval data with a label the training data never has, far past the rows that
     validate samples, exits 2 under torchrun naming the file and row; its old output stays."""
@@ -512,7 +512,7 @@ def glosses(path: Path, lines: int, copies: int = 1) -> Path:
 TORCHRUN_NOISE = ("Traceback", "ChildFailedError", "SignalException", "torch/distributed")
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_stage_exiting_2_shows_its_one_line_and_torchruns_report_stays_in_the_logs(
         tmp_path: Path, hf_env: dict[str, str]) -> None:
     """The stage finds what validate cannot (a JSON array file without the text field: validate reads only JSON
@@ -532,7 +532,7 @@ def test_a_stage_exiting_2_shows_its_one_line_and_torchruns_report_stays_in_the_
     assert read(run_dir)["stages"]["tok"]["state"] == "failed"
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_crashing_stage_shows_the_end_of_rank_0s_stderr(tmp_path: Path, hf_env: dict[str, str]) -> None:
     """A real crash (exit 1: SentencePiece refuses a vocabulary larger than 30 lines allow) shows the stage's own
     traceback from rank 0's stderr, not torchrun's."""
@@ -547,7 +547,7 @@ def test_a_crashing_stage_shows_the_end_of_rank_0s_stderr(tmp_path: Path, hf_env
     assert not [noise for noise in ("ChildFailedError", "torch/distributed") if noise in proc.stdout + proc.stderr]
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_ctrl_c_during_the_tokenizer_stops_it_with_75_and_a_rerun_trains_it_again(
         tmp_path: Path, hf_env: dict[str, str]) -> None:
     """SentencePiece trains in C++ and keeps no checkpoints: a stop request ends the stage at once with exit 75,

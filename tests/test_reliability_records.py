@@ -196,7 +196,7 @@ def test_a_stage_refusing_its_input_digest_marks_the_upstream_damaged(done: dict
     assert run("verify", run_dir) == 0
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_real_stage_refusing_a_damaged_input_marks_it_damaged(done: dict[str, Any],
                                                                  monkeypatch: pytest.MonkeyPatch,
                                                                  hf_env: dict[str, str]) -> None:

@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import ROOT, TINY_BERT, baton
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 STEPS = 30
 
 

@@ -36,7 +36,7 @@ from tests.slurm.helpers import (
     wait_states,
 )
 
-pytestmark = [pytest.mark.slow, pytest.mark.slurm]
+pytestmark = pytest.mark.slurm
 
 STEPS = 300  # long enough (about 15 s) to interrupt mid-run, checkpoint every CKPT steps
 CKPT = 30

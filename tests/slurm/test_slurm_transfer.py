@@ -20,7 +20,7 @@ from tests.slurm.helpers import (
     wait_states,
 )
 
-pytestmark = [pytest.mark.slow, pytest.mark.slurm]
+pytestmark = pytest.mark.slurm
 STEPS, CKPT = 60, 10
 
 MANIFEST = f"""version: 1

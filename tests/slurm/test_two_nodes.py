@@ -34,7 +34,7 @@ from tests.slurm.helpers import (
     wait_states,
 )
 
-pytestmark = [pytest.mark.slow, pytest.mark.slurm]
+pytestmark = pytest.mark.slurm
 
 STEPS = 150  # about 15 s on the two nodes: long enough to look at the ranks and to requeue mid-run
 CKPT = 25

@@ -17,6 +17,7 @@ from contract.layout import stage_dir
 from contract.spec import Spec
 from launcher.manifest import load
 from launcher.resolve import Resolved, build_spec, resolve
+from tests.stages import forked
 
 REPO = Path(__file__).resolve().parents[2]
 WORDNET = REPO / "examples" / "data" / "wordnet"
@@ -61,6 +62,7 @@ class Stages:
         path = root / "stages.yaml"
         path.write_text(manifest)
         self.resolved: dict[str, Resolved] = {r.name: r for r in resolve(load(path))}
+        self.root = root
         self.run_dir = root / "run"
         self.hf_home = hf_home
         self.outputs: dict[str, dict[str, Any]] = {}
@@ -88,14 +90,19 @@ class Stages:
 
     def run_with_output(self, name: str, spec: Spec | None = None,
                         timeout: float = 300) -> tuple[dict[str, Any], str]:
-        """`run`, and rank 0's stdout (the progress lines)."""
+        """`run`, and the ranks' stdout (the progress lines are rank 0's)."""
         spec = spec or self.spec(name)
-        proc = subprocess.run(self.command(spec), cwd=REPO, env=self.env(), capture_output=True, text=True,
-                              timeout=timeout)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+        if os.environ.get("BATON_TEST_TORCHRUN"):
+            proc = subprocess.run(self.command(spec), cwd=REPO, env=self.env(), capture_output=True, text=True,
+                                  timeout=timeout)
+            code, stdout, stderr = proc.returncode, proc.stdout, proc.stderr
+        else:
+            code, stdout, stderr = forked.run(spec.kind, write_spec(spec), spec.world_size, self.env(),
+                                              self.root / "forked" / spec.stage, timeout)
+        assert code == 0, stdout[-3000:] + stderr[-6000:]
         result: dict[str, Any] = json.loads(Path(spec.stage_dir, "result.json").read_text())
         self.outputs[name] = result["output"]
-        return result, proc.stdout
+        return result, stdout
 
     def folder(self, name: str) -> Path:
         return stage_dir(self.run_dir, name)

@@ -1,0 +1,106 @@
+"""Run a stage's ranks as processes forked from one warm process, instead of under torchrun.
+
+Every torchrun launch pays for its agent and, in each rank, for importing torch, DeepSpeed and transformers
+(about 10 s of a core per rank here). A forkserver that imports them once forks the ranks of every later
+launch already warm; each rank then runs `python -m stages.<kind> --spec …` as torchrun would start it: the
+same environment variables (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), the same module run as
+`__main__`, the real DeepSpeed engine on gloo. What torchrun itself does (its agent, signal forwarding,
+restarts) is proven by the tests that still start it (`Stages.start`, the launcher's tests).
+
+The warm process imports modules only; it never runs a torch operation, so no thread pool exists to be
+copied into a fork.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import runpy
+import socket
+import sys
+import time
+from pathlib import Path
+
+KINDS = ["classify", "clm", "distill", "dpo", "ensemble", "mlm", "multitask", "prepare", "prune", "sft",
+         "teacher_logits", "tokenizer"]
+# what a stage imports, lazily included (transformers loads a model's module on first use)
+PRELOAD = ["torch", "deepspeed", "deepspeed.runtime.engine", "deepspeed.runtime.zero.stage3",
+           "deepspeed.runtime.zero.stage_1_and_2", "transformers", "transformers.models.bert.modeling_bert",
+           "transformers.models.gpt2.modeling_gpt2", "transformers.models.llama.modeling_llama", "datasets",
+           "peft", *(f"stages.{kind}" for kind in KINDS)]
+
+_context: multiprocessing.context.ForkServerContext | None = None
+
+
+def context() -> multiprocessing.context.ForkServerContext:
+    global _context
+    if _context is None:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # the forkserver inherits it: DeepSpeed reads it at import
+        _context = multiprocessing.get_context("forkserver")
+        _context.set_forkserver_preload(PRELOAD)
+    return _context
+
+
+def _rank(kind: str, spec_path: str, env: dict[str, str], out: str, err: str) -> None:
+    os.environ.clear()
+    os.environ.update(env)
+    for fd, path in ((1, out), (2, err)):
+        f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(f, fd)
+        os.close(f)
+    import torch
+
+    if "OMP_NUM_THREADS" in env:  # the pool's size was read at import, in the forkserver
+        torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
+    sys.argv = [f"stages/{kind}.py", "--spec", spec_path]
+    runpy.run_module(f"stages.{kind}", run_name="__main__", alter_sys=True)  # ends in os._exit
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run(kind: str, spec_path: Path, world_size: int, env: dict[str, str], logs: Path,
+        timeout: float) -> tuple[int, str, str]:
+    """Run the stage's `world_size` ranks; (exit code, stdout, stderr), each every rank's in rank order. The code
+    is 0 when every rank exited 0, else the first failing rank's; once one rank fails the others get 30 s to
+    follow before they are killed (torchrun's agent does the same)."""
+    ctx = context()
+    logs.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    procs = []
+    for rank in range(world_size):
+        threads = {"OMP_NUM_THREADS": "1"} if world_size > 1 and "OMP_NUM_THREADS" not in env else {}  # as torchrun
+        rank_env = env | threads | {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
+                          "LOCAL_WORLD_SIZE": str(world_size), "GROUP_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                          "MASTER_PORT": str(port)}
+        out, err = logs / f"rank{rank}.out", logs / f"rank{rank}.err"
+        for p in (out, err):
+            p.unlink(missing_ok=True)
+        proc = ctx.Process(target=_rank, args=(kind, str(spec_path), rank_env, str(out), str(err)), daemon=False)
+        proc.start()
+        procs.append(proc)
+    deadline, failed_at, code = time.monotonic() + timeout, None, 0
+    while any(p.is_alive() for p in procs):
+        now = time.monotonic()
+        if code == 0 and (bad := next((p.exitcode for p in procs if p.exitcode not in (None, 0)), None)) is not None:
+            code, failed_at = bad, now
+        if now > deadline or (failed_at is not None and now > failed_at + 30):
+            for p in procs:
+                p.kill()
+            for p in procs:
+                p.join()
+            code = code or -9
+            break
+        time.sleep(0.05)
+    if code == 0:
+        code = next((p.exitcode for p in procs if p.exitcode != 0), 0)
+    def read(name: str) -> str:  # a rank that died before it opened its files wrote none
+        return (logs / name).read_text(errors="replace") if (logs / name).exists() else ""
+
+    stdout, stderr = ("".join(read(f"rank{r}.{stream}") for r in range(world_size)) for stream in ("out", "err"))
+    if code != 0 and time.monotonic() > deadline:
+        stderr += f"\n(forked ranks: killed after {timeout:.0f} s)"
+    return code, stdout, stderr
