@@ -161,7 +161,8 @@ def losses(run_dir: Path) -> dict[int, float]:
 NO_DROPOUT = TINY_BERT + "\n        hidden_dropout_prob: 0.0\n        attention_probs_dropout_prob: 0.0"
 
 
-@pytest.mark.parametrize("zero, before, after", [("zero2", 2, 1), ("zero3", 1, 2), ("zero0", 2, 1)])
+@pytest.mark.parametrize("zero, before, after", [("zero2", 2, 1), ("zero3", 1, 2),
+                                                    pytest.param("zero0", 2, 1, marks=pytest.mark.full)])
 def test_resume_at_another_world_size_continues_the_same_run(zero: str, before: int, after: int, setup,
                                                             hf_env: dict[str, str], tmp_path: Path) -> None:
     """2 ranks -> 1 and 1 -> 2 with the same global batch (grad_accum makes up for the ranks): the stage

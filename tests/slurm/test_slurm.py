@@ -196,6 +196,7 @@ def test_submitted_pipeline_has_the_lineage_of_a_local_run(slurm_cluster: dict, 
     assert "slurm" in status.splitlines()[1] and f"{jobs['mlm']} COMPLETED" in status, status
 
 
+@pytest.mark.full  # the decisions are proven local (tests/test_decisions.py); here only their replay under submit
 def test_the_same_decisions_under_submit(slurm_cluster: dict, root: Path, gates_run: dict) -> None:
     """Every instance is a job; each takes the decisions recorded so far (replayed, never taken again) and one that a
     decision made unneeded (last@2: last passed its gate) exits 0, so the afterok chain goes on."""

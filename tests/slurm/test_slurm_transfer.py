@@ -20,7 +20,8 @@ from tests.slurm.helpers import (
     wait_states,
 )
 
-pytestmark = pytest.mark.slurm
+# A requeue resuming bitwise is proven by test_slurm.py, a transfer stage resuming by tests/stages/test_transfer.py
+pytestmark = [pytest.mark.slurm, pytest.mark.full]
 STEPS, CKPT = 60, 10
 
 MANIFEST = f"""version: 1

@@ -62,45 +62,60 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+class Ranks:
+    """The forked ranks of one stage launch."""
+
+    def __init__(self, kind: str, spec_path: Path, world_size: int, env: dict[str, str], logs: Path) -> None:
+        logs.mkdir(parents=True, exist_ok=True)
+        self.logs, self.world_size, self.procs = logs, world_size, []
+        port = free_port()
+        threads = {"OMP_NUM_THREADS": "1"} if world_size > 1 and "OMP_NUM_THREADS" not in env else {}  # as torchrun
+        for rank in range(world_size):
+            rank_env = env | threads | {
+                "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
+                "LOCAL_WORLD_SIZE": str(world_size), "GROUP_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port)}
+            out, err = logs / f"rank{rank}.out", logs / f"rank{rank}.err"
+            for path in (out, err):
+                path.unlink(missing_ok=True)
+            proc = context().Process(target=_rank, args=(kind, str(spec_path), rank_env, str(out), str(err)))
+            proc.start()
+            self.procs.append(proc)
+
+    def alive(self) -> bool:
+        return any(p.is_alive() for p in self.procs)
+
+    def kill(self) -> None:
+        """SIGKILL every rank at once, as a crashed machine would, and reap them."""
+        for p in self.procs:
+            p.kill()
+        for p in self.procs:
+            p.join()
+
+    def wait(self, timeout: float) -> int:
+        """0 when every rank exited 0, else the first failing rank's code; once one rank fails the others get
+        30 s to follow before they are killed (torchrun's agent does the same); -9 past `timeout`."""
+        deadline, failed_at, code = time.monotonic() + timeout, None, 0
+        while self.alive():
+            now = time.monotonic()
+            if code == 0 and (bad := next((p.exitcode for p in self.procs if p.exitcode not in (None, 0)), None)):
+                code, failed_at = bad, now
+            if now > deadline or (failed_at is not None and now > failed_at + 30):
+                self.kill()
+                return code or -9
+            time.sleep(0.05)
+        return code or next((p.exitcode for p in self.procs if p.exitcode != 0), 0)
+
+    def output(self, stream: str) -> str:
+        """Every rank's stdout (`out`) or stderr (`err`), in rank order; a rank that died before it opened its
+        files wrote none."""
+        paths = (self.logs / f"rank{r}.{stream}" for r in range(self.world_size))
+        return "".join(p.read_text(errors="replace") for p in paths if p.exists())
+
+
 def run(kind: str, spec_path: Path, world_size: int, env: dict[str, str], logs: Path,
         timeout: float) -> tuple[int, str, str]:
-    """Run the stage's `world_size` ranks; (exit code, stdout, stderr), each every rank's in rank order. The code
-    is 0 when every rank exited 0, else the first failing rank's; once one rank fails the others get 30 s to
-    follow before they are killed (torchrun's agent does the same)."""
-    ctx = context()
-    logs.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    procs = []
-    for rank in range(world_size):
-        threads = {"OMP_NUM_THREADS": "1"} if world_size > 1 and "OMP_NUM_THREADS" not in env else {}  # as torchrun
-        rank_env = env | threads | {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
-                          "LOCAL_WORLD_SIZE": str(world_size), "GROUP_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                          "MASTER_PORT": str(port)}
-        out, err = logs / f"rank{rank}.out", logs / f"rank{rank}.err"
-        for p in (out, err):
-            p.unlink(missing_ok=True)
-        proc = ctx.Process(target=_rank, args=(kind, str(spec_path), rank_env, str(out), str(err)), daemon=False)
-        proc.start()
-        procs.append(proc)
-    deadline, failed_at, code = time.monotonic() + timeout, None, 0
-    while any(p.is_alive() for p in procs):
-        now = time.monotonic()
-        if code == 0 and (bad := next((p.exitcode for p in procs if p.exitcode not in (None, 0)), None)) is not None:
-            code, failed_at = bad, now
-        if now > deadline or (failed_at is not None and now > failed_at + 30):
-            for p in procs:
-                p.kill()
-            for p in procs:
-                p.join()
-            code = code or -9
-            break
-        time.sleep(0.05)
-    if code == 0:
-        code = next((p.exitcode for p in procs if p.exitcode != 0), 0)
-    def read(name: str) -> str:  # a rank that died before it opened its files wrote none
-        return (logs / name).read_text(errors="replace") if (logs / name).exists() else ""
-
-    stdout, stderr = ("".join(read(f"rank{r}.{stream}") for r in range(world_size)) for stream in ("out", "err"))
-    if code != 0 and time.monotonic() > deadline:
-        stderr += f"\n(forked ranks: killed after {timeout:.0f} s)"
-    return code, stdout, stderr
+    """Run the stage's ranks to their end: (exit code, stdout, stderr), as `Ranks.wait` and `Ranks.output`."""
+    ranks = Ranks(kind, spec_path, world_size, env, logs)
+    code = ranks.wait(timeout)
+    return code, ranks.output("out"), ranks.output("err")

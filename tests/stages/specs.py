@@ -1,5 +1,6 @@
-"""Stage specs for tests, made by the launcher's own `resolve` from a small manifest, and a runner
-that starts a stage under torchrun directly (no driver, no ledger): the tests check the real contract."""
+"""Stage specs for tests, made by the launcher's own `resolve` from a small manifest, and a runner that starts a
+stage's ranks directly (no driver, no ledger), forked from one warm process (tests/stages/forked.py) or under
+torchrun (`start`, and all of it with BATON_TEST_TORCHRUN=1): the tests check the real contract."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,8 @@ from launcher.resolve import Resolved, build_spec, resolve
 from tests.stages import forked
 
 REPO = Path(__file__).resolve().parents[2]
+# BATON_TEST_TORCHRUN=1: `run` and the kills start torchrun, as before the forked ranks (tests/stages/forked.py)
+TORCHRUN = bool(os.environ.get("BATON_TEST_TORCHRUN"))
 WORDNET = REPO / "examples" / "data" / "wordnet"
 
 TINY_BERT = ("{model_type: bert, hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 2, "
@@ -92,39 +96,65 @@ class Stages:
                         timeout: float = 300) -> tuple[dict[str, Any], str]:
         """`run`, and the ranks' stdout (the progress lines are rank 0's)."""
         spec = spec or self.spec(name)
-        if os.environ.get("BATON_TEST_TORCHRUN"):
+        if TORCHRUN:
             proc = subprocess.run(self.command(spec), cwd=REPO, env=self.env(), capture_output=True, text=True,
                                   timeout=timeout)
             code, stdout, stderr = proc.returncode, proc.stdout, proc.stderr
         else:
             code, stdout, stderr = forked.run(spec.kind, write_spec(spec), spec.world_size, self.env(),
-                                              self.root / "forked" / spec.stage, timeout)
+                                              self.logs(spec), timeout)
         assert code == 0, stdout[-3000:] + stderr[-6000:]
         result: dict[str, Any] = json.loads(Path(spec.stage_dir, "result.json").read_text())
         self.outputs[name] = result["output"]
         return result, stdout
 
+    def logs(self, spec: Spec) -> Path:
+        """Where the forked ranks of `spec`'s stage write their stdout and stderr (outside its stage folder)."""
+        return self.root / "forked" / spec.stage
+
     def folder(self, name: str) -> Path:
         return stage_dir(self.run_dir, name)
 
     def kill_after_first_checkpoint(self, spec: Spec, tag: str = "step*") -> None:
-        """Start the stage and SIGKILL torchrun and its workers once a COMPLETE checkpoint (`tag`, a glob) exists."""
+        """Start the stage and SIGKILL every rank at once (and torchrun, under it) once a COMPLETE checkpoint (`tag`,
+        a glob) exists."""
         folder = Path(spec.stage_dir)
-        proc = self.start(spec, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        assert proc.stderr is not None
         deadline = time.monotonic() + 300
-        while not list(folder.glob(f"ckpt/{tag}/COMPLETE")):
-            assert proc.poll() is None, f"stage ended before checkpoint {tag}: {proc.stderr.read()[-4000:]}"
-            assert time.monotonic() < deadline, f"no checkpoint {tag} after 300 s"
-            time.sleep(0.01)
-        # torchrun starts each rank in a session of its own: kill the tree, not a process group.
-        tree = psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]
-        for p in tree:
-            p.kill()
-        psutil.wait_procs(tree, timeout=30)
-        proc.wait()
-        proc.stderr.close()
+
+        def wait_for_checkpoint(alive: Callable[[], bool], said: Callable[[], str]) -> None:
+            while not list(folder.glob(f"ckpt/{tag}/COMPLETE")):
+                assert alive(), f"stage ended before checkpoint {tag}: {said()[-4000:]}"
+                assert time.monotonic() < deadline, f"no checkpoint {tag} after 300 s"
+                time.sleep(0.01)
+
+        if not TORCHRUN:
+            ranks = forked.Ranks(spec.kind, write_spec(spec), spec.world_size, self.env(), self.logs(spec))
+            wait_for_checkpoint(ranks.alive, lambda: ranks.output("err"))
+            ranks.kill()
+        else:
+            proc = self.start(spec, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            assert proc.stderr is not None
+            wait_for_checkpoint(lambda: proc.poll() is None, lambda: proc.stderr.read() if proc.stderr else "")
+            # torchrun starts each rank in a session of its own: kill the tree, not a process group.
+            tree = psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]
+            for p in tree:
+                p.kill()
+            psutil.wait_procs(tree, timeout=30)
+            proc.wait()
+            proc.stderr.close()
         assert not (folder / "result.json").exists(), "the kill came too late: the stage had finished"
+
+
+class Lazy(dict):
+    """Results made on first use (`make(key)`), so a tier that asks for one trains only that one."""
+
+    def __init__(self, make: Callable[[Any], Any]) -> None:
+        super().__init__()
+        self.make = make
+
+    def __missing__(self, key: Any) -> Any:
+        self[key] = value = self.make(key)
+        return value
 
 
 def records(folder: Path, event: str) -> list[dict[str, Any]]:

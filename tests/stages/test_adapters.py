@@ -250,7 +250,8 @@ def weights(folder: str | Path, name: str = "model.safetensors"):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("zero", ["zero0", "zero1", "zero2", "zero3"])
+@pytest.mark.parametrize("zero", ["zero0", pytest.param("zero1", marks=pytest.mark.full),
+                                  pytest.param("zero2", marks=pytest.mark.full), "zero3"])
 def test_only_the_adapter_trains_and_final_holds_it_and_the_merged_model(work, zero):
     import torch
     from peft import PeftModel

@@ -103,6 +103,7 @@ def stage(name: str, zero: int) -> str:
 
 
 ZEROS = [2, 3]
+CASES = [2, pytest.param(3, marks=pytest.mark.full)]
 MANIFEST = specs.head("mt") + "".join(
     stage(f"mt-{role}-z{z}", z) for z in ZEROS for role in ("ref", "kill")) + "\n"
 
@@ -120,7 +121,7 @@ def work(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def refs(work) -> dict[int, dict]:
-    return {z: work["stages"].run(f"mt-ref-z{z}") for z in ZEROS}
+    return specs.Lazy(lambda z: work["stages"].run(f"mt-ref-z{z}"))
 
 
 def _tasks_by_step(folder: Path) -> dict[int, list[str]]:
@@ -132,7 +133,7 @@ def _tasks_by_step(folder: Path) -> dict[int, list[str]]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("zero", ZEROS)
+@pytest.mark.parametrize("zero", CASES)
 def test_killed_and_resumed_draws_the_same_tasks_and_ends_bitwise_equal(work, refs, zero):
     from safetensors.torch import load_file
 
@@ -159,7 +160,7 @@ def test_killed_and_resumed_draws_the_same_tasks_and_ends_bitwise_equal(work, re
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("zero", ZEROS)
+@pytest.mark.parametrize("zero", CASES)
 def test_each_tasks_loss_is_logged_and_they_make_up_the_train_loss(refs, zero):
     """loss_terms holds each task's own mean loss over the micro-batches that drew it; weighted by loss_weight (sense
     1.0, gloss 0.5) and counted by the window's draws (the mixing record), they give the train record's loss."""
@@ -180,7 +181,7 @@ def test_each_tasks_loss_is_logged_and_they_make_up_the_train_loss(refs, zero):
 def test_per_task_metrics_and_final_layout(work, refs):
     from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    ref = refs[3]
+    ref = refs[2]
     names = {"sense/accuracy", "sense/macro_f1", "sense/eval_loss", "gloss/eval_loss", "gloss/perplexity"}
     assert set(ref["metrics"]) == names
     folder = Path(ref["output"]["path"]).parent

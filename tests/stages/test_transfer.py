@@ -212,7 +212,7 @@ def _steps(folder: Path, event: str, key: str) -> dict[int, object]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("task", ["classify", "mlm"])
+@pytest.mark.parametrize("task", ["classify", pytest.param("mlm", marks=pytest.mark.full)])
 def test_at_share_1_only_the_transfer_rows_train_the_student_on_the_teachers_logits(work, task):
     """Every micro-batch is a transfer row's; its loss is T² · KL alone (α 0 would leave only the labels'
     cross-entropy, which is never computed), and it moves the student."""
