@@ -15,6 +15,22 @@ ROOT = Path(__file__).resolve().parents[1]
 WORDNET = ROOT / "examples" / "data" / "wordnet"
 
 
+TIER_ORDER = ("slurm", "e2e", "slow")  # the longest tiers first
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run the files of the longest tiers first: `--dist loadfile` hands whole files to the workers in this
+    order, so a long Slurm or end-to-end file started last would leave one worker alone at the end."""
+    def tier(item: pytest.Item) -> int:
+        return min((TIER_ORDER.index(m.name) for m in item.iter_markers() if m.name in TIER_ORDER),
+                   default=len(TIER_ORDER))
+
+    rank: dict[str, int] = {}
+    for item in items:
+        rank[item.nodeid.split("::")[0]] = min(rank.get(item.nodeid.split("::")[0], len(TIER_ORDER)), tier(item))
+    items.sort(key=lambda item: rank[item.nodeid.split("::")[0]])  # stable: a file's tests keep their order
+
+
 @pytest.fixture(scope="session")
 def hf_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Environment for every subprocess: offline, caches in a temp folder."""

@@ -105,7 +105,7 @@ def straight(setup, hf_env: dict[str, str], tmp_path_factory: pytest.TempPathFac
 
 
 # The driver's part of a crash (ledger left "running", the rerun resumes) does not depend on the ZeRO stage; the
-# stage's part, SIGKILL and a bitwise resume, runs at ZeRO 1, 2 and 3 in tests/stages/test_stages.py.
+# stage's part, SIGKILL and a bitwise resume, runs for every kind in tests/stages/ (ZeRO 1, 2 and 3).
 @pytest.mark.parametrize("zero", ["zero3"])
 def test_sigkill_then_rerun_resumes_to_the_same_weights(zero: str, setup, straight, hf_env: dict[str, str],
                                                         tmp_path: Path) -> None:
@@ -131,7 +131,7 @@ def test_sigkill_then_rerun_resumes_to_the_same_weights(zero: str, setup, straig
 
 
 def test_sigterm_checkpoints_exits_75_and_resumes(setup, straight, hf_env: dict[str, str], tmp_path: Path) -> None:
-    manifest = setup(tmp_path, "zero2")
+    manifest = setup(tmp_path, "zero3")  # ZeRO-3, as the SIGKILL test: one uninterrupted run serves both
     run_dir = tmp_path / "stopped"
     proc = start(manifest, run_dir, hf_env)
     wait_for_checkpoint(run_dir, proc, min_step=5)
@@ -147,7 +147,7 @@ def test_sigterm_checkpoints_exits_75_and_resumes(setup, straight, hf_env: dict[
     baton("run", manifest, "--run-dir", run_dir, env=hf_env)
     entry = json.loads((run_dir / "ledger.json").read_text())["stages"]["pretrain"]
     assert entry["state"] == "done" and entry["attempts"][1]["resumed_from"] == f"step{stop[0]['step']:08d}"
-    assert_same_weights(straight("zero2"), final_weights(run_dir))
+    assert_same_weights(straight("zero3"), final_weights(run_dir))
 
 
 def losses(run_dir: Path) -> dict[int, float]:

@@ -220,6 +220,7 @@ def test_one_rank_on_each_node_and_the_weights_of_one_node_with_two_processes(
     assert_same_weights(one_node_weights, final_weights(run_dir))
 
 
+@pytest.mark.full  # a requeue resuming bitwise is proven on one node (test_slurm.py); the rendezvous across nodes above
 def test_requeue_mid_training_resumes_on_both_nodes_to_the_same_weights(
         slurm_two_nodes: dict, root: Path, one_node_weights: dict) -> None:
     env, nodes = slurm_two_nodes["env"], slurm_two_nodes["nodes"]

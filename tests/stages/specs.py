@@ -96,17 +96,21 @@ class Stages:
                         timeout: float = 300) -> tuple[dict[str, Any], str]:
         """`run`, and the ranks' stdout (the progress lines are rank 0's)."""
         spec = spec or self.spec(name)
-        if TORCHRUN:
-            proc = subprocess.run(self.command(spec), cwd=REPO, env=self.env(), capture_output=True, text=True,
-                                  timeout=timeout)
-            code, stdout, stderr = proc.returncode, proc.stdout, proc.stderr
-        else:
-            code, stdout, stderr = forked.run(spec.kind, write_spec(spec), spec.world_size, self.env(),
-                                              self.logs(spec), timeout)
-        assert code == 0, stdout[-3000:] + stderr[-6000:]
+        proc = self.launch(spec, timeout)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
         result: dict[str, Any] = json.loads(Path(spec.stage_dir, "result.json").read_text())
         self.outputs[name] = result["output"]
-        return result, stdout
+        return result, proc.stdout
+
+    def launch(self, spec: Spec, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        """Run the stage's ranks to their end, whatever it is: forked, or under torchrun with BATON_TEST_TORCHRUN
+        (whose exit code is then torchrun's: 1 for any failing rank)."""
+        if TORCHRUN:
+            return subprocess.run(self.command(spec), cwd=REPO, env=self.env(), capture_output=True, text=True,
+                                  timeout=timeout)
+        code, stdout, stderr = forked.run(spec.kind, write_spec(spec), spec.world_size, self.env(), self.logs(spec),
+                                          timeout)
+        return subprocess.CompletedProcess(self.command(spec), code, stdout, stderr)
 
     def logs(self, spec: Spec) -> Path:
         """Where the forked ranks of `spec`'s stage write their stdout and stderr (outside its stage folder)."""

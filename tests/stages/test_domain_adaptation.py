@@ -147,12 +147,10 @@ def test_a_checkpoint_without_the_models_body_is_refused(work) -> None:
 @pytest.mark.slow
 def test_a_missing_head_is_reported_on_the_terminal_and_recorded(work, folders) -> None:
     spec = work.spec("from-encoder")
-    proc = subprocess.run(work.command(spec), cwd=specs.REPO, env=work.env(), capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    _, out = work.run_with_output("from-encoder", spec)
     heads = head_names()
-    lines = [line for line in proc.stdout.splitlines() if "newly initialised" in line]
-    assert len(lines) == 1, proc.stdout  # rank 0 alone, one line
+    lines = [line for line in out.splitlines() if "newly initialised" in line]
+    assert len(lines) == 1, out  # rank 0 alone, one line
     assert lines[0].startswith("from-encoder: not in the checkpoint, newly initialised (random): "
                                + ", ".join(heads))
     assert f"the rest of BertForMaskedLM loaded from {folders['encoder']}" in lines[0]

@@ -53,9 +53,7 @@ def work(tmp_path_factory) -> dict:
 
 
 def _rerun(work: dict, name: str) -> subprocess.CompletedProcess:
-    spec = work["stages"].spec(name)
-    return subprocess.run(work["stages"].command(spec), cwd=specs.REPO, env=work["stages"].env(),
-                          capture_output=True, text=True, timeout=300)
+    return work["stages"].launch(work["stages"].spec(name))
 
 
 def _damage(path: Path, *, truncate: bool = False) -> None:

@@ -57,6 +57,7 @@ MANIFEST = specs.head("stages") + f"""
     checkpoint: {{every_steps: {EVERY}}}
     eval: {{every_steps: {EVERY}}}""" + "".join(
     classify(f"cls-{role}-z{z}", z) for z in ZEROS for role in ("ref", "kill")) + classify(
+    "cls-torchrun-z2", 2) + classify(
     "cls-sigterm", 2, train="max_steps: 400", checkpoint="keep_last: 2") + classify(
     "cls-bad-digest", 1, launcher="{nproc_per_node: 1}") + "".join(
     classify(f"cls-bf16-z{z}", z, train="max_steps: 6", precision="bf16") for z in (2, 3)) + "\n"
@@ -135,6 +136,25 @@ def _assert_resumed_like(ref: dict, name: str, work: dict) -> None:
     import torch
 
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_forked_ranks_train_as_torchrun_does(work, tokenizer, mlm_ref, classify_refs):
+    """The ranks this tier forks from a warm process (tests/stages/forked.py) against ranks under real torchrun:
+    the same settings give the same losses, metrics and bitwise the same weights."""
+    import torch
+
+    spec = work["stages"].spec("cls-torchrun-z2")
+    ref = classify_refs[2]
+    assert spec.fingerprint == work["stages"].spec("cls-ref-z2").fingerprint
+    proc = subprocess.run(work["stages"].command(spec), cwd=specs.REPO, env=work["stages"].env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(Path(spec.stage_dir, "result.json").read_text())
+    losses = [{r["step"]: r["loss"] for r in specs.records(Path(folder), "train")}
+              for folder in (spec.stage_dir, Path(ref["output"]["path"]).parent)]
+    assert losses[0] == losses[1] and result["metrics"] == ref["metrics"]
+    got, want = _safetensors(result["output"]["path"]), _safetensors(ref["output"]["path"])
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
 @pytest.mark.parametrize("zero", CASES)

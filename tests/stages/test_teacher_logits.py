@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -254,16 +253,6 @@ def _wordpiece(folder: Path, corpus: Path) -> None:
                             sep_token="[SEP]", mask_token="[MASK]").save_pretrained(folder)
 
 
-def _run(stages: specs.Stages, name: str) -> dict:
-    spec = stages.spec(name)
-    proc = subprocess.run(stages.command(spec), cwd=specs.REPO, env=stages.env(), capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    result: dict = json.loads(Path(spec.stage_dir, "result.json").read_text())
-    stages.outputs[name] = result["output"]
-    return result
-
-
 @pytest.mark.slow
 def test_offline_distillation_takes_the_online_step(tmp_path):
     """A tiny classify teacher (4 steps); its logits of every row stored (top_k null: all 8 classes); two students
@@ -276,8 +265,8 @@ def test_offline_distillation_takes_the_online_step(tmp_path):
     specs.copy_data(tmp_path / "data", labelled_lines=96)
     _wordpiece(tmp_path / "tok", tmp_path / "data" / "pretrain.txt")
     stages = specs.Stages(tmp_path, OFFLINE_RUN, tmp_path / "hf")
-    teacher = _run(stages, "teacher")
-    produced = _run(stages, "logits")
+    teacher = stages.run("teacher")
+    produced = stages.run("logits")
 
     # the artefact: what the teacher's final/ gives, row by row
     final = Path(produced["output"]["path"])
@@ -309,7 +298,7 @@ def test_offline_distillation_takes_the_online_step(tmp_path):
         float((stored["eval.indices"][:, 0] == torch.tensor(labels)).double().mean()))
     assert produced["metrics"]["accuracy"] == pytest.approx(teacher["metrics"]["accuracy"], abs=1e-9)
 
-    offline, online = _run(stages, "offline"), _run(stages, "online")
+    offline, online = stages.run("offline"), stages.run("online")
     terms = {name: specs.records(stages.folder(name), "loss_terms") for name in ("offline", "online")}
     first = terms["offline"][0]["terms"], terms["online"][0]["terms"]
     print("step 1 offline", first[0], "online", first[1])
