@@ -3,9 +3,12 @@ and one tiny trained tokenizer → mlm → classify run that the heavy tests sha
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +54,29 @@ def baton(*args: str | Path, env: dict[str, str], cwd: Path | None = None, timeo
         raise AssertionError(f"baton {' '.join(map(str, args))} -> {proc.returncode}\n"
                              f"--- stdout\n{proc.stdout[-6000:]}\n--- stderr\n{proc.stderr[-6000:]}")
     return proc
+
+
+def cli_in_process(argv: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """The CLI's `main` in this process, from `cwd`, its output captured: what `baton ARGV` would exit with and print
+    (an exception it lets through is its traceback on stderr and exit 1, as the interpreter would make it). The
+    imports are paid once per test process; `tests/test_manifest_errors.py::test_the_cli_process_exits_2_with_one_line`
+    runs the real process."""
+    from launcher import cli as baton_cli
+
+    out, err, before = io.StringIO(), io.StringIO(), Path.cwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = baton_cli.main(argv)
+            except SystemExit as e:  # argparse's usage errors
+                code = e.code if isinstance(e.code, int) else 1
+            except Exception:
+                traceback.print_exc()
+                code = 1
+    finally:
+        os.chdir(before)
+    return subprocess.CompletedProcess(["baton", *argv], code, out.getvalue(), err.getvalue())
 
 
 def write_data(folder: Path, pretrain_lines: int = 3000, per_class: int = 30) -> Path:

@@ -15,6 +15,7 @@ import pytest
 from contract.kinds import KINDS
 from launcher import dsconfig
 from launcher.errors import ConfigError
+from tests.conftest import cli_in_process
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((REPO / "examples").rglob("*.yaml")) + sorted((REPO / "examples").rglob("*.yml"))
@@ -22,8 +23,7 @@ DS_CONFIGS = sorted((REPO / "ds_configs").glob("*.json"))
 
 
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "launcher.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=120)
+    return cli_in_process(list(args), cwd)
 
 
 def test_there_is_something_to_check() -> None:

@@ -8,18 +8,16 @@ the line of the edited manifest that ends in `#!` is the line the error must nam
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import subprocess
 import sys
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from contract.kinds import KINDS
+from tests.conftest import cli_in_process
 
 VALID_KINDS = "valid kinds: " + ", ".join(KINDS)
 REPO = Path(__file__).resolve().parents[1]
@@ -706,28 +704,6 @@ def marked_line(text: str) -> int:
     return next((n for n, line in enumerate(text.splitlines(), 1) if line.rstrip().endswith("#!")), 1)
 
 
-def cli(argv: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    """The CLI's `main` in this process, from `cwd`, its output captured: what `baton ARGV` would exit with and print
-    (an exception it lets through is its traceback on stderr and exit 1, as the interpreter would make it). The
-    imports are paid once for every case; `test_the_cli_process_exits_2_with_one_line` runs the real process."""
-    from launcher import cli as baton_cli
-
-    out, err, before = io.StringIO(), io.StringIO(), Path.cwd()
-    os.chdir(cwd)
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                code = baton_cli.main(argv)
-            except SystemExit as e:  # argparse's usage errors
-                code = e.code if isinstance(e.code, int) else 1
-            except Exception:
-                traceback.print_exc()
-                code = 1
-    finally:
-        os.chdir(before)
-    return subprocess.CompletedProcess(["baton", *argv], code, out.getvalue(), err.getvalue())
-
-
 def baton(tmp_path: Path, case: Case) -> tuple[subprocess.CompletedProcess[str], Path, Path]:
     """Write the case and run the CLI on it from tmp_path; return (process, manifest, run dir)."""
     write_inputs(tmp_path)
@@ -737,7 +713,7 @@ def baton(tmp_path: Path, case: Case) -> tuple[subprocess.CompletedProcess[str],
     argv = [case.command, str(manifest)]
     if case.command == "run" and case.run_dir_flag:
         argv += ["--run-dir", str(run_dir)]
-    return cli(argv, tmp_path), manifest, run_dir
+    return cli_in_process(argv, tmp_path), manifest, run_dir
 
 
 def test_the_cli_process_exits_2_with_one_line(tmp_path: Path) -> None:
