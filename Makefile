@@ -8,8 +8,8 @@
 #   make test-slurm   a real one-node and a real two-node Slurm cluster (installs Slurm where root can)
 #   make test-browser the report pages in a headless Chromium (apt-installs chromium and chromium-driver, about
 #                     25 packages, where they are missing and root can; says so)
-#   make test-full    all of them, and the further cases marked `full` (other ZeRO stages, world sizes, Slurm
-#                     variants of guarantees `make test` proves once)
+#   make test-full    what make test runs, and the further cases marked `full` (other ZeRO stages, world sizes,
+#                     Slurm variants of guarantees make test proves once)
 PY ?= python3
 VENV ?= .venv
 # torch==2.13.0 is the CPU build; on a GPU machine use e.g. `make TORCH=torch demo` to get pip's CUDA build.
