@@ -22,10 +22,6 @@ EXAMPLES = sorted((REPO / "examples").rglob("*.yaml")) + sorted((REPO / "example
 DS_CONFIGS = sorted((REPO / "ds_configs").glob("*.json"))
 
 
-def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return cli_in_process(list(args), cwd)
-
-
 def test_there_is_something_to_check() -> None:
     assert EXAMPLES, "no example manifests found"
     assert {p.stem for p in DS_CONFIGS} >= {"zero0", "zero1", "zero2", "zero3", "zero3_offload"}
@@ -36,7 +32,7 @@ def test_example_validates(manifest: Path, tmp_path: Path) -> None:
     work = tmp_path / "work"
     work.mkdir()
     manifest = _with_models(manifest, tmp_path / "copy")
-    proc = cli("validate", str(manifest), cwd=work)
+    proc = cli_in_process(["validate", str(manifest)], work)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
     assert proc.stdout.startswith(f"{manifest}: ok, "), proc.stdout
@@ -130,7 +126,7 @@ def refs(node: Any) -> list[str]:
 
 
 def test_schema_is_json_and_knows_every_kind(tmp_path: Path) -> None:
-    proc = cli("schema", cwd=tmp_path)
+    proc = cli_in_process(["schema"], tmp_path)
     assert proc.returncode == 0, proc.stderr
     schema = json.loads(proc.stdout)
     defs = schema["$defs"]
@@ -155,4 +151,4 @@ def undocumented(schema: dict[str, Any]) -> list[str]:
 
 
 def test_schema_documents_every_field(tmp_path: Path) -> None:
-    assert undocumented(json.loads(cli("schema", cwd=tmp_path).stdout)) == []
+    assert undocumented(json.loads(cli_in_process(["schema"], tmp_path).stdout)) == []

@@ -723,9 +723,7 @@ def test_the_cli_process_exits_2_with_one_line(tmp_path: Path) -> None:
     (tmp_path / "bad.yaml").write_text(case.text)
     proc = subprocess.run([sys.executable, "-m", "launcher.cli", "validate", str(tmp_path / "bad.yaml")],
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and proc.stdout == "", proc.stderr
-    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("baton: "), proc.stderr
-    assert all(fragment in proc.stderr for fragment in case.says), proc.stderr
+    assert_clean_failure(proc, case, tmp_path, tmp_path / "run")
 
 
 def assert_clean_failure(proc: subprocess.CompletedProcess[str], case: Case, tmp_path: Path, run_dir: Path) -> str:

@@ -21,8 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-KINDS = ["classify", "clm", "distill", "dpo", "ensemble", "mlm", "multitask", "prepare", "prune", "sft",
-         "teacher_logits", "tokenizer"]
+from contract.kinds import KINDS
+
 # what a stage imports, lazily included (transformers loads a model's module on first use)
 PRELOAD = ["torch", "deepspeed", "deepspeed.runtime.engine", "deepspeed.runtime.zero.stage3",
            "deepspeed.runtime.zero.stage_1_and_2", "transformers", "transformers.models.bert.modeling_bert",
