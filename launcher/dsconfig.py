@@ -15,6 +15,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from contract.imports import DEEPSPEED_UNUSED, hidden
 from launcher import verdicts
 from launcher.errors import ConfigError
 
@@ -212,7 +213,8 @@ def known_keys() -> tuple[frozenset[str], frozenset[str]]:
     import contextlib
     import io
 
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), \
+            hidden(*DEEPSPEED_UNUSED):  # contract/imports.py
         from deepspeed.runtime.config import DeepSpeedConfig
         from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 

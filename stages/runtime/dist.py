@@ -10,6 +10,8 @@ from typing import Any, TypeVar
 
 import torch
 
+from contract.imports import DEEPSPEED_UNUSED, hidden
+
 
 @dataclass(frozen=True, slots=True)
 class Dist:
@@ -30,7 +32,8 @@ def init() -> Dist:
     if not cuda:
         # Must precede `import deepspeed`: it picks its accelerator at import time.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
+    with hidden(*DEEPSPEED_UNUSED):  # contract/imports.py: a second and more of each rank's start-up
+        import deepspeed
 
     # On CPU, init_distributed would JIT-compile a shared-memory comm op (40–70 s);
     # gloo alone gives identical results.

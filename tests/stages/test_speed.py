@@ -81,3 +81,42 @@ def test_a_log_on_the_first_step_after_a_start_has_no_rates(tmp_path):
     rates.train(42, 656, 2.4, 1e-3, tokens=900.0, rows=30.0)
     record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     assert record["steps_per_s"] > 0 and record["tokens_per_s"] > 0
+
+
+# ----------------------------------------------------------------- start-up
+
+
+def test_a_hidden_module_fails_to_import_within_and_imports_after():
+    import importlib
+    import sys
+
+    from contract.imports import hidden
+
+    assert "tabnanny" not in sys.modules
+    with hidden("tabnanny", "json"):  # json is imported already: left alone
+        with pytest.raises(ModuleNotFoundError):
+            importlib.import_module("tabnanny")
+        assert importlib.import_module("json").dumps(1) == "1"
+    assert importlib.import_module("tabnanny").__name__ == "tabnanny"
+
+
+@pytest.mark.slow
+def test_deepspeed_is_imported_without_mlflow_which_imports_after():
+    """What each rank and the driver's config check do (contract/imports.py): DeepSpeed's autotuner finds no mlflow,
+    and a tracker that asks for mlflow gets it."""
+    import subprocess
+    import sys
+
+    code = """import sys
+from contract.imports import DEEPSPEED_UNUSED, hidden
+with hidden(*DEEPSPEED_UNUSED):
+    import deepspeed
+assert "mlflow" not in sys.modules
+from deepspeed.autotuning import autotuner
+assert not autotuner.has_mlflow
+import mlflow
+assert mlflow.start_run
+"""
+    proc = subprocess.run([sys.executable, "-c", code], env=os.environ | {"DS_ACCELERATOR": "cpu"},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
