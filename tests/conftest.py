@@ -1,18 +1,21 @@
 """Shared fixtures: the real CLI as a subprocess, small copies of the shipped WordNet data,
-and one tiny trained tokenizer → mlm → classify run that the heavy tests share."""
+and trained runs that the heavy tests share (each trained once per session, whatever the workers)."""
 
 from __future__ import annotations
 
 import contextlib
 import io
 import os
+import shutil
 import subprocess
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from filelock import FileLock
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDNET = ROOT / "examples" / "data" / "wordnet"
@@ -211,28 +214,45 @@ def expected_decisions(led: dict[str, Any]) -> dict[str, Any]:
             for name, rec in decided.items()}
 
 
+def built_once(tmp_path_factory: pytest.TempPathFactory, worker_id: str, name: str,
+               build: Callable[[Path], str]) -> tuple[Path, str]:
+    """A folder that every test worker of this session shares: the first worker to ask builds it with `build(folder)`
+    (which returns text to keep, e.g. what the run printed) while the others wait on a lock; the rest read it. A run
+    trained once for the whole session, not once per worker. Nothing may change what it holds."""
+    base = tmp_path_factory.getbasetemp()
+    base = base if worker_id == "master" else base.parent  # under xdist: pytest-N/, above each popen-gwK/
+    folder, kept = base / name, base / f"{name}.built"
+    with FileLock(base / f"{name}.lock"):
+        if not kept.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # what a failed build left
+            folder.mkdir()
+            kept.write_text(build(folder))
+    return folder, kept.read_text()
+
+
 @pytest.fixture(scope="session")
-def gates_run(tmp_path_factory: pytest.TempPathFactory, hf_env: dict[str, str]) -> dict[str, Any]:
+def gates_run(tmp_path_factory: pytest.TempPathFactory, worker_id: str, hf_env: dict[str, str]) -> dict[str, Any]:
     """`gates_manifest` run by `baton run`: the decisions (and weights) other runs of it must take (and end on)."""
-    root = tmp_path_factory.mktemp("gates")
-    write_data(root / "data")
-    manifest = root / "gates.yaml"
-    manifest.write_text(gates_manifest())
-    run_dir = root / "run"
-    proc = baton("run", manifest, "--run-dir", run_dir, env=hf_env)
-    return {"root": root, "manifest": manifest, "run_dir": run_dir, "out": proc.stdout}
+    def build(root: Path) -> str:
+        write_data(root / "data")
+        (root / "gates.yaml").write_text(gates_manifest())
+        return baton("run", root / "gates.yaml", "--run-dir", root / "run", env=hf_env).stdout
+
+    root, out = built_once(tmp_path_factory, worker_id, "gates", build)
+    return {"root": root, "manifest": root / "gates.yaml", "run_dir": root / "run", "out": out}
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory: pytest.TempPathFactory, hf_env: dict[str, str]) -> dict[str, Any]:
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, worker_id: str, hf_env: dict[str, str]) -> dict[str, Any]:
     """One trained tokenizer → mlm → classify run (ZeRO-2, 2 processes), shared by the heavy tests."""
-    root = tmp_path_factory.mktemp("tiny")
-    write_data(root / "data")
-    manifest = root / "tiny.yaml"
-    manifest.write_text(pipeline_manifest())
-    run_dir = root / "run"
-    proc = baton("run", manifest, "--run-dir", run_dir, env=hf_env)
-    return {"root": root, "manifest": manifest, "run_dir": run_dir, "terminal": proc.stdout + proc.stderr}
+    def build(root: Path) -> str:
+        write_data(root / "data")
+        (root / "tiny.yaml").write_text(pipeline_manifest())
+        proc = baton("run", root / "tiny.yaml", "--run-dir", root / "run", env=hf_env)
+        return proc.stdout + proc.stderr
+
+    root, terminal = built_once(tmp_path_factory, worker_id, "tiny", build)
+    return {"root": root, "manifest": root / "tiny.yaml", "run_dir": root / "run", "terminal": terminal}
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -18,7 +18,7 @@ import pytest
 from tests.conftest import ROOT, TINY_BERT, baton
 
 pytestmark = pytest.mark.e2e
-STEPS = 30
+STEPS = 40
 
 
 def mlm_manifest(tokenizer: Path, zero: str, nproc: int = 2, grad_accum: int = 2, init: str = TINY_BERT) -> str:
@@ -106,33 +106,13 @@ def straight(setup, hf_env: dict[str, str], tmp_path_factory: pytest.TempPathFac
 
 # The driver's part of a crash (ledger left "running", the rerun resumes) does not depend on the ZeRO stage; the
 # stage's part, SIGKILL and a bitwise resume, runs for every kind in tests/stages/ (ZeRO 1, 2 and 3).
-@pytest.mark.parametrize("zero", ["zero3"])
-def test_sigkill_then_rerun_resumes_to_the_same_weights(zero: str, setup, straight, hf_env: dict[str, str],
-                                                        tmp_path: Path) -> None:
-    manifest = setup(tmp_path, zero)
-    run_dir = tmp_path / "killed"
-    proc = start(manifest, run_dir, hf_env)
-    step = wait_for_checkpoint(run_dir, proc, min_step=10)
-    family = psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]
-    for p in family:  # the driver, torchrun and both ranks die at once, as on a crashed node
-        p.kill()
-    proc.wait()
-    psutil.wait_procs(family, timeout=30)
-    led = json.loads((run_dir / "ledger.json").read_text())
-    assert led["stages"]["pretrain"]["state"] == "running"
-    assert step < STEPS
-
-    out = baton("run", manifest, "--run-dir", run_dir, env=hf_env).stdout
-    entry = json.loads((run_dir / "ledger.json").read_text())["stages"]["pretrain"]
-    assert entry["state"] == "done" and len(entry["attempts"]) == 2
-    resumed = entry["attempts"][1]["resumed_from"]
-    assert resumed is not None and int(resumed.removeprefix("step")) >= step, out
-    assert_same_weights(straight(zero), final_weights(run_dir))
-
-
-def test_sigterm_checkpoints_exits_75_and_resumes(setup, straight, hf_env: dict[str, str], tmp_path: Path) -> None:
-    manifest = setup(tmp_path, "zero3")  # ZeRO-3, as the SIGKILL test: one uninterrupted run serves both
-    run_dir = tmp_path / "stopped"
+def test_stopped_then_killed_each_rerun_resumes_to_the_same_weights(setup, straight, hf_env: dict[str, str],
+                                                                     tmp_path: Path) -> None:
+    """SIGTERM (Ctrl-C, a scheduler): the stage checkpoints and the run exits 75, preempted. The rerun is then
+    SIGKILLed with the driver, torchrun and both ranks at once (a crashed node): the ledger is left "running". The
+    next rerun resumes from the newest complete checkpoint and ends bitwise on the uninterrupted run's weights."""
+    manifest = setup(tmp_path, "zero3")
+    run_dir = tmp_path / "run"
     proc = start(manifest, run_dir, hf_env)
     wait_for_checkpoint(run_dir, proc, min_step=5)
     os.kill(proc.pid, signal.SIGTERM)  # as Ctrl-C or a scheduler would
@@ -141,12 +121,25 @@ def test_sigterm_checkpoints_exits_75_and_resumes(setup, straight, hf_env: dict[
     entry = json.loads((run_dir / "ledger.json").read_text())["stages"]["pretrain"]
     assert entry["state"] == "preempted" and entry["attempts"][0]["outcome"] == "preempted"
     records = [json.loads(line) for line in (run_dir / "stages/pretrain/metrics.jsonl").read_text().splitlines()]
-    stop = [r for r in records if r["event"] == "stop"]
-    assert stop and stop[0]["step"] < STEPS
+    stop = [r["step"] for r in records if r["event"] == "stop"]
+    assert stop and stop[0] < STEPS
 
-    baton("run", manifest, "--run-dir", run_dir, env=hf_env)
+    proc = start(manifest, run_dir, hf_env)
+    step = wait_for_checkpoint(run_dir, proc, min_step=stop[0] + 1)
+    family = psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]
+    for p in family:  # the driver, torchrun and both ranks die at once, as on a crashed node
+        p.kill()
+    proc.wait()
+    psutil.wait_procs(family, timeout=30)
     entry = json.loads((run_dir / "ledger.json").read_text())["stages"]["pretrain"]
-    assert entry["state"] == "done" and entry["attempts"][1]["resumed_from"] == f"step{stop[0]['step']:08d}"
+    assert entry["state"] == "running" and entry["attempts"][1]["resumed_from"] == f"step{stop[0]:08d}"
+    assert step < STEPS
+
+    out = baton("run", manifest, "--run-dir", run_dir, env=hf_env).stdout
+    entry = json.loads((run_dir / "ledger.json").read_text())["stages"]["pretrain"]
+    assert entry["state"] == "done" and len(entry["attempts"]) == 3
+    resumed = entry["attempts"][2]["resumed_from"]
+    assert resumed is not None and int(resumed.removeprefix("step")) >= step, out
     assert_same_weights(straight("zero3"), final_weights(run_dir))
 
 
@@ -161,55 +154,73 @@ def losses(run_dir: Path) -> dict[int, float]:
 NO_DROPOUT = TINY_BERT + "\n        hidden_dropout_prob: 0.0\n        attention_probs_dropout_prob: 0.0"
 
 
-@pytest.mark.parametrize("zero, before, after", [("zero2", 2, 1), ("zero3", 1, 2),
-                                                    pytest.param("zero0", 2, 1, marks=pytest.mark.full)])
-def test_resume_at_another_world_size_continues_the_same_run(zero: str, before: int, after: int, setup,
+@pytest.mark.parametrize("zero, sizes", [("zero3", (2, 1, 2)),
+                                         pytest.param("zero2", (2, 1), marks=pytest.mark.full),
+                                         pytest.param("zero0", (2, 1), marks=pytest.mark.full)])
+def test_resume_at_other_world_sizes_continues_the_same_run(zero: str, sizes: tuple[int, ...], setup,
                                                             hf_env: dict[str, str], tmp_path: Path) -> None:
-    """2 ranks -> 1 and 1 -> 2 with the same global batch (grad_accum makes up for the ranks): the stage
-    resumes through a universal checkpoint at the same sample, its losses go on as an uninterrupted run's,
-    and the ledger records the change."""
+    """2 ranks -> 1 -> 2 with the same global batch (grad_accum makes up for the ranks), stopped before each change:
+    the stage resumes through a universal checkpoint at the same sample, its losses go on as an uninterrupted run's,
+    and the ledger records each change. (ZeRO 2 from 2 ranks to 1: the adapters' kinds test, and full here.)"""
     import torch
 
-    first, second = ({"nproc": n, "grad_accum": 4 // n, "init": NO_DROPOUT} for n in (before, after))
+    settings = {n: {"nproc": n, "grad_accum": 4 // n, "init": NO_DROPOUT} for n in sizes}
     (tmp_path / "straight").mkdir()
-    baton("run", setup(tmp_path / "straight", zero, **first), "--run-dir", tmp_path / "straight" / "run", env=hf_env)
+    baton("run", setup(tmp_path / "straight", zero, **settings[sizes[0]]), "--run-dir", tmp_path / "straight" / "run",
+          env=hf_env)
 
-    manifest, run_dir = setup(tmp_path, zero, **first), tmp_path / "run"
+    manifest, run_dir = setup(tmp_path, zero, **settings[sizes[0]]), tmp_path / "run"
+    ckpt = run_dir / "stages" / "pretrain" / "ckpt"
+    changes, stops = list(zip(sizes, sizes[1:])), []
+
+    def resumed(out: str, change: int) -> None:
+        """What the run that made `change` (1, 2 …) said and recorded."""
+        (before, after), step = changes[change - 1], stops[change - 1]
+        assert f"resume from step{step:08d}, saved at world size {before}" in out, out
+        universal = zero != "zero0"  # ZeRO-0 checkpoints hold whole states, which load at any world size
+        assert ("converting" in out) == universal, out
+        attempt = json.loads((run_dir / "ledger.json").read_text())["stages"]["pretrain"]["attempts"][change]
+        assert attempt["world_size"] == after
+        assert attempt["world_size_change"] == {"from": before, "to": after, "step": step}
+
     proc = start(manifest, run_dir, hf_env)
     wait_for_checkpoint(run_dir, proc, min_step=10)
-    os.kill(proc.pid, signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 75, out
-    ckpt = run_dir / "stages" / "pretrain" / "ckpt"
-    stopped = json.loads((ckpt / (ckpt / "LATEST").read_text().strip() / "COMPLETE").read_text())
-    assert stopped["world_size"] == before and stopped["step"] < STEPS
+    for change, (before, after) in enumerate(changes, start=1):
+        os.kill(proc.pid, signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 75, out
+        if change > 1:
+            resumed(out, change - 1)
+        stopped = json.loads((ckpt / (ckpt / "LATEST").read_text().strip() / "COMPLETE").read_text())
+        assert stopped["world_size"] == before and stopped["step"] < STEPS
+        stops.append(stopped["step"])
 
-    setup(tmp_path, zero, **second)
-    resume = manifest.read_text()
-    manifest.write_text(resume.replace("on_world_size_change: resume", "on_world_size_change: restart"))
-    plan = baton("run", manifest, "--run-dir", run_dir, "--dry-run", env=hf_env).stdout
-    assert f"RERUN: changed: deepspeed.gradient_accumulation_steps {4 // before} -> {4 // after}" in plan, plan
-
-    manifest.write_text(resume)
-    out = baton("run", manifest, "--run-dir", run_dir, env=hf_env).stdout
-    assert f"resume from step{stopped['step']:08d}, saved at world size {before}" in out, out
-    universal = zero != "zero0"  # ZeRO-0 checkpoints hold whole states, which load at any world size
-    assert ("converting" in out) == universal, out
+        setup(tmp_path, zero, **settings[after])
+        if change == 1:
+            resume = manifest.read_text()
+            manifest.write_text(resume.replace("on_world_size_change: resume", "on_world_size_change: restart"))
+            plan = baton("run", manifest, "--run-dir", run_dir, "--dry-run", env=hf_env).stdout
+            assert f"RERUN: changed: deepspeed.gradient_accumulation_steps {4 // before} -> {4 // after}" in plan, plan
+            manifest.write_text(resume)
+        if change < len(changes):  # resumed, and stopped again once it has saved a checkpoint of its own
+            proc = start(manifest, run_dir, hf_env)
+            wait_for_checkpoint(run_dir, proc, min_step=stopped["step"] + 1)
+        else:
+            resumed(baton("run", manifest, "--run-dir", run_dir, env=hf_env).stdout, change)
     entry = json.loads((run_dir / "ledger.json").read_text())["stages"]["pretrain"]
-    assert entry["state"] == "done", out
-    assert entry["attempts"][1]["world_size"] == after
-    assert entry["attempts"][1]["world_size_change"] == {"from": before, "to": after, "step": stopped["step"]}
+    assert entry["state"] == "done" and len(entry["attempts"]) == len(sizes)
     assert not (ckpt / "universal").exists(), "the conversion outlived the next checkpoint"
 
     want, got = losses(tmp_path / "straight" / "run"), losses(run_dir)
     assert sorted(got) == list(range(1, STEPS + 1))
-    jumps = {s: (want[s], got[s]) for s in range(stopped["step"] + 1, STEPS + 1)
+    jumps = {s: (want[s], got[s]) for s in range(stops[0] + 1, STEPS + 1)
              if abs(want[s] - got[s]) > 1e-5 * abs(want[s])}
     assert not jumps, f"after the resume the loss differs from the uninterrupted run's (step: want, got): {jumps}"
     a, b = final_weights(tmp_path / "straight" / "run"), final_weights(run_dir)
     far = {k: float((a[k] - b[k]).abs().max()) for k in a if not torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6)}
     assert not far, f"final weights differ beyond float-order noise: {far}"
 
-    setup(tmp_path, zero, **first)  # back to the first world size: the done stage is kept
+    other = next(n for n in sizes if n != sizes[-1])  # another world size: the done stage is kept
+    setup(tmp_path, zero, **settings[other])
     plan = baton("run", manifest, "--run-dir", run_dir, "--dry-run", env=hf_env).stdout
-    assert f"SKIP: done at world size {after}; kept at {before}" in plan, plan
+    assert f"SKIP: done at world size {sizes[-1]}; kept at {other}" in plan, plan

@@ -85,8 +85,11 @@ def job_end(job_id: str, env: dict[str, str], timeout: float = 60) -> dict[str, 
     return job
 
 
-def wait_for_checkpoint(run_dir: Path, stage: str, env: dict[str, str], min_step: int, timeout: float = 240) -> int:
-    """The step of the newest complete checkpoint once it is at least `min_step` (the stage must still run)."""
+def wait_for_checkpoint(run_dir: Path, stage: str, env: dict[str, str], min_step: int, timeout: float = 240,
+                        requeued: bool = False) -> int:
+    """The step of the newest complete checkpoint once it is at least `min_step` (the stage must still run; or, when
+    `requeued`, be on its way back: stopped and requeued)."""
+    live = ("queued", "running") + (("preempted", "requeued") if requeued else ())
     latest = run_dir / "stages" / stage / "ckpt" / "LATEST"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -99,7 +102,7 @@ def wait_for_checkpoint(run_dir: Path, stage: str, env: dict[str, str], min_step
             if step >= min_step:
                 return step
         state = ledger(run_dir)["stages"].get(stage, {}).get("state") if (run_dir / "ledger.json").exists() else None
-        assert state in (None, "queued", "running"), f"stage left before an interruption\n{describe(run_dir, env)}"
+        assert state in (None, *live), f"stage left before an interruption\n{describe(run_dir, env)}"
         time.sleep(0.05)
     raise AssertionError(f"no complete checkpoint at step >= {min_step}\n{describe(run_dir, env)}")
 

@@ -1,14 +1,13 @@
 """The multitask stage: task mixing (a pure function of seed and micro-batch, checked against the requested shares
 with a chi-square bound), exact resume, per-task metrics everywhere they are reported, and final/'s layout.
 
-The mixing tests train nothing; the others run real torchrun with 2 gloo ranks and DeepSpeed on a tiny BERT."""
+The mixing tests and the driver's record of the stage train nothing; the others run 2 gloo ranks forked from a warm
+process (tests/stages/forked.py) with DeepSpeed on a tiny BERT."""
 
 from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from contract.kinds.multitask import MultitaskOptions
 from stages import multitask
 from stages.runtime import mixing
 from tests.stages import specs
+from tests.test_reliability_launcher import backend, play_stage, run  # noqa: F401 (a fixture)
 
 # ----------------------------------------------------------------- mixing (no training)
 
@@ -204,31 +204,30 @@ def test_per_task_metrics_and_final_layout(work, refs):
     assert accuracy / len(rows) == pytest.approx(ref["metrics"]["sense/accuracy"], abs=1.5 / len(rows))
 
 
-@pytest.mark.slow
-def test_ledger_status_and_lineage_show_tasks(work, tmp_path):
-    """Through the real CLI: the ledger records per-task metrics and every task's data files; status shows them."""
-    manifest = work["root"] / "cli.yaml"
-    manifest.write_text(MANIFEST.split("  - name: mt-ref-z2")[0].replace("run: {name: mt}", "run: {name: mtcli}")
-                        + stage("mt", 2).replace(f"max_steps: {STEPS}", "max_steps: 4")
-                        .replace(f"every_steps: {EVERY}", "every_steps: 2") + "\n")
+def test_ledger_status_and_lineage_show_tasks(tmp_path, backend, capsys):  # noqa: F811
+    """Through the driver, the stages played by the stand-in back-end with a multitask stage's metrics: the ledger
+    records per-task metrics and every task's data files; the plan, status and lineage show them."""
+    specs.copy_data(tmp_path / "data")
+    (tmp_path / "data" / "pretrain_eval.txt").write_text("a gloss\nanother gloss\n")
+    manifest = tmp_path / "cli.yaml"
+    manifest.write_text(specs.head("mtcli") + stage("mt", 2) + "\n")
+    metrics = {"sense/accuracy": 0.5, "sense/macro_f1": 0.4, "sense/eval_loss": 1.2, "gloss/eval_loss": 5.0,
+               "gloss/perplexity": 148.4}
+    backend.act = lambda spec, log_dir: play_stage(spec, log_dir, metrics if spec.kind == "multitask" else {})
     run_dir = tmp_path / "run"
-    env = work["stages"].env()
-    cli = [sys.executable, "-m", "launcher.cli"]
-    dry = subprocess.run(cli + ["run", str(manifest), "--run-dir", str(run_dir), "--dry-run"], env=env,
-                         capture_output=True, text=True, timeout=120)
-    assert dry.returncode == 0, dry.stderr
+    assert run("run", manifest, "--run-dir", run_dir, "--dry-run") == 0
+    dry = capsys.readouterr().out
     for name in ("supersense_train.jsonl", "supersense_eval.jsonl", "pretrain.txt", "pretrain_eval.txt"):
-        assert f"data/{name}" in dry.stdout
-    proc = subprocess.run(cli + ["run", str(manifest), "--run-dir", str(run_dir)], env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        assert f"data/{name}" in dry
+    assert run("run", manifest, "--run-dir", run_dir) == 0
     entry = json.loads((run_dir / "ledger.json").read_text())["stages"]["mt"]
-    assert entry["state"] == "done" and "sense/accuracy" in entry["metrics"] and "gloss/perplexity" in entry["metrics"]
+    assert entry["state"] == "done" and entry["metrics"] == metrics
     assert {Path(f).name for f in entry["inputs"]["data"]} == {"supersense_train.jsonl", "supersense_eval.jsonl",
                                                                 "pretrain.txt", "pretrain_eval.txt"}
-    status = subprocess.run(cli + ["status", str(run_dir), "--wide"], env=env, capture_output=True, text=True,
-                            timeout=60)
-    row = next(line for line in status.stdout.splitlines() if line.startswith("mt "))
-    assert "sense/accuracy" in row and "gloss/perplexity" in row, status.stdout
-    lineage = subprocess.run(cli + ["lineage", str(run_dir)], env=env, capture_output=True, text=True, timeout=60)
-    assert lineage.stdout.count("<- data") >= 5  # the tokenizer's file and the four of the tasks
+    capsys.readouterr()
+    assert run("status", run_dir, "--wide") == 0
+    status = capsys.readouterr().out
+    row = next(line for line in status.splitlines() if line.startswith("mt "))
+    assert "sense/accuracy" in row and "gloss/perplexity" in row, status
+    assert run("lineage", run_dir) == 0
+    assert capsys.readouterr().out.count("<- data") >= 5  # the tokenizer's file and the four of the tasks
