@@ -2,7 +2,8 @@
 #   make demo   builds .venv, runs examples/quickstart.yaml end to end, prints its status, writes its report.html
 #   make test   builds .venv, runs the linters and the whole test suite (what CI runs: .ci/run)
 # The tiers (docs/developing.md), each its own target:
-#   make test-fast    linters and every test that trains nothing, needs no Slurm and no browser; installs nothing
+#   make test-fast    ruff, the layering, and every test that trains nothing, needs no Slurm and no browser (the
+#                     type checker, about 90 s without its cache, is left to make lint and make test)
 #   make test-kinds   each kind trained for real: a stage's ranks forked from one warm process, DeepSpeed on gloo
 #   make test-e2e     `baton run` with real torchrun: kill/resume, world-size change, decisions, the pipeline
 #   make test-slurm   a real one-node and a real two-node Slurm cluster (installs Slurm where root can)
@@ -16,7 +17,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: demo compress test test-fast test-kinds test-e2e test-slurm test-browser test-full lint docs clean
+.PHONY: demo compress test test-fast test-kinds test-e2e test-slurm test-browser test-full lint lint-fast docs clean
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q "$(TORCH)"
@@ -40,11 +41,14 @@ compress: $(MINILM)
 	$(BIN)/baton run examples/compress.yaml
 	$(BIN)/baton status runs/compress
 
-# ruff, the type checker, and the layering (launcher and stages meet only in contract/; see pyproject.toml)
-lint: $(BIN)/.installed
+# ruff and the layering (launcher and stages meet only in contract/; see pyproject.toml): a second
+lint-fast: $(BIN)/.installed
 	$(BIN)/ruff check contract launcher stages tests examples bench
-	$(BIN)/mypy
 	$(BIN)/lint-imports
+
+# and the type checker
+lint: lint-fast
+	$(BIN)/mypy
 
 # the site (mkdocs.yml, docs/) into site/; strict: a broken link or anchor, or a page left out of the navigation, fails
 docs: $(BIN)/.installed
@@ -55,7 +59,7 @@ PYTEST := $(BIN)/python -m pytest -q -n 2 --dist loadfile
 test: lint docs
 	$(PYTEST) --durations=10 -m "not browser and not full"
 
-test-fast: lint
+test-fast: lint-fast
 	$(PYTEST) -m "not slow and not e2e and not slurm and not browser"
 
 test-kinds: $(BIN)/.installed

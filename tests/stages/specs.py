@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import time
@@ -119,33 +121,48 @@ class Stages:
     def folder(self, name: str) -> Path:
         return stage_dir(self.run_dir, name)
 
-    def kill_after_first_checkpoint(self, spec: Spec, tag: str = "step*") -> None:
-        """Start the stage and SIGKILL every rank at once (and torchrun, under it) once a COMPLETE checkpoint (`tag`,
-        a glob) exists."""
-        folder = Path(spec.stage_dir)
+    def interrupt(self, spec: Spec, ready: Callable[[], bool], sig: int = signal.SIGKILL) -> list[int]:
+        """Start the stage and, once `ready()`, interrupt it: SIGKILL every rank at once (and torchrun, under it), as a
+        crashed machine would; any other signal goes to rank 0 alone, as Ctrl-C or Slurm's --signal reach one rank
+        (the ranks agree on a stop). Returns each rank's exit code once they have ended (under torchrun, from its
+        failure summary; none after a SIGKILL)."""
         deadline = time.monotonic() + 300
 
-        def wait_for_checkpoint(alive: Callable[[], bool], said: Callable[[], str]) -> None:
-            while not list(folder.glob(f"ckpt/{tag}/COMPLETE")):
-                assert alive(), f"stage ended before checkpoint {tag}: {said()[-4000:]}"
-                assert time.monotonic() < deadline, f"no checkpoint {tag} after 300 s"
-                time.sleep(0.01)
+        def wait(alive: Callable[[], bool], said: Callable[[], str]) -> None:
+            while not ready():
+                assert alive(), f"stage ended before it could be interrupted: {said()[-4000:]}"
+                assert time.monotonic() < deadline, "not ready to be interrupted after 300 s"
+                time.sleep(0.005)
 
         if not TORCHRUN:
             ranks = forked.Ranks(spec.kind, write_spec(spec), spec.world_size, self.env(), self.logs(spec))
-            wait_for_checkpoint(ranks.alive, lambda: ranks.output("err"))
-            ranks.kill()
-        else:
-            proc = self.start(spec, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-            assert proc.stderr is not None
-            wait_for_checkpoint(lambda: proc.poll() is None, lambda: proc.stderr.read() if proc.stderr else "")
-            # torchrun starts each rank in a session of its own: kill the tree, not a process group.
-            tree = psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]
-            for p in tree:
-                p.kill()
-            psutil.wait_procs(tree, timeout=30)
-            proc.wait()
-            proc.stderr.close()
+            wait(ranks.alive, lambda: ranks.output("err"))
+            if sig == signal.SIGKILL:
+                ranks.kill()
+            else:
+                os.kill(ranks.procs[0].pid, sig)
+                ranks.wait(timeout=120)
+            return [p.exitcode if p.exitcode is not None else -9 for p in ranks.procs]
+        proc = self.start(spec, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        assert proc.stderr is not None
+        wait(lambda: proc.poll() is None, lambda: proc.stderr.read() if proc.stderr else "")
+        if sig != signal.SIGKILL:
+            psutil.Process(proc.pid).children()[0].send_signal(sig)  # rank 0: torchrun's first worker
+            _, err = proc.communicate(timeout=120)
+            return [int(code) for code in re.findall(r"^\s*exitcode\s*:\s*(-?\d+)", err, re.M)]
+        # torchrun starts each rank in a session of its own: kill the tree, not a process group.
+        tree = psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]
+        for p in tree:
+            p.kill()
+        psutil.wait_procs(tree, timeout=30)
+        proc.wait()
+        proc.stderr.close()
+        return []
+
+    def kill_after_first_checkpoint(self, spec: Spec, tag: str = "step*") -> None:
+        """SIGKILL the stage's ranks (`interrupt`) once a COMPLETE checkpoint (`tag`, a glob) exists."""
+        folder = Path(spec.stage_dir)
+        self.interrupt(spec, lambda: bool(list(folder.glob(f"ckpt/{tag}/COMPLETE"))))
         assert not (folder / "result.json").exists(), "the kill came too late: the stage had finished"
 
 

@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
 
 from contract.spec import DataSpec
@@ -197,17 +195,7 @@ def test_a_killed_preparation_continues_to_the_same_bytes(work):
     reference = stages.run("big")
     spec = stages.spec("big-kill")
     shards = Path(spec.stage_dir, "shards")
-    proc = stages.start(spec, stdout=psutil.subprocess.DEVNULL, stderr=psutil.subprocess.PIPE)
-    deadline = time.monotonic() + 300
-    while len(list(shards.glob("*.index.npy"))) < 4:
-        assert proc.poll() is None, "the preparation ended before it was killed"
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
-    tree = psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]
-    for p in tree:
-        p.kill()
-    psutil.wait_procs(tree, timeout=30)
-    proc.wait()
+    stages.interrupt(spec, lambda: len(list(shards.glob("*.index.npy"))) >= 4)
     kept = len(list(shards.glob("*.index.npy")))
     assert 4 <= kept < BIG_LINES // 500, "the kill came too late"
     assert not Path(spec.stage_dir, "result.json").exists()

@@ -10,14 +10,10 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import signal
-import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 
 from contract.spec import MlflowSettings, Reporting
@@ -138,14 +134,9 @@ def tracked(tmp_path_factory) -> dict[str, Any]:
     stages.run("tokenizer")
     spec = stages.spec("mlm")
     folder = Path(spec.stage_dir)
-    proc = stages.start(spec, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 180
-    while not (folder / "metrics.jsonl").exists() or not specs.records(folder, "first_step"):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
-        time.sleep(0.05)
-    psutil.Process(proc.pid).children()[0].send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert re.findall(r"^\s*exitcode\s*:\s*(-?\d+)", err, re.M) == ["75", "75"], err[-3000:]
+    codes = stages.interrupt(spec, lambda: (folder / "metrics.jsonl").exists()
+                             and bool(specs.records(folder, "first_step")), signal.SIGTERM)
+    assert codes == [75, 75], codes
     first = {"mlflow": json.loads((folder / trackers.MLFLOW_RUN).read_text()),
              "wandb": sorted(p.name for p in (root / "wandb" / "wandb").glob("offline-run-*"))}
     first["status"] = mlflow_client(root).get_run(first["mlflow"]["run_id"]).info.status
