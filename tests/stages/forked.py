@@ -5,7 +5,8 @@ Every torchrun launch pays for its agent and, in each rank, for importing torch,
 launch already warm; each rank then runs `python -m stages.<kind> --spec …` as torchrun would start it: the
 same environment variables (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), the same module run as
 `__main__`, the real DeepSpeed engine on gloo. What torchrun itself does (its agent, signal forwarding,
-restarts) is proven by the tests that still start it (`Stages.start`, the launcher's tests).
+restarts) is proven by the end-to-end tier (`baton run` under torchrun, stopped and killed) and by
+`tests/stages/test_stages.py::test_forked_ranks_train_as_torchrun_does`.
 
 The warm process imports modules only; it never runs a torch operation, so no thread pool exists to be
 copied into a fork.
