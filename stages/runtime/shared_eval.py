@@ -15,26 +15,20 @@ the module inside a ZeRO-3 engine.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
-
-import torch
 
 from contract.heads import HEADS
 from stages.runtime import data, heads
 from stages.runtime.dist import Dist
 from stages.runtime.spec import Spec, SpecError
 
-Net = Callable[..., torch.Tensor]  # a collated batch → its rows of logits
-
 
 def score(spec: Spec, d: Dist, model: Any, tokenizer, head: str, *, batch_size: int,
-          options: dict[str, Any] | None = None, net: Net | None = None) -> dict[str, float]:
+          options: dict[str, Any] | None = None) -> dict[str, float]:
     """Collective. `<set>/<metric>` for every set in spec.shared_evals, in order ({} without sets).
 
-    `model`: a transformers model with head `head`, run in eval mode; `options`: the head's settings (mlm: the
-    stage's mask_prob). `net(**batch)`: the rows of logits in place of the head's module around `model` (a logits
-    ensemble's combined ones; `model`, one of its members, then gives the labels)."""
+    `model`: a transformers model with head `head` (or what stands for one: a logits ensemble's
+    `combining.AsModel`), run in eval mode; `options`: the head's settings (mlm: the stage's mask_prob)."""
     fits = HEADS[head].fits
     for name, s in spec.shared_evals.items():
         if s.task != fits:
@@ -48,6 +42,6 @@ def score(spec: Spec, d: Dist, model: Any, tokenizer, head: str, *, batch_size: 
                               cache_dir=spec.cache_dir, seed=spec.seed, key=f"evals.{name}", options=options or {},
                               labels=labels, eval_only=True)
         h = heads.load(head, source)
-        values = h.evaluate(net or h.module(model), "eval", batch_size, d)
+        values = h.evaluate(h.module(model), "eval", batch_size, d)
         out |= {f"{name}/{metric}": v for metric, v in values.items()}
     return out
