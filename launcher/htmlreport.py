@@ -111,18 +111,18 @@ def manifest_text(run_dir: Path, data: dict[str, Any]) -> tuple[str, str] | None
 
 
 def _switch(fig: Any, xs: list[tuple[list[float], list[float]]], marks: dict[str, tuple[list[Any], list[Any]]],
-            bottom: str, has_tokens: bool) -> None:
+            bottom: str, has_tokens: bool, along: str = "stages one after another") -> None:
     """Buttons that put every trace, line and label of `fig` on steps or on tokens. `xs`: each trace's x by step and
-    by tokens; `marks`: the shapes and annotations of each."""
+    by tokens; `marks`: the shapes and annotations of each; `along`: what the x axis runs along."""
     titles = [a.to_plotly_json() for a in fig.layout.annotations]  # the subplots' own
     fig.update_layout(shapes=marks["step"][0], annotations=titles + marks["step"][1])
-    fig.update_layout({f"{bottom}.title.text": "step (stages one after another)"})
+    fig.update_layout({f"{bottom}.title.text": f"step ({along})"})
     if not has_tokens:
         return
     buttons = [{"label": label, "method": "update",
                 "args": [{"x": [x[i] for x in xs]},
                          {"shapes": marks[by][0], "annotations": titles + marks[by][1],
-                          f"{bottom}.title.text": f"{by} (stages one after another)"}]}
+                          f"{bottom}.title.text": f"{by} ({along})"}]}
                for i, (label, by) in enumerate((("steps", "step"), ("tokens", "tokens")))]
     fig.update_layout(updatemenus=[{"type": "buttons", "direction": "right", "x": 0, "y": 1.08, "xanchor": "left",
                                     "yanchor": "bottom", "buttons": buttons, "showactive": True}])
@@ -178,7 +178,9 @@ def training_figure(cs: list[Curve]) -> Any:
 
 
 def eval_figure(cs: list[Curve]) -> Any | None:
-    """Each eval metric over the run's shared x axis, one panel per metric; None without eval records."""
+    """Each eval metric over each stage's own steps (or tokens), one panel per metric, the stages that report it
+    overlaid (variants and retries side by side); None without eval records. On the run's shared axis a metric's
+    panel would sit empty over every stage that does not report it."""
     from plotly.subplots import make_subplots
 
     names = list(dict.fromkeys(k for c in cs for r in c.evals for k, v in r.items()
@@ -193,7 +195,7 @@ def eval_figure(cs: list[Curve]) -> Any | None:
             points = [r for r in c.evals if isinstance(r.get(name), (int, float))]
             if not points:
                 continue
-            xs.append(([c.x(r["step"], "step") for r in points], [c.x(r["step"], "tokens") for r in points]))
+            xs.append(([r["step"] for r in points], [c.x(r["step"], "tokens") - c.at_tokens for r in points]))
             fig.add_scatter(x=xs[-1][0], y=[r[name] for r in points], row=row, col=1, mode="lines+markers",
                             name=c.stage, legendgroup=c.stage, showlegend=not any(
                                 t.name == c.stage for t in fig.data), line={"color": _color(k)},
@@ -206,8 +208,8 @@ def eval_figure(cs: list[Curve]) -> Any | None:
             v = values.pop()
             fig.update_yaxes(range=[v - (abs(v) * 0.1 or 0.1), v + (abs(v) * 0.1 or 0.1)], row=row, col=1)
     fig.update_layout(height=140 + 200 * len(names), margin={"t": 90}, hovermode="closest")
-    _switch(fig, xs, {by: _stage_lines(cs, by) for by in ("step", "tokens")},
-            _axis(len(names)), any(c.tokens and c.tokens[-1] for c in cs))
+    _switch(fig, xs, {by: ([], []) for by in ("step", "tokens")}, _axis(len(names)),
+            any(c.tokens and c.tokens[-1] for c in cs), "of each stage")
     return fig
 
 
