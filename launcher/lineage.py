@@ -337,6 +337,15 @@ def picture(g: dict[str, Any], fmt: str) -> bytes:
         box = {"boxstyle": "round4,pad=0.35" if s["type"] == "data" else "square,pad=0.35", "fc": "#fafafa",
                "ec": "#999", "lw": 0.8}
         boxes[s["id"]] = _box(ax, at(s["id"]), label, f"source-{i}", box, fontsize=6.5, color="#333")
+    fig.draw_without_rendering()  # places the boxes: their extents, for routing the arrows around them
+    extents = {ident: ax.transData.inverted().transform(b.get_bbox_patch().get_window_extent())
+               for ident, b in boxes.items()}
+
+    def arrow(a: str, b: str, style: tuple[str, float, str], label: str) -> None:
+        sides = _sides(at(a), at(b), extents[a], extents[b])
+        bend = _bend(*sides, [box for ident, box in extents.items() if ident not in (a, b)])
+        _arrow(ax, boxes[a], boxes[b], sides, bend, style, label)
+
     for (src, dst), group in _bundles(g["edges"]).items():
         e = group[0]
         style = {"fallback": ("#e65100", 1.4, "--"), "selected": ("#1b5e20", 2.2, "-")}.get(
@@ -344,11 +353,10 @@ def picture(g: dict[str, Any], fmt: str) -> bytes:
         label = _edge_label(group, "\n")
         if src.startswith("data:"):  # its box says its digest: a plain line keeps the picture readable
             style, label = ("#bbb", 0.6, "-"), ""
-        _arrow(ax, boxes[src], boxes[dst], at(src), at(dst), style, label)
+        arrow(src, dst, style, label)
     for a, b in _retries(g):
         if f"stage:{a}" in boxes and f"stage:{b}" in boxes:
-            _arrow(ax, boxes[f"stage:{a}"], boxes[f"stage:{b}"], at(f"stage:{a}"), at(f"stage:{b}"),
-                   ("#999", 1.0, ":"), "retry")
+            arrow(f"stage:{a}", f"stage:{b}", ("#999", 1.0, ":"), "retry")
     out = io.BytesIO()
     with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "baton"}):  # text stays text; stable ids
         fig.savefig(out, format=fmt, dpi=110, bbox_inches="tight", pad_inches=0.1,
@@ -413,21 +421,56 @@ def _box(ax: Any, xy: tuple[float, float], label: str, gid: str, box: dict[str, 
     return ax.text(*xy, label, ha="center", va="center", zorder=3, gid=gid, bbox=box, parse_math=False, **style)
 
 
-def _arrow(ax: Any, a: Any, b: Any, pa: tuple[float, float], pb: tuple[float, float],
-           style: tuple[str, float, str], label: str) -> None:
-    """An arrow from box `a` (centre `pa`) to box `b`, from side to side (or, in one column, top to bottom)."""
+Point = tuple[float, float]
+
+
+def _sides(pa: Point, pb: Point, a: Any, b: Any) -> tuple[Point, Point]:
+    """Where an arrow from box `a` (centre `pa`) to box `b` leaves and arrives (boxes as [[x0, y0], [x1, y1]]):
+    from side to side, or, in one column, from bottom to top (or top to bottom)."""
+    if abs(pa[0] - pb[0]) > 1e-6:
+        return (float(a[1][0]), pa[1]), (float(b[0][0]), pb[1])
+    down = pa[1] > pb[1]
+    return (pa[0], float(a[0][1] if down else a[1][1])), (pb[0], float(b[1][1] if down else b[0][1]))
+
+
+def _curve(start: Point, end: Point, bend: float, t: float) -> Point:
+    """The point at `t` (0 … 1) of matplotlib's arc3 connection with rad `bend`: a quadratic Bézier whose control
+    point is the chord's midpoint moved by `bend` times the chord, turned a quarter."""
+    (x0, y0), (x1, y1) = start, end
+    cx, cy = (x0 + x1) / 2 + bend * (y1 - y0), (y0 + y1) / 2 - bend * (x1 - x0)
+    u = 1 - t
+    return u * u * x0 + 2 * u * t * cx + t * t * x1, u * u * y0 + 2 * u * t * cy + t * t * y1
+
+
+def _bend(start: Point, end: Point, others: list[Any]) -> float:
+    """The least bend (arc3's rad) of an arrow from `start` to `end` that crosses none of the `others` boxes, so no
+    box hides it: 0 for a straight line where nothing is in the way; beside a column's boxes, arrows within the
+    column curve to one side. The least-crossing bend when every one crosses some."""
+    def crossings(bend: float) -> int:
+        points = [_curve(start, end, bend, k / 40) for k in range(1, 40)]
+        return sum(any(x0 - 0.03 < x < x1 + 0.03 and y0 - 0.03 < y < y1 + 0.03 for x, y in points)
+                   for (x0, y0), (x1, y1) in others)
+
+    same_column = abs(start[0] - end[0]) < 1e-6
+    bends = [0.25] if same_column else [0.0]
+    bends += [sign * b for b in (0.15, 0.25, 0.35, 0.5, 0.7) for sign in (1, -1)]
+    return min(bends, key=lambda b: (crossings(b), bends.index(b)))
+
+
+def _arrow(ax: Any, a: Any, b: Any, sides: tuple[Point, Point], bend: float, style: tuple[str, float, str],
+           label: str) -> None:
+    """An arrow from box `a` to box `b` between `sides` (`_sides`), bent by `bend` (`_bend`), its label at its
+    middle."""
     color, lw, ls = style
-    same = abs(pa[0] - pb[0]) < 1e-6
-    start, end = ((0.5, 0.0), (0.5, 1.0)) if same and pa[1] > pb[1] else ((0.5, 1.0), (0.5, 0.0)) if same \
-        else ((1.0, 0.5), (0.0, 0.5))
-    ax.annotate("", xy=end, xycoords=b, xytext=start, textcoords=a, zorder=1, arrowprops={
+    (x0, y0), (x1, y1) = sides
+    ax.annotate("", xy=(x1, y1), xycoords="data", xytext=(x0, y0), textcoords="data", zorder=1, arrowprops={
         "arrowstyle": "-|>", "color": color, "lw": lw, "ls": ls, "shrinkA": 1, "shrinkB": 1,
-        "connectionstyle": "arc3,rad=0.25" if same else "arc3,rad=0"})
+        "connectionstyle": f"arc3,rad={bend}"})
     if not label:
         return
-    mid = (pa[0] + 0.5 * (pb[0] - pa[0]) + (0.35 if same else 0), pa[1] + 0.5 * (pb[1] - pa[1]))
-    ax.text(*mid, label, ha="center", va="center", fontsize=6, color=color, zorder=2, parse_math=False,
-            bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.85})
+    ax.text(*_curve(sides[0], sides[1], bend, 0.5), label, ha="center", va="center", fontsize=6, color=color,
+            zorder=2, parse_math=False, bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none",
+                                              "alpha": 0.85})
 
 
 def _tail(path: str) -> str:

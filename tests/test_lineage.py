@@ -264,3 +264,27 @@ def test_lineage_reads_no_training_library_and_draws_only_when_asked(run_dir: Pa
             "print(sorted(m for m in ('torch', 'matplotlib', 'networkx') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_no_box_hides_an_arrow(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every arrow of the picture (inputs, data lines, retries) is routed around the boxes it would pass behind: a
+    straight line from a source to its second reader crosses the first reader's box, so the arrow bends."""
+    routes: list[tuple[Any, Any, list[Any], float]] = []
+    bend = lineage._bend
+
+    def recorded(start: Any, end: Any, others: list[Any]) -> float:
+        routes.append((start, end, others, chosen := bend(start, end, others)))
+        return chosen
+
+    monkeypatch.setattr(lineage, "_bend", recorded)
+    lineage.picture(lineage.graph(run_dir), "svg")
+
+    def crossed(start: Any, end: Any, others: list[Any], b: float) -> list[Any]:
+        points = [lineage._curve(start, end, b, k / 100) for k in range(2, 99)]
+        return [box for box in others if any(box[0][0] < x < box[1][0] and box[0][1] < y < box[1][1]
+                                             for x, y in points)]
+
+    assert len(routes) >= len(lineage.graph(run_dir)["edges"]) // 2
+    assert not [r for r in routes if crossed(*r)], [r[:2] for r in routes if crossed(*r)]
+    straight_hidden = [r for r in routes if abs(r[0][0] - r[1][0]) > 1e-6 and crossed(r[0], r[1], r[2], 0.0)]
+    assert straight_hidden and all(r[3] != 0 for r in straight_hidden)
