@@ -19,8 +19,10 @@ chosen reward is the larger, TRL's names) and reported at eval over the eval pai
 of the chosen answers (eval_loss, perplexity, exact_match, accuracy).
 
 The reference is the init model, loaded again on every start (a resume too) and frozen outside the engine, placed
-as distill's teacher (stages/runtime/teacher.py: replicate, zero3, cpu). The policy runs without dropout, as
-TRL's DPOTrainer does by default: at step 0 it is the reference, and every reward is 0.
+as distill's teacher (stages/runtime/teacher.py: replicate, zero3, cpu); or, for a stage that trains a new adapter
+(`reference_placement: adapter`), the policy's own frozen base with the adapter switched off
+(`adapters.disabled`): the init model without a second copy of it. The policy runs without dropout, as TRL's
+DPOTrainer does by default: at step 0 it is the reference, and every reward is 0.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from torch import nn
 
 from contract.kinds.dpo import REWARDS, DpoOptions, DpoSettings
 from contract.layout import EXIT_STOPPED
-from stages.runtime import curriculum, data, dist, entry, heads, lifecycle, models, teacher
+from stages.runtime import adapters, curriculum, data, dist, entry, heads, lifecycle, models, teacher
 from stages.runtime.dist import Dist
 from stages.runtime.heads.sft import Head as SftHead
 from stages.runtime.masking import EVAL_EPOCH
@@ -72,7 +74,9 @@ def main(spec: TrainingSpec, d: Dist) -> int:
     tokenizer = models.load_tokenizer(spec)
     head = cast(SftHead, heads.of(spec, "sft", tokenizer, **o.sft.model_dump()))
     tokenizer.chat_template = head.template  # final/'s tokenizer writes its prompts as training did
-    reference = teacher.load(spec, d.device, head.auto(), o.dpo.reference_placement, head.name, name="init")
+    placement = o.dpo.reference_placement  # adapter: the launcher allows it with a new adapter only
+    reference = None if placement == "adapter" else teacher.load(spec, d.device, head.auto(), placement, head.name,
+                                                                 name="init")
     train, evalset = head.splits["train"], head.splits["eval"]
 
     def build(resume: bool) -> nn.Module:
@@ -91,10 +95,14 @@ def main(spec: TrainingSpec, d: Dist) -> int:
         """(each pair's loss, rewards (2, pairs)) of the pairs `keys` under the engine's policy."""
         batch = head.pairs(split, keys, max_length)
         n = 2 * len(keys)
+        if reference is None:  # the policy's module with its adapter off: the same layers, the init's weights
+            with torch.no_grad(), adapters.disabled(t.engine.module):
+                ref, _ = head.answer_logps(t.engine.module(**batch), batch, n)
+        else:
+            logits = reference.logits(**{k: v for k, v in batch.items() if k not in ("labels", "example")})
+            ref, _ = head.answer_logps(head.select(logits, batch), batch, n)
         policy, tokens = head.answer_logps(t.engine(**batch), batch, n)
-        logits = reference.logits(**{k: v for k, v in batch.items() if k not in ("labels", "example")})
-        ref, _ = head.answer_logps(head.select(logits, batch), batch, n)
-        return preference_loss(policy.view(2, -1), ref.view(2, -1), tokens.view(2, -1), o.dpo)
+        return preference_loss(policy.view(2, -1), ref.view(2, -1).float(), tokens.view(2, -1), o.dpo)
 
     def micro_step(keys: list[tuple[int, int]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         losses, rewards = pairs("train", keys, t.sampler.max_length)

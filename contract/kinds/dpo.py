@@ -33,9 +33,11 @@ class DpoOptions(Strict):
         "each answer's log-ratio divided by its tokens (Azar et al. 2023, as TRL computes it).")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="loss robust: the probability ε in [0, 0.5) "
                                    "that a pair's preference is wrong.")
-    reference_placement: Literal["replicate", "zero3", "cpu"] = Field(
+    reference_placement: Literal["replicate", "zero3", "cpu", "adapter"] = Field(
         "replicate", description="Where the frozen reference (the init model as loaded) lives, as distill's "
-        "teacher: replicate (a full copy per rank), zero3 (partitioned across the ranks, forward only), cpu.")
+        "teacher: replicate (a full copy per rank), zero3 (partitioned across the ranks, forward only), cpu; "
+        "adapter: no copy at all, the policy's own frozen base with its adapter switched off (a stage that trains a "
+        "new adapter: `adapter` without `from`), as TRL does with a peft model.")
 
     @field_validator("beta", "label_smoothing", mode="before")
     @classmethod
@@ -63,7 +65,7 @@ class DpoStage(TrainingStage):
     kind: Literal["dpo"] = Field(description="Preference tuning of a causal LM (DPO): the chosen answer made likelier "
                                  "than the rejected one, against a frozen reference; eval: the sft metrics of the "
                                  "chosen answers and the rewards.")
-    dpo: DpoOptions = Field(default_factory=DpoOptions, description="β, the loss, the reference's placement.")
+    dpo: DpoOptions = Field(default_factory=DpoOptions, description="β, the loss, where the reference lives.")
     sft: PreferenceOptions = Field(default_factory=PreferenceOptions, description="Columns (prompt, chosen, "
                                    "rejected, or conversations), chat template, eval of the chosen answers.")
 
@@ -73,6 +75,10 @@ class DpoStage(TrainingStage):
             raise Problem(("init", "config"), "the reference is the init model as loaded, and an untrained one "
                           "prefers nothing: give init.from (e.g. an sft stage) or init.pretrained")
         check_columns(self.data, "dpo")
+        if self.dpo.reference_placement == "adapter" and (self.adapter is None or self.adapter.from_ is not None):
+            raise Problem(("dpo", "reference_placement"), "adapter: the reference is the policy's base with its "
+                          "adapter switched off, which is the init model only when the stage trains a new adapter "
+                          "(adapter: {r: …} without from); otherwise use replicate, zero3 or cpu")
         return self
 
     def options(self) -> dict[str, Any]:

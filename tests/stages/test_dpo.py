@@ -1,21 +1,20 @@
 """Preference tuning (`dpo`): pairs written by the sft head's template, the loss and rewards against TRL's
 DPOTrainer (a test-only oracle) for sigmoid, robust (label smoothing) and ipo, and bad manifests refused at validate
-(fast, in-process on tiny models); then the stage run for real under torchrun (slow): 2 gloo ranks at ZeRO-3 with
-the reference partitioned by ZeRO-3, the rewards per step and at eval, killed and resumed bitwise, and final/ as a
-causal LM with its chat template.
+(fast, in-process on tiny models); then the stage run for real (slow): 2 gloo ranks at ZeRO-3 with the reference
+partitioned by ZeRO-3, the rewards per step and at eval, killed and resumed bitwise, final/ as a causal LM with its
+chat template; and a LoRA adapter trained against its own base with the adapter off as against a copy of the init.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import cli_in_process
 from tests.stages import specs
 from tests.stages.test_sft import CHAT, PAIRS, load_head, tiny
 
@@ -169,6 +168,8 @@ stages:
     ("{from: sft}", "gate: {require: rewards/accuracy >= 0.5}", 19,
      "unknown metric 'rewards/accuracy': stage 'dpo' (dpo) reports eval_loss, exact_match, perplexity, "
      "rewards/accuracies, rewards/chosen, rewards/margins, rewards/rejected"),
+    ("{from: sft}", "dpo: {reference_placement: adapter}", 19, "stages[2].dpo.reference_placement: adapter: the "
+     "reference is the policy's base with its adapter switched off"),
 ])
 def test_a_bad_dpo_stage_is_refused_at_validate_with_its_line(tmp_path, init, extra, line, message):
     (tmp_path / "train.txt").write_text("a b c\n")
@@ -176,9 +177,7 @@ def test_a_bad_dpo_stage_is_refused_at_validate_with_its_line(tmp_path, init, ex
     (tmp_path / "sft.jsonl").write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")
     manifest = tmp_path / "dpo.yaml"
     manifest.write_text(MANIFEST.format(init=init, extra=extra))
-    proc = subprocess.run([sys.executable, "-m", "launcher.cli", "validate", str(manifest)], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120,
-                          env=os.environ | {"PYTHONPATH": str(specs.REPO)})
+    proc = cli_in_process(["validate", str(manifest)], tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert f"{manifest}:{line} " in proc.stderr and message in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
@@ -207,6 +206,11 @@ STAGE_MANIFEST = specs.head("dpo") + f"""
     data: {{train: data/sft_train.jsonl, max_length: 64}}
     train: {{max_steps: 12, micro_batch_size: 8, lr: 3.0e-3}}
 """ + DPO.format(name="dpo-ref", steps=STEPS, every=EVERY) + DPO.format(name="dpo-kill", steps=STEPS, every=EVERY)
+# the same adapter trained against a copy of the init model and against its own base with the adapter off
+STAGE_MANIFEST += "".join(
+    DPO.format(name=f"dpo-lora-{placement}", steps=4, every=4).replace("config: zero3", "config: zero2")
+    .replace("reference_placement: zero3", f"reference_placement: {placement}")
+    + "\n    adapter: {r: 4, target_modules: [c_attn, c_proj]}" for placement in ("replicate", "adapter"))
 
 
 @pytest.fixture(scope="module")
@@ -292,3 +296,24 @@ def test_killed_and_resumed_equals_uninterrupted_zero3(work, ref):
     got = load_file(str(Path(result["output"]["path"], "model.safetensors")))
     want = load_file(str(Path(result_ref["output"]["path"], "model.safetensors")))
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.slow
+def test_an_adapters_own_base_is_the_reference_a_copy_would_be(work):
+    """reference_placement adapter: the policy's frozen base with its adapter off, no second model. The same losses
+    and rewards, step by step, and the same adapter as with a replicated copy of the init model."""
+    import torch
+    from safetensors.torch import load_file
+
+    copy, own = (work["stages"].run_with_output(f"dpo-lora-{p}") for p in ("replicate", "adapter"))
+    assert "reference adapter" in own[1] and "reference replicate" in copy[1]
+    folders = [Path(r["output"]["path"]).parent for r, _ in (copy, own)]
+    terms = [[r["terms"] for r in specs.records(f, "loss_terms")] for f in folders]
+    assert len(terms[0]) == 4 and all(abs(v) < 1e-6 for k, v in terms[1][0].items() if k != "rewards/accuracies")
+    for a, b in zip(*terms, strict=True):
+        assert a.keys() == b.keys() and all(math.isclose(a[k], b[k], rel_tol=1e-5, abs_tol=1e-6) for k in a), (a, b)
+    losses = [[r["loss"] for r in specs.records(f, "train")] for f in folders]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    assert copy[0]["metrics"] == pytest.approx(own[0]["metrics"], rel=1e-4, abs=1e-6)
+    a, b = (load_file(str(Path(r["output"]["path"], "adapter", "adapter_model.safetensors"))) for r, _ in (copy, own))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
