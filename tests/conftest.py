@@ -144,11 +144,12 @@ def gates_manifest(slurm: str = "") -> str:
     eval_loss ln 600 = 6.4) and passes on the retry at 2e-3 (6.0); two finetune variants, the lower eval_loss goes
     on; prune's gate asks what pruning cannot give (eval_loss 1 below its upstream's), so finetune's model goes on
     to `last`, whose gate passes at once (its retry is never needed). A shared eval set scores every classifier.
-    `slurm`: a defaults.slurm section, for `baton submit`."""
+    `slurm`: a defaults.slurm section, for `baton submit`. One process a stage, the global batch made up by
+    grad_accum: the decisions do not depend on the world size, and a stage's start-up costs half as much."""
     return f"""version: 1
 run: {{name: gates}}
 defaults:
-  launcher: {{nproc_per_node: 2}}
+  launcher: {{nproc_per_node: 1}}
   seed: 7
 {slurm}
 evals:
@@ -164,7 +165,7 @@ stages:
 {TINY_BERT}
     tokenizer: {{from: tokenizer}}
     data: {{train: data/pretrain.txt, eval: data/pretrain_eval.txt, max_length: 32}}
-    train: {{max_steps: 20, micro_batch_size: 16, lr: 1.0e-9}}
+    train: {{max_steps: 20, micro_batch_size: 16, grad_accum: 2, lr: 1.0e-9}}
     checkpoint: {{every_steps: 4, keep_last: 2}}
     gate:
       require: eval_loss <= 6.2
@@ -174,7 +175,7 @@ stages:
     kind: classify
     init: {{from: pretrain}}
     data: {{train: data/train.jsonl, eval: data/eval.jsonl, max_length: 32}}
-    train: {{max_steps: 8, micro_batch_size: 8}}
+    train: {{max_steps: 8, micro_batch_size: 8, grad_accum: 2}}
     variants:
       grid: {{train.lr: [1.0e-5, 2.0e-3]}}
       select: {{min: eval_loss}}
@@ -188,7 +189,7 @@ stages:
     kind: classify
     init: {{from: prune}}
     data: {{train: data/train.jsonl, eval: data/eval.jsonl, max_length: 32}}
-    train: {{max_steps: 4, micro_batch_size: 8}}
+    train: {{max_steps: 4, micro_batch_size: 8, grad_accum: 2}}
     gate: {{require: "heldout/accuracy >= 0", on_fail: retry, retries: [{{seed: 8}}]}}
 """
 

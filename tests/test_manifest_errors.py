@@ -760,8 +760,7 @@ def test_unclosed_quote_points_at_its_line(tmp_path: Path) -> None:
 
 def test_manifest_file_missing(tmp_path: Path) -> None:
     missing = tmp_path / "nope.yaml"
-    proc = subprocess.run([sys.executable, "-m", "launcher.cli", "validate", str(missing)],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    proc = cli_in_process(["validate", str(missing)], tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.startswith(f"baton: {missing}: cannot read"), proc.stderr
     assert "Traceback" not in proc.stderr
@@ -858,8 +857,7 @@ def test_merge_keys_resolve_like_their_expanded_form(tmp_path: Path) -> None:
     assert [r.base for r in resolve(merged)] == [r.base for r in resolve(expanded)]
     assert merged.lines[("stages", 2, "kind")] == 18  # a merged key points at its `<<` line
     assert merged.lines[("stages", 2, "train", "micro_batch_size")] == 22
-    proc = subprocess.run([sys.executable, "-m", "launcher.cli", "validate", str(tmp_path / "merged.yaml")],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    proc = cli_in_process(["validate", str(tmp_path / "merged.yaml")], tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "3 stage(s): tok [tokenizer], pre [mlm], pre2 [mlm]" in proc.stdout
 
@@ -891,9 +889,8 @@ def test_bad_ledger_refused(tmp_path: Path, name: str, dry_run: bool) -> None:
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "ledger.json").write_bytes(content)
-    argv = [sys.executable, "-m", "launcher.cli", "run", str(manifest), "--run-dir", str(run_dir)]
-    proc = subprocess.run(argv + (["--dry-run"] if dry_run else []), cwd=tmp_path, capture_output=True, text=True,
-                          timeout=120)
+    proc = cli_in_process(["run", str(manifest), "--run-dir", str(run_dir)] + (["--dry-run"] if dry_run else []),
+                          tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr and proc.stdout == ""
     lines = proc.stderr.splitlines()
@@ -907,8 +904,7 @@ def test_run_dir_flag_naming_a_file(tmp_path: Path) -> None:
     write_inputs(tmp_path)
     manifest = tmp_path / "ok.yaml"
     manifest.write_text(BASE, encoding="utf-8")
-    proc = subprocess.run([sys.executable, "-m", "launcher.cli", "run", str(manifest), "--run-dir",
-                           str(tmp_path / "train.txt")], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    proc = cli_in_process(["run", str(manifest), "--run-dir", str(tmp_path / "train.txt")], tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith(f"baton: {tmp_path / 'train.txt'}: not a run folder"), proc.stderr
     assert not (tmp_path / "runs").exists()

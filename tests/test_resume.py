@@ -92,15 +92,16 @@ def setup(tiny_run: dict[str, Path]):
 
 @pytest.fixture(scope="module")
 def straight(setup, hf_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory):
-    """Final weights of an uninterrupted run, per ZeRO stage (trained once per module)."""
-    cache: dict[str, dict] = {}
+    """The run folder of an uninterrupted run of `setup`'s manifest, per settings (trained once per module)."""
+    cache: dict[str, Path] = {}
 
-    def get(zero: str) -> dict:
-        if zero not in cache:
-            folder = tmp_path_factory.mktemp(f"straight-{zero}")
-            baton("run", setup(folder, zero), "--run-dir", folder / "run", env=hf_env)
-            cache[zero] = final_weights(folder / "run")
-        return cache[zero]
+    def get(zero: str, **kwargs) -> Path:
+        folder = tmp_path_factory.mktemp(f"straight-{zero}")
+        manifest = setup(folder, zero, **kwargs)
+        if manifest.read_text() not in cache:
+            baton("run", manifest, "--run-dir", folder / "run", env=hf_env)
+            cache[manifest.read_text()] = folder / "run"
+        return cache[manifest.read_text()]
     return get
 
 
@@ -111,7 +112,7 @@ def test_stopped_then_killed_each_rerun_resumes_to_the_same_weights(setup, strai
     """SIGTERM (Ctrl-C, a scheduler): the stage checkpoints and the run exits 75, preempted. The rerun is then
     SIGKILLed with the driver, torchrun and both ranks at once (a crashed node): the ledger is left "running". The
     next rerun resumes from the newest complete checkpoint and ends bitwise on the uninterrupted run's weights."""
-    manifest = setup(tmp_path, "zero3")
+    manifest = setup(tmp_path, "zero3", init=NO_DROPOUT)  # the settings the world-size change starts from
     run_dir = tmp_path / "run"
     proc = start(manifest, run_dir, hf_env)
     wait_for_checkpoint(run_dir, proc, min_step=5)
@@ -140,7 +141,7 @@ def test_stopped_then_killed_each_rerun_resumes_to_the_same_weights(setup, strai
     assert entry["state"] == "done" and len(entry["attempts"]) == 3
     resumed = entry["attempts"][2]["resumed_from"]
     assert resumed is not None and int(resumed.removeprefix("step")) >= step, out
-    assert_same_weights(straight("zero3"), final_weights(run_dir))
+    assert_same_weights(final_weights(straight("zero3", init=NO_DROPOUT)), final_weights(run_dir))
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -157,7 +158,7 @@ NO_DROPOUT = TINY_BERT + "\n        hidden_dropout_prob: 0.0\n        attention_
 @pytest.mark.parametrize("zero, sizes", [("zero3", (2, 1, 2)),
                                          pytest.param("zero2", (2, 1), marks=pytest.mark.full),
                                          pytest.param("zero0", (2, 1), marks=pytest.mark.full)])
-def test_resume_at_other_world_sizes_continues_the_same_run(zero: str, sizes: tuple[int, ...], setup,
+def test_resume_at_other_world_sizes_continues_the_same_run(zero: str, sizes: tuple[int, ...], setup, straight,
                                                             hf_env: dict[str, str], tmp_path: Path) -> None:
     """2 ranks -> 1 -> 2 with the same global batch (grad_accum makes up for the ranks), stopped before each change:
     the stage resumes through a universal checkpoint at the same sample, its losses go on as an uninterrupted run's,
@@ -165,9 +166,7 @@ def test_resume_at_other_world_sizes_continues_the_same_run(zero: str, sizes: tu
     import torch
 
     settings = {n: {"nproc": n, "grad_accum": 4 // n, "init": NO_DROPOUT} for n in sizes}
-    (tmp_path / "straight").mkdir()
-    baton("run", setup(tmp_path / "straight", zero, **settings[sizes[0]]), "--run-dir", tmp_path / "straight" / "run",
-          env=hf_env)
+    uninterrupted = straight(zero, **settings[sizes[0]])
 
     manifest, run_dir = setup(tmp_path, zero, **settings[sizes[0]]), tmp_path / "run"
     ckpt = run_dir / "stages" / "pretrain" / "ckpt"
@@ -211,12 +210,12 @@ def test_resume_at_other_world_sizes_continues_the_same_run(zero: str, sizes: tu
     assert entry["state"] == "done" and len(entry["attempts"]) == len(sizes)
     assert not (ckpt / "universal").exists(), "the conversion outlived the next checkpoint"
 
-    want, got = losses(tmp_path / "straight" / "run"), losses(run_dir)
+    want, got = losses(uninterrupted), losses(run_dir)
     assert sorted(got) == list(range(1, STEPS + 1))
     jumps = {s: (want[s], got[s]) for s in range(stops[0] + 1, STEPS + 1)
              if abs(want[s] - got[s]) > 1e-5 * abs(want[s])}
     assert not jumps, f"after the resume the loss differs from the uninterrupted run's (step: want, got): {jumps}"
-    a, b = final_weights(tmp_path / "straight" / "run"), final_weights(run_dir)
+    a, b = final_weights(uninterrupted), final_weights(run_dir)
     far = {k: float((a[k] - b[k]).abs().max()) for k in a if not torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6)}
     assert not far, f"final weights differ beyond float-order noise: {far}"
 

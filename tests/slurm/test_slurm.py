@@ -412,11 +412,14 @@ def test_status_shows_the_queue_and_cancel_stops_the_run_for_good(slurm_cluster:
 
     out = baton("cancel", run_dir, env=env).stdout
     assert jobs["mlm"] in out and jobs["after"] in out, out
-    # the cancelled stage checkpoints on its way out but must not requeue itself (cred_expire is 10 s here)
+    # the cancelled stage checkpoints on its way out but must not requeue itself: watched until 12 s after it ended
+    # (cred_expire is 10 s here), 40 s at most
     seen: list[str] = []
-    deadline = time.monotonic() + 25
-    while time.monotonic() < deadline:
+    deadline, ended_at = time.monotonic() + 40, None
+    while time.monotonic() < min(deadline, (ended_at or deadline) + 12):
         seen.append(show_job(jobs["mlm"], env).get("JobState", "?"))
+        if ended_at is None and seen[-1] in ENDED:
+            ended_at = time.monotonic()
         time.sleep(1)
     story = describe(run_dir, env)
     first_end = next((i for i, s in enumerate(seen) if s in ENDED), None)

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 
+from tests.conftest import cli_in_process
 from tests.stages import specs
 
 R = 4
@@ -139,9 +139,8 @@ def validate(tmp_path: Path, first: str = "{r: 4}", second: str = "",
     (tmp_path / "train.jsonl").write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")
     manifest = tmp_path / "lora.yaml"
     manifest.write_text(VALIDATE.format(first=first, second=second, init=init))
-    proc = subprocess.run([sys.executable, "-m", "launcher.cli", "validate", str(manifest)], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300,
-                          env=os.environ | {"PYTHONPATH": str(specs.REPO), "BATON_CACHE_DIR": str(tmp_path / "c")})
+    with mock.patch.dict(os.environ, {"BATON_CACHE_DIR": str(tmp_path / "c")}):  # every model check made anew
+        proc = cli_in_process(["validate", str(manifest)], tmp_path)
     assert "Traceback" not in proc.stderr, proc.stderr
     return proc.returncode, [line.removeprefix(f"baton: {manifest}:") for line in proc.stderr.strip().splitlines()]
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import cli_in_process
 from tests.stages import specs
 
 WORDS = ["what", "is", "a", "cat", "dog", "bird", "fish", "red", "blue", "green", "animal", "colour", "the", "of",
@@ -344,9 +344,7 @@ def test_a_bad_template_is_refused_at_validate_with_its_line(tmp_path, template,
     (tmp_path / "train.jsonl").write_text(json.dumps({"messages": CHAT}) + "\n")
     manifest = tmp_path / "sft.yaml"
     manifest.write_text(MANIFEST.format(template=template))
-    proc = subprocess.run([sys.executable, "-m", "launcher.cli", "validate", str(manifest)], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120,
-                          env=os.environ | {"PYTHONPATH": str(specs.REPO)})
+    proc = cli_in_process(["validate", str(manifest)], tmp_path)
     assert proc.returncode == 2, proc.stderr
     line = proc.stderr.strip()
     assert line.startswith(f"baton: {manifest}:15 stages[1].sft.template: "), line
