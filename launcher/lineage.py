@@ -344,7 +344,7 @@ def picture(g: dict[str, Any], fmt: str) -> bytes:
     def arrow(a: str, b: str, style: tuple[str, float, str], label: str) -> None:
         sides = _sides(at(a), at(b), extents[a], extents[b])
         bend = _bend(*sides, [box for ident, box in extents.items() if ident not in (a, b)])
-        _arrow(ax, boxes[a], boxes[b], sides, bend, style, label)
+        _arrow(ax, sides, bend, style, label)
 
     for (src, dst), group in _bundles(g["edges"]).items():
         e = group[0]
@@ -457,10 +457,9 @@ def _bend(start: Point, end: Point, others: list[Any]) -> float:
     return min(bends, key=lambda b: (crossings(b), bends.index(b)))
 
 
-def _arrow(ax: Any, a: Any, b: Any, sides: tuple[Point, Point], bend: float, style: tuple[str, float, str],
-           label: str) -> None:
-    """An arrow from box `a` to box `b` between `sides` (`_sides`), bent by `bend` (`_bend`), its label at its
-    middle."""
+def _arrow(ax: Any, sides: tuple[Point, Point], bend: float, style: tuple[str, float, str], label: str) -> None:
+    """An arrow between `sides` (`_sides`: from one box's side to another's), bent by `bend` (`_bend`), its label
+    at its middle."""
     color, lw, ls = style
     (x0, y0), (x1, y1) = sides
     ax.annotate("", xy=(x1, y1), xycoords="data", xytext=(x0, y0), textcoords="data", zorder=1, arrowprops={

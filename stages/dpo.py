@@ -102,7 +102,7 @@ def main(spec: TrainingSpec, d: Dist) -> int:
             logits = reference.logits(**{k: v for k, v in batch.items() if k not in ("labels", "example")})
             ref, _ = head.answer_logps(head.select(logits, batch), batch, n)
         policy, tokens = head.answer_logps(t.engine(**batch), batch, n)
-        return preference_loss(policy.view(2, -1), ref.view(2, -1).float(), tokens.view(2, -1), o.dpo)
+        return preference_loss(policy.view(2, -1), ref.view(2, -1), tokens.view(2, -1), o.dpo)
 
     def micro_step(keys: list[tuple[int, int]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         losses, rewards = pairs("train", keys, t.sampler.max_length)
