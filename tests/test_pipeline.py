@@ -85,8 +85,9 @@ def test_dry_run_prints_the_plan_and_launches_nothing(tiny_run: dict[str, Path],
     assert out.count("SKIP: done, unchanged") == 3
 
 
-def test_rerun_is_a_no_op(tiny_run: dict[str, Path], hf_env: dict[str, str]) -> None:
-    run_dir = tiny_run["run_dir"]
+def test_rerun_is_a_no_op(tiny_run: dict[str, Path], hf_env: dict[str, str], tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"  # a copy: the shared run is read by other workers' tests meanwhile
+    shutil.copytree(tiny_run["run_dir"], run_dir)
     before = (run_dir / "ledger.json").read_text()
     t0 = time.monotonic()
     out = baton("run", tiny_run["manifest"], "--run-dir", run_dir, env=hf_env).stdout
