@@ -211,8 +211,12 @@ def expected_decisions(led: dict[str, Any]) -> dict[str, Any]:
     for name in ("finetune@v1", "finetune@v2", "prune", "last"):  # the shared eval set scores every classifier
         assert "heldout/accuracy" in stages[name]["metrics"], name
     assert not any(k.startswith("heldout/") for k in stages["pretrain@2"]["metrics"])
-    return {name: [{k: v for k, v in e.items() if k != "time"} for e in rec["events"]]
-            for name, rec in decided.items()}
+    return {name: timeless(rec["events"]) for name, rec in decided.items()}
+
+
+def timeless(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A decision's events without their times: what two runs of one manifest must agree on."""
+    return [{k: v for k, v in e.items() if k != "time"} for e in events]
 
 
 def built_once(tmp_path_factory: pytest.TempPathFactory, worker_id: str, name: str,

@@ -24,7 +24,7 @@ from contract.spec import Spec
 from launcher import lineage as lineage_graph
 from launcher.ledger import read
 from launcher.report import status
-from tests.conftest import ROOT, baton, expected_decisions
+from tests.conftest import ROOT, baton, expected_decisions, timeless
 from tests.slurm.helpers import assert_same_weights, final_weights, wait_for_checkpoint
 from tests.test_ledger_plan import GLOSSES, LABELLED
 from tests.test_reliability_launcher import FakeBackend, backend, play_stage, run  # noqa: F401 (a fixture)
@@ -336,8 +336,7 @@ def test_a_kill_in_the_middle_of_a_real_retry_resumes_that_attempt(gates_run: di
     assert len(led["stages"]["pretrain"]["attempts"]) == 1  # not run again, its decision replayed
     for name in ("pretrain", "pretrain@2"):  # the same stages as in the whole run
         assert led["stages"][name]["fingerprint"] == whole["stages"][name]["fingerprint"], name
-    assert [{k: v for k, v in e.items() if k != "time"} for e in led["decisions"]["pretrain"]["events"]] == \
-        [{k: v for k, v in e.items() if k != "time"} for e in whole["decisions"]["pretrain"]["events"]]
+    assert timeless(led["decisions"]["pretrain"]["events"]) == timeless(whole["decisions"]["pretrain"]["events"])
     assert_same_weights(final_weights(gates_run["run_dir"], "pretrain@2"), final_weights(run_dir, "pretrain@2"))
 
 

@@ -178,6 +178,11 @@ class Lazy(dict):
         return value
 
 
+def stepped(folder: Path) -> Callable[[], bool]:
+    """Whether the stage in `folder` has taken its first step: when to interrupt a stage mid-training."""
+    return lambda: (folder / "metrics.jsonl").exists() and bool(records(folder, "first_step"))
+
+
 def records(folder: Path, event: str) -> list[dict[str, Any]]:
     """The metrics.jsonl records of one event in a stage folder."""
     lines = (folder / "metrics.jsonl").read_text().splitlines()

@@ -205,8 +205,7 @@ def test_bf16_trains_on_fp32_master_weights_and_hands_them_on(work, tokenizer, m
 def test_sigterm_checkpoints_and_exits_75(work, tokenizer, mlm_ref):
     spec = work["stages"].spec("cls-sigterm")  # no checkpoint.every_steps: the only checkpoint is the signal's
     stage_dir = Path(spec.stage_dir)
-    codes = work["stages"].interrupt(spec, lambda: (stage_dir / "metrics.jsonl").exists()
-                                     and bool(specs.records(stage_dir, "first_step")), signal.SIGTERM)
+    codes = work["stages"].interrupt(spec, specs.stepped(stage_dir), signal.SIGTERM)
     assert codes == [75, 75], codes  # rank 0 got the signal; rank 1 stopped with it at the same step
     stop = specs.records(stage_dir, "stop")
     assert len(stop) == 1 and stop[0]["reason"] == "signal" and 0 < stop[0]["step"] < 400

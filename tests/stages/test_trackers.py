@@ -134,8 +134,7 @@ def tracked(tmp_path_factory) -> dict[str, Any]:
     stages.run("tokenizer")
     spec = stages.spec("mlm")
     folder = Path(spec.stage_dir)
-    codes = stages.interrupt(spec, lambda: (folder / "metrics.jsonl").exists()
-                             and bool(specs.records(folder, "first_step")), signal.SIGTERM)
+    codes = stages.interrupt(spec, specs.stepped(folder), signal.SIGTERM)
     assert codes == [75, 75], codes
     first = {"mlflow": json.loads((folder / trackers.MLFLOW_RUN).read_text()),
              "wandb": sorted(p.name for p in (root / "wandb" / "wandb").glob("offline-run-*"))}
